@@ -1,0 +1,74 @@
+"""Small shared helpers: time validation and broadcasting (no flowdiff imports)."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor
+
+TimeLike = Union[float, int, Tensor]
+
+
+def as_time_tensor(t: TimeLike, like: Tensor | None = None, name: str = "t") -> Tensor:
+    """Return ``t`` as a floating tensor on the device/dtype of ``like`` (if given).
+
+    Python scalars become 0-d tensors. Integer tensors are promoted to the
+    default floating dtype (or ``like``'s dtype).
+    """
+    if isinstance(t, bool):
+        raise TypeError(f"{name} must be a float or a tensor, got bool {t!r}")
+    if isinstance(t, (int, float)):
+        dtype = like.dtype if like is not None and like.is_floating_point() else torch.get_default_dtype()
+        device = like.device if like is not None else None
+        return torch.tensor(float(t), dtype=dtype, device=device)
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a float or a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        dtype = like.dtype if like is not None and like.is_floating_point() else torch.get_default_dtype()
+        t = t.to(dtype)
+    if like is not None:
+        target_dtype = like.dtype if like.is_floating_point() else t.dtype
+        t = t.to(device=like.device, dtype=target_dtype)
+    return t
+
+
+def check_time_range(t: Tensor, low: float = 0.0, high: float = 1.0, name: str = "t") -> None:
+    """Raise ValueError if any entry of ``t`` is outside ``[low, high]`` or not finite."""
+    if t.numel() == 0:
+        return
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite, got {t.flatten()[:5].tolist()}")
+    t_lo, t_hi = float(t.min()), float(t.max())
+    # A few ulps of slack so that e.g. 1 - 1e-3 computed in float32 passes.
+    eps = 4 * torch.finfo(t.dtype).eps
+    if t_lo < low - eps or t_hi > high + eps:
+        bad = t_lo if t_lo < low - eps else t_hi
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {name}={bad!r}")
+
+
+def batch_time(t: TimeLike, x: Tensor, name: str = "t") -> Tensor:
+    """Broadcast ``t`` to shape ``(B,)`` for a batch ``x`` of shape ``(B, *)``.
+
+    Accepts a Python number, a 0-d tensor, a tensor of shape ``(1,)`` or ``(B,)``.
+    Raises ValueError naming the shapes when they do not match.
+    """
+    if x.ndim == 0:
+        raise ValueError(f"x must have a batch dimension, got a 0-d tensor")
+    t = as_time_tensor(t, like=x, name=name)
+    batch = x.shape[0]
+    if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
+        return t.reshape(()).expand(batch)
+    if t.ndim == 1 and t.shape[0] == batch:
+        return t
+    raise ValueError(
+        f"{name} must be a scalar or have shape (B,) = ({batch},) to match x of shape "
+        f"{tuple(x.shape)}, got {name} of shape {tuple(t.shape)}"
+    )
+
+
+def expand_like(c: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample coefficient of shape ``(B,)`` or ``()`` to broadcast against ``x`` ``(B, *)``."""
+    if c.ndim == 0:
+        return c
+    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
