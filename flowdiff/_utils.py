@@ -44,7 +44,7 @@ def check_time_range(t: Tensor, low: float = 0.0, high: float = 1.0, name: str =
     eps = 4 * torch.finfo(t.dtype).eps
     if t_lo < low - eps or t_hi > high + eps:
         bad = t_lo if t_lo < low - eps else t_hi
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {name}={bad!r}")
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}], got {name}={bad:.6g}")
 
 
 def batch_time(t: TimeLike, x: Tensor, name: str = "t") -> Tensor:
@@ -54,7 +54,7 @@ def batch_time(t: TimeLike, x: Tensor, name: str = "t") -> Tensor:
     Raises ValueError naming the shapes when they do not match.
     """
     if x.ndim == 0:
-        raise ValueError(f"x must have a batch dimension, got a 0-d tensor")
+        raise ValueError("x must have a batch dimension, got a 0-d tensor")
     t = as_time_tensor(t, like=x, name=name)
     batch = x.shape[0]
     if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
