@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Run the test suite in the project's own environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"
