@@ -100,7 +100,11 @@ class BatchSampler(Iterator[tuple[Tensor, Tensor | None]]):
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        """The iterator's position: ``{"epoch", "position", "generator_state", "batch_size", "dataset_size", "drop_last"}``."""
+        """The iterator's position.
+
+        Returns:
+            ``{"epoch", "position", "generator_state", "batch_size", "dataset_size", "drop_last"}``.
+        """
         return {
             "epoch": self.epoch,
             "position": self.position,
@@ -121,7 +125,9 @@ class BatchSampler(Iterator[tuple[Tensor, Tensor | None]]):
             )
         for key in ("batch_size", "drop_last"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"state was saved with {key}={state[key]}, this sampler has {key}={getattr(self, key)}")
+                raise ValueError(
+                    f"state was saved with {key}={state[key]}, this sampler has {key}={getattr(self, key)}"
+                )
         position = int(state["position"])
         if not 0 <= position <= len(self.dataset):
             raise ValueError(f"position {position} out of range [0, {len(self.dataset)}]")

@@ -36,7 +36,9 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _labels_and_classes(y: Any, num_items: int, source: str, num_classes: int | None) -> tuple[Tensor | None, int | None]:
+def _labels_and_classes(
+    y: Any, num_items: int, source: str, num_classes: int | None
+) -> tuple[Tensor | None, int | None]:
     if y is None:
         return None, None
     y = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y)
@@ -123,18 +125,18 @@ def load_folder(
         channels = 1 if all(image.mode in _GREY_MODES for image in images) else 3
     arrays = []
     reference: tuple[Path, tuple[int, int]] | None = None
-    for file, image in zip(files, images):
-        image = image.convert("L" if channels == 1 else "RGB")
+    for file, original in zip(files, images, strict=True):
+        converted = original.convert("L" if channels == 1 else "RGB")
         if size is not None:
-            image = image.resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
+            converted = converted.resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
         if reference is None:
-            reference = (file, image.size)
-        elif image.size != reference[1]:
+            reference = (file, converted.size)
+        elif converted.size != reference[1]:
             raise ValueError(
-                f"image {str(file)!r} has size {image.size[0]}x{image.size[1]} (WxH) but "
+                f"image {str(file)!r} has size {converted.size[0]}x{converted.size[1]} (WxH) but "
                 f"{str(reference[0])!r} has {reference[1][0]}x{reference[1][1]}; pass size=(H, W) to resize"
             )
-        array = np.asarray(image, dtype=np.uint8)
+        array = np.asarray(converted, dtype=np.uint8)
         arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     x = _as_float(torch.from_numpy(np.stack(arrays)), dtype)
     y, num_classes = _labels_and_classes(labels, len(files), repr(str(folder)), None)

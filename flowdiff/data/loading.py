@@ -162,12 +162,14 @@ def _load_toy(
     dtype = dtype or torch.get_default_dtype()
 
     def draw(count: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return generate(count, generator, return_labels=True, dtype=dtype, device=device, **options)
+        x, y = generate(count, generator, return_labels=True, dtype=dtype, device=device, **options)
+        return x, y
 
     num_heldout = round(DEFAULT_TOY_SIZE * heldout_fraction)
     default_sizes = {"train": DEFAULT_TOY_SIZE - num_heldout, "heldout": num_heldout}
     parts = ["train", "heldout"] if split == "all" else [split]
-    xs, ys = [], []
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor | None] = []
     for part in parts:
         if n is None:
             count = default_sizes[part]
@@ -179,5 +181,6 @@ def _load_toy(
         x, y = draw(count, generator)
         xs.append(x)
         ys.append(y)
-    y = torch.cat(ys) if ys[0] is not None else None
+    labels = [y for y in ys if y is not None]
+    y = torch.cat(labels) if len(labels) == len(ys) else None
     return Dataset(x=torch.cat(xs), y=y, name=name, num_classes=num_classes, split=split, sampler=draw)

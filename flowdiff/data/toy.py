@@ -84,7 +84,7 @@ def checkerboard(
     return_labels: bool = False,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, None]:
+) -> Tensor | tuple[Tensor, Tensor | None]:
     r"""Uniform on the 8 "black" cells of a 4×4 checkerboard.
 
     Raw form: unit cells on :math:`[-2, 2]^2`, cell :math:`(i, j)` (integer lower-left corner)
@@ -111,7 +111,7 @@ def eight_gaussians(
     return_labels: bool = False,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple[Tensor, Tensor | None]:
     r"""Eight equally weighted Gaussians on a circle (FFJORD's "8gaussians").
 
     Centres :math:`r(\cos 2\pi k/8, \sin 2\pi k/8)`, standard deviation :math:`s = r/8`, with
@@ -133,7 +133,7 @@ def gmm(
     return_labels: bool = False,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple[Tensor, Tensor | None]:
     """The asymmetric 3-component 2-D Gaussian mixture ``mixture_parameters("gmm")`` (not standardised).
 
     Meant for tests against the analytic mixture oracle: its parameters are the ground truth.
@@ -153,7 +153,7 @@ def moons(
     return_labels: bool = False,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple[Tensor, Tensor | None]:
     r"""Two interleaved half circles (scikit-learn's ``make_moons`` shape), equal weights.
 
     Raw form, :math:`\theta \sim U[0, \pi]`: outer moon :math:`(\cos\theta, \sin\theta)` (label 0),
@@ -184,7 +184,7 @@ def spirals(
     return_labels: bool = False,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple[Tensor, Tensor | None]:
     r"""Two interleaved Archimedean spirals (FFJORD's "2spirals"), equal weights.
 
     Raw form: :math:`\theta = 2\pi\,\text{turns}\,\sqrt{u}`, :math:`u \sim U[0, 1]` (the square
@@ -220,8 +220,11 @@ def pinwheel(
     return_labels: bool = False,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    r"""Pinwheel: ``num_arms`` curved Gaussian arms (Johnson et al., 2016, "Composing graphical models with neural networks"; FFJORD).
+) -> Tensor | tuple[Tensor, Tensor | None]:
+    r"""Pinwheel: ``num_arms`` curved Gaussian arms.
+
+    After Johnson et al. (2016, "Composing graphical models with neural networks for structured
+    representations and fast inference") as used by FFJORD.
 
     Raw form: :math:`f = (1 + \text{radial\_std}\, z_1,\ \text{tangential\_std}\, z_2)`, arm
     :math:`k` uniform, rotated by the angle :math:`2\pi k/\text{num\_arms} + \text{rate}\, e^{f_1}`.
@@ -255,7 +258,7 @@ def rings(
     return_labels: bool = False,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple[Tensor, Tensor | None]:
     r"""Concentric circles of radii ``1, 2, ..., num_rings`` (raw units), equally many points each.
 
     Raw form: ring :math:`k` uniform, angle uniform, radius :math:`k + 1`, plus

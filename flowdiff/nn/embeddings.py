@@ -119,12 +119,14 @@ class TimeEmbedding(nn.Module):
         self.num_features = num_features
         self.scale = float(scale)
         self.max_period = float(max_period)
-        self.mlp = nn.Sequential(nn.Linear(num_features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.linear_in = nn.Linear(num_features, dim)
+        self.linear_out = nn.Linear(dim, dim)
 
     def forward(self, t: Tensor) -> Tensor:
         """Embed times ``t`` of shape ``(B,)`` into ``(B, dim)``."""
         features = sinusoidal_features(t, self.num_features, self.scale, self.max_period)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        hidden = nn.functional.silu(self.linear_in(features.to(self.linear_in.weight.dtype)))
+        return self.linear_out(hidden)
 
 
 class LabelEmbedding(nn.Module):

@@ -64,7 +64,7 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    r"""Multi-head self-attention over the ``H·W`` positions, ``x + W_o softmax(QK^T/\sqrt{d}) V``, ``W_o = 0`` at init."""
+    r"""Multi-head self-attention over the ``H·W`` positions: ``x + W_o softmax(QKᵀ/√d) V``, ``W_o = 0`` at init."""
 
     def __init__(self, channels: int, num_heads: int, groups: int) -> None:
         super().__init__()
