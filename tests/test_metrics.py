@@ -384,16 +384,23 @@ def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[DigitsFeatur
 
 def test_digits_split_convention() -> None:
     split = load_digits_split()
-    assert split.train_images.shape == (1437, 1, 8, 8) and split.test_images.shape == (360, 1, 8, 8)
-    assert split.train_images.min() >= -1 and split.train_images.max() <= 1
+    assert split.train_images.shape == (1438, 1, 8, 8) and split.test_images.shape == (359, 1, 8, 8)
     assert split.train_images.min() == -1 and split.train_images.max() == 1
-    # The held-out split is the first 360 indices of default_rng(0).permutation(1797).
+    assert len(set(split.train_indices.tolist()) | set(split.test_indices.tolist())) == 1797
     from sklearn.datasets import load_digits
 
-    first = int(np.random.default_rng(0).permutation(1797)[0])
     raw = load_digits()
+    first = int(split.test_indices[0])
     assert torch.equal(split.test_images[0, 0], torch.from_numpy(raw.images[first] / 8.0 - 1.0).float())
     assert split.test_labels[0].item() == raw.target[first]
+    # Same rows as the data layer's held-out split, so the classifier never saw them.
+    from flowdiff.data import load_dataset
+
+    heldout = load_dataset("digits", split="heldout", seed=0, heldout_fraction=0.2)
+    assert torch.equal(heldout.indices, split.test_indices)
+    assert torch.equal(heldout.x.float(), split.test_images)
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_digits_split(test_fraction=1.0)
 
 
 def test_digits_classifier_accuracy_and_cache_reuse(
@@ -424,16 +431,16 @@ def test_digits_frechet_distance_separates_real_from_degraded(
 ) -> None:
     model, _ = digits_cache
     split = load_digits_split()
-    fd = lambda a, b: digits_frechet_distance(a, b, extractor=model)  # noqa: E731
-    floor = data_floor(fd, split.train_images, split.test_images, num_samples=360, num_repeats=3, generator=_gen(0))
+    fd = lambda a, b: digits_frechet_distance(a, b, extractor=model)
+    floor = data_floor(fd, split.train_images, split.test_images, num_samples=359, num_repeats=3, generator=_gen(0))
     assert floor.mean > 0
     # Mode dropping (only digits 0-4) and uniform noise must sit far above the real-vs-real floor.
-    half = split.train_images[split.train_labels < 5][:360]
-    noise = torch.rand(360, 1, 8, 8, generator=_gen(1)) * 2 - 1
+    half = split.train_images[split.train_labels < 5][:359]
+    noise = torch.rand(359, 1, 8, 8, generator=_gen(1)) * 2 - 1
     assert fd(half, split.test_images).item() > 5 * floor.mean
     assert fd(noise, split.test_images).item() > 20 * floor.mean
     # Identical sets: 0; the flat (N, 64) layout is accepted.
-    assert fd(split.test_images.reshape(360, 64), split.test_images).item() == pytest.approx(0.0, abs=1e-6)
+    assert fd(split.test_images.reshape(359, 64), split.test_images).item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="\\(N, 1, 8, 8\\)"):
         fd(torch.zeros(10, 3, 8, 8), split.test_images)
     with pytest.raises(ValueError, match="at least 2 samples"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -25,7 +27,9 @@ def as_sample_matrix(x: object, name: str, min_samples: int = 1) -> Tensor:
     if x.ndim == 0:
         raise ValueError(f"{name} must have shape (N, *shape) with a sample dimension, got a 0-d tensor")
     if x.shape[0] < min_samples:
-        raise ValueError(f"{name} must hold at least {min_samples} samples, got N={x.shape[0]} (shape {tuple(x.shape)})")
+        raise ValueError(
+            f"{name} must hold at least {min_samples} samples, got N={x.shape[0]} (shape {tuple(x.shape)})"
+        )
     if not x.is_floating_point():
         if x.is_complex():
             raise TypeError(f"{name} must be real, got dtype {x.dtype}")
@@ -51,7 +55,8 @@ def as_sample_pair(x: object, y: object, min_samples: int = 1) -> tuple[Tensor, 
     if x2.shape[1] != y2.shape[1]:
         raise ValueError(
             "x and y must have the same number of features per sample, got "
-            f"D_x={x2.shape[1]} (x of shape {tuple(x.shape)}) and D_y={y2.shape[1]} (y of shape {tuple(y.shape)})"  # type: ignore[union-attr]
+            f"D_x={x2.shape[1]} (x of shape {tuple(cast(Tensor, x).shape)}) and "
+            f"D_y={y2.shape[1]} (y of shape {tuple(cast(Tensor, y).shape)})"
         )
     dtype = torch.promote_types(x2.dtype, y2.dtype)
     return x2.to(dtype), y2.to(device=x2.device, dtype=dtype)

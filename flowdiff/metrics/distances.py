@@ -48,10 +48,10 @@ __all__ = [
     "wasserstein2_exact",
 ]
 
-# Elements per block of a pairwise matrix or of the projected samples: 2**22
-# float64 values are 32 MiB, small enough for a laptop, large enough that the
+# Elements per block of a pairwise matrix or of the projected samples: 2**20
+# float64 values are 8 MiB, small enough for any machine, large enough that the
 # Python loop costs nothing next to the matrix products.
-_BLOCK_ELEMENTS = 2**22
+_BLOCK_ELEMENTS = 2**20
 
 
 # --------------------------------------------------------------------------
@@ -147,9 +147,9 @@ def sliced_wasserstein(
     n, dim = x.shape
     m = y.shape[0]
     theta = _random_directions(dim, num_projections, generator, x.dtype, x.device)
-    if n != m:
-        index_x, index_y, weights = _quantile_intervals(n, m, x.device)
-    rows = n + m if n == m else len(weights)
+    index_x, index_y, weights = _quantile_intervals(n, m, x.device)
+    # Projected values held at once: both sorted sets, plus the gathered pairs when n != m.
+    rows = n + m + (0 if n == m else 2 * len(weights))
     chunk = max(1, min(num_projections, _BLOCK_ELEMENTS // rows))
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for directions in theta.split(chunk, dim=1):
@@ -178,7 +178,7 @@ def _pairwise_sum(a: Tensor, b: Tensor, fn: Callable[[Tensor], Tensor], same: bo
     computed, off-diagonal blocks counting twice by symmetry.
     """
     n, m = a.shape[0], b.shape[0]
-    block = max(1, int(math.isqrt(_BLOCK_ELEMENTS)))
+    block = max(1, math.isqrt(_BLOCK_ELEMENTS))
     sq_a = (a * a).sum(dim=1)
     sq_b = sq_a if same else (b * b).sum(dim=1)
     total = torch.zeros((), dtype=torch.float64, device=a.device)
