@@ -1,0 +1,53 @@
+"""Training: the :class:`Trainer`, its :class:`TrainConfig`, and checkpoint I/O.
+
+* :class:`Trainer` — AdamW with warm-up (constant or cosine), gradient clipping, EMA of the
+  weights, mixed precision on CUDA, atomic safetensors checkpoints with exact resume, a progress
+  bar, a JSONL metrics log (TensorBoard optional), non-finite detection, and data-parallel
+  training under ``torchrun`` / ``accelerate launch`` with no change to the script.
+* :class:`TrainConfig` — the validated settings; :func:`lr_factor` — the schedule.
+* :func:`load_checkpoint`, :func:`load_weights`, :func:`load_model` — read checkpoints for
+  sampling (EMA weights by default); :class:`CheckpointError` — a missing or corrupt checkpoint.
+
+Example::
+
+    import flowdiff as fd
+    from flowdiff.train import Trainer, TrainConfig
+
+    data = fd.data.load_dataset("moons")
+    model = fd.nn.build_network("mlp", data.shape)
+    loss = fd.losses.GaussianPathLoss(fd.paths.Linear(), prediction="velocity")
+    summary = Trainer(model, loss, data, TrainConfig(steps=2000, output_dir="runs/moons")).fit()
+    ema = fd.train.load_model("runs/moons")   # needs model_config=...; or load_weights(net, "runs/moons")
+"""
+
+from flowdiff.train.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_text,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    load_weights,
+    resolve_checkpoint,
+)
+from flowdiff.train.config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig
+from flowdiff.train.trainer import METRICS_FILE, NonFiniteLossError, Trainer, TrainSummary, lr_factor
+
+__all__ = [
+    "Trainer",
+    "TrainConfig",
+    "TrainSummary",
+    "NonFiniteLossError",
+    "CheckpointError",
+    "lr_factor",
+    "load_checkpoint",
+    "load_weights",
+    "load_model",
+    "resolve_checkpoint",
+    "list_checkpoints",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "METRICS_FILE",
+    "MIXED_PRECISION",
+    "LR_SCHEDULES",
+]

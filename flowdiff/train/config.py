@@ -1,0 +1,189 @@
+"""The :class:`TrainConfig` dataclass: every knob of a training run, validated, JSON round-trippable."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "MIXED_PRECISION", "LR_SCHEDULES"]
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+"""Values of :attr:`TrainConfig.mixed_precision`; ``"bf16"``/``"fp16"`` need a CUDA device."""
+
+LR_SCHEDULES = ("constant", "cosine")
+"""Values of :attr:`TrainConfig.lr_schedule` (both after the linear warm-up)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class TrainConfig:
+    r"""Settings of a training run (the ``"train"`` entry of every checkpoint's ``config.json``).
+
+    Optimisation is AdamW (Loshchilov & Hutter, 2019, "Decoupled weight decay regularization")
+    with a linear warm-up to ``lr`` over ``warmup_steps`` updates, then a constant rate or a
+    cosine decay to ``min_lr_ratio · lr`` (Loshchilov & Hutter, 2017, "SGDR"): the learning rate
+    of update :math:`k = 1, 2, \dots` is
+
+    .. math::
+
+        \eta_k = \eta \cdot \begin{cases}
+            k / W & k \le W \\
+            1 & \text{constant} \\
+            r + (1 - r)\,\tfrac12\big(1 + \cos(\pi\,\tfrac{k - W}{S - W})\big) & \text{cosine}
+        \end{cases}
+
+    with :math:`W` = ``warmup_steps``, :math:`S` = ``steps``, :math:`r` = ``min_lr_ratio``.
+
+    The exponential moving average of the weights (Polyak & Juditsky, 1992) is
+    :math:`\bar\theta_k = \theta_k` for :math:`k \le` ``ema_start`` and
+    :math:`\bar\theta_k = d\,\bar\theta_{k-1} + (1 - d)\,\theta_k` after, :math:`d` = ``ema_decay``.
+
+    Attributes:
+        steps: total number of optimizer updates of the run (a resumed run continues to it).
+        batch_size: *global* batch per update, over all processes and accumulation micro-batches.
+        lr: peak learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        betas: AdamW's ``(beta1, beta2)``.
+        eps: AdamW's epsilon.
+        warmup_steps: updates of linear warm-up, in ``[0, steps]``.
+        lr_schedule: ``"constant"`` or ``"cosine"`` after the warm-up.
+        min_lr_ratio: final learning rate of the cosine schedule as a fraction of ``lr``.
+        grad_clip: maximal global gradient 2-norm, or ``None`` for no clipping.
+        grad_accum_steps: micro-batches per update on each process (the global batch is split into
+            ``world_size · grad_accum_steps`` equal shards).
+        ema_decay: decay of the EMA of the weights in ``[0, 1)``, or ``None`` for no EMA (the
+            checkpoint's EMA weights are then the weights themselves).
+        ema_start: the EMA equals the weights for the first ``ema_start`` updates.
+        label_dropout: probability of replacing a label by the network's null label (classifier-free
+            guidance training, Ho & Salimans, 2022); needs labelled data and a conditional network.
+        checkpoint_every: save a checkpoint every this many updates (and at the end); ``None``
+            saves only at the end.
+        keep_last: number of most recent checkpoints kept on disk.
+        log_every: write a metrics record (and refresh the progress bar) every this many updates.
+        seed: seed of every random stream the trainer owns (data order, the loss's draws, label dropout).
+        output_dir: folder for checkpoints and ``metrics.jsonl``.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a gradient
+            scaler). The last two need a CUDA device.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        deterministic: call ``torch.use_deterministic_algorithms(True)`` (needed for bitwise
+            exact resume on CUDA; CPU kernels used here are deterministic already).
+        tensorboard: also write TensorBoard scalars to ``output_dir/tensorboard`` (needs the
+            ``tensorboard`` package).
+    """
+
+    steps: int = 10_000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    grad_accum_steps: int = 1
+    ema_decay: float | None = 0.999
+    ema_start: int = 0
+    label_dropout: float = 0.0
+    checkpoint_every: int | None = 1000
+    keep_last: int = 3
+    log_every: int = 50
+    seed: int = 0
+    output_dir: str = "runs/flowdiff"
+    mixed_precision: str = "no"
+    device: str = "auto"
+    deterministic: bool = False
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.output_dir, Path):
+            self.output_dir = str(self.output_dir)
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first bad setting and its allowed range."""
+        for name in ("steps", "batch_size", "grad_accum_steps", "keep_last", "log_every"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}")
+        for name in ("warmup_steps", "ema_start", "seed"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer (>= 0), got {value!r}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}")
+        if self.checkpoint_every is not None and (not _is_int(self.checkpoint_every) or self.checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be a positive integer or None, got {self.checkpoint_every!r}")
+        if not _is_real(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not _is_real(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not _is_real(self.eps) or self.eps <= 0:
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
+        if (
+            not isinstance(self.betas, tuple)
+            or len(self.betas) != 2
+            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in self.betas)
+        ):
+            raise ValueError(f"betas must be a pair (beta1, beta2) with each in [0, 1), got {self.betas!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not _is_real(self.min_lr_ratio) or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        if self.grad_clip is not None and (not _is_real(self.grad_clip) or self.grad_clip <= 0):
+            raise ValueError(f"grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
+        if self.ema_decay is not None and (not _is_real(self.ema_decay) or not 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"ema_decay must lie in [0, 1) or be None (no EMA), got {self.ema_decay!r}")
+        if not _is_real(self.label_dropout) or not 0.0 <= self.label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout!r}")
+        if self.batch_size % self.grad_accum_steps != 0:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be divisible by grad_accum_steps={self.grad_accum_steps}"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        for name in ("deterministic", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of the settings (``betas`` as a list)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from :meth:`to_dict`'s output (or a YAML/JSON mapping); unknown keys raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise TypeError(f"from_dict needs a dict, got {type(data).__name__}")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys are {valid}")
+        data = dict(data)
+        if "betas" in data and isinstance(data["betas"], list):
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with some settings changed."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+

@@ -1,0 +1,795 @@
+r"""The :class:`Trainer`: minibatch stochastic optimisation of a flowdiff loss, resumable and data-parallel.
+
+One update :math:`k` (``step`` counts completed updates):
+
+1. draw the global minibatch :math:`x_1^{(1:B)}` (and labels) from a seeded, resumable sampler;
+2. split it into ``world_size · grad_accum_steps`` equal *shards*; shard :math:`j` is processed
+   by process :math:`\lfloor j / A \rfloor`, and every random draw inside the loss (times, noise,
+   label dropout) comes from shard :math:`j`'s own generator, seeded from ``(seed, j)``;
+3. gradient :math:`g = \frac{1}{WA}\sum_j \nabla_\theta L_j(\theta)` (accumulated over the
+   micro-batches, averaged over processes by ``DistributedDataParallel``'s all-reduce);
+4. clip :math:`g \leftarrow g \min(1, c / \lVert g\rVert_2)`; stop with
+   :class:`NonFiniteLossError` (before touching the weights) if the loss or
+   :math:`\lVert g\rVert` is not finite;
+5. AdamW update with the learning rate of :class:`~flowdiff.train.TrainConfig`'s schedule;
+6. EMA update :math:`\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta`
+   (``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``).
+
+Because a shard's randomness depends on its index only, a run on ``W`` processes with ``A``
+accumulation steps computes the same updates as a run on one process with ``W·A`` accumulation
+steps (up to the order of floating-point sums), and a checkpoint holds every random state, so a
+run killed at any moment and resumed reaches the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from flowdiff.data import BatchSampler, Dataset
+from flowdiff.nn import drop_labels
+from flowdiff.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CHECKPOINTS_DIR,
+    atomic_write_text,
+    list_checkpoints,
+    load_checkpoint,
+    load_training_state,
+    remove_temporary_files,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from flowdiff.train.config import TrainConfig
+from flowdiff.train.distributed import DistributedContext, setup_distributed
+
+__all__ = ["Trainer", "TrainSummary", "NonFiniteLossError", "lr_factor", "METRICS_FILE"]
+
+logger = logging.getLogger("flowdiff.train")
+
+METRICS_FILE = "metrics.jsonl"
+"""Name of the JSON-lines metrics log in ``output_dir``."""
+
+_DATA_STREAM = 0
+_SHARD_STREAM = 1
+_UNSET = object()
+
+Callback = Callable[["Trainer", dict[str, Any]], None]
+"""``callback(trainer, record)``, called on the main process after each metrics record."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; training stopped before applying the update.
+
+    Attributes:
+        step: the update that failed (1-based: the first update is step 1).
+        quantity: ``"loss"`` or ``"grad_norm"``.
+        value: the offending value.
+        checkpoint: the last good checkpoint folder (untouched), or ``None``.
+    """
+
+    def __init__(self, step: int, quantity: str, value: float, checkpoint: Path | None) -> None:
+        self.step = step
+        self.quantity = quantity
+        self.value = value
+        self.checkpoint = checkpoint
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
+        super().__init__(
+            f"non-finite {quantity} ({value}) at step {step}: training stopped before the update; {where}. "
+            f"Lower lr, set grad_clip, or check the data and the loss weighting."
+        )
+
+
+@dataclass
+class TrainSummary:
+    """What :meth:`Trainer.fit` did.
+
+    Attributes:
+        step: updates completed in total (the run's step at the end).
+        start_step: the step this call started from (``> 0`` when resumed).
+        final_loss: loss of the last update (mean over the global batch), ``nan`` if none ran.
+        recent_loss: mean loss over the last logging window.
+        wall_time: seconds spent in :meth:`Trainer.fit`.
+        steps_per_second: updates per second in this call (``it/s``).
+        samples_per_second: ``steps_per_second · batch_size``.
+        checkpoint: the last checkpoint folder written, or ``None``.
+        output_dir: the run's folder.
+        world_size: number of data-parallel processes.
+    """
+
+    step: int
+    start_step: int
+    final_loss: float
+    recent_loss: float
+    wall_time: float
+    steps_per_second: float
+    samples_per_second: float
+    checkpoint: Path | None
+    output_dir: Path
+    world_size: int
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant", min_lr_ratio: float = 0.0) -> float:
+    r"""Learning-rate multiplier of update ``step`` (1-based): linear warm-up, then constant or cosine.
+
+    .. math::
+
+        f(k) = \begin{cases} k / W & k \le W \\ 1 & \text{constant} \\
+        r + (1 - r)\,\tfrac12\big(1 + \cos(\pi \min(1, \tfrac{k - W}{S - W}))\big) & \text{cosine}\end{cases}
+
+    (Goyal et al., 2017, "Accurate, large minibatch SGD" for the warm-up; Loshchilov & Hutter,
+    2017, "SGDR" for the cosine decay.)
+    """
+    if warmup_steps > 0 and step <= warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _stream_seed(seed: int, stream: int, index: int = 0) -> int:
+    # Independent 63-bit seeds per (stream, index) from numpy's SeedSequence hashing.
+    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+def _resolve_device(name: str, local_rank: int, distributed: bool) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but CUDA is not available; use device='cpu' or 'auto'")
+        if distributed:
+            # One GPU per process: the launcher's LOCAL_RANK picks it.
+            return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def _process_rng_state(device: torch.device) -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # Tensors and tuples of numbers load with torch.load(weights_only=True); numpy arrays do not.
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_process_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _json_config(obj: Any) -> Any:
+    # Round-trip through JSON (tuples -> lists, anything exotic -> str) so saving never fails late.
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _describe_model(model: nn.Module, model_config: dict[str, Any] | None) -> dict[str, Any]:
+    if model_config is not None:
+        return _json_config(model_config)
+    described = getattr(model, "config", None)
+    if callable(described):
+        described = described()
+    if isinstance(described, dict):
+        return _json_config(described)
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def _describe(obj: Any) -> dict[str, Any] | None:
+    if obj is None:
+        return None
+    described = getattr(obj, "config", None)
+    if callable(described):
+        try:
+            described = described()
+        except TypeError:
+            described = None
+    if isinstance(described, dict):
+        return _json_config(described)
+    return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+
+
+def _describe_loss(loss: Any) -> dict[str, Any]:
+    described = _describe(loss) or {}
+    if set(described) == {"class"}:
+        # No config() method: record what identifies the objective for a reader of the checkpoint.
+        for attribute in ("prediction", "kind", "objective", "weighting", "time_sampler"):
+            value = getattr(loss, attribute, None)
+            if value is not None:
+                described[attribute] = value if isinstance(value, (str, int, float, bool)) else repr(value)
+        described["repr"] = repr(loss)
+    return described
+
+
+class Trainer:
+    """Train ``model`` by minimising ``loss`` on minibatches of ``data``.
+
+    Arguments:
+        model: the network, called by the loss as ``model(x, t, y=...)``. Moved to the device.
+        loss: a callable ``loss(model, x1, *, y=None, generator=None)`` returning an object with
+            a scalar ``.loss`` (e.g. :class:`flowdiff.losses.GaussianPathLoss`'s ``LossOutput``)
+            or a scalar tensor. Every random draw must use ``generator``: that makes the run
+            reproducible and exactly resumable.
+        data: a :class:`flowdiff.data.Dataset` or a tensor ``(N, ...)`` (a seeded
+            :class:`~flowdiff.data.BatchSampler` of the *global* batch size is built), a
+            ``BatchSampler`` (its batch size must equal ``config.batch_size``), or any iterator of
+            ``x`` or ``(x, y)`` batches (exactly resumable only if it has ``state_dict`` and
+            ``load_state_dict``).
+        config: a :class:`TrainConfig` or a dict for :meth:`TrainConfig.from_dict`.
+        resume: continue from the latest checkpoint of ``config.output_dir`` if there is one
+            (otherwise start fresh) — the same command can be re-run after any interruption.
+        resume_from: a checkpoint folder (or run folder) to continue from; overrides ``resume``.
+        overwrite: with neither ``resume`` nor ``resume_from``, delete the checkpoints and metrics
+            of a previous run in ``output_dir`` (by default their presence is an error).
+        progress: show a progress bar (only on the main process and when stderr is a terminal).
+        model_config: how to rebuild the network, recorded in the checkpoint;
+            ``{"name", "data_shape", "kwargs"}`` for :func:`flowdiff.nn.build_network` lets
+            :func:`~flowdiff.train.load_model` rebuild it. Defaults to ``model.config()`` if any.
+        extra_config: more JSON-serialisable information for the checkpoint's ``config.json``.
+        optimizer: an optimizer over ``model``'s parameters to use instead of AdamW built from
+            the config (the schedule multiplies its learning rates).
+        callbacks: ``callback(trainer, record)`` called on the main process after each metrics record.
+        ddp_kwargs: extra arguments for ``torch.nn.parallel.DistributedDataParallel``
+            (e.g. ``{"find_unused_parameters": True}``).
+
+    Data-parallel training needs no change to the script: launched with
+    ``torchrun --nproc_per_node N`` or ``accelerate launch --num_processes N``, each process
+    computes its shards of every global batch, gradients are averaged, and only the main
+    process writes checkpoints and logs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Callable[..., Any],
+        data: Dataset | Tensor | BatchSampler | Iterable[Any],
+        config: TrainConfig | dict[str, Any] | None = None,
+        *,
+        resume: bool = False,
+        resume_from: str | Path | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+        model_config: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        callbacks: Sequence[Callback] = (),
+        ddp_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if config is None:
+            config = TrainConfig()
+        elif isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        elif not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, a dict or None, got {type(config).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss):
+            raise TypeError(f"loss must be callable as loss(model, x1, y=..., generator=...), got {type(loss).__name__}")
+        config.validate()
+        self.config = config
+        self.loss = loss
+        self.progress = bool(progress)
+        self.callbacks = list(callbacks)
+        self.output_dir = Path(config.output_dir)
+
+        # ---- processes and device ----------------------------------------------------------
+        device_name = config.device
+        if device_name == "auto" and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+            device_name = "cpu"  # ``accelerate launch --cpu`` asks for the CPU
+        wants_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+        self.dist: DistributedContext = setup_distributed("cuda" if wants_cuda else "cpu")
+        self.device = _resolve_device(device_name, self.dist.local_rank, self.dist.enabled)
+        if config.mixed_precision != "no" and self.device.type != "cuda":
+            raise ValueError(
+                f"mixed_precision={config.mixed_precision!r} needs a CUDA device, but the device is "
+                f"{self.device}; use mixed_precision='no'"
+            )
+        if config.batch_size % (self.dist.world_size * config.grad_accum_steps) != 0:
+            raise ValueError(
+                f"batch_size={config.batch_size} must be divisible by world_size × grad_accum_steps = "
+                f"{self.dist.world_size} × {config.grad_accum_steps}"
+            )
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self._shards_per_process = config.grad_accum_steps
+        self._shard_size = config.batch_size // (self.dist.world_size * config.grad_accum_steps)
+
+        # ---- model, loss -------------------------------------------------------------------
+        floating = [p for p in model.parameters() if p.is_floating_point()]
+        if not floating:
+            raise ValueError("model has no floating-point parameters to train")
+        model.to(self.device)
+        self.model = model
+        self.dtype = floating[0].dtype
+        if isinstance(loss, nn.Module):
+            loss.to(self.device)
+        self._train_model: nn.Module = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # Wrapping broadcasts rank 0's weights, so every process starts from the same point.
+            self._train_model = DistributedDataParallel(model, device_ids=device_ids, **(ddp_kwargs or {}))
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+        # ---- data --------------------------------------------------------------------------
+        self.dataset: Dataset | None = None
+        self._batches: Iterator[Any]
+        if isinstance(data, Tensor):
+            data = Dataset(x=data if data.ndim >= 2 else data[:, None])
+        if isinstance(data, Dataset):
+            self.dataset = data.to(device=self.device, dtype=self.dtype)
+            data_generator = torch.Generator().manual_seed(_stream_seed(config.seed, _DATA_STREAM))
+            self.sampler: Any = BatchSampler(self.dataset, config.batch_size, generator=data_generator)
+        elif isinstance(data, BatchSampler):
+            if data.batch_size != config.batch_size:
+                raise ValueError(
+                    f"the BatchSampler's batch_size={data.batch_size} differs from config.batch_size="
+                    f"{config.batch_size} (the global batch); make them equal"
+                )
+            self.dataset = data.dataset
+            self.sampler = data
+        elif isinstance(data, (Iterable, Iterator)):
+            self.sampler = data if isinstance(data, Iterator) else iter(data)
+            if not hasattr(self.sampler, "state_dict"):
+                logger.warning("the data iterator has no state_dict(): a resumed run will not see the same batches")
+        else:
+            raise TypeError(
+                f"data must be a flowdiff Dataset, a Tensor, a BatchSampler or an iterator of batches, "
+                f"got {type(data).__name__}"
+            )
+        self._batches = self.sampler
+
+        # Labels go to the loss when the data has them and the network takes them.
+        network_classes = getattr(model, "num_classes", _UNSET)
+        labelled = self.dataset.y is not None if self.dataset is not None else True
+        self._pass_labels = labelled and network_classes is not None
+        if self.dataset is not None and self.dataset.y is not None and network_classes is None:
+            logger.warning("the data is labelled but the network is unconditional (num_classes=None): labels are ignored")
+        self._null_label: int | None = network_classes if isinstance(network_classes, int) else None
+        if config.label_dropout > 0:
+            if self.dataset is not None and self.dataset.y is None:
+                raise ValueError(f"label_dropout={config.label_dropout} needs labelled data; the data has no labels")
+            if self._null_label is None:
+                raise ValueError(
+                    f"label_dropout={config.label_dropout} needs a conditional network with an integer "
+                    f"num_classes attribute (its null label); got num_classes={network_classes if network_classes is not _UNSET else 'missing'}"
+                )
+
+        # ---- random streams: one generator per shard this process computes -----------------
+        generator_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        first_shard = self.dist.rank * self._shards_per_process
+        self.generators = [
+            torch.Generator(device=generator_device).manual_seed(_stream_seed(config.seed, _SHARD_STREAM, first_shard + a))
+            for a in range(self._shards_per_process)
+        ]
+
+        # ---- optimisation ------------------------------------------------------------------
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(
+                self._params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+            )
+        self.optimizer = optimizer
+        schedule = (config.warmup_steps, config.steps, config.lr_schedule, config.min_lr_ratio)
+        # LambdaLR's argument is the number of scheduler steps taken, i.e. update k - 1.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(done + 1, *schedule))
+        self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
+        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+
+        # The EMA starts from the (synchronised) initial weights: θ̄_0 = θ_0.
+        self.ema: AveragedModel | None = None
+        if config.ema_decay is not None:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+            self.ema.update_parameters(model)
+
+        # ---- bookkeeping -------------------------------------------------------------------
+        self.step = 0
+        self._last_lr = float("nan")
+        self.last_checkpoint: Path | None = None
+        self._model_config = _describe_model(model, model_config)
+        self._extra_config = _json_config(extra_config or {})
+        self._metrics_file: Any = None
+        self._tensorboard: Any = None
+        self._prepare_output(resume=resume, resume_from=resume_from, overwrite=overwrite)
+
+    # ------------------------------------------------------------------------------------------
+    # Public helpers
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def ema_model(self) -> nn.Module:
+        """The network with the EMA weights (the trained network itself when ``ema_decay=None``)."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next update will use (of the first parameter group)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process writes checkpoints and logs."""
+        return self.dist.is_main
+
+    # ------------------------------------------------------------------------------------------
+    # Output folder, resume
+    # ------------------------------------------------------------------------------------------
+
+    def _prepare_output(self, resume: bool, resume_from: str | Path | None, overwrite: bool) -> None:
+        source: Path | None = None
+        if resume_from is not None:
+            source = resolve_checkpoint(resume_from)
+        elif resume:
+            if list_checkpoints(self.output_dir):
+                source = resolve_checkpoint(self.output_dir)
+            else:
+                logger.info("resume=True but %s holds no checkpoint: starting a new run", self.output_dir)
+        elif list_checkpoints(self.output_dir) or (self.output_dir / METRICS_FILE).exists():
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.output_dir} already holds a training run; pass resume=True to continue it "
+                    f"or overwrite=True to start over"
+                )
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_temporary_files(self.output_dir)
+            if source is None and overwrite:
+                shutil.rmtree(self.output_dir / CHECKPOINTS_DIR, ignore_errors=True)
+                (self.output_dir / METRICS_FILE).unlink(missing_ok=True)
+        self.dist.barrier()
+        if source is not None:
+            self._load(source)
+            if self.dist.is_main:
+                self._truncate_metrics(self.step)
+
+    def _load(self, folder: Path) -> None:
+        model_state, ema_state, config = load_checkpoint(folder, device=self.device)
+        state = load_training_state(folder, device="cpu")
+        self.model.load_state_dict(model_state)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ema_state)
+            self.ema.n_averaged.fill_(int(state.get("ema_n_averaged") or 1))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(state["sampler"])
+        shard_states = state.get("shard_generators", [])
+        total_shards = self.dist.world_size * self._shards_per_process
+        if len(shard_states) == total_shards:
+            first = self.dist.rank * self._shards_per_process
+            for a, generator in enumerate(self.generators):
+                generator.set_state(shard_states[first + a])
+        else:
+            # Another number of shards: the random draws cannot continue as before. Reseed from
+            # (seed, step) so that the continuation is at least reproducible.
+            warnings.warn(
+                f"the checkpoint was written with {len(shard_states)} shards per step, this run uses "
+                f"{total_shards} (world_size × grad_accum_steps): the run continues reproducibly but "
+                f"not identically to an uninterrupted one",
+                stacklevel=3,
+            )
+            for a, generator in enumerate(self.generators):
+                generator.manual_seed(_stream_seed(self.config.seed, _SHARD_STREAM + 1 + int(state["step"]), a))
+        process_states = state.get("process_rng", [])
+        if self.dist.rank < len(process_states):
+            _set_process_rng_state(process_states[self.dist.rank], self.device)
+        self.step = int(state["step"])
+        self.last_checkpoint = folder
+        logger.info("resumed from %s at step %d", folder, self.step)
+        del config
+
+    def _truncate_metrics(self, step: int) -> None:
+        # Records after the checkpoint came from the interrupted part of the run: they will be
+        # written again by the resumed run, so drop them to keep one record per step.
+        file = self.output_dir / METRICS_FILE
+        if not file.exists():
+            return
+        kept = []
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+                kept.append(line)
+        atomic_write_text(file, "".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------
+
+    def _checkpoint_config(self) -> dict[str, Any]:
+        dataset = self.dataset
+        data = None
+        if dataset is not None:
+            data = {
+                "name": dataset.name,
+                "shape": list(dataset.shape),
+                "num_classes": dataset.num_classes,
+                "size": len(dataset),
+                "dtype": str(dataset.x.dtype).replace("torch.", ""),
+            }
+        from flowdiff import __version__
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "train": self.config.to_dict(),
+            "model": self._model_config,
+            "loss": _describe_loss(self.loss),
+            "path": _describe(getattr(self.loss, "path", None)),
+            "data": data,
+            "extra": self._extra_config,
+            "world_size": self.dist.world_size,
+            "versions": {"flowdiff": __version__, "torch": torch.__version__},
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step (collective: every process must call it).
+
+        Returns:
+            The checkpoint folder on the main process, ``None`` on the others.
+        """
+        local = {"generators": [g.get_state() for g in self.generators], "rng": _process_rng_state(self.device)}
+        gathered = self.dist.all_gather_object(local)
+        folder = None
+        if self.dist.is_main:
+            training_state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else None,
+                "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+                "shard_generators": [s for process in gathered for s in process["generators"]],
+                "process_rng": [process["rng"] for process in gathered],
+                "world_size": self.dist.world_size,
+                "grad_accum_steps": self._shards_per_process,
+            }
+            folder = save_checkpoint(
+                self.output_dir,
+                self.step,
+                self.model.state_dict(),
+                self.ema_model.state_dict(),
+                self._checkpoint_config(),
+                training_state,
+                keep_last=self.config.keep_last,
+            )
+            self.last_checkpoint = folder
+        return folder
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------
+
+    def _next_batch(self) -> tuple[Tensor, Tensor | None]:
+        batch = next(self._batches)
+        if isinstance(batch, Tensor):
+            x, y = batch, None
+        elif isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2:
+            x, y = batch[0], (batch[1] if len(batch) == 2 else None)
+        else:
+            raise TypeError(f"a data batch must be a Tensor x or a pair (x, y), got {type(batch).__name__}")
+        if x.shape[0] != self.config.batch_size:
+            raise ValueError(f"the data gave a batch of {x.shape[0]} samples, config.batch_size is {self.config.batch_size}")
+        x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if y is not None:
+            y = y.to(device=self.device, non_blocking=True) if self._pass_labels else None
+        return x, y
+
+    def _train_step(self) -> tuple[float, float]:
+        """One update; returns ``(loss, grad_norm)`` averaged over the global batch."""
+        x, y = self._next_batch()
+        accum = self._shards_per_process
+        size = self._shard_size
+        first = self.dist.rank * accum
+        sharded = self.dist.world_size * accum > 1
+        total: Tensor | None = None
+        for a in range(accum):
+            if sharded:
+                lo = (first + a) * size
+                x_shard = x[lo : lo + size]
+                y_shard = y[lo : lo + size] if y is not None else None
+            else:
+                x_shard, y_shard = x, y
+            generator = self.generators[a]
+            if y_shard is not None and self.config.label_dropout > 0:
+                y_shard = drop_labels(y_shard, self.config.label_dropout, self._null_label, generator=generator)  # type: ignore[arg-type]
+            # Only the last micro-batch all-reduces the gradients (the others accumulate locally).
+            no_sync = self.dist.enabled and a < accum - 1
+            with self._train_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+                with self._autocast():
+                    if y_shard is None:
+                        output = self.loss(self._train_model, x_shard, generator=generator)
+                    else:
+                        output = self.loss(self._train_model, x_shard, y=y_shard, generator=generator)
+                value = output if isinstance(output, Tensor) else output.loss
+                if value.ndim != 0:
+                    raise ValueError(f"the loss must be a scalar, got a tensor of shape {tuple(value.shape)}")
+                scaled = value / accum if accum > 1 else value
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            total = value.detach() if total is None else total + value.detach()
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.config.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
+        stats = torch.stack([total.float() / accum, grad_norm.float().to(total.device)])  # type: ignore[union-attr]
+        if self.dist.enabled:
+            # Every process sees the same mean loss and the same verdict on finiteness.
+            self.dist.all_reduce_sum(stats)
+            stats /= self.dist.world_size
+        loss_value, grad_value = stats.tolist()
+        step = self.step + 1
+        if not math.isfinite(loss_value) or (not math.isfinite(grad_value) and self.scaler is None):
+            self.optimizer.zero_grad(set_to_none=True)
+            quantity, value_ = ("loss", loss_value) if not math.isfinite(loss_value) else ("grad_norm", grad_value)
+            raise NonFiniteLossError(step, quantity, value_, self.last_checkpoint)
+
+        self._last_lr = float(self.optimizer.param_groups[0]["lr"])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            if step <= self.config.ema_start:
+                # Before ema_start the average is reset to the weights (AveragedModel copies on n=0).
+                self.ema.n_averaged.zero_()
+            self.ema.update_parameters(self.model)
+        return loss_value, grad_value
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+
+    def _open_logs(self) -> None:
+        if not self.dist.is_main:
+            return
+        self._metrics_file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")
+        if self.config.tensorboard and self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+            except ImportError:
+                warnings.warn("tensorboard=True but the tensorboard package is not installed; skipping it", stacklevel=3)
+
+    def _close_logs(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.write(json.dumps(record) + "\n")
+            self._metrics_file.flush()
+        if self._tensorboard is not None and "loss" in record:
+            for key in ("loss", "lr", "grad_norm", "it_per_s"):
+                self._tensorboard.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def _progress_bar(self, start: int) -> Any:
+        if not (self.progress and self.dist.is_main and sys.stderr.isatty()):
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=self.config.steps, initial=start, unit="step", dynamic_ncols=True, desc="train")
+
+    def fit(self) -> TrainSummary:
+        """Train until ``config.steps`` updates are done, checkpointing and logging on the way.
+
+        Returns:
+            A :class:`TrainSummary`.
+
+        Raises:
+            NonFiniteLossError: the loss or gradient norm became non-finite (the weights and the
+                last checkpoint are those of the last good step).
+        """
+        config = self.config
+        start_step = self.step
+        start = time.perf_counter()
+        final_loss = recent_loss = float("nan")
+        window_start, window_steps, window_loss, window_grad = start, 0, 0.0, 0.0
+        self._open_logs()
+        bar = self._progress_bar(start_step)
+        self._train_model.train()
+        try:
+            while self.step < config.steps:
+                try:
+                    loss_value, grad_value = self._train_step()
+                except NonFiniteLossError as error:
+                    self._write_record(
+                        {"step": error.step, "event": "non_finite", "quantity": error.quantity, "value": str(error.value)}
+                    )
+                    raise
+                self.step += 1
+                final_loss = loss_value
+                window_steps += 1
+                window_loss += loss_value
+                window_grad += grad_value
+                if bar is not None:
+                    bar.update(1)
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    now = time.perf_counter()
+                    recent_loss = window_loss / window_steps
+                    record = {
+                        "step": self.step,
+                        "loss": recent_loss,
+                        "lr": self._last_lr,
+                        "grad_norm": window_grad / window_steps,
+                        "it_per_s": window_steps / max(now - window_start, 1e-12),
+                        "wall": now - start,
+                    }
+                    if isinstance(self.sampler, BatchSampler):
+                        record["epoch"] = self.sampler.epoch
+                    if self.dist.is_main:
+                        self._write_record(record)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{recent_loss:.4g}", lr=f"{record['lr']:.3g}", refresh=False)
+                        for callback in self.callbacks:
+                            callback(self, record)
+                    window_start, window_steps, window_loss, window_grad = now, 0, 0.0, 0.0
+                due = config.checkpoint_every is not None and self.step % config.checkpoint_every == 0
+                if due or self.step == config.steps:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            self._close_logs()
+        self.dist.barrier()
+        wall = time.perf_counter() - start
+        done = self.step - start_step
+        rate = done / wall if done > 0 and wall > 0 else 0.0
+        return TrainSummary(
+            step=self.step,
+            start_step=start_step,
+            final_loss=final_loss,
+            recent_loss=recent_loss,
+            wall_time=wall,
+            steps_per_second=rate,
+            samples_per_second=rate * config.batch_size,
+            checkpoint=self.last_checkpoint,
+            output_dir=self.output_dir,
+            world_size=self.dist.world_size,
+        )
