@@ -420,11 +420,10 @@ def _sde_dpmpp(
         one_minus = -math.expm1(-2 * h)  # 1 − e^{−2h}
         x_next = (s_t / s_s * math.exp(-h)) * x + (a_t * one_minus) * data
         # Second order from the previous data prediction (multistep), except on the first
-        # step and, with lower_order_final and fewer than 15 steps, on the last one
-        # (diffusers' rule; it stabilises few-step sampling).
-        use_second = (
-            order == 2 and prev_data is not None and not (lower_order_final and steps < 15 and i == steps - 1)
-        )
+        # step and, with lower_order_final, on the last one: that step ends at t_end, where the
+        # grid's last λ-gap is large (on a uniform-t grid it is the largest), and the
+        # extrapolated D1 there hurt at every NFE and grid we measured (benchmarks/sde_solvers.py).
+        use_second = order == 2 and prev_data is not None and not (lower_order_final and i == steps - 1)
         if use_second:
             r = prev_h / h
             d1 = (data - prev_data) / r
@@ -488,7 +487,10 @@ def sde_dpm_solver_pp_2(
 
     :math:`c = \tfrac12(1 - e^{-2h})` (``solver_type="midpoint"``, diffusers' default) or
     :math:`c = 1 - (1 - e^{-2h})/(2h)` (``"heun"``, the Taylor-exact weight). The first step is
-    first order; with ``lower_order_final`` and fewer than 15 steps, so is the last.
+    first order; with ``lower_order_final`` (default) so is the last one, into ``t_end``.
+    diffusers' final step to σ = 0 is always first order and plays the role of the framework's
+    final denoise; its ``lower_order_final`` additionally lowers the step before it when there are
+    fewer than 15 steps, which is ``lower_order_final=(steps < 15)`` here.
     """
     return _sde_dpmpp(
         "sde-dpm-solver++2", 2, field, x, grid, generator, callback, cond, max_evals, solver_type, lower_order_final
@@ -531,8 +533,9 @@ def edm_heun_churn(
        :math:`x' = \hat x + (\tilde\sigma_{i+1} - \hat\sigma)d`,
        :math:`\tilde x_{i+1} = \hat x + (\tilde\sigma_{i+1} - \hat\sigma)\tfrac12(d + d'(x'))`.
 
-    ``t_end`` has σ > 0 (the framework denoises at the end), so every step is a Heun step:
-    2 evaluations. :math:`\hat\sigma` is capped at the noise level of the path's ``t_min``
+    ``t_end`` has σ > 0 (the framework denoises at the end), so every step is a Heun step
+    (2 evaluations), except that an odd budget (``max_evals = 2N − 1``) makes the last step an
+    Euler step. :math:`\hat\sigma` is capped at the noise level of the path's ``t_min``
     (the model is never called outside the safe interval).
 
     Arguments:
@@ -551,7 +554,10 @@ def edm_heun_churn(
     S_noise = _check_number("S_noise", S_noise)
     times = _grid_list(grid)
     steps = len(times) - 1
-    _check_budget("edm", 2 * steps, max_evals)
+    # An odd budget pays for an Euler last step (as EDM's Algorithm 1 does on its step to σ = 0)
+    # rather than leaving one evaluation unused.
+    heun_last = max_evals is None or max_evals >= 2 * steps
+    _check_budget("edm", 2 * steps - (0 if heun_last else 1), max_evals)
     evaluator = GaussianEvaluator(field, path, cond)
     tab = PathTable.build(path, times)
     noise_level = [math.exp(-lam) for lam in tab.log_snr]  # σ̃ = σ/α
@@ -581,11 +587,14 @@ def edm_heun_churn(
         data = denoise(x_tilde, t_hat)
         d = (x_tilde - data) / sig_hat
         x_pred = x_tilde + (sig_next - sig_hat) * d
-        data_next = denoise(x_pred, times[i + 1])
-        d_next = (x_pred - data_next) / sig_next
-        x_tilde = x_tilde + (sig_next - sig_hat) * 0.5 * (d + d_next)
+        if i == steps - 1 and not heun_last:
+            x_tilde = x_pred
+        else:
+            data = denoise(x_pred, times[i + 1])
+            d_next = (x_pred - data) / sig_next
+            x_tilde = x_tilde + (sig_next - sig_hat) * 0.5 * (d + d_next)
         if callback is not None:
-            callback(i, times[i + 1], tab.alpha[i + 1] * x_tilde, data_next)
+            callback(i, times[i + 1], tab.alpha[i + 1] * x_tilde, data)
     return tab.alpha[-1] * x_tilde
 
 
@@ -731,6 +740,7 @@ def _register() -> None:
         evals_per_step=2,
         requires_gaussian_path=True,
         default_grid="karras",
+        steps_for_budget=lambda budget: (budget + 1) // 2,  # odd budgets end with an Euler step
         description="EDM stochastic Heun with churn in sigma/alpha (Karras et al. 2022, Alg. 2)",
         aliases=("heun-churn",),
         **common,
