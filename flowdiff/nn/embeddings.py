@@ -157,7 +157,7 @@ class LabelEmbedding(nn.Module):
         if y is None:
             y = torch.full((batch_size,), self.null_label, dtype=torch.long, device=device)
         else:
-            y = validate_labels(y, batch_size, self.num_classes)
+            y = validate_labels(y, batch_size, self.num_classes).to(device)
         return self.embedding(y)
 
 
