@@ -66,6 +66,8 @@ def train_run(
     kwargs = {**default_network_kwargs(network, shape), **(network_kwargs or {})}
     model = build_network(network, shape, **kwargs)
     loss = GaussianPathLoss(gpath, prediction=prediction, weighting=weighting, time_sampler=time_sampler)
+    # An EMA horizon longer than a tenth of the run would mostly average the untrained start.
+    ema_decay = min(ema_decay, max(0.0, 1.0 - 10.0 / steps))
     config = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, output_dir=str(output_dir), ema_decay=ema_decay,
         warmup_steps=min(warmup_steps, steps), checkpoint_every=checkpoint_every, lr_schedule=lr_schedule,
