@@ -107,7 +107,8 @@ class TrainSummary:
         final_loss: loss of the last update (mean over the global batch), ``nan`` if none ran.
         recent_loss: mean loss over the last logging window.
         wall_time: seconds spent in :meth:`Trainer.fit`.
-        steps_per_second: updates per second in this call (``it/s``).
+        checkpoint_time: seconds of ``wall_time`` spent writing checkpoints.
+        steps_per_second: updates per second in this call (``it/s``, everything included).
         samples_per_second: ``steps_per_second · batch_size``.
         checkpoint: the last checkpoint folder written, or ``None``.
         output_dir: the run's folder.
@@ -119,6 +120,7 @@ class TrainSummary:
     final_loss: float
     recent_loss: float
     wall_time: float
+    checkpoint_time: float
     steps_per_second: float
     samples_per_second: float
     checkpoint: Path | None
@@ -214,6 +216,19 @@ def _describe(obj: Any) -> dict[str, Any] | None:
     return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
 
 
+def _pair_tensors(averaged: nn.Module, model: nn.Module) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """Parameters and buffers of the EMA copy and of the model, paired and grouped by dtype."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    pairs = zip(
+        [*averaged.parameters(), *averaged.buffers()], [*model.parameters(), *model.buffers()], strict=True
+    )
+    for ema_tensor, tensor in pairs:
+        group = groups.setdefault((ema_tensor.device, ema_tensor.dtype), ([], []))
+        group[0].append(ema_tensor.detach())
+        group[1].append(tensor.detach())
+    return list(groups.values())
+
+
 def _describe_loss(loss: Any) -> dict[str, Any]:
     described = _describe(loss) or {}
     if set(described) == {"class"}:
@@ -258,9 +273,11 @@ class Trainer:
             (e.g. ``{"find_unused_parameters": True}``).
 
     Data-parallel training needs no change to the script: launched with
-    ``torchrun --nproc_per_node N`` or ``accelerate launch --num_processes N``, each process
-    computes its shards of every global batch, gradients are averaged, and only the main
-    process writes checkpoints and logs.
+    ``torchrun --nproc_per_node N script.py`` or ``accelerate launch --multi_gpu --num_processes N
+    script.py`` (also on a machine without GPU: the processes then use the CPU and ``gloo``),
+    each process computes its shards of every global batch, gradients are averaged, and only the
+    main process writes checkpoints and logs. (``accelerate launch --cpu`` starts a single process:
+    accelerate runs several CPU processes only through MPI.)
     """
 
     def __init__(
@@ -340,6 +357,7 @@ class Trainer:
 
         # ---- data --------------------------------------------------------------------------
         self.dataset: Dataset | None = None
+        self._data_source: Any = None
         self._batches: Iterator[Any]
         if isinstance(data, Tensor):
             data = Dataset(x=data if data.ndim >= 2 else data[:, None])
@@ -356,6 +374,8 @@ class Trainer:
             self.dataset = data.dataset
             self.sampler = data
         elif isinstance(data, (Iterable, Iterator)):
+            # A re-iterable source (a DataLoader) starts a new pass when one ends; an iterator cannot.
+            self._data_source = data
             self.sampler = data if isinstance(data, Iterator) else iter(data)
             if not hasattr(self.sampler, "state_dict"):
                 logger.warning("the data iterator has no state_dict(): a resumed run will not see the same batches")
@@ -392,8 +412,15 @@ class Trainer:
 
         # ---- optimisation ------------------------------------------------------------------
         if optimizer is None:
+            # foreach=True: one call per update for all tensors, also on CPU where torch's default
+            # is a Python loop over the parameters (1.5× slower steps for small networks).
             optimizer = torch.optim.AdamW(
-                self._params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+                self._params,
+                lr=config.lr,
+                betas=config.betas,
+                eps=config.eps,
+                weight_decay=config.weight_decay,
+                foreach=True,
             )
         self.optimizer = optimizer
         schedule = (config.warmup_steps, config.steps, config.lr_schedule, config.min_lr_ratio)
@@ -407,6 +434,10 @@ class Trainer:
         if config.ema_decay is not None:
             self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
             self.ema.update_parameters(model)
+            # AveragedModel.update_parameters rebuilds and regroups its tensor lists on every call
+            # (about as costly as the optimizer step of a small network); the lists never change,
+            # so group them once and call the same EMA function on them.
+            self._ema_groups = _pair_tensors(self.ema.module, model)
 
         # ---- bookkeeping -------------------------------------------------------------------
         self.step = 0
@@ -450,6 +481,8 @@ class Trainer:
                 source = resolve_checkpoint(self.output_dir)
             else:
                 logger.info("resume=True but %s holds no checkpoint: starting a new run", self.output_dir)
+                if self.dist.is_main:
+                    self._truncate_metrics(0)  # records of a run killed before its first checkpoint
         elif list_checkpoints(self.output_dir) or (self.output_dir / METRICS_FILE).exists():
             if not overwrite:
                 raise FileExistsError(
@@ -504,7 +537,17 @@ class Trainer:
         self.step = int(state["step"])
         self.last_checkpoint = folder
         logger.info("resumed from %s at step %d", folder, self.step)
-        del config
+        # The optimizer and scheduler states of the checkpoint win (lr, betas, ... included):
+        # say so when the settings were changed, instead of ignoring the change silently.
+        saved = config.get("train", {})
+        free = {"steps", "output_dir", "log_every", "checkpoint_every", "keep_last", "tensorboard"}
+        changed = sorted(k for k, v in self.config.to_dict().items() if k not in free and k in saved and saved[k] != v)
+        if changed:
+            warnings.warn(
+                f"resuming {folder} with changed settings {changed}; the checkpoint's optimizer and schedule "
+                f"state are used, so the run is not the one these settings would give from scratch",
+                stacklevel=3,
+            )
 
     def _truncate_metrics(self, step: int) -> None:
         # Records after the checkpoint came from the interrupted part of the run: they will be
@@ -592,7 +635,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _next_batch(self) -> tuple[Tensor, Tensor | None]:
-        batch = next(self._batches)
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            if self._data_source is None or isinstance(self._data_source, Iterator):
+                raise ValueError(
+                    f"the data iterator ran out after {self.step} updates of the {self.config.steps} asked; "
+                    f"pass a Dataset, a BatchSampler or a re-iterable loader"
+                ) from None
+            self.sampler = self._batches = iter(self._data_source)
+            batch = next(self._batches)
         if isinstance(batch, Tensor):
             x, y = batch, None
         elif isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2:
@@ -669,11 +721,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.ema is not None:
-            if step <= self.config.ema_start:
-                # Before ema_start the average is reset to the weights (AveragedModel copies on n=0).
-                self.ema.n_averaged.zero_()
-            self.ema.update_parameters(self.model)
+            self._update_ema(step)
         return loss_value, grad_value
+
+    @torch.no_grad()
+    def _update_ema(self, step: int) -> None:
+        r"""$\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta$ (a copy up to ``ema_start``), as ``AveragedModel.update_parameters``."""
+        if self.ema is None:
+            return
+        for averaged, current in self._ema_groups:
+            if step <= self.config.ema_start or not averaged[0].is_floating_point():
+                torch._foreach_copy_(averaged, current)
+            else:
+                self.ema.multi_avg_fn(averaged, current, None)  # type: ignore[misc]
+        self.ema.n_averaged += 1
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self._autocast_dtype is None:
@@ -730,6 +791,7 @@ class Trainer:
         start_step = self.step
         start = time.perf_counter()
         final_loss = recent_loss = float("nan")
+        checkpoint_time = 0.0
         window_start, window_steps, window_loss, window_grad = start, 0, 0.0, 0.0
         self._open_logs()
         bar = self._progress_bar(start_step)
@@ -772,7 +834,9 @@ class Trainer:
                     window_start, window_steps, window_loss, window_grad = now, 0, 0.0, 0.0
                 due = config.checkpoint_every is not None and self.step % config.checkpoint_every == 0
                 if due or self.step == config.steps:
+                    saving = time.perf_counter()
                     self.save_checkpoint()
+                    checkpoint_time += time.perf_counter() - saving
         finally:
             if bar is not None:
                 bar.close()
@@ -787,6 +851,7 @@ class Trainer:
             final_loss=final_loss,
             recent_loss=recent_loss,
             wall_time=wall,
+            checkpoint_time=checkpoint_time,
             steps_per_second=rate,
             samples_per_second=rate * config.batch_size,
             checkpoint=self.last_checkpoint,
