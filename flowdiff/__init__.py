@@ -3,10 +3,14 @@
 Time runs from the base (noise) at ``t = 0`` to the data at ``t = 1``; see DESIGN.md.
 """
 
-from . import paths, testing
+from . import couplings, data, losses, metrics, nn, paths, solvers, testing
 from .fields import Field, InterpolantField
 from .paths import GaussianPath, StochasticInterpolant
+from .solvers import SampleResult, sample
 
 __version__ = "0.1.0"
 
-__all__ = ["paths", "testing", "Field", "InterpolantField", "GaussianPath", "StochasticInterpolant", "__version__"]
+__all__ = [
+    "paths", "testing", "solvers", "losses", "couplings", "nn", "data", "metrics",
+    "Field", "InterpolantField", "GaussianPath", "StochasticInterpolant", "sample", "SampleResult", "__version__",
+]
