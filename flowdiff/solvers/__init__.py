@@ -9,6 +9,10 @@ See :mod:`flowdiff.solvers.base` for the solver contract and the NFE accounting.
 from __future__ import annotations
 
 from .base import (
+    DEFAULT_INTERPOLANT_SOLVER,
+    DEFAULT_SOLVER,
+    LOW_NFE,
+    LOW_NFE_SOLVER,
     SOLVER_KINDS,
     GaussianEvaluator,
     NonFiniteStateError,
@@ -16,16 +20,12 @@ from .base import (
     SampleResult,
     SolverSpec,
     available,
+    default_solver,
     get_solver,
     register_solver,
     sample,
 )
 from .grids import GRID_KINDS, make_grid, validate_grid
-
-#: Solver sample() uses on a Gaussian path when none is named.
-DEFAULT_SOLVER = "dpm-solver++3m"
-#: Solver sample() uses on a stochastic interpolant when none is named.
-DEFAULT_INTERPOLANT_SOLVER = "heun"
 
 
 def _import_optional(name: str) -> None:
@@ -58,5 +58,8 @@ __all__ = [
     "PathTable",
     "GaussianEvaluator",
     "DEFAULT_SOLVER",
+    "LOW_NFE_SOLVER",
+    "LOW_NFE",
     "DEFAULT_INTERPOLANT_SOLVER",
+    "default_solver",
 ]

@@ -65,6 +65,11 @@ __all__ = [
     "GaussianEvaluator",
     "require_gaussian_path",
     "time_tensor",
+    "default_solver",
+    "DEFAULT_SOLVER",
+    "LOW_NFE_SOLVER",
+    "LOW_NFE",
+    "DEFAULT_INTERPOLANT_SOLVER",
 ]
 
 #: The kinds a solver may be registered as.
@@ -116,6 +121,8 @@ class SolverSpec:
         calls_per_eval: ``field -> int``, model calls per evaluation (default: 2 for an
             :class:`~flowdiff.InterpolantField` whose velocity needs its score model, else 1).
         description: one line for listings.
+        required_options: options without a default that :func:`sample` must be given
+            (e.g. DPM-Solver-v3's ``ems``); a missing one is a ValueError naming it.
         alias_of: the canonical name when this entry is an alias.
     """
 
@@ -130,6 +137,7 @@ class SolverSpec:
     steps_for_budget: Callable[[int], int] | None = None
     calls_per_eval: Callable[[Any], int] | None = None
     description: str = ""
+    required_options: tuple[str, ...] = ()
     alias_of: str | None = None
 
     def steps(self, budget: int) -> int:
@@ -162,6 +170,7 @@ def register_solver(
     calls_per_eval: Callable[[Any], int] | None = None,
     description: str = "",
     aliases: Sequence[str] = (),
+    required_options: Sequence[str] = (),
     overwrite: bool = False,
 ) -> SolverSpec:
     """Add a solver to the registry behind :func:`sample` (and its ``aliases``).
@@ -199,6 +208,7 @@ def register_solver(
         steps_for_budget=steps_for_budget,
         calls_per_eval=calls_per_eval,
         description=description,
+        required_options=tuple(required_options),
     )
     _REGISTRY[name] = spec
     for alias in aliases:
@@ -404,10 +414,23 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
-def _default_solver(field: Any) -> str:
-    from . import DEFAULT_SOLVER, DEFAULT_INTERPOLANT_SOLVER
+#: Default solver on a Gaussian path up to LOW_NFE evaluations (docs/solvers.md: best at 5–10 NFE).
+LOW_NFE_SOLVER = "dpm-solver++2m"
+#: Default solver on a Gaussian path above LOW_NFE (UniPC-3, noise prediction: best from 12 NFE on).
+DEFAULT_SOLVER = "unipc"
+LOW_NFE = 10
+#: Default solver on a stochastic interpolant (no log-SNR, so a Runge–Kutta method in t).
+DEFAULT_INTERPOLANT_SOLVER = "heun"
 
-    return DEFAULT_SOLVER if isinstance(getattr(field, "path", None), GaussianPath) else DEFAULT_INTERPOLANT_SOLVER
+
+def default_solver(field: Any, nfe: int | None) -> str:
+    """The solver :func:`sample` uses when none is named: on a Gaussian path ``LOW_NFE_SOLVER``
+    (DPM-Solver++(2M), time-quadratic grid) for ``nfe <= LOW_NFE`` and ``DEFAULT_SOLVER``
+    (UniPC-3 with noise prediction, time-quadratic grid) above; ``DEFAULT_INTERPOLANT_SOLVER``
+    on a stochastic interpolant."""
+    if not isinstance(getattr(field, "path", None), GaussianPath):
+        return DEFAULT_INTERPOLANT_SOLVER
+    return LOW_NFE_SOLVER if nfe is not None and nfe <= LOW_NFE else DEFAULT_SOLVER
 
 
 def _final_denoise(field: Any, x: Tensor, t_end: float, cond: dict) -> Tensor:
@@ -448,8 +471,8 @@ def sample(
         field: a :class:`~flowdiff.Field` (Gaussian path) or :class:`~flowdiff.InterpolantField`.
         x_init: the state at ``t_start``, shape ``(B, *)`` (e.g. ``path.prior_sample``); the
             whole run follows its dtype and device.
-        solver: a name from :func:`available` (default: ``DEFAULT_SOLVER`` on a Gaussian path,
-            ``DEFAULT_INTERPOLANT_SOLVER`` on an interpolant).
+        solver: a name from :func:`available`; default :func:`default_solver` (DPM-Solver++(2M)
+            up to 10 NFE and UniPC-3 above on a Gaussian path, Heun on an interpolant).
         nfe: budget of model calls, *including* the final denoising call; fixed-step solvers
             spend it exactly (up to the remainder that no whole step fits), adaptive solvers
             treat it as a cap (default: unlimited up to 10 000). Default for fixed-step solvers
@@ -489,10 +512,13 @@ def sample(
     path = field.path
     if not isinstance(path, (GaussianPath, StochasticInterpolant)):
         raise TypeError(f"field.path must be a GaussianPath or StochasticInterpolant, got {type(path).__name__}")
-    name = _default_solver(field) if solver is None else solver
+    name = default_solver(field, nfe if isinstance(nfe, int) else None) if solver is None else solver
     spec = get_solver(name)
     if spec.requires_gaussian_path:
         require_gaussian_path(field, name)
+    missing = [o for o in spec.required_options if o not in options]
+    if missing:
+        raise ValueError(f"solver {name!r} needs the option(s) {', '.join(missing)}; see its docstring")
     cond = dict(cond or {})
 
     # ----- interval ---------------------------------------------------------------------

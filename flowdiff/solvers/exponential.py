@@ -537,7 +537,7 @@ def unipc(
     max_evals: int | None = None,
     order: int = 3,
     variant: str = "bh1",
-    prediction: str = "data",
+    prediction: str = "noise",
     corrector: bool = True,
     disable_corrector: tuple[int, ...] | list[int] = (),
     lower_order_final: bool | int = True,
@@ -562,7 +562,9 @@ def unipc(
     Arguments:
         order: predictor order p in 1–3 (3: UniPC-3, the paper's choice without guidance).
         variant: ``"bh1"`` (B(h) = hh) or ``"bh2"`` (B(h) = e^{hh} − 1).
-        prediction: ``"data"`` (UniPC with x̂, diffusers' ``predict_x0``) or ``"noise"``.
+        prediction: ``"noise"`` (default: the most accurate from about 10 NFE on the benchmark of
+            docs/solvers.md) or ``"data"`` (UniPC with x̂, diffusers' ``predict_x0``, better at 5–8 NFE
+            with ``variant="bh2"``).
         lower_order_final: see the module docstring (default: always, as diffusers' UniPC).
     """
     name = "unipc"
@@ -704,17 +706,20 @@ def deis(
 # ---------------------------------------------------------------------------------------
 
 
-def _fixed(fn: Callable[..., Tensor], solver: str, **fixed: Any) -> Callable[..., Tensor]:
-    """``fn`` with some options fixed by the registered name (passing them again is an error)."""
+def _fixed(fn: Callable[..., Tensor], solver: str, defaults: dict | None = None, **fixed: Any) -> Callable[..., Tensor]:
+    """``fn`` with some options fixed by the registered name (passing them again is an error)
+    and others given new defaults (``defaults``, which the caller may override)."""
+    defaults = dict(defaults or {})
 
     def wrapped(field: Any, x: Tensor, grid: Tensor, **kwargs: Any) -> Tensor:
         for key in fixed:
             if key in kwargs:
                 raise ValueError(f"solver {solver!r} fixes {key}={fixed[key]!r}; use another solver name to change it")
-        return fn(field, x, grid, **kwargs, **fixed)
+        return fn(field, x, grid, **{**defaults, **kwargs}, **fixed)
 
     wrapped.__name__ = solver.replace("-", "_").replace("+", "p")
-    wrapped.__doc__ = f"``{solver}``: :func:`{fn.__name__}` with {', '.join(f'{k}={v!r}' for k, v in fixed.items())}."
+    settings = ", ".join(f"{k}={v!r}" for k, v in {**fixed, **defaults}.items())
+    wrapped.__doc__ = f"``{solver}``: :func:`{fn.__name__}` with {settings}."
     return wrapped
 
 
@@ -738,11 +743,17 @@ register_solver("dpm-solver", _fixed(dpm_solver_multistep, "dpm-solver", predict
 for _order in (2, 3):
     register_solver(f"dpm-solver-{_order}m", _fixed(dpm_solver_multistep, f"dpm-solver-{_order}m", order=_order, prediction="noise"),
                     evals_per_step=1, description=f"multistep DPM-Solver order {_order} (noise prediction)", **_EXP)
-register_solver("dpm-solver++2m", _fixed(dpm_solver_multistep, "dpm-solver++2m", order=2, prediction="data"),
-                evals_per_step=1, aliases=("dpm-solver++",), description="DPM-Solver++(2M), data prediction", **_EXP)
-register_solver("dpm-solver++3m", _fixed(dpm_solver_multistep, "dpm-solver++3m", order=3, prediction="data"),
-                evals_per_step=1, description="DPM-Solver++(3M), data prediction", **_EXP)
+# DPM-Solver++ defaults: the time-quadratic grid and a first-order last step at every NFE
+# (measured best on the DDPM-schedule GMM benchmark, docs/solvers.md; the official code's
+# "below 10 steps" rule lets a second-order step with a large step ratio end the run).
+_PP = {"lower_order_final": True}
+register_solver("dpm-solver++2m", _fixed(dpm_solver_multistep, "dpm-solver++2m", _PP, order=2, prediction="data"),
+                evals_per_step=1, aliases=("dpm-solver++",), description="DPM-Solver++(2M), data prediction",
+                **{**_EXP, "default_grid": "quadratic"})
+register_solver("dpm-solver++3m", _fixed(dpm_solver_multistep, "dpm-solver++3m", _PP, order=3, prediction="data"),
+                evals_per_step=1, description="DPM-Solver++(3M), data prediction", **{**_EXP, "default_grid": "quadratic"})
 register_solver("unipc", unipc, evals_per_step=1,
-                description="UniPC predictor-corrector (bh1/bh2, order 1-3, data/noise)", **_EXP)
+                description="UniPC-3 predictor-corrector (bh1/bh2, order 1-3, noise/data)",
+                **{**_EXP, "default_grid": "quadratic"})
 register_solver("deis", deis, evals_per_step=1,
                 description="DEIS polynomial exponential integrator (orders 1-4, noise/data)", **_EXP)
