@@ -34,6 +34,15 @@ PREDICTIONS = ("noise", "data", "velocity", "score", "v")
 PATHS = [VP(), SubVP(), VE(), EDM(), Linear(), Trig(), Cosine()]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread is fastest and does not fight a busy machine for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -551,29 +560,25 @@ def velocity_error(model, oracle, mean: float, std: float) -> float:
 
 
 def test_tiny_mlp_learns_the_exact_velocity_of_a_1d_gaussian() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-unit MLP is fastest on one thread; avoids oversubscribing a busy machine
-    try:
-        torch.manual_seed(0)
-        path = Linear()
-        mean, std = 1.5, 0.5
-        oracle = fd.testing.Gaussian([mean], [[std**2]], path=path)
-        net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64), torch.nn.SiLU(),
-                                  torch.nn.Linear(64, 1))
-        model = lambda x, t: net(torch.cat([x, t[:, None]], dim=1))  # noqa: E731
-        before = velocity_error(model, oracle, mean, std)
-        loss = GaussianPathLoss(path, "velocity")
-        optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
-        g = gen(60)
-        for _ in range(300):
-            x1 = mean + std * torch.randn(256, 1, generator=g)
-            out = loss(model, x1, generator=g)
-            optimiser.zero_grad()
-            out.loss.backward()
-            optimiser.step()
-        after = velocity_error(model, oracle, mean, std)
-    finally:
-        torch.set_num_threads(threads)
+    # One thread (autouse fixture): a 64-unit MLP is fastest that way.
+    torch.manual_seed(0)
+    path = Linear()
+    mean, std = 1.5, 0.5
+    oracle = fd.testing.Gaussian([mean], [[std**2]], path=path)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64), torch.nn.SiLU(),
+                              torch.nn.Linear(64, 1))
+    model = lambda x, t: net(torch.cat([x, t[:, None]], dim=1))  # noqa: E731
+    before = velocity_error(model, oracle, mean, std)
+    loss = GaussianPathLoss(path, "velocity")
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
+    g = gen(60)
+    for _ in range(300):
+        x1 = mean + std * torch.randn(256, 1, generator=g)
+        out = loss(model, x1, generator=g)
+        optimiser.zero_grad()
+        out.loss.backward()
+        optimiser.step()
+    after = velocity_error(model, oracle, mean, std)
     # Measured: ~0.12 after 300 steps (the noise of the conditional target limits it), ~1 before.
     assert before > 0.5
     assert after < 0.2, after

@@ -72,10 +72,10 @@ def _loss() -> GaussianPathLoss:
 
 
 def _config(tmp_path: Path, **changes: Any) -> TrainConfig:
-    settings: dict[str, Any] = dict(
-        steps=6, batch_size=16, lr=1e-2, grad_clip=1.0, ema_decay=0.9, checkpoint_every=2,
-        log_every=1, output_dir=str(tmp_path / "run"), device="cpu",
-    )
+    settings: dict[str, Any] = {
+        "steps": 6, "batch_size": 16, "lr": 1e-2, "grad_clip": 1.0, "ema_decay": 0.9, "checkpoint_every": 2,
+        "log_every": 1, "output_dir": str(tmp_path / "run"), "device": "cpu",
+    }
     settings.update(changes)
     return TrainConfig(**settings)
 
@@ -200,6 +200,26 @@ def test_resume_in_process_restores_every_random_stream(tmp_path: Path) -> None:
     resumed = run("split", 8, resume=True)
     assert _max_difference(_params(resumed.model), _params(uninterrupted.model)) == 0.0
     assert _max_difference(_params(resumed.ema_model), _params(uninterrupted.ema_model)) == 0.0
+
+
+def test_sigterm_stops_after_the_update_with_a_checkpoint_and_resume_is_exact(tmp_path: Path) -> None:
+    def trainer(folder: str, resume: bool = False) -> Trainer:
+        config = _config(tmp_path, steps=8, checkpoint_every=None, lr_schedule="cosine", output_dir=str(tmp_path / folder))
+        return Trainer(_model(), _loss(), _data(), config, resume=resume, progress=False)
+
+    full = trainer("full")
+    full.fit()
+    stopped = trainer("stopped")
+    stopped.callbacks.append(lambda t, record: os.kill(os.getpid(), signal.SIGTERM) if record["step"] == 3 else None)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    summary = stopped.fit()
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # restored after fit()
+    assert summary.interrupted and summary.step == 3
+    assert [step for step, _ in list_checkpoints(tmp_path / "stopped")] == [3]
+    resumed = trainer("stopped", resume=True)
+    assert resumed.fit().step == 8
+    assert _max_difference(_params(resumed.model), _params(full.model)) == 0.0
+    assert _max_difference(_params(resumed.ema_model), _params(full.ema_model)) == 0.0
 
 
 def test_ema_equals_hand_computed_average(tmp_path: Path) -> None:
@@ -393,7 +413,7 @@ def test_float64_training_and_load_helpers(tmp_path: Path) -> None:
     config = _config(tmp_path, steps=3)
     trainer = Trainer(model, _loss(), _data(), config, progress=False, model_config=description)
     trainer.fit()
-    model_state, ema_state, config_dict = load_checkpoint(config.output_dir)
+    model_state, _, config_dict = load_checkpoint(config.output_dir)
     assert all(v.dtype == torch.float64 for v in model_state.values())
     assert config_dict["model"] == description and config_dict["path"]["name"] == "Linear"
     assert TrainConfig.from_dict(config_dict["train"]) == config
