@@ -18,7 +18,10 @@ included) minus the time writing its final checkpoint, which is reported apart (
 once per ``checkpoint_every`` updates); the ``Trainer`` constructor, like the hand loop's optimizer
 construction, is outside. Each round runs the Trainer and the hand loop back to back (ABBA order,
 after one warm-up run each); the ratio is the median over rounds of Trainer steps/s over hand-loop
-steps/s, which cancels the machine-load drifts between rounds. Goal: ratio >= 0.95.
+steps/s, which cancels the machine-load drifts between rounds. A second, finer measurement
+alternates single updates (``Trainer._train_step`` — everything fit() does per update except the
+every-50-steps log line — and one hand-loop update) and compares median milliseconds per update:
+on a shared machine whose load changes by the second, it is the trustworthy one. Goal: ratio >= 0.95.
 
 Run: ``.venv/bin/python benchmarks/train_throughput.py`` (a few minutes on 2 cores) or
 ``--quick``. Writes ``benchmarks/results/train_throughput.{md,json}`` and prints the table.
@@ -42,13 +45,13 @@ import flowdiff as fd
 from flowdiff.data import BatchSampler, Dataset, load_dataset
 from flowdiff.losses import GaussianPathLoss
 from flowdiff.nn import MLP
-from flowdiff.train import Trainer, TrainConfig, lr_factor
+from flowdiff.train import TrainConfig, Trainer, lr_factor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
-    # name: (hidden, depth, batch, updates per timed run)
-    "small": (64, 2, 256, 150),
-    "default": (256, 4, 512, 20),
+    # name: (hidden, depth, batch, updates per timed run, updates of the lockstep comparison)
+    "small": (64, 2, 256, 150, 400),
+    "default": (256, 4, 512, 20, 60),
 }
 LR = 1e-3
 WARMUP = 100
@@ -57,47 +60,52 @@ GRAD_CLIP = 1.0
 
 
 def make_model(size: str) -> MLP:
-    hidden, depth, _, _ = SIZES[size]
+    hidden, depth = SIZES[size][:2]
     torch.manual_seed(0)
     return MLP(dim=2, hidden=hidden, depth=depth)
 
 
+class HandLoop:
+    """A plain PyTorch training loop, one update per :meth:`step`."""
+
+    def __init__(self, data: Any, loss: GaussianPathLoss, steps: int, matched: bool, size: str) -> None:
+        self.loss, self.matched = loss, matched
+        self.model = make_model(size)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=LR, foreach=True)  # as the Trainer builds it
+        self.sampler = BatchSampler(data, SIZES[size][2], generator=torch.Generator().manual_seed(1))
+        self.generator = torch.Generator().manual_seed(2)
+        warmup = min(WARMUP, steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda done: lr_factor(done + 1, warmup, steps)
+        )
+        self.ema = [p.detach().clone() for p in self.params]
+
+    def step(self) -> None:
+        x, _ = next(self.sampler)
+        out = self.loss(self.model, x, generator=self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.matched:
+            torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+        self.optimizer.step()
+        if self.matched:
+            self.scheduler.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - EMA_DECAY)
+            out.loss.item()  # what a loop that logs its loss does
+
+
 def hand_loop(data: Any, loss: GaussianPathLoss, steps: int, matched: bool, size: str) -> float:
-    """A plain PyTorch training loop; returns its wall time for ``steps`` updates."""
-    batch = SIZES[size][2]
-    model = make_model(size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, foreach=True)  # as the Trainer builds it
-    sampler = BatchSampler(data, batch, generator=torch.Generator().manual_seed(1))
-    generator = torch.Generator().manual_seed(2)
-    if matched:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(done + 1, min(WARMUP, steps), steps))
-        ema = [p.detach().clone() for p in params]
+    """Wall time of ``steps`` updates of the hand-written loop."""
+    loop = HandLoop(data, loss, steps, matched, size)
     start = time.perf_counter()
     for _ in range(steps):
-        x, _ = next(sampler)
-        out = loss(model, x, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if matched:
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        optimizer.step()
-        if matched:
-            scheduler.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - EMA_DECAY)
-            out.loss.item()  # what a loop that logs its loss does
+        loop.step()
     return time.perf_counter() - start
 
 
-def trainer_run(
-    data: Any, loss: GaussianPathLoss, steps: int, matched: bool, size: str, folder: Path
-) -> tuple[float, float]:
-    """The same training through :class:`flowdiff.train.Trainer`.
-
-    Returns:
-        ``(wall time of fit(), seconds of it spent writing the final checkpoint)``.
-    """
+def make_trainer(data: Any, loss: GaussianPathLoss, steps: int, matched: bool, size: str, folder: Path) -> Trainer:
     config = TrainConfig(
         steps=steps,
         batch_size=SIZES[size][2],
@@ -111,10 +119,52 @@ def trainer_run(
         output_dir=str(folder),
         device="cpu",
     )
-    trainer = Trainer(make_model(size), loss, data, config, overwrite=True, progress=False)
+    return Trainer(make_model(size), loss, data, config, overwrite=True, progress=False)
+
+
+def trainer_run(
+    data: Any, loss: GaussianPathLoss, steps: int, matched: bool, size: str, folder: Path
+) -> tuple[float, float]:
+    """The same training through :class:`flowdiff.train.Trainer`.
+
+    Returns:
+        ``(wall time of fit(), seconds of it spent writing the final checkpoint)``.
+    """
+    trainer = make_trainer(data, loss, steps, matched, size, folder)
     start = time.perf_counter()
     summary = trainer.fit()
     return time.perf_counter() - start, summary.checkpoint_time
+
+
+def lockstep(
+    data: Any, loss: GaussianPathLoss, updates: int, matched: bool, size: str, folder: Path
+) -> dict[str, float]:
+    """Alternate one Trainer update and one hand-loop update, timing each; medians over ``updates``.
+
+    Load changes on a shared machine act on both members of each adjacent pair alike, so this
+    isolates the per-update cost of the Trainer's own work (``Trainer._train_step``: batch,
+    shards, loss, backward, norm, finiteness check, AdamW, schedule, EMA).
+    """
+    trainer = make_trainer(data, loss, updates + 20, matched, size, folder)
+    hand = HandLoop(data, loss, updates + 20, matched, size)
+    trainer_times, hand_times = [], []
+    for update in range(updates + 20):
+        first_trainer = update % 2 == 0  # alternate who goes first
+        for which in ("trainer", "hand") if first_trainer else ("hand", "trainer"):
+            start = time.perf_counter()
+            if which == "trainer":
+                trainer._train_step()
+                trainer.step += 1
+                elapsed = time.perf_counter() - start
+                if update >= 20:
+                    trainer_times.append(elapsed)
+            else:
+                hand.step()
+                elapsed = time.perf_counter() - start
+                if update >= 20:
+                    hand_times.append(elapsed)
+    trainer_ms, hand_ms = 1e3 * statistics.median(trainer_times), 1e3 * statistics.median(hand_times)
+    return {"trainer_ms": trainer_ms, "hand_loop_ms": hand_ms, "ratio": hand_ms / trainer_ms}
 
 
 def main() -> None:
@@ -122,7 +172,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="ABBA rounds per comparison (after a warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--quick", action="store_true", help="2 rounds, a quarter of the updates")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, fewer updates")
     args = parser.parse_args()
     if args.quick:
         args.repeats = 3
@@ -170,7 +220,12 @@ def main() -> None:
                     "final_checkpoint_ms_median": statistics.median(checkpoint_ms),
                 }
                 r = results[f"{size}/{variant}"]
-                print(f"{size}/{variant}: ratio {r['ratio']:.3f} (ratio of medians {r['ratio_of_medians']:.3f})", flush=True)
+                r["lockstep"] = lockstep(data, loss, SIZES[size][4] // (4 if args.quick else 1), matched, size, folder)
+                print(
+                    f"{size}/{variant}: fit() ratio {r['ratio']:.3f} (ratio of medians {r['ratio_of_medians']:.3f}), "
+                    f"per-update lockstep ratio {r['lockstep']['ratio']:.3f}",
+                    flush=True,
+                )
 
     environment = {
         "torch": torch.__version__,
@@ -194,13 +249,17 @@ def main() -> None:
     lines = [
         "# Trainer throughput vs a hand-written PyTorch loop",
         "",
-        f"Generated by `benchmarks/train_throughput.py`: {setup['data']}, {setup['loss']}, "
-        f"{setup['optimizer']}; {args.repeats} interleaved (ABBA) rounds after a warm-up. CPU, torch "
-        f"{environment['torch']}, {environment['torch_threads']} thread(s), {environment['cpu_count']} cores, "
-        f"1-min load average {environment['load_average_1min_at_end']} at the end.",
+        (
+            f"Generated by `benchmarks/train_throughput.py`: {setup['data']}, {setup['loss']}, "
+            f"{setup['optimizer']}; {args.repeats} interleaved (ABBA) rounds after a warm-up. CPU, torch "
+            f"{environment['torch']}, {environment['torch_threads']} thread(s), {environment['cpu_count']} cores, "
+            f"1-min load average {environment['load_average_1min_at_end']} at the end."
+        ),
         "",
-        "| network | batch | comparison | Trainer steps/s | hand loop steps/s | **ratio** (median of rounds) "
-        "| quartiles of the round ratios | ratio of medians | final checkpoint (ms) |",
+        (
+            "| network | batch | comparison | Trainer steps/s | hand loop steps/s | **ratio** (median of rounds) "
+            "| quartiles of the round ratios | ratio of medians | final checkpoint (ms) |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.values():
@@ -212,14 +271,31 @@ def main() -> None:
         )
     lines += [
         "",
-        "`matched`: both with warm-up, clipping at 1.0, EMA 0.999 and the loss read each step; the Trainer "
-        "also checks finiteness (loss and gradient norm, every step) and writes metrics.jsonl every 50 steps. "
-        "`bare`: AdamW only on both sides (the Trainer still computes the gradient norm for its finiteness "
-        "check). Trainer steps/s = updates / (fit() wall time − time writing the final checkpoint); that "
-        "checkpoint (safetensors + JSON + optimizer state, each fsync-ed, atomic renames) is listed apart: "
-        "in a real run it is paid once every `checkpoint_every` updates. Each round runs the Trainer and the "
-        "hand loop back to back (ABBA order); the ratio is the median over rounds of their steps/s ratio, "
-        "robust to the machine load that drifts between rounds. Goal: ratio >= 0.95.",
+        "Per update, lockstep (one Trainer update, one hand-loop update, alternating; median milliseconds):",
+        "",
+        "| network | batch | comparison | Trainer ms/update | hand loop ms/update | **ratio** (hand / Trainer) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results.values():
+        lock = r["lockstep"]
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['variant']} | {lock['trainer_ms']:.2f} | "
+            f"{lock['hand_loop_ms']:.2f} | **{lock['ratio']:.3f}** |"
+        )
+    lines += [
+        "",
+        (
+            "`matched`: both with warm-up, clipping at 1.0, EMA 0.999 and the loss read each step; the Trainer "
+            "also checks finiteness (loss and gradient norm, every step) and writes metrics.jsonl every 50 steps. "
+            "`bare`: AdamW only on both sides (the Trainer still computes the gradient norm for its finiteness "
+            "check). Trainer steps/s = updates / (fit() wall time − time writing the final checkpoint); that "
+            "checkpoint (safetensors + JSON + optimizer state, each fsync-ed, atomic renames) is listed apart: "
+            "in a real run it is paid once every `checkpoint_every` updates. Each round runs the Trainer and the "
+            "hand loop back to back (ABBA order); the ratio is the median over rounds of their steps/s ratio, "
+            "robust to the machine load that drifts between rounds. The lockstep table times single updates "
+            "(`Trainer._train_step`, i.e. without fit()'s logging) alternating with the hand loop's, which "
+            "cancels load changes best. Goal: ratio >= 0.95."
+        ),
         "",
     ]
     (RESULTS / "train_throughput.md").write_text("\n".join(lines))

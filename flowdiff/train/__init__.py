@@ -31,23 +31,29 @@ from flowdiff.train.checkpoint import (
     resolve_checkpoint,
 )
 from flowdiff.train.config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig
-from flowdiff.train.trainer import METRICS_FILE, NonFiniteLossError, Trainer, TrainSummary, lr_factor
+from flowdiff.train.trainer import (
+    METRICS_FILE,
+    NonFiniteLossError,
+    Trainer,
+    TrainSummary,
+    lr_factor,
+)
 
 __all__ = [
-    "Trainer",
-    "TrainConfig",
-    "TrainSummary",
-    "NonFiniteLossError",
-    "CheckpointError",
-    "lr_factor",
-    "load_checkpoint",
-    "load_weights",
-    "load_model",
-    "resolve_checkpoint",
-    "list_checkpoints",
-    "atomic_write_bytes",
-    "atomic_write_text",
+    "LR_SCHEDULES",
     "METRICS_FILE",
     "MIXED_PRECISION",
-    "LR_SCHEDULES",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainSummary",
+    "Trainer",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "load_weights",
+    "lr_factor",
+    "resolve_checkpoint",
 ]

@@ -35,16 +35,16 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "CheckpointError",
-    "load_checkpoint",
-    "load_weights",
-    "load_model",
-    "resolve_checkpoint",
-    "list_checkpoints",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "load_weights",
+    "resolve_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "flowdiff-checkpoint"
@@ -108,7 +108,10 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
-    _atomic_write(Path(path), lambda temporary: temporary.write_bytes(data))
+    def write(temporary: Path) -> None:
+        temporary.write_bytes(data)
+
+    _atomic_write(Path(path), write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

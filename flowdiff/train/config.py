@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "MIXED_PRECISION", "LR_SCHEDULES"]
+__all__ = ["LR_SCHEDULES", "MIXED_PRECISION", "TrainConfig"]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 """Values of :attr:`TrainConfig.mixed_precision`; ``"bf16"``/``"fp16"`` need a CUDA device."""

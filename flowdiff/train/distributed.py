@@ -88,7 +88,7 @@ def setup_distributed(device_type: str) -> DistributedContext:
         return DistributedContext(
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),
-            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         )
     world_size = _environment_world_size()
     if world_size <= 1:
@@ -100,7 +100,7 @@ def setup_distributed(device_type: str) -> DistributedContext:
             raise RuntimeError(
                 f"WORLD_SIZE={world_size} is set but {name} is not; launch with torchrun or accelerate launch"
             )
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
         backend = "nccl"

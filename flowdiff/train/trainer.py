@@ -30,7 +30,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -60,7 +62,7 @@ from flowdiff.train.checkpoint import (
 from flowdiff.train.config import TrainConfig
 from flowdiff.train.distributed import DistributedContext, setup_distributed
 
-__all__ = ["Trainer", "TrainSummary", "NonFiniteLossError", "lr_factor", "METRICS_FILE"]
+__all__ = ["METRICS_FILE", "NonFiniteLossError", "TrainSummary", "Trainer", "lr_factor"]
 
 logger = logging.getLogger("flowdiff.train")
 
@@ -113,6 +115,7 @@ class TrainSummary:
         checkpoint: the last checkpoint folder written, or ``None``.
         output_dir: the run's folder.
         world_size: number of data-parallel processes.
+        interrupted: the run stopped early on SIGTERM/SIGINT (after a checkpoint of the last update).
     """
 
     step: int
@@ -126,6 +129,7 @@ class TrainSummary:
     checkpoint: Path | None
     output_dir: Path
     world_size: int
+    interrupted: bool = False
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant", min_lr_ratio: float = 0.0) -> float:
@@ -165,7 +169,7 @@ def _resolve_device(name: str, local_rank: int, distributed: bool) -> torch.devi
 
 
 def _process_rng_state(device: torch.device) -> dict[str, Any]:
-    numpy_state = np.random.get_state()
+    numpy_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -412,8 +416,8 @@ class Trainer:
 
         # ---- optimisation ------------------------------------------------------------------
         if optimizer is None:
-            # foreach=True: one call per update for all tensors, also on CPU where torch's default
-            # is a Python loop over the parameters (1.5× slower steps for small networks).
+            # foreach=True: multi-tensor kernels also on CPU, where torch's default is a Python
+            # loop over the parameters (measured 1.6× slower optimizer steps for a small MLP).
             optimizer = torch.optim.AdamW(
                 self._params,
                 lr=config.lr,
@@ -442,6 +446,7 @@ class Trainer:
         # ---- bookkeeping -------------------------------------------------------------------
         self.step = 0
         self._last_lr = float("nan")
+        self._stop_requested = self._stop_agreed = False
         self.last_checkpoint: Path | None = None
         self._model_config = _describe_model(model, model_config)
         self._extra_config = _json_config(extra_config or {})
@@ -483,12 +488,11 @@ class Trainer:
                 logger.info("resume=True but %s holds no checkpoint: starting a new run", self.output_dir)
                 if self.dist.is_main:
                     self._truncate_metrics(0)  # records of a run killed before its first checkpoint
-        elif list_checkpoints(self.output_dir) or (self.output_dir / METRICS_FILE).exists():
-            if not overwrite:
-                raise FileExistsError(
-                    f"{self.output_dir} already holds a training run; pass resume=True to continue it "
-                    f"or overwrite=True to start over"
-                )
+        elif not overwrite and (list_checkpoints(self.output_dir) or (self.output_dir / METRICS_FILE).exists()):
+            raise FileExistsError(
+                f"{self.output_dir} already holds a training run; pass resume=True to continue it "
+                f"or overwrite=True to start over"
+            )
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_temporary_files(self.output_dir)
@@ -700,12 +704,19 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.config.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
+        # Every process sees the same mean loss and the same verdict on finiteness (all-reduced below).
         stats = torch.stack([total.float() / accum, grad_norm.float().to(total.device)])  # type: ignore[union-attr]
         if self.dist.enabled:
-            # Every process sees the same mean loss and the same verdict on finiteness.
+            # The stop request (SIGTERM/SIGINT) travels with the statistics, so that every process
+            # stops after the same update even if the signal reached them at different moments.
+            stats = torch.cat([stats, stats.new_tensor([1.0 if self._stop_requested else 0.0])])
             self.dist.all_reduce_sum(stats)
-            stats /= self.dist.world_size
-        loss_value, grad_value = stats.tolist()
+            loss_value, grad_value, stop = stats.tolist()
+            loss_value, grad_value = loss_value / self.dist.world_size, grad_value / self.dist.world_size
+            self._stop_agreed = stop > 0
+        else:
+            loss_value, grad_value = stats.tolist()
+            self._stop_agreed = self._stop_requested
         step = self.step + 1
         if not math.isfinite(loss_value) or (not math.isfinite(grad_value) and self.scaler is None):
             self.optimizer.zero_grad(set_to_none=True)
@@ -733,7 +744,7 @@ class Trainer:
             if step <= self.config.ema_start or not averaged[0].is_floating_point():
                 torch._foreach_copy_(averaged, current)
             else:
-                self.ema.multi_avg_fn(averaged, current, None)  # type: ignore[misc]
+                self.ema.multi_avg_fn(averaged, current, self.ema.n_averaged)  # type: ignore[misc]
         self.ema.n_averaged += 1
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -744,7 +755,8 @@ class Trainer:
     def _open_logs(self) -> None:
         if not self.dist.is_main:
             return
-        self._metrics_file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")
+        # Kept open for the whole fit() (closed in its ``finally``): one flushed line per record.
+        self._metrics_file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         if self.config.tensorboard and self._tensorboard is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -768,11 +780,27 @@ class Trainer:
             for key in ("loss", "lr", "grad_norm", "it_per_s"):
                 self._tensorboard.add_scalar(f"train/{key}", record[key], record["step"])
 
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Make SIGTERM and SIGINT request a clean stop; returns the handlers to restore."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            self._stop_requested = True
+            logger.warning("received %s: stopping after this update, with a checkpoint", signal.Signals(signum).name)
+
+        previous: dict[int, Any] = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, request_stop)
+        return previous
+
     def _progress_bar(self, start: int) -> Any:
         if not (self.progress and self.dist.is_main and sys.stderr.isatty()):
             return None
         try:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # type: ignore[import-untyped]
         except ImportError:
             return None
         return tqdm(total=self.config.steps, initial=start, unit="step", dynamic_ncols=True, desc="train")
@@ -783,11 +811,18 @@ class Trainer:
         Returns:
             A :class:`TrainSummary`.
 
+        SIGTERM (what schedulers send before preempting a job) or a first Ctrl-C stop the run
+        cleanly after the current update, with a checkpoint; re-running with ``resume=True``
+        continues it exactly. A second Ctrl-C interrupts at once.
+
         Raises:
             NonFiniteLossError: the loss or gradient norm became non-finite (the weights and the
                 last checkpoint are those of the last good step).
         """
         config = self.config
+        self._stop_requested = self._stop_agreed = False
+        interrupted = False
+        previous_handlers = self._install_signal_handlers()
         start_step = self.step
         start = time.perf_counter()
         final_loss = recent_loss = float("nan")
@@ -833,11 +868,19 @@ class Trainer:
                             callback(self, record)
                     window_start, window_steps, window_loss, window_grad = now, 0, 0.0, 0.0
                 due = config.checkpoint_every is not None and self.step % config.checkpoint_every == 0
-                if due or self.step == config.steps:
+                # One process acts on its own flag at once; several wait for the all-reduced one.
+                stop = self._stop_agreed or (self._stop_requested and not self.dist.enabled)
+                if due or self.step == config.steps or stop:
                     saving = time.perf_counter()
                     self.save_checkpoint()
                     checkpoint_time += time.perf_counter() - saving
+                if stop and self.step < config.steps:
+                    interrupted = True
+                    logger.warning("stopped at step %d on request; checkpoint %s", self.step, self.last_checkpoint)
+                    break
         finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             if bar is not None:
                 bar.close()
             self._close_logs()
@@ -857,4 +900,5 @@ class Trainer:
             checkpoint=self.last_checkpoint,
             output_dir=self.output_dir,
             world_size=self.dist.world_size,
+            interrupted=interrupted,
         )
