@@ -36,23 +36,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "Coupling",
-    "Independent",
-    "MinibatchOT",
-    "LabelledPairs",
     "COUPLINGS",
     "OT_METHODS",
-    "available_couplings",
-    "make_coupling",
-    "squared_distances",
-    "sinkhorn_plan",
     "SINKHORN_BACKENDS",
+    "Coupling",
+    "Independent",
+    "LabelledPairs",
+    "MinibatchOT",
+    "available_couplings",
+    "coupling_from_config",
+    "make_coupling",
+    "sinkhorn_plan",
+    "squared_distances",
 ]
 
 #: Names accepted by :func:`make_coupling` (the CLI's ``--coupling``).
@@ -139,7 +139,7 @@ def sinkhorn_plan(cost: Tensor, reg: float, max_iter: int = 1000, tol: float = 1
     return torch.exp((f[:, None] + g[None, :] - cost) / reg)
 
 
-def _check_batch(x0: Tensor, x1: Tensor, y: Optional[Tensor], same_size: bool = False) -> None:
+def _check_batch(x0: Tensor, x1: Tensor, y: Tensor | None, same_size: bool = False) -> None:
     if not isinstance(x0, Tensor) or not isinstance(x1, Tensor):
         raise TypeError(f"x0 and x1 must be torch.Tensors, got {type(x0).__name__} and {type(x1).__name__}")
     if x0.ndim == 0 or x1.ndim == 0:
@@ -334,7 +334,7 @@ class MinibatchOT(Coupling):
     def _assignment(cost: Tensor) -> tuple[Tensor, Tensor]:
         """Optimal permutation for a square cost: returns ``(i0, i1)`` with ``i1 = 0..B-1``."""
         try:
-            from scipy.optimize import linear_sum_assignment
+            from scipy.optimize import linear_sum_assignment  # type: ignore[import-untyped]
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError(
                 "MinibatchOT(method='exact') needs scipy: pip install scipy (or flowdiff[train])"
@@ -363,7 +363,7 @@ def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
 
 def _import_pot():
     try:
-        import ot  # POT: Python Optimal Transport
+        import ot  # type: ignore[import-untyped]  # POT: Python Optimal Transport
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "this coupling needs POT (Python Optimal Transport): pip install POT (or flowdiff[train])"
@@ -488,3 +488,16 @@ def make_coupling(name: str, *, reg: float = 0.05, replace: bool = False) -> Cou
         return Independent()
     inner = MinibatchOT("sinkhorn" if name.endswith("sinkhorn") else "exact", reg=reg, replace=replace)
     return LabelledPairs(inner) if name.startswith("labelled") else inner
+
+
+def coupling_from_config(config: dict) -> Coupling:
+    """Rebuild a coupling from the dict written by its ``config()`` method."""
+    cfg = dict(config)
+    name = cfg.pop("name", None)
+    if name == "Independent":
+        return Independent()
+    if name == "MinibatchOT":
+        return MinibatchOT(**cfg)
+    if name == "LabelledPairs":
+        return LabelledPairs(coupling_from_config(cfg["coupling"]))
+    raise ValueError(f"unknown coupling config name {name!r}; valid: Independent, MinibatchOT, LabelledPairs")

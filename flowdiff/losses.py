@@ -28,16 +28,13 @@ each other, so an error :math:`\Delta\hat x` of the data prediction is an error 
 other prediction by an exact factor (:math:`\mathrm{SNR} = \alpha^2/\sigma^2 = e^{2\lambda}`,
 :math:`\dot\lambda = \dot\alpha/\alpha - \dot\sigma/\sigma`):
 
-============  =====================================  ==========================================
-prediction    error                                  :math:`k_p = \lVert\Delta p\rVert^2/\lVert\Delta\hat x\rVert^2`
-============  =====================================  ==========================================
-data          :math:`\Delta\hat x`                    1
-noise         :math:`-(\alpha/\sigma)\Delta\hat x`    :math:`\mathrm{SNR} = \alpha^2/\sigma^2`
-score         :math:`(\alpha/\sigma^2)\Delta\hat x`   :math:`\alpha^2/\sigma^4`
-v             :math:`-((\alpha^2+\sigma^2)/\sigma)\Delta\hat x`  :math:`(\alpha^2+\sigma^2)^2/\sigma^2`
-velocity      :math:`\alpha\dot\lambda\,\Delta\hat x`  :math:`\alpha^2\dot\lambda^2`
-============  =====================================  ==========================================
+* data: :math:`\Delta\hat x`, so :math:`k_{data} = 1`;
+* noise: :math:`-(\alpha/\sigma)\Delta\hat x`, :math:`k_{noise} = \mathrm{SNR} = \alpha^2/\sigma^2`;
+* score: :math:`(\alpha/\sigma^2)\Delta\hat x`, :math:`k_{score} = \alpha^2/\sigma^4`;
+* v: :math:`-((\alpha^2+\sigma^2)/\sigma)\Delta\hat x`, :math:`k_v = (\alpha^2+\sigma^2)^2/\sigma^2`;
+* velocity: :math:`\alpha\dot\lambda\,\Delta\hat x`, :math:`k_{velocity} = \alpha^2\dot\lambda^2`,
 
+where :math:`k_p = \lVert\Delta p\rVert^2/\lVert\Delta\hat x\rVert^2` (:func:`error_scale`)
 (from :math:`x = \alpha\hat x + \sigma\hat\varepsilon` held fixed: :math:`\Delta\hat\varepsilon = -(\alpha/\sigma)\Delta\hat x`,
 :math:`\Delta u = \dot\alpha\Delta\hat x + \dot\sigma\Delta\hat\varepsilon = \alpha\dot\lambda\Delta\hat x`,
 :math:`\Delta v = \alpha\Delta\hat\varepsilon - \sigma\Delta\hat x`, :math:`\Delta s = -\Delta\hat\varepsilon/\sigma`). The
@@ -49,15 +46,13 @@ same factors relate the residuals to the conditional targets, since the targets 
 (EDM) — and applied to a model of prediction ``p`` as :math:`w_p = w_{data}/k_p`. The same
 model error then gets the same loss whatever the network outputs:
 
-=============  =========================================  ===========================================
-name           :math:`w_{data}(t)`                          equivalently, on the noise MSE
-=============  =========================================  ===========================================
-``snr``        :math:`\mathrm{SNR}`                          1 (Ho et al. 2020's ε-loss)
-``min-snr``    :math:`\min(\mathrm{SNR}, \gamma)`             :math:`\min(1, \gamma/\mathrm{SNR})`
-``edm``        :math:`(\tilde\sigma^2+\sigma_d^2)/(\tilde\sigma\sigma_d)^2`, :math:`\tilde\sigma = \sigma/\alpha`   :math:`(\tilde\sigma^2+\sigma_d^2)/\sigma_d^2`
-``likelihood`` :math:`2\dot\lambda\,\mathrm{SNR} = \tfrac{d}{dt}\mathrm{SNR}`  :math:`2\dot\lambda`; on the score MSE :math:`g^2 = 2\sigma^2\dot\lambda`
-``none``       — (unit weight on the model's *own* MSE)    depends on the prediction
-=============  =========================================  ===========================================
+* ``snr``: :math:`w_{data} = \mathrm{SNR}`; on the noise MSE 1 (Ho et al. 2020's ε-loss);
+* ``min-snr``: :math:`w_{data} = \min(\mathrm{SNR}, \gamma)`; on the noise MSE :math:`\min(1, \gamma/\mathrm{SNR})`;
+* ``edm``: :math:`w_{data} = (\tilde\sigma^2+\sigma_d^2)/(\tilde\sigma\sigma_d)^2` with
+  :math:`\tilde\sigma = \sigma/\alpha`; on the noise MSE :math:`(\tilde\sigma^2+\sigma_d^2)/\sigma_d^2`;
+* ``likelihood``: :math:`w_{data} = 2\dot\lambda\,\mathrm{SNR} = \tfrac{d}{dt}\mathrm{SNR}`; on the noise
+  MSE :math:`2\dot\lambda`; on the score MSE :math:`g^2 = 2\sigma^2\dot\lambda`;
+* ``none``: unit weight on the model's *own* MSE (so, alone among them, it depends on the prediction).
 
 * min-SNR-γ (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"):
   the paper writes the weight on the x₀ loss; γ = 5 by default. For ε-prediction this is
@@ -114,8 +109,9 @@ path's safe interval ``[t_min, t_max]``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -126,32 +122,34 @@ from .paths import PREDICTIONS, GaussianPath, StochasticInterpolant
 from .paths.interpolants import INTERPOLANT_TARGETS
 
 __all__ = [
-    "LossOutput",
-    "GaussianPathLoss",
-    "InterpolantLoss",
-    "TimeSampler",
-    "UniformTime",
-    "LogitNormalTime",
+    "OBJECTIVES",
+    "TIME_SAMPLERS",
+    "WEIGHTINGS",
+    "CustomWeighting",
     "EDMTime",
+    "EDMWeighting",
+    "GaussianPathLoss",
     "ImportanceTime",
-    "Weighting",
+    "InterpolantLoss",
+    "LikelihoodWeighting",
+    "LogitNormalTime",
+    "LossOutput",
+    "MinSNRWeighting",
     "NoWeighting",
     "SNRWeighting",
-    "MinSNRWeighting",
-    "EDMWeighting",
-    "LikelihoodWeighting",
-    "CustomWeighting",
-    "error_scale",
-    "make_weighting",
-    "make_time_sampler",
-    "available_weightings",
-    "available_time_samplers",
-    "available_predictions",
+    "TimeSampler",
+    "UniformTime",
+    "Weighting",
     "available_interpolant_targets",
     "available_objectives",
-    "WEIGHTINGS",
-    "TIME_SAMPLERS",
-    "OBJECTIVES",
+    "available_predictions",
+    "available_time_samplers",
+    "available_weightings",
+    "error_scale",
+    "loss_from_config",
+    "make_time_sampler",
+    "make_weighting",
+    "time_sampler_from_config",
 ]
 
 #: Named weightings (see the module docstring for their definition on the data MSE).
@@ -247,6 +245,10 @@ class TimeSampler:
     ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError  # pragma: no cover - interface
 
+    def config(self) -> dict:
+        """A JSON-serialisable description (see :func:`time_sampler_from_config`)."""
+        raise TypeError(f"{type(self).__name__} has no config; give it a config() method to record it in checkpoints")
+
     @staticmethod
     def _check_n(n: int) -> int:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -263,7 +265,16 @@ class UniformTime(TimeSampler):
     def __repr__(self) -> str:
         return f"UniformTime(t_min={self.t_min!r}, t_max={self.t_max!r})"
 
-    def sample(self, n, generator=None, dtype=None, device=None):
+    def config(self) -> dict:
+        return {"name": "uniform", "t_min": self.t_min, "t_max": self.t_max}
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor]:
         n = self._check_n(n)
         dtype = dtype or torch.get_default_dtype()
         u = torch.rand(n, generator=generator, dtype=dtype, device=device)
@@ -287,7 +298,16 @@ class LogitNormalTime(TimeSampler):
     def __repr__(self) -> str:
         return f"LogitNormalTime(mean={self.mean!r}, std={self.std!r})"
 
-    def sample(self, n, generator=None, dtype=None, device=None):
+    def config(self) -> dict:
+        return {"name": "logit-normal", "mean": self.mean, "std": self.std}
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor]:
         n = self._check_n(n)
         dtype = dtype or torch.get_default_dtype()
         z = torch.randn(n, generator=generator, dtype=dtype, device=device)
@@ -314,7 +334,17 @@ class EDMTime(TimeSampler):
     def __repr__(self) -> str:
         return f"EDMTime({self.path!r}, p_mean={self.p_mean!r}, p_std={self.p_std!r})"
 
-    def sample(self, n, generator=None, dtype=None, device=None):
+    def config(self) -> dict:
+        # The path is recorded by the loss that owns the sampler.
+        return {"name": "edm", "p_mean": self.p_mean, "p_std": self.p_std}
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor]:
         n = self._check_n(n)
         dtype = dtype or torch.get_default_dtype()
         log_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, dtype=dtype, device=device)
@@ -380,6 +410,10 @@ class ImportanceTime(TimeSampler):
     def __repr__(self) -> str:
         return f"ImportanceTime(num_points={self._grid.numel()}, t_min={self.t_min!r}, t_max={self.t_max!r})"
 
+    def config(self) -> dict:
+        # The normalised table defines q exactly, so it rebuilds the same sampler.
+        return {"name": "importance", "values": self._values.tolist(), "t_min": self.t_min, "t_max": self.t_max}
+
     def density(self, t: Tensor) -> Tensor:
         """The normalised sampling density :math:`q(t)` (piecewise linear), same shape as ``t``."""
         t64 = torch.as_tensor(t, dtype=torch.float64).cpu()
@@ -397,7 +431,13 @@ class ImportanceTime(TimeSampler):
         qa, qb = self._values[k], self._values[k + 1]
         return self._cum[k] + qa * u + 0.5 * (qb - qa) / self._h * u * u
 
-    def sample(self, n, generator=None, dtype=None, device=None):
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor]:
         n = self._check_n(n)
         dtype = dtype or torch.get_default_dtype()
         r = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
@@ -436,8 +476,27 @@ def make_time_sampler(
     if sampler == "logit-normal":
         return LogitNormalTime()
     if not isinstance(path, GaussianPath):
-        raise ValueError("time_sampler='edm' needs a GaussianPath (noise levels σ/α); valid here: uniform, logit-normal")
+        raise ValueError(  # noqa: TRY004 - the name is what is wrong here, not the path's type
+            "time_sampler='edm' needs a GaussianPath (noise levels σ/α); valid here: uniform, logit-normal"
+        )
     return EDMTime(path)
+
+
+def time_sampler_from_config(config: dict, path: GaussianPath | StochasticInterpolant | None = None) -> TimeSampler:
+    """Rebuild a time sampler from its :meth:`~TimeSampler.config` (``path`` is needed for ``"edm"``)."""
+    cfg = dict(config)
+    name = cfg.pop("name", None)
+    if name == "uniform":
+        return UniformTime(**cfg)
+    if name == "logit-normal":
+        return LogitNormalTime(**cfg)
+    if name == "importance":
+        return ImportanceTime(cfg.pop("values"), **cfg)
+    if name == "edm":
+        if not isinstance(path, GaussianPath):
+            raise ValueError("an 'edm' time sampler config needs the GaussianPath it samples for")
+        return EDMTime(path, **cfg)
+    raise ValueError(f"unknown time sampler config name {name!r}; valid: uniform, logit-normal, importance, edm")
 
 
 # =========================================================================================
@@ -491,6 +550,10 @@ class Weighting:
     def __call__(self, path: GaussianPath, t: Tensor, prediction: str) -> Tensor:
         return self.weight(path, t, prediction)
 
+    def config(self) -> dict:
+        """A JSON-serialisable description (see :func:`make_weighting`, which accepts it back)."""
+        return {"name": self.name}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -540,6 +603,9 @@ class MinSNRWeighting(Weighting):
     def __repr__(self) -> str:
         return f"MinSNRWeighting(gamma={self.gamma!r})"
 
+    def config(self) -> dict:
+        return {"name": self.name, "gamma": self.gamma}
+
     def data_weight(self, path: GaussianPath, t: Tensor) -> Tensor:
         a, s, _ = _coefficients(path, t)
         return torch.clamp((a / s) ** 2, max=self.gamma)
@@ -560,6 +626,9 @@ class EDMWeighting(Weighting):
 
     def __repr__(self) -> str:
         return f"EDMWeighting(sigma_data={self.sigma_data!r})"
+
+    def config(self) -> dict:
+        return {"name": self.name, "sigma_data": self.sigma_data}
 
     def data_weight(self, path: GaussianPath, t: Tensor) -> Tensor:
         a, s, _ = _coefficients(path, t)
@@ -586,7 +655,7 @@ class LikelihoodWeighting(Weighting):
         # Closed forms per prediction (fewer roundings than w_data / k_p).
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
-        a, s, dl = _coefficients(path, t)
+        _, s, dl = _coefficients(path, t)
         if prediction == "noise":
             return 2 * dl
         if prediction == "score":
@@ -616,6 +685,9 @@ class CustomWeighting(Weighting):
     def __repr__(self) -> str:
         return f"CustomWeighting({getattr(self.fn, '__name__', 'fn')}, reference={self.reference!r})"
 
+    def config(self) -> dict:
+        raise TypeError("a CustomWeighting holds a Python callable and cannot be written to a config")
+
     def _fn(self, t: Tensor) -> Tensor:
         w = torch.as_tensor(self.fn(t), dtype=t.dtype, device=t.device)
         if w.ndim == 0:
@@ -637,13 +709,19 @@ class CustomWeighting(Weighting):
         return self._fn(t) * error_scale(path, t, self.reference) / error_scale(path, t, prediction)
 
 
-WeightingLike = Union[str, Weighting, Callable[[Tensor], Tensor]]
+WeightingLike = Union[str, dict, Weighting, Callable[[Tensor], Tensor]]  # noqa: UP007 - a runtime alias
 
 
 def make_weighting(weighting: WeightingLike, *, gamma: float = 5.0, sigma_data: float = 0.5) -> Weighting:
-    """A :class:`Weighting` from a name (:data:`WEIGHTINGS`), an instance, or a callable on the data MSE."""
+    """A :class:`Weighting` from a name (:data:`WEIGHTINGS`), its ``config()`` dict, an instance, or a callable on the data MSE."""
     if isinstance(weighting, Weighting):
         return weighting
+    if isinstance(weighting, dict):  # a Weighting.config()
+        cfg = dict(weighting)
+        name = cfg.pop("name", None)
+        if name not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {name!r}; valid: {', '.join(WEIGHTINGS)}")
+        return make_weighting(name, gamma=cfg.get("gamma", gamma), sigma_data=cfg.get("sigma_data", sigma_data))
     if isinstance(weighting, str):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)} or a callable")
@@ -777,6 +855,17 @@ class GaussianPathLoss:
         return (f"GaussianPathLoss({self.path!r}, prediction={self.prediction!r}, weighting={self.weighting!r}, "
                 f"time_sampler={self.time_sampler!r})")
 
+    def config(self) -> dict:
+        """A JSON-serialisable description; :func:`loss_from_config` rebuilds the loss from it."""
+        return {
+            "name": "GaussianPathLoss",
+            "path": self.path.config(),
+            "prediction": self.prediction,
+            "weighting": self.weighting.config(),
+            "time_sampler": self.time_sampler.config(),
+            "coupling": None if self.coupling is None else self.coupling.config(),
+        }
+
     def weight(self, t: Tensor) -> Tensor:
         """The weighting :math:`w_p(t)` on this loss's prediction MSE (no importance weight)."""
         return self.weighting.weight(self.path, t, self.prediction)
@@ -896,6 +985,18 @@ class InterpolantLoss:
         return (f"InterpolantLoss({self.interpolant!r}, target={self.target!r}, antithetic={self.antithetic!r}, "
                 f"objective={self.objective!r}, time_sampler={self.time_sampler!r})")
 
+    def config(self) -> dict:
+        """A JSON-serialisable description; :func:`loss_from_config` rebuilds the loss from it."""
+        return {
+            "name": "InterpolantLoss",
+            "interpolant": self.interpolant.config(),
+            "target": self.target,
+            "antithetic": self.antithetic,
+            "objective": self.objective,
+            "time_sampler": self.time_sampler.config(),
+            "coupling": None if self.coupling is None else self.coupling.config(),
+        }
+
     def __call__(
         self,
         model: Model,
@@ -955,3 +1056,31 @@ class InterpolantLoss:
         if self.target == "score":
             return -sign * x0 / a0
         return sign * d0 * x0 + d1 * x1
+
+
+def loss_from_config(config: dict) -> GaussianPathLoss | InterpolantLoss:
+    """Rebuild a loss from the dict written by its ``config()`` method (e.g. from a checkpoint)."""
+    from .couplings import coupling_from_config
+    from .paths import path_from_config
+
+    cfg = dict(config)
+    name = cfg.pop("name", None)
+    coupling = None if cfg.get("coupling") is None else coupling_from_config(cfg["coupling"])
+    if name == "GaussianPathLoss":
+        path = path_from_config(cfg["path"])
+        if not isinstance(path, GaussianPath):
+            raise ValueError(f"a GaussianPathLoss config needs a Gaussian path, got {cfg['path'].get('name')!r}")
+        return GaussianPathLoss(
+            path, cfg["prediction"], make_weighting(cfg["weighting"]),
+            time_sampler_from_config(cfg["time_sampler"], path), coupling=coupling,
+        )
+    if name == "InterpolantLoss":
+        interpolant = path_from_config(cfg["interpolant"])
+        if not isinstance(interpolant, StochasticInterpolant):
+            raise ValueError("an InterpolantLoss config needs a StochasticInterpolant")
+        return InterpolantLoss(
+            interpolant, cfg["target"], antithetic=cfg["antithetic"],
+            time_sampler=time_sampler_from_config(cfg["time_sampler"], interpolant),
+            objective=cfg["objective"], coupling=coupling,
+        )
+    raise ValueError(f"unknown loss config name {name!r}; valid: GaussianPathLoss, InterpolantLoss")

@@ -223,6 +223,10 @@ def test_labelled_pairs_multidimensional_labels() -> None:
     y = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1], [1, 0], [0, 1]])
     p0, p1, py = LabelledPairs().pair(x0, x1, y, torch.Generator().manual_seed(0))
     assert torch.equal(p1, x1) and torch.equal(py, y)
+    assert row_set(p0) == row_set(x0)
+    for label in ([1, 0], [0, 1]):
+        rows = (y == torch.tensor(label)).all(1)
+        assert pair_cost(p0[rows], p1[rows]) == pytest.approx(brute_force_cost(p0[rows], p1[rows]), rel=1e-12)
 
 
 # --- independent, registry, errors -------------------------------------------------------------
@@ -242,6 +246,16 @@ def test_make_coupling_builds_every_name() -> None:
         p0, p1, py = c.pair(x0, x1, y, torch.Generator().manual_seed(0))
         assert p0.shape == x0.shape and py.shape == y.shape
         torch.testing.assert_close(p1, x1[torch.tensor([int(torch.nonzero((x1 == r).all(1)).item()) for r in p1])])
+
+
+def test_config_round_trip() -> None:
+    from flowdiff.couplings import coupling_from_config
+
+    for coupling in (Independent(), MinibatchOT("sinkhorn", reg=0.3, replace=True), LabelledPairs(MinibatchOT())):
+        rebuilt = coupling_from_config(coupling.config())
+        assert type(rebuilt) is type(coupling) and rebuilt.config() == coupling.config()
+    with pytest.raises(ValueError, match="unknown coupling config name"):
+        coupling_from_config({"name": "Greedy"})
 
 
 def test_errors_name_the_bad_value() -> None:
