@@ -21,7 +21,7 @@ PATH = fd.paths.Discrete.linear()
 MEAN = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
 SCALES = torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64)
 GAUSS = fd.testing.GaussianMixture(MEAN[None], scales=SCALES[None], path=PATH)
-X0 = PATH.prior_sample((32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+X0 = PATH.prior_sample((16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 # solvers that need extra inputs (DPM-Solver-v3's statistics) have their own tests
 EXPONENTIAL = [n for n in available("exponential") if not get_solver(n).required_options and n != "dpm-solver-v3"]
 

@@ -25,7 +25,7 @@ MEAN = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
 SCALES = torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64)
 GAUSS = fd.testing.GaussianMixture(MEAN[None], scales=SCALES[None], path=VP)
 FIELD = fd.Field(GAUSS.model("noise"), VP, "noise")
-X0 = VP.prior_sample((32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+X0 = VP.prior_sample((16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
 def flow_map(x: torch.Tensor, s: float, t: float, alpha, sigma, mean=MEAN, scales=SCALES) -> torch.Tensor:
@@ -47,10 +47,13 @@ def rms_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 # ----- orders --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver,order", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
-@pytest.mark.parametrize("space", ["t", "sigma"])
+@pytest.mark.parametrize(
+    "solver,order,space",
+    [("euler", 1, "t"), ("midpoint", 2, "t"), ("heun", 2, "t"), ("rk4", 4, "t"),
+     ("euler", 1, "sigma"), ("heun", 2, "sigma"), ("rk4", 4, "sigma")],
+)
 def test_convergence_order(solver: str, order: int, space: str) -> None:
-    steps = [16, 32, 64]
+    steps = [8, 16, 32] if solver == "rk4" else [16, 32, 64]
     errors = []
     for n in steps:
         res = sample(FIELD, X0, solver=solver, grid=make_grid(VP, "logsnr", n), denoise_final=False, space=space)
