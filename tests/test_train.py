@@ -266,6 +266,23 @@ def test_learning_rate_warmup_and_cosine_values(tmp_path: Path) -> None:
     assert lr_factor(2, 4, 10, "constant") == 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_clipping_matches_its_formula(dtype: torch.dtype) -> None:
+    from flowdiff.train.trainer import _clip_gradients
+
+    generator = torch.Generator().manual_seed(3)
+    grads = [torch.randn(shape, generator=generator, dtype=dtype) for shape in [(4, 3), (3,), (2, 2, 2)]]
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    clipped = [g.clone() for g in grads]
+    assert float(_clip_gradients(clipped, 0.5)) == pytest.approx(norm, rel=1e-6)
+    for before, after in zip(grads, clipped):  # g ← g · c / (‖g‖ + 1e-6)
+        torch.testing.assert_close(after, before * (0.5 / (norm + 1e-6)))
+    unclipped = [g.clone() for g in grads]
+    assert float(_clip_gradients(unclipped, 10 * norm)) == pytest.approx(norm, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(unclipped, grads))
+    assert float(_clip_gradients([g.clone() for g in grads], None)) == pytest.approx(norm, rel=1e-6)
+
+
 class _PoisonedLoss:
     """The real loss, made non-finite (in value or in gradient only) from a given call on."""
 
@@ -332,6 +349,19 @@ def test_crash_before_rename_leaves_previous_checkpoint_and_no_partial_files(
     assert trainer.step == 2
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
     assert trainer.fit().step == 6
+
+
+def test_a_missing_or_stale_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    # A crash between a checkpoint folder's rename and the update of ``latest`` leaves ``latest``
+    # absent (first checkpoint) or one checkpoint behind: the complete newest folder is used.
+    config = _config(tmp_path, steps=4, checkpoint_every=2)
+    Trainer(_model(), _loss(), _data(), config, progress=False).fit()
+    root = Path(config.output_dir) / "checkpoints"
+    atomic_write_text(root / "latest", "step_00000002\n")
+    assert load_checkpoint(config.output_dir)[2]["step"] == 4
+    (root / "latest").unlink()
+    assert load_checkpoint(config.output_dir)[2]["step"] == 4
+    assert Trainer(_model(), _loss(), _data(), config.replace(steps=6), resume=True, progress=False).step == 4
 
 
 def test_atomic_write_keeps_old_content_when_the_rename_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

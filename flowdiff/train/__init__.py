@@ -11,13 +11,19 @@
 Example::
 
     import flowdiff as fd
-    from flowdiff.train import Trainer, TrainConfig
+    from flowdiff.train import TrainConfig, Trainer, load_model
 
     data = fd.data.load_dataset("moons")
-    model = fd.nn.build_network("mlp", data.shape)
+    spec = {"name": "mlp", "data_shape": list(data.shape), "kwargs": {"hidden": 128, "depth": 3}}
+    model = fd.nn.build_network(spec["name"], data.shape, **spec["kwargs"])
     loss = fd.losses.GaussianPathLoss(fd.paths.Linear(), prediction="velocity")
-    summary = Trainer(model, loss, data, TrainConfig(steps=2000, output_dir="runs/moons")).fit()
-    ema = fd.train.load_model("runs/moons")   # needs model_config=...; or load_weights(net, "runs/moons")
+    config = TrainConfig(steps=2000, batch_size=256, warmup_steps=100, output_dir="runs/moons")
+    summary = Trainer(model, loss, data, config, model_config=spec, resume=True).fit()
+    ema = load_model("runs/moons")          # the EMA network, ready for fd.Field(ema, path, "velocity")
+
+The same script trains data-parallel under ``torchrun --nproc_per_node 2 script.py`` or
+``accelerate launch --multi_gpu --num_processes 2 script.py``; re-running it after a kill
+(SIGKILL included) continues from the last checkpoint to the same weights.
 """
 
 from flowdiff.train.checkpoint import (

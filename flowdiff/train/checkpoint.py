@@ -192,7 +192,10 @@ def save_checkpoint(
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     """The complete checkpoint folders of ``output_dir`` as ``(step, folder)``, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
+    return _step_folders(Path(output_dir) / CHECKPOINTS_DIR)
+
+
+def _step_folders(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     found = []
@@ -246,7 +249,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder that ``path`` designates.
 
     ``path`` may be a checkpoint folder (holding ``config.json``), a run's ``output_dir`` or its
-    ``checkpoints`` folder (the checkpoint named by ``latest`` is taken).
+    ``checkpoints`` folder: then the newest checkpoint is taken. It is the one ``latest`` names,
+    except after a crash between a checkpoint's rename and the update of ``latest`` — a
+    ``step_*`` folder only ever appears complete (atomic rename), so the newest one is used.
 
     Raises:
         CheckpointError: nothing usable at ``path``.
@@ -262,11 +267,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / CONFIG_FILE).exists() or (path / MODEL_FILE).exists():
         return path
     for root in (path / CHECKPOINTS_DIR, path):
+        folders = _step_folders(root)
+        if folders:
+            return folders[-1][1]
         if (root / LATEST_FILE).exists():
-            name = _read_latest(root)
-            if name is None or not (root / name).is_dir():
-                raise CheckpointError(f"{root / LATEST_FILE} names a missing checkpoint {name!r}")
-            return root / name
+            raise CheckpointError(f"{root / LATEST_FILE} names {_read_latest(root)!r} but {root} holds no checkpoint")
     raise CheckpointError(f"no checkpoint in {path} (expected {CONFIG_FILE} or {CHECKPOINTS_DIR}/{LATEST_FILE})")
 
 
