@@ -81,7 +81,7 @@ def train(
     output: Path = typer.Option(Path("runs/train"), "--output", "-o", help="Output folder for checkpoints and metrics.jsonl."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the data split, batches and noise."),
     weighting: str = typer.Option("none", "--weighting", help="Loss weighting: none, snr, min-snr, edm, likelihood."),
-    time_sampler: str = typer.Option("uniform", "--time-sampler", help="Training time distribution: uniform or logit-normal."),
+    time_sampler: str = typer.Option("uniform", "--time-sampler", help="Training time distribution: uniform, logit-normal or edm (EDM's log-normal noise levels)."),
     ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=0.999999, help="Decay of the EMA of the weights (sampling uses the EMA)."),
     checkpoint_every: int = typer.Option(1000, "--checkpoint-every", min=1, help="Save an (atomic) checkpoint every this many steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output."),
@@ -220,7 +220,7 @@ def solvers() -> None:
 @app.command()
 def demo(
     data: str = typer.Option("checkerboard", "--data", help="2-D toy dataset to train on."),
-    steps: int = typer.Option(4000, "--steps", min=1, help="Training steps."),
+    steps: int = typer.Option(3000, "--steps", min=1, help="Training steps."),
     output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Output folder."),
     nfe: int = typer.Option(50, "--nfe", min=2, help="Model evaluations for sampling."),
     solver: str = typer.Option("dpm-solver++", "--solver", help="Solver for sampling."),
@@ -228,9 +228,10 @@ def demo(
 ) -> None:
     """The main job: train on a 2-D toy set, sample, write the PNG and the metrics, print where they are."""
     t0 = time.perf_counter()
-    opts = dict(data=data, path="linear", prediction="velocity", network="mlp", steps=steps, batch=512, lr=2e-3,
+    # Rectified flow with a small residual MLP: about a minute of training on 2 CPU cores.
+    opts = dict(data=data, path="linear", prediction="velocity", network="mlp", steps=steps, batch=256, lr=2e-3,
                 output=output / "checkpoints", seed=0, weighting="none", time_sampler="uniform", ema_decay=0.999,
-                checkpoint_every=max(1, steps // 4), resume=False)
+                checkpoint_every=max(1, steps // 4), resume=False, network_kwargs={"hidden": 128, "depth": 3})
     ckpt = _train_impl(opts)
     tensors, png, _ = _sample_impl(ckpt, solver, nfe, count, output, seed=1)
     metrics = _eval_impl(tensors, data, 0, None)
