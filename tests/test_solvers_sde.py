@@ -359,3 +359,11 @@ def test_sde_dpm_solver_pp_2m_matches_diffusers(steps, solver_type):
     )
     # diffusers steps in float32
     torch.testing.assert_close(ours.x, x, rtol=0, atol=5e-5 * float(x.abs().max()))
+
+
+def test_pc_survives_a_field_with_zero_score():
+    # an untrained network that outputs 0 noise: the Langevin step has no direction and is skipped
+    field = fd.Field(lambda x, t: torch.zeros_like(x), fd.paths.VP(), "noise")
+    x0 = torch.randn(32, 2, dtype=torch.float64, generator=_gen(0))
+    res = sample(field, x0, solver="pc", nfe=9, generator=_gen(1))
+    assert torch.isfinite(res.x).all()
