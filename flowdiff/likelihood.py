@@ -164,6 +164,11 @@ class LikelihoodResult:
             ``None`` for ``dopri5``.
         steps: accepted steps per sample (``dopri5``), else ``None``.
         log_prob_probes: Hutchinson only: the ``(probes, B)`` per-probe estimates.
+        refined: ``adams`` with ``refine_tol``: ``(B,)`` bool, the samples whose Milne indicator
+            exceeded it and that were solved again by per-sample ``dopri5``; else ``None``.
+        evals_per_sample: model evaluations per sample, averaged over the batch (a model call on
+            k samples counts k): equals ``nfe`` for fixed steps without refinement, and is the fair
+            cost measure for per-sample adaptive solves, whose later calls hold fewer samples.
     """
 
     log_prob: Tensor
@@ -180,6 +185,8 @@ class LikelihoodResult:
     grid: Tensor | None = None
     steps: Tensor | None = None
     log_prob_probes: Tensor | None = None
+    refined: Tensor | None = None
+    evals_per_sample: float = float("nan")
 
     def __repr__(self) -> str:
         mean = float(self.log_prob.detach().double().mean()) if self.log_prob.numel() else float("nan")
@@ -238,6 +245,7 @@ class SampleLogpResult:
         grid: times visited (fixed-step solvers), float64 from ``t_start`` to ``t_end``.
         std_error: Hutchinson standard error, else ``None``.
         steps: accepted steps per sample (``dopri5``).
+        refined: samples re-solved by ``dopri5`` after the Adams check (see :func:`log_likelihood`).
     """
 
     x: Tensor
@@ -250,6 +258,7 @@ class SampleLogpResult:
     steps: Tensor | None = None
     solver: str = "adams"
     options: dict = dataclass_field(default_factory=dict)
+    refined: Tensor | None = None
 
 
 # =========================================================================================
@@ -462,6 +471,7 @@ class _Evaluator:
         self.cond, self.create_graph, self.solver = cond, create_graph, solver
         self.progress = progress
         self.first = True
+        self.sample_evals = 0
 
     def model_time(self, t64: Tensor, like: Tensor) -> Tensor:
         """``t`` clamped into ``[t_lo, t_hi]`` *in the model's dtype* (float32 rounding cannot leave it)."""
@@ -502,6 +512,7 @@ class _Evaluator:
                 ) from error
             raise
         self.first = False
+        self.sample_evals += y.shape[0]
         if self.progress is not None:
             self.progress()
         dims = y[0].numel()
@@ -651,22 +662,35 @@ def _check_state(y: Tensor, ell: Tensor, solver: str, t: float | Tensor) -> None
         )
 
 
-def _integrate_adams(ev: _Evaluator, y: Tensor, t: Tensor, tau: Tensor, check: bool) -> tuple[Tensor, Tensor]:
+def _integrate_adams(
+    ev: _Evaluator, y: Tensor, t: Tensor, tau: Tensor, check: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Adams PEC on the node list; returns (y, ℓ, per-sample error indicator).
+
+    The indicator is Milne's device: the largest predictor–corrector difference of any step,
+    RMS over dimensions, relative to ``1 + |y|``. Explicit multistep methods have a small
+    stability region; a sample whose trajectory crosses a short stiff stretch (a decision
+    boundary between mixture components, where the Jacobian has eigenvalues of tens) shows a
+    predictor–corrector gap orders of magnitude above the others'.
+    """
     taus = tau.tolist()
     plan, quad = _adams_plan(taus)
     f, g = ev(y, t[0])
     history = [f]
     ell = quad[0] * g
+    indicator = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
     for i, (kp, wp, kc, wc) in enumerate(plan):
         pred = y + sum(w * fj for w, fj in zip(wp, history[-kp:]))
         f_new, g_new = ev(pred, t[i + 1])
         window = (history + [f_new])[-kc:]
         y = y + sum(w * fj for w, fj in zip(wc, window))
+        gap = ((y - pred).detach() / (1 + y.detach().abs())).reshape(y.shape[0], -1).double().pow(2).mean(-1).sqrt()
+        indicator = torch.maximum(indicator, gap)
         ell = ell + quad[i + 1] * g_new
         history = (history + [f_new])[-4:]
         if check:
             _check_state(y, ell, "adams", float(t[i + 1]))
-    return y, ell
+    return y, ell, indicator
 
 
 def _integrate_rk(ev: _Evaluator, name: str, y: Tensor, t: Tensor, tau: Tensor, check: bool) -> tuple[Tensor, Tensor]:
@@ -735,9 +759,16 @@ def _integrate_dopri5(
         ia_dev = ia.to(device)
         ta, ha = tau[ia], h[ia]
         remaining = tau_b - ta
-        # Never step past the end; stretch the last step (≤ 25 %) rather than leave a sliver.
-        stretch = remaining.abs() <= 1.25 * ha.abs()
-        ha = torch.where(stretch, remaining, ha)
+        if bool((ha.abs() < 1e-14 * span).any()):
+            raise NonFiniteLikelihoodError(
+                f"dopri5: the step size underflowed near t={float(coords.t_of_tau(ta).min()):.6g} (the field is "
+                "non-finite or discontinuous there)"
+            )
+        # Never step past the end (clip), and never leave a sliver: when less than two steps remain,
+        # split the rest evenly. Neither rule lengthens a step, so rejections always shrink it.
+        stretch = remaining.abs() <= ha.abs()
+        halve = ~stretch & (remaining.abs() <= 2 * ha.abs())
+        ha = torch.where(stretch, remaining, torch.where(halve, 0.5 * remaining, ha))
         ya, la = y[ia_dev], ell[..., ia_dev]
         ks, gs = [k1[ia_dev]], [g1[..., ia_dev]]
         for s in range(1, 7):
@@ -780,7 +811,7 @@ def _integrate_dopri5(
         h[ia] = ha * factor
         err_prev[ia] = torch.where(accept, safe_err, err_prev[ia])
         steps[ia] += accept.long()
-        done = accept & stretch
+        done = accept & (stretch | ((tau_b - new_tau).abs() <= 1e-12 * span))
         active[ia] = ~done
         if check:
             _check_state(y[ia_dev], ell[..., ia_dev], "dopri5", coords.t_of_tau(ta))
@@ -909,10 +940,12 @@ def _progress_bar(enabled: bool, total: int, label: str):
 @dataclass
 class _Solve:
     state: Tensor
-    change: Tensor  # log p(x_a) - log p(x_b) ... see _solve
+    change: Tensor  # Δ with log p(x(t_b)) = log p(x(t_a)) − Δ
     nfe: int
     grid: Tensor | None
     steps: Tensor | None
+    refined: Tensor | None  # samples re-solved by dopri5 after the Adams check
+    sample_evals: int  # Σ over model calls of the number of samples evaluated
 
 
 def _solve(
@@ -933,8 +966,13 @@ def _solve(
     create_graph: bool,
     check: bool,
     progress: Callable[[], None] | None,
+    refine_tol: float | None = None,
 ) -> _Solve:
-    """Integrate (x, ℓ) from ``t_a`` to ``t_b``; ``change`` Δ satisfies log p(x(t_b)) = log p(x(t_a)) − Δ."""
+    """Integrate (x, ℓ) from ``t_a`` to ``t_b``; ``change`` Δ satisfies log p(x(t_b)) = log p(x(t_a)) − Δ.
+
+    With ``solver="adams"`` and ``refine_tol``, samples whose Milne indicator exceeds it are
+    solved again, alone, by per-sample ``dopri5`` (``rtol``, ``atol``).
+    """
     coords = _Coordinates(field.path)
     lo, hi = min(t_a, t_b), max(t_a, t_b)
     ev = _Evaluator(field, coords, lo, hi, method, probes, chunk_size, cond, create_graph, solver, progress)
@@ -943,7 +981,7 @@ def _solve(
     scale_a, scale_b = coords.factors(ends)[0].tolist()
     y = x / scale_a
     start_nfe = field.nfe
-    used_grid = steps_taken = None
+    used_grid = steps_taken = refined = None
     if solver == "dopri5":
         cap = DEFAULT_ADAPTIVE_CAP if nfe is None else nfe
         ell_shape = (x.shape[0],) if probes is None else (probes.shape[0], x.shape[0])
@@ -964,13 +1002,28 @@ def _solve(
             if nfe is not None and needed > nfe:
                 raise ValueError(f"the explicit grid needs {needed} model evaluations with solver {solver!r}, more than nfe={nfe}")
         if solver == "adams":
-            y, ell = _integrate_adams(ev, y, t, tau, check)
+            y, ell, indicator = _integrate_adams(ev, y, t, tau, check)
+            if refine_tol is not None:
+                refined = (indicator > refine_tol).cpu()
+                if bool(refined.any()):
+                    idx = refined.nonzero().flatten().to(x.device)
+                    sub = _Evaluator(
+                        field, coords, lo, hi, method, None if probes is None else probes[:, idx], chunk_size,
+                        _index_cond(cond, idx), create_graph, "dopri5", None,
+                    )
+                    shape = (len(idx),) if probes is None else (probes.shape[0], len(idx))
+                    cap = DEFAULT_ADAPTIVE_CAP if nfe is None or not isinstance(grid, str) else max(DEFAULT_ADAPTIVE_CAP, nfe)
+                    y_sub, ell_sub, _ = _integrate_dopri5(sub, x[idx] / scale_a, t_a, t_b, rtol, atol, cap, shape, check)
+                    y, ell = y.clone(), ell.clone()
+                    y[idx] = y_sub
+                    ell[..., idx] = ell_sub
+                    ev.sample_evals += sub.sample_evals
         else:
             y, ell = _integrate_rk(ev, solver, y, t, tau, check)
         used_grid = t
     # log p_Y(y_b) = log p_Y(y_a) − ℓ and log p_X = log p_Y − D log S.
     change = ell + dims * (math.log(scale_b) - math.log(scale_a))
-    return _Solve(y * scale_b, change, field.nfe - start_nfe, used_grid, steps_taken)
+    return _Solve(y * scale_b, change, field.nfe - start_nfe, used_grid, steps_taken, refined, ev.sample_evals)
 
 
 def _validate_common(
@@ -1016,6 +1069,7 @@ def log_likelihood(
     differentiable: bool = False,
     progress: bool = False,
     check_finite: bool = True,
+    refine_tol: float | None = 1e-2,
 ) -> LikelihoodResult:
     r"""Log-likelihood of ``x`` (nats) under a field's probability-flow ODE.
 
@@ -1053,6 +1107,10 @@ def log_likelihood(
             parameters (maximum-likelihood training); memory grows with ``nfe``.
         progress: show a progress bar (needs ``rich``).
         check_finite: raise :class:`NonFiniteLikelihoodError` as soon as the state is not finite.
+        refine_tol: ``adams`` only: samples whose Milne predictor–corrector indicator (the largest
+            per-step gap, relative to ``1 + |y|``) exceeds this are solved again, each on its own
+            steps, by ``dopri5`` with ``rtol``/``atol`` (``None``: never). Costs extra model
+            calls on those samples only; ``result.refined`` says which.
 
     Returns:
         :class:`LikelihoodResult`.
@@ -1066,6 +1124,8 @@ def log_likelihood(
     path = _check_field(field)
     x = _check_data(x)
     _validate_common(solver, divergence, probes, probe_dist, rtol, atol, nfe)
+    if refine_tol is not None:
+        _check_positive("refine_tol", refine_tol)
     ts, te = _interval(path, t_start, t_end)
     if not te < ts:
         raise ValueError(f"need t_end < t_start (the solve runs from the data side back to the prior), got t_start={ts!r}, t_end={te!r}")
@@ -1087,7 +1147,7 @@ def log_likelihood(
                 sol = _solve(
                     field, xc, ts, te, solver=solver, nfe=nfe, grid=grid, rtol=rtol, atol=atol, method=divergence,
                     probes=z, chunk_size=chunk_size, cond=cc, create_graph=differentiable, check=check_finite,
-                    progress=tick,
+                    progress=tick, refine_tol=refine_tol,
                 )
             prior_term = prior_fn(sol.state)
             if not isinstance(prior_term, Tensor) or prior_term.shape != (xc.shape[0],):
@@ -1107,9 +1167,11 @@ def log_likelihood(
         delta = change.mean(0)
     else:
         log_prob, std_error, delta = per_probe, None, change
-    steps = None
+    steps = refined = None
     if solver == "dopri5":
         steps = torch.cat([s.steps for s, _ in outs])
+    if all(s.refined is not None for s, _ in outs):
+        refined = torch.cat([s.refined for s, _ in outs])
     return LikelihoodResult(
         log_prob=log_prob if differentiable else log_prob.detach(),
         prior_term=prior_term.detach() if not differentiable else prior_term,
@@ -1125,6 +1187,8 @@ def log_likelihood(
         grid=outs[0][0].grid,
         steps=steps,
         log_prob_probes=(per_probe.detach() if divergence == "hutchinson" else None),
+        refined=refined,
+        evals_per_sample=sum(s.sample_evals for s, _ in outs) / batch,
     )
 
 
@@ -1147,6 +1211,7 @@ def sample_with_logp(
     cond: dict | None = None,
     chunk_size: int | None = None,
     check_finite: bool = True,
+    refine_tol: float | None = 1e-2,
 ) -> SampleLogpResult:
     r"""Generate with the probability-flow ODE and the log-density of every sample, in one pass.
 
@@ -1180,6 +1245,7 @@ def sample_with_logp(
     sol = _solve(
         field, x_init, ts_, te_, solver=solver, nfe=nfe, grid=grid, rtol=rtol, atol=atol, method=divergence, probes=z,
         chunk_size=chunk_size, cond=dict(cond or {}), create_graph=False, check=check_finite, progress=None,
+        refine_tol=refine_tol,
     )
     # log p(x_b) = log p(x_a) − Δ with a = prior side, b = data side.
     per_probe = prior_term.to(x_init.dtype) - sol.change
@@ -1200,6 +1266,7 @@ def sample_with_logp(
         steps=sol.steps,
         solver=solver,
         options={"divergence": divergence, "probes": probes if divergence == "hutchinson" else 0},
+        refined=sol.refined,
     )
 
 
