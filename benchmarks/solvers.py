@@ -42,8 +42,9 @@ import sys
 import time
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -177,7 +178,7 @@ def run_flowdiff(problem: Problem, solver: str | None, options: dict, grid: str 
 # diffusers
 # ---------------------------------------------------------------------------------------
 
-DIFFUSERS_BASE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+DIFFUSERS_BASE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
 def diffusers_configs() -> list[tuple[str, str, dict, str]]:
@@ -197,8 +198,8 @@ def diffusers_configs() -> list[tuple[str, str, dict, str]]:
         for extra, tag in (({}, ""), ({"use_karras_sigmas": True}, " karras")):
             out.append((f"DEIS p={order}{tag}", "DEISMultistepScheduler", {"solver_order": order, **extra}, "sigma_min"))
     for extra, tag in (({}, ""), ({"use_karras_sigmas": True}, " karras")):
-        out.append((f"Euler{tag}", "EulerDiscreteScheduler", dict(extra), "zero"))
-        out.append((f"Heun{tag}", "HeunDiscreteScheduler", dict(extra), "zero"))
+        out.append((f"Euler{tag}", "EulerDiscreteScheduler", {**extra}, "zero"))
+        out.append((f"Heun{tag}", "HeunDiscreteScheduler", {**extra}, "zero"))
     return out
 
 
@@ -246,7 +247,7 @@ def load_k_sampling() -> types.ModuleType | None:
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     pkg = types.ModuleType("k_diffusion")
     pkg.__path__ = [str(folder)]
     utils = types.ModuleType("k_diffusion.utils")
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         for nfe in nfes:
             try:
                 err, used = fn(nfe)
-            except Exception as exc:  # a peer that fails at some NFE is reported, not fatal
+            except Exception as exc:  # noqa: BLE001 - a peer failing at some NFE is reported, not fatal
                 err, used = float("nan"), -1
                 print(f"  {label} @ {nfe}: {type(exc).__name__}: {exc}")
             if used > nfe:
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
         record("flowdiff", label, lambda nfe, s=solver, o=opts, g=grid: run_flowdiff(problem, s, o, g, nfe))
     peers_note = []
     try:
-        import diffusers  # noqa: F401
+        import diffusers
 
         for label, cls_name, overrides, ending in diffusers_configs():
             record("diffusers", f"diffusers {label}",
@@ -428,7 +429,7 @@ def write_outputs(out: Path, rows: list[dict], summary: dict, meta: dict, nfes: 
         w.writerow(["library", "config", *[f"nfe_{k}" for k in nfes]])
         for row in rows:
             w.writerow([row["library"], row["config"], *[f"{row['errors'][k]:.6g}" for k in nfes]])
-    md = [f"# Deterministic solvers: median RMS error to the exact ODE solution", "",
+    md = ["# Deterministic solvers: median RMS error to the exact ODE solution", "",
           f"Problem: {meta['problem']}; {meta['samples']} samples. Metric: {meta['metric']}.",
           f"Peers: {', '.join(meta['peers'])}. torch {meta['torch']}, {meta['platform']}, {meta['seconds']} s.", "",
           "## Best configuration per library", "", render_summary(summary, nfes), "",

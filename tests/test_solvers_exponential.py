@@ -231,7 +231,7 @@ def _k_sampling() -> types.ModuleType | None:
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     pkg, utils = types.ModuleType("k_diffusion"), types.ModuleType("k_diffusion.utils")
     pkg.__path__ = [str(folder)]
     utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]

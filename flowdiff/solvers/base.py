@@ -42,8 +42,10 @@ it is what was really spent.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field as dataclass_field
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -52,24 +54,24 @@ from ..fields import Field, InterpolantField
 from ..paths import PREDICTIONS, GaussianPath, StochasticInterpolant
 
 __all__ = [
-    "SampleResult",
-    "SolverSpec",
-    "SolverFn",
-    "NonFiniteStateError",
-    "SOLVER_KINDS",
-    "register_solver",
-    "available",
-    "get_solver",
-    "sample",
-    "PathTable",
-    "GaussianEvaluator",
-    "require_gaussian_path",
-    "time_tensor",
-    "default_solver",
-    "DEFAULT_SOLVER",
-    "LOW_NFE_SOLVER",
-    "LOW_NFE",
     "DEFAULT_INTERPOLANT_SOLVER",
+    "DEFAULT_SOLVER",
+    "LOW_NFE",
+    "LOW_NFE_SOLVER",
+    "SOLVER_KINDS",
+    "GaussianEvaluator",
+    "NonFiniteStateError",
+    "PathTable",
+    "SampleResult",
+    "SolverFn",
+    "SolverSpec",
+    "available",
+    "default_solver",
+    "get_solver",
+    "register_solver",
+    "require_gaussian_path",
+    "sample",
+    "time_tensor",
 ]
 
 #: The kinds a solver may be registered as.
@@ -243,10 +245,12 @@ def get_solver(name: str) -> SolverSpec:
 def velocity_calls(field: Any) -> int:
     """Model calls one ``field.velocity`` costs: 2 for an InterpolantField that predicts the
     velocity ``v`` of a two-sided interpolant (``b = v − γγ̇ s`` needs the score model), else 1."""
-    if isinstance(field, InterpolantField):
-        if field.prediction == "velocity" and field.interpolant.gamma_fn.name != "zero":
-            return 2
-    return 1
+    two_sided_velocity = (
+        isinstance(field, InterpolantField)
+        and field.prediction == "velocity"
+        and field.interpolant.gamma_fn.name != "zero"
+    )
+    return 2 if two_sided_velocity else 1
 
 
 def require_gaussian_path(field: Any, solver: str) -> GaussianPath:
@@ -284,7 +288,7 @@ class PathTable:
     log_snr: list[float]
 
     @classmethod
-    def build(cls, path: GaussianPath, times: Tensor | Sequence[float]) -> "PathTable":
+    def build(cls, path: GaussianPath, times: Tensor | Sequence[float]) -> PathTable:
         t = torch.as_tensor(times, dtype=torch.float64).flatten().cpu()
         return cls(
             t=t.tolist(),
@@ -523,8 +527,8 @@ def sample(
 
     # ----- interval ---------------------------------------------------------------------
     lo, hi = float(path.t_min), float(path.t_max)
-    explicit = grid is not None and not isinstance(grid, str)
-    explicit_times = validate_grid(grid) if explicit else None
+    explicit_grid = None if grid is None or isinstance(grid, str) else grid
+    explicit_times = validate_grid(explicit_grid) if explicit_grid is not None else None
     t0 = (lo if explicit_times is None else float(explicit_times[0])) if t_start is None else t_start
     t1 = (hi if explicit_times is None else float(explicit_times[-1])) if t_end is None else t_end
     for label, val in (("t_start", t0), ("t_end", t1)):
@@ -554,9 +558,12 @@ def sample(
             raise ValueError(
                 f"nfe={nfe} leaves no evaluation for solver {name!r} after the final denoise ({final_calls} call(s))"
             )
-        times = validate_grid(grid, t0, t1) if explicit else torch.tensor([t0, t1], dtype=torch.float64)
-    elif explicit:
-        times = validate_grid(grid, t0, t1)
+        times = (
+            validate_grid(explicit_grid, t0, t1) if explicit_grid is not None
+            else torch.tensor([t0, t1], dtype=torch.float64)
+        )
+    elif explicit_grid is not None:
+        times = validate_grid(explicit_grid, t0, t1)
         steps = len(times) - 1
         needed = steps * spec.evals_per_step * calls_per_eval + final_calls
         max_evals = steps * spec.evals_per_step

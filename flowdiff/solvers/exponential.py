@@ -63,7 +63,8 @@ needs a Gaussian path; on a stochastic interpolant it raises a TypeError.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,12 +73,12 @@ from .base import GaussianEvaluator, PathTable, register_solver, require_gaussia
 
 __all__ = [
     "ddim",
-    "dpm_solver_singlestep",
-    "dpm_solver_multistep",
-    "unipc",
     "deis",
-    "singlestep_orders",
+    "dpm_solver_multistep",
+    "dpm_solver_singlestep",
     "lagrange_exp_weights",
+    "singlestep_orders",
+    "unipc",
 ]
 
 Callback = Callable[[int, float, Tensor, "Tensor | None"], None]
@@ -267,7 +268,6 @@ def _singlestep_update(
         if not math.isfinite(h):
             return eng.alpha(i + 1) * data0  # σ_{i+1} = 0: the exact first-order limit
         return eng.first_order(x, i, m0, form)
-    lam_s = eng.lam(i)
     a_s, s_s, a_t, s_t = eng.alpha(i), eng.sigma(i), eng.alpha(i + 1), eng.sigma(i + 1)
 
     def pick(d: Tensor, n: Tensor) -> Tensor:
@@ -571,7 +571,7 @@ def unipc(
     _check_order(name, order, 1, 3)
     _check_choice(name, "variant", variant, UNIPC_VARIANTS)
     _check_choice(name, "prediction", prediction, PREDICTION_FORMS)
-    disabled = set(int(j) for j in disable_corrector)
+    disabled = {int(j) for j in disable_corrector}
     eng = _Engine(field, grid, cond, name)
     _check_budget(eng, eng.steps, max_evals)
     hist: list[Tensor] = []
@@ -712,9 +712,9 @@ def _fixed(fn: Callable[..., Tensor], solver: str, defaults: dict | None = None,
     defaults = dict(defaults or {})
 
     def wrapped(field: Any, x: Tensor, grid: Tensor, **kwargs: Any) -> Tensor:
-        for key in fixed:
+        for key, value in fixed.items():
             if key in kwargs:
-                raise ValueError(f"solver {solver!r} fixes {key}={fixed[key]!r}; use another solver name to change it")
+                raise ValueError(f"solver {solver!r} fixes {key}={value!r}; use another solver name to change it")
         return fn(field, x, grid, **{**defaults, **kwargs}, **fixed)
 
     wrapped.__name__ = solver.replace("-", "_").replace("+", "p")
@@ -727,7 +727,7 @@ def _singlestep_steps(order: int) -> Callable[[int], int]:
     return lambda budget: len(singlestep_orders(budget, order))
 
 
-_EXP = dict(kind="exponential", requires_gaussian_path=True, default_grid="logsnr")
+_EXP: dict[str, Any] = {"kind": "exponential", "requires_gaussian_path": True, "default_grid": "logsnr"}
 
 register_solver("ddim", ddim, evals_per_step=1, aliases=("dpm-solver-1",),
                 description="DDIM = DPM-Solver-1, first order", **_EXP)

@@ -25,7 +25,8 @@ kind           node ``i = 0 … N``                                             
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

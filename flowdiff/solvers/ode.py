@@ -37,29 +37,35 @@ reached before ``t_end``). Its stages never leave ``[t_start, t_end]``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import GaussianEvaluator, register_solver, require_gaussian_path, time_tensor, velocity_calls
 from ..paths import GaussianPath
+from .base import (
+    GaussianEvaluator,
+    register_solver,
+    require_gaussian_path,
+    time_tensor,
+)
 
-__all__ = ["euler", "midpoint", "heun", "rk4", "dopri5", "SPACES"]
+__all__ = ["SPACES", "dopri5", "euler", "heun", "midpoint", "rk4"]
 
 #: Variables the ODE solvers can integrate in.
 SPACES = ("t", "sigma")
 
 Callback = Callable[[int, float, Tensor, "Tensor | None"], None]
 
-# Butcher tableaux (c, A lower-triangular rows, b).
-_EULER = ((0.0,), ((),), (1.0,))
-_MIDPOINT = ((0.0, 0.5), ((), (0.5,)), (0.0, 1.0))
-_HEUN = ((0.0, 1.0), ((), (1.0,)), (0.5, 0.5))
-_KUTTA3 = ((0.0, 0.5, 1.0), ((), (0.5,), (-1.0, 2.0)), (1 / 6, 2 / 3, 1 / 6))
-_RK4 = ((0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6))
-
 Tableau = tuple[Sequence[float], Sequence[Sequence[float]], Sequence[float]]
+
+# Butcher tableaux (c, A lower-triangular rows, b).
+_EULER: Tableau = ((0.0,), ((),), (1.0,))
+_MIDPOINT: Tableau = ((0.0, 0.5), ((), (0.5,)), (0.0, 1.0))
+_HEUN: Tableau = ((0.0, 1.0), ((), (1.0,)), (0.5, 0.5))
+_KUTTA3: Tableau = ((0.0, 0.5, 1.0), ((), (0.5,), (-1.0, 2.0)), (1 / 6, 2 / 3, 1 / 6))
+_RK4: Tableau = ((0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6))
 
 
 class _Problem:
@@ -70,10 +76,11 @@ class _Problem:
             raise ValueError(f"unknown space {space!r} for solver {solver!r}; valid: {', '.join(SPACES)}")
         self.field, self.space, self.cond = field, space, cond
         self.t0, self.t1 = float(grid[0]), float(grid[-1])
+        self.path: GaussianPath | None = None
+        self._node_t: dict[float, float] = {}
+        self._alpha_nodes: dict[float, float] = {}
         if space == "t":
-            self.path = None
             self.s_nodes = grid.tolist()
-            self._node_t = {}
         else:
             path = require_gaussian_path(field, f"{solver} (space='sigma')")
             lam = path._log_snr(grid)
@@ -82,7 +89,7 @@ class _Problem:
                     f"space='sigma' needs alpha > 0 and sigma > 0 on the grid; log-SNR at the ends is "
                     f"{float(lam[0])!r}, {float(lam[-1])!r}"
                 )
-            self.path: GaussianPath | None = path
+            self.path = path
             self.evaluator = GaussianEvaluator(field, path, cond)
             self.s_nodes = torch.exp(-lam).tolist()  # sigma~ = sigma / alpha
             self._node_t = dict(zip(self.s_nodes, grid.tolist()))
@@ -93,15 +100,15 @@ class _Problem:
         if self.space == "t":
             return min(max(s, self.t0), self.t1)
         t = self._node_t.get(s)
-        if t is None:
+        if t is None and self.path is not None:
             t = float(self.path._t_of_log_snr(torch.tensor([-math.log(s)], dtype=torch.float64)))
-        return min(max(t, self.t0), self.t1)
+        return min(max(float(t), self.t0), self.t1)  # type: ignore[arg-type]
 
     def alpha(self, t: float) -> float:
         a = self._alpha_nodes.get(t)
-        if a is None:
+        if a is None and self.path is not None:
             a = float(self.path._alpha(torch.tensor([t], dtype=torch.float64)))
-        return a
+        return 1.0 if a is None else a
 
     def to_state(self, x: Tensor, t: float) -> Tensor:
         return x if self.space == "t" else x / self.alpha(t)
@@ -135,12 +142,12 @@ def _rk_step(problem: _Problem, y: Tensor, s: float, h: float, tableau: Tableau)
     return out
 
 
-_LOWER = {1: _EULER, 2: _MIDPOINT, 3: _KUTTA3}
+_LOWER: dict[int, Tableau] = {1: _EULER, 2: _MIDPOINT, 3: _KUTTA3}
 
 
 def _fixed_step(
     tableau: Tableau,
-    lower: dict[int, Tableau],
+    lower: Mapping[int, Tableau],
     name: str,
 ) -> Callable[..., Tensor]:
     stages = len(tableau[0])
