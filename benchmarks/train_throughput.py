@@ -51,7 +51,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
     # name: (hidden, depth, batch, updates per timed run, updates of the lockstep comparison)
     "small": (64, 2, 256, 150, 400),
-    "default": (256, 4, 512, 20, 60),
+    "default": (256, 4, 512, 20, 150),
 }
 LR = 1e-3
 WARMUP = 100
