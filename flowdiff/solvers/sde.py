@@ -203,6 +203,26 @@ def diffusion_schedule(eps: Diffusion, path: Any = None) -> Callable[[Tensor], T
     return lambda t: torch.full_like(t, value)
 
 
+class _EpsOnGrid:
+    """ε(t) at the grid points: named and constant choices are tabulated once in float64 (no
+    per-step tensor work); a user callable is called at each step with ``t`` of shape ``(B,)``."""
+
+    def __init__(self, eps: Diffusion, path: GaussianPath | None, times: list[float]):
+        self.fn = diffusion_schedule(eps, path)
+        self.table: list[float] | None = None
+        if isinstance(eps, str) or not callable(eps):
+            values = self.fn(torch.tensor(times, dtype=torch.float64)).tolist()
+            for t, e in zip(times, values):
+                if not math.isfinite(e) or e < 0:
+                    raise ValueError(f"eps(t) must be finite and >= 0, got eps({t:.6g})={e!r}")
+            self.table = values
+
+    def __call__(self, i: int, t: float, x: Tensor) -> Tensor | float:
+        if self.table is not None:
+            return self.table[i]
+        return _eps_value(self.fn, t, x)
+
+
 def _eps_value(eps_fn: Callable[[Tensor], Tensor], t: float, x: Tensor) -> Tensor | float:
     """ε at ``t`` for every sample: a Python float when constant over the batch, else ``(B, 1, …)``."""
     tb = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
@@ -260,10 +280,10 @@ class _DriftScore:
             return b, None
         return b + e * self.field.score(x, tt, **self.cond), None
 
-    def score(self, x: Tensor, t: float) -> Tensor:
-        """:math:`\\nabla\\log p_t(x)` (one evaluation)."""
+    def score(self, x: Tensor, i: int, t: float) -> Tensor:
+        """:math:`\\nabla\\log p_t(x)` at grid point ``i`` (time ``t``; one evaluation)."""
         if self.evaluator is not None:
-            a, s, da, ds = self.evaluator.coefficients(t)
+            a, s, da, ds = self.coefficients(i)
             return self.evaluator(x, t, (a, s, da, ds))[1] / (-s)
         return self.field.score(x, time_tensor(t, x), **self.cond)
 
@@ -313,13 +333,13 @@ def euler_maruyama(
         The state at ``grid[-1]``.
     """
     path = _gaussian_path(field, "euler-maruyama")
-    eps_fn = diffusion_schedule(_default_eps(path) if eps is None else eps, path)
     times = _grid_list(grid)
+    eps_at = _EpsOnGrid(_default_eps(path) if eps is None else eps, path, times)
     _check_budget("euler-maruyama", len(times) - 1, max_evals)
     ds = _DriftScore(field, cond, times)
     for i in range(len(times) - 1):
         t, h = times[i], times[i + 1] - times[i]
-        e = _eps_value(eps_fn, t, x)
+        e = eps_at(i, t, x)
         drift, data = ds.drift(x, i, t, e)
         x = x + h * drift
         if not _is_zero(e):
@@ -565,8 +585,11 @@ def edm_heun_churn(
     sigma_cap = math.exp(-float(path._log_snr(torch.tensor(t_floor, dtype=torch.float64))))
     gamma_max = min(S_churn / steps, math.sqrt(2.0) - 1.0)
 
-    def denoise(x_tilde: Tensor, t: float) -> Tensor:
-        a, s, da, ds = evaluator.coefficients(t)
+    def denoise(x_tilde: Tensor, t: float, i: int | None) -> Tensor:
+        # grid point i: tabulated coefficients; a churned time: computed once here
+        a, s, da, ds = (
+            (tab.alpha[i], tab.sigma[i], tab.d_alpha[i], tab.d_sigma[i]) if i is not None else evaluator.coefficients(t)
+        )
         return evaluator(a * x_tilde, t, (a, s, da, ds))[0]
 
     x_tilde = x / tab.alpha[0]
@@ -584,13 +607,13 @@ def edm_heun_churn(
                 x_tilde = x_tilde + (S_noise * math.sqrt(max(sig_hat**2 - sig**2, 0.0))) * _randn(x_tilde, generator)
             else:
                 sig_hat = sig
-        data = denoise(x_tilde, t_hat)
+        data = denoise(x_tilde, t_hat, i if t_hat == times[i] else None)
         d = (x_tilde - data) / sig_hat
         x_pred = x_tilde + (sig_next - sig_hat) * d
         if i == steps - 1 and not heun_last:
             x_tilde = x_pred
         else:
-            data = denoise(x_pred, times[i + 1])
+            data = denoise(x_pred, times[i + 1], i + 1)
             d_next = (x_pred - data) / sig_next
             x_tilde = x_tilde + (sig_next - sig_hat) * 0.5 * (d + d_next)
         if callback is not None:
@@ -657,7 +680,6 @@ def predictor_corrector(
     path = _gaussian_path(field, "pc")
     snr = _check_number("snr", snr, 0.0, math.inf, low_open=True)
     n_corrector = _check_count("n_corrector", n_corrector, 0)
-    eps_fn = diffusion_schedule(_default_eps(path) if eps is None else eps, path)
     times = _grid_list(grid)
     per_step = 1 + n_corrector
     if max_evals is not None and (len(times) - 1) * per_step > max_evals:
@@ -668,17 +690,18 @@ def predictor_corrector(
                 f"but max_evals={max_evals}"
             )
         times = _thin_grid(times, steps)
+    eps_at = _EpsOnGrid(_default_eps(path) if eps is None else eps, path, times)
     ds = _DriftScore(field, cond, times)
     for i in range(len(times) - 1):
         t, t_next, h = times[i], times[i + 1], times[i + 1] - times[i]
-        e = _eps_value(eps_fn, t, x)
+        e = eps_at(i, t, x)
         drift, data = ds.drift(x, i, t, e)
         x = x + h * drift
         if not _is_zero(e):
             noise_scale = math.sqrt(2 * e * h) if isinstance(e, float) else torch.sqrt(2 * e * h)
             x = x + noise_scale * _randn(x, generator)
         for _ in range(n_corrector):
-            score = ds.score(x, t_next)
+            score = ds.score(x, i + 1, t_next)
             z = _randn(x, generator)
             flat = x.shape[0], -1
             # Batch-averaged norms, as in score_sde's LangevinCorrector: a per-sample ratio
