@@ -1069,7 +1069,7 @@ def log_likelihood(
     differentiable: bool = False,
     progress: bool = False,
     check_finite: bool = True,
-    refine_tol: float | None = 1e-2,
+    refine_tol: float | None = 5e-3,
 ) -> LikelihoodResult:
     r"""Log-likelihood of ``x`` (nats) under a field's probability-flow ODE.
 
@@ -1211,7 +1211,7 @@ def sample_with_logp(
     cond: dict | None = None,
     chunk_size: int | None = None,
     check_finite: bool = True,
-    refine_tol: float | None = 1e-2,
+    refine_tol: float | None = 5e-3,
 ) -> SampleLogpResult:
     r"""Generate with the probability-flow ODE and the log-density of every sample, in one pass.
 
