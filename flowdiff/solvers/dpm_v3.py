@@ -162,7 +162,7 @@ class EMS:
                 )
             if not torch.isfinite(v).all():
                 raise ValueError(f"EMS {name} has non-finite entries")
-            tensors.append(v.contiguous())
+            tensors.append(v.contiguous().clone())  # own storage (safetensors refuses shared tensors)
         if not (tensors[0].shape == tensors[1].shape == tensors[2].shape):
             raise ValueError(f"EMS l, s, b must have the same shape, got {[tuple(t.shape) for t in tensors]}")
         if not isinstance(settings, Mapping) or "path" not in settings:

@@ -423,36 +423,57 @@ def tune_grid(
 
     # ----- stage 1: the standard grids and Karras' rho ---------------------------------------
     kinds = ["logsnr", "quadratic", "karras", "uniform"] if isinstance(path, GaussianPath) else ["uniform", "quadratic", "shifted"]
+    default_kind = spec.default_grid if isinstance(path, GaussianPath) else "uniform"
+    if default_kind in kinds:  # the solver's own default first: it is what tuning must beat
+        kinds.remove(default_kind)
+        kinds.insert(0, default_kind)
     candidates: dict[str, Tensor] = {}
     for kind in kinds:
         try:
             candidates[kind] = make_grid(path, kind, steps, t0, t1)
         except ValueError:
             continue
+    if free_end:
+        # The same kinds with one more interval, the last dropped: the final denoise jumps it
+        # (k-diffusion's and diffusers' last step to sigma = 0).
+        for kind in kinds:
+            try:
+                candidates[f"{kind}+jump"] = make_grid(path, kind, steps + 1, t0, t1)[:-1]
+            except ValueError:
+                continue
     tried: dict[str, float] = {}
-    for name, g in candidates.items():
-        tried[name] = error(g, x_tune, ref_tune)
+
+    def trial(name: str, grid: Tensor) -> float:
+        """Error of a stage-1 candidate (inf, without evaluating, once the budget is spent)."""
+        nonlocal evals
+        if evals >= max_evals:
+            return math.inf
         evals += 1
+        candidates[name] = grid
+        tried[name] = error(grid, x_tune, ref_tune)
+        return tried[name]
+
+    for name, g in list(candidates.items()):
+        trial(name, g)
     if isinstance(path, GaussianPath):
         # golden-section search over log(rho) of the Karras family (rho -> inf is the log-SNR grid)
+        jump = free_end and tried.get("karras+jump", math.inf) < tried.get("karras", math.inf)
+
         def karras_err(log_rho: float) -> float:
-            nonlocal evals
             rho = math.exp(log_rho)
-            key = f"karras(rho={rho:.3g})"
             try:
-                g = make_grid(path, "karras", steps, t0, t1, rho=rho)
+                g = make_grid(path, "karras", steps + int(jump), t0, t1, rho=rho)
             except ValueError:
                 return math.inf
-            candidates[key] = g
-            evals += 1
-            tried[key] = error(g, x_tune, ref_tune)
-            return tried[key]
+            return trial(f"karras(rho={rho:.3g}){'+jump' if jump else ''}", g[:-1] if jump else g)
 
         lo, hi = math.log(1.0), math.log(30.0)
         ratio = (math.sqrt(5) - 1) / 2
         c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
         fc, fd_ = karras_err(c), karras_err(d)
         for _ in range(8):
+            if evals >= max_evals:
+                break
             if fc < fd_:
                 hi, d, fd_ = d, c, fc
                 c = hi - ratio * (hi - lo)
