@@ -77,6 +77,7 @@ __all__ = [
     "V3_PRESETS",
     "same_path_config",
     "jvp",
+    "ems_from_checkpoint",
     "HUTCHINSON_CHOICES",
 ]
 
@@ -961,3 +962,33 @@ def estimate_ems(
         "cost": {"seconds": round(seconds, 3), "model_calls": int(model_calls), "jvp_calls": jvp_calls},
     }
     return EMS(lam, l.reshape(K, *shape), s_stat.reshape(K, *shape), b_stat.reshape(K, *shape), settings)
+
+
+def ems_from_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path | None = None,
+    *,
+    data: str | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> EMS:
+    """Estimate the EMS of a trained checkpoint from its training data and save them.
+
+    The recipe behind ``flowdiff ems CHECKPOINT``: the field comes from
+    :func:`flowdiff.pipeline.load_field`, the data from the training split the checkpoint's
+    config names (or ``data``), and the statistics are written to ``output`` (default
+    ``<checkpoint>/ems.safetensors``). ``options`` go to :func:`estimate_ems`.
+    """
+    from ..data import load_dataset
+    from ..pipeline import load_field
+
+    field, config = load_field(checkpoint)
+    name = data or (config.get("extra") or {}).get("dataset")
+    if not name:
+        raise ValueError(f"the checkpoint {str(checkpoint)!r} does not name its data set; pass data=")
+    dataset = load_dataset(name, split="train", seed=int((config.get("extra") or {}).get("seed", seed)))
+    ems = estimate_ems(field, dataset.x, generator=torch.Generator().manual_seed(seed), **options)
+    ems.settings["checkpoint"] = str(config.get("checkpoint_dir", checkpoint))
+    ems.settings["data"] = str(name)
+    ems.save(Path(output) if output is not None else Path(config.get("checkpoint_dir", checkpoint)) / "ems.safetensors")
+    return ems

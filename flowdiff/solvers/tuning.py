@@ -53,7 +53,7 @@ from .base import get_solver, sample, velocity_calls
 from .dpm_v3 import EMS, _describe, same_path_config
 from .grids import make_grid, validate_grid
 
-__all__ = ["TunedGrid", "tune_grid", "save_grid", "load_grid", "grid_steps"]
+__all__ = ["TunedGrid", "tune_grid", "save_grid", "load_grid", "grid_steps", "tune_grid_from_checkpoint"]
 
 _FORMAT = "flowdiff-tuned-grid/1"
 SOURCES = ("noise", "data")
@@ -561,3 +561,40 @@ def tune_grid(
 
 class _Stop(Exception):
     """Raised inside the objective when the evaluation or time budget is spent."""
+
+
+def tune_grid_from_checkpoint(
+    checkpoint: str | Path,
+    solver: str,
+    nfe: int,
+    output: str | Path | None = None,
+    *,
+    count: int = 128,
+    seed: int = 0,
+    ems: str | Path | None = None,
+    options: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> TunedGrid:
+    """Tune a grid for a trained checkpoint and save it (the recipe behind ``flowdiff tune-grid``).
+
+    ``count`` starting points are drawn from the path's prior with ``seed``; ``ems`` (a file
+    written by ``flowdiff ems``) is passed to ``dpm-solver-v3``. The grid is written to
+    ``output`` (default ``<checkpoint>/grid_<solver>_nfe<nfe>.safetensors``). ``kwargs`` go to
+    :func:`tune_grid`.
+    """
+    from ..pipeline import load_field
+
+    field, config = load_field(checkpoint)
+    shape = tuple((config.get("model") or {}).get("data_shape") or ())
+    if not shape:
+        raise ValueError(f"the checkpoint {str(checkpoint)!r} does not record its data shape")
+    opts = dict(options or {})
+    if ems is not None:
+        opts["ems"] = EMS.load(ems)
+    noise = field.path.prior_sample((count, *shape), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        tuned = tune_grid(field, solver, nfe, noise, options=opts, **kwargs)
+    tuned.settings["checkpoint"] = str(config.get("checkpoint_dir", checkpoint))
+    folder = Path(config.get("checkpoint_dir", checkpoint))
+    tuned.save(Path(output) if output is not None else folder / f"grid_{solver}_nfe{nfe}.safetensors")
+    return tuned
