@@ -297,3 +297,36 @@ def test_default_presets():
     assert v3_defaults(10, guided=True)["order"] == 2
     with pytest.raises(ValueError, match="preset"):
         v3_defaults(10, preset="best")
+
+
+def test_half_corrector_corrects_only_the_noisier_half():
+    mix = fd.testing.random_mixture(4, 3, seed=8, path=VP)
+    field = exact_field(mix)
+    x0 = VP.prior_sample((8, 4), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ems = EMS.degenerate(VP, (4,))
+    t0, t1 = VP.t_min, VP.t_max
+    mid = 0.5 * (t0 + t1)
+    opts = dict(ems=ems, order=2, p_pseudo=False, lower_order_final=False)
+    # every node after the first lies in the cleaner half: half=True corrects nothing
+    late = torch.tensor([t0, mid + 0.05, mid + 0.2, mid + 0.3, t1], dtype=torch.float64)
+    plain = sample(field, x0, solver="dpm-solver-v3", grid=late, use_corrector=False, **opts).x
+    half = sample(field, x0, solver="dpm-solver-v3", grid=late, use_corrector=True, half=True, **opts).x
+    full = sample(field, x0, solver="dpm-solver-v3", grid=late, use_corrector=True, **opts).x
+    assert torch.equal(plain, half) and not torch.allclose(full, plain)
+    # a node in the noisier half is corrected
+    early = torch.tensor([t0, 0.2, 0.35, mid + 0.2, t1], dtype=torch.float64)
+    plain = sample(field, x0, solver="dpm-solver-v3", grid=early, use_corrector=False, **opts).x
+    half = sample(field, x0, solver="dpm-solver-v3", grid=early, use_corrector=True, half=True, **opts).x
+    assert not torch.allclose(half, plain)
+
+
+def test_corrector_with_pseudo_order_is_consistent():
+    """c_pseudo raises the corrector's order by one with divided differences: still convergent."""
+    gauss = fd.testing.Gaussian(MEAN3, COV3, path=VP)
+    ems = gaussian_ems(MEAN3, COV3, lambda_knots(VP, 401), VP)
+    x0 = VP.prior_sample((8, 3), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    exact = flow_map(x0, VP.t_min, VP.t_max, VP, MEAN3, COV3)
+    errs = [float((sample(exact_field(gauss), x0, solver="dpm-solver-v3", grid=warmup_grid(VP, n), ems=ems, order=3,
+                          use_corrector=True, c_pseudo=True, denoise_final=False).x - exact).abs().max())
+            for n in (20, 40)]
+    assert errs[1] < errs[0] / 4
