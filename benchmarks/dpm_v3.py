@@ -37,20 +37,21 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import solvers as peer_bench  # noqa: E402  (benchmarks/solvers.py: problem, peer drivers, metric)
+import solvers as peer_bench
 
-import flowdiff as fd  # noqa: E402
-from flowdiff.solvers import sample  # noqa: E402
-from flowdiff.solvers.dpm_v3 import EMS, estimate_ems  # noqa: E402
-from flowdiff.solvers.tuning import TunedGrid, tune_grid  # noqa: E402
+import flowdiff as fd
+from flowdiff.solvers import sample
+from flowdiff.solvers.dpm_v3 import EMS, estimate_ems
+from flowdiff.solvers.tuning import tune_grid
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOW = (5, 6, 8, 10)
@@ -215,7 +216,7 @@ def peer_rows(problem: Any, nfes: tuple[int, ...]) -> tuple[list[dict], list[str
         for nfe in nfes:
             try:
                 err, calls = fn(nfe)
-            except Exception as exc:  # a peer that fails at some NFE is reported, not fatal
+            except Exception as exc:  # noqa: BLE001 (a peer that fails at some NFE is reported, not fatal)
                 err, calls = math.nan, -1
                 print(f"  {label} @ {nfe}: {type(exc).__name__}: {exc}")
             if calls > nfe:
@@ -305,8 +306,8 @@ def render(name: str, rows: list[dict], nfes: tuple[int, ...], chk: dict, meta: 
            "| grid | NFE | v3 | DPM++(2M) | ratio | pass |", "|---|---|---|---|---|---|"]
     for c in chk["v3_vs_dpmpp2m"]:
         md.append(f"| {c['grid']} | {c['nfe']} | {c['v3']:.3g} | {c['dpm++2m']:.3g} | {c['ratio']:.2f} | {'yes' if c['pass'] else 'NO'} |")
-    md += ["", "Best flowdiff configuration vs the best peer in this run (bar: ≤ 0.5×) and vs the official "
-           "DPM-Solver figure quoted in the issue (bar: ≤ 0.8×; GMM only, NFE 5 and 10):", "",
+    md += ["", ("Best flowdiff configuration vs the best peer in this run (bar: ≤ 0.5×) and vs the official "
+               "DPM-Solver figure quoted in the issue (bar: ≤ 0.8×; GMM only, NFE 5 and 10):"), "",
            "| NFE | best flowdiff | best peer | ratio | pass | official DPM-Solver | ratio | pass |",
            "|---|---|---|---|---|---|---|---|"]
     for c in chk["best_vs_peers"]:
@@ -393,7 +394,7 @@ def run_digits(args: argparse.Namespace, nfes: tuple[int, ...]) -> dict:
     tuned, tune_log = tune_all(field, ems, noise, tune_nfes, TUNED_SOLVERS, max_evals=60 if args.quick else 200,
                                time_budget=30 if args.quick else 90, reference_nfe=200)
     rows = flowdiff_rows(problem, field, ems, nfes, tuned)
-    base = dict(num_train_timesteps=1000, trained_betas=vp_trained_betas(field.path))
+    base = {"num_train_timesteps": 1000, "trained_betas": vp_trained_betas(field.path)}
     with diffusers_base(base):
         peers, notes = peer_rows(problem, nfes)
     rows += peers
@@ -493,6 +494,19 @@ def save_plot(path: Path, results: dict) -> None:
     plt.close(fig)
 
 
+def load_previous(file: Path) -> dict:
+    """Results of an earlier run (JSON object keys back to ints), to rewrite the report with."""
+    if not file.is_file():
+        return {}
+    data = json.loads(file.read_text())
+    for res in data.values():
+        res["nfes"] = [int(n) for n in res["nfes"]]
+        for r in res["rows"]:
+            r["errors"] = {int(k): v for k, v in r["errors"].items()}
+            r["nfe_used"] = {int(k): v for k, v in r["nfe_used"].items()}
+    return data
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small batches and budgets")
@@ -512,6 +526,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_digits:
         results["Digits UNet"] = run_digits(args, nfes)
     args.out.mkdir(parents=True, exist_ok=True)
+    for name, res in load_previous(args.out / "dpm_v3.json").items():
+        results.setdefault(name, res)  # a part skipped in this run keeps its last results
     md = ["# DPM-Solver-v3 and tuned grids (issue 5)", "",
           f"torch {torch.__version__}, {platform.platform()}, CPU. Quoted for reference (issue 5, same GMM, official "
           "code): " + "; ".join(f"{k}: " + ", ".join(f"{v:.3g} @ {n}" for n, v in d.items()) for k, d in OFFICIAL.items()),

@@ -254,7 +254,7 @@ def test_statistics_of_another_model_are_rejected():
         sample(field, x0, solver="dpm-solver-v3", nfe=6)
     with pytest.raises(ValueError, match="order"):
         sample(field, x0, solver="dpm-solver-v3", nfe=6, ems=EMS.degenerate(VP, (3,)), order=4)
-    with pytest.raises(ValueError, match="use_corrector"):
+    with pytest.raises(TypeError, match="use_corrector"):
         sample(field, x0, solver="dpm-solver-v3", nfe=6, ems=EMS.degenerate(VP, (3,)), use_corrector="yes")
     with pytest.raises(ValueError, match="guidance scale"):
         sample(field, x0, solver="dpm-solver-v3", nfe=6, ems={3.0: EMS.degenerate(VP, (3,))})
@@ -306,7 +306,7 @@ def test_half_corrector_corrects_only_the_noisier_half():
     ems = EMS.degenerate(VP, (4,))
     t0, t1 = VP.t_min, VP.t_max
     mid = 0.5 * (t0 + t1)
-    opts = dict(ems=ems, order=2, p_pseudo=False, lower_order_final=False)
+    opts = {"ems": ems, "order": 2, "p_pseudo": False, "lower_order_final": False}
     # every node after the first lies in the cleaner half: half=True corrects nothing
     late = torch.tensor([t0, mid + 0.05, mid + 0.2, mid + 0.3, t1], dtype=torch.float64)
     plain = sample(field, x0, solver="dpm-solver-v3", grid=late, use_corrector=False, **opts).x

@@ -10,7 +10,13 @@ import torch
 import flowdiff as fd
 from flowdiff.solvers import sample
 from flowdiff.solvers.dpm_v3 import EMS
-from flowdiff.solvers.tuning import TunedGrid, grid_steps, load_grid, save_grid, tune_grid
+from flowdiff.solvers.tuning import (
+    TunedGrid,
+    grid_steps,
+    load_grid,
+    save_grid,
+    tune_grid,
+)
 
 PATH = fd.paths.Discrete.linear()
 MIX = fd.testing.random_mixture(8, 4, seed=7, anisotropic=True, path=PATH)

@@ -59,8 +59,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,14 +72,14 @@ from .base import GaussianEvaluator, PathTable, register_solver, require_gaussia
 
 __all__ = [
     "EMS",
-    "estimate_ems",
-    "dpm_solver_v3",
-    "v3_defaults",
-    "V3_PRESETS",
-    "same_path_config",
-    "jvp",
-    "ems_from_checkpoint",
     "HUTCHINSON_CHOICES",
+    "V3_PRESETS",
+    "dpm_solver_v3",
+    "ems_from_checkpoint",
+    "estimate_ems",
+    "jvp",
+    "same_path_config",
+    "v3_defaults",
 ]
 
 #: Values ``estimate_ems(hutchinson=...)`` accepts.
@@ -218,7 +219,7 @@ class EMS:
         shape: Sequence[int],
         t_start: float | None = None,
         t_end: float | None = None,
-    ) -> "EMS":
+    ) -> EMS:
         """The statistics ``l = 1, s = b = 0``, with which DPM-Solver-v3 is DPM-Solver++ (Taylor form)."""
         if not isinstance(path, GaussianPath):
             raise TypeError(f"path must be a GaussianPath, got {type(path).__name__}")
@@ -249,7 +250,7 @@ class EMS:
         return out
 
     @classmethod
-    def load(cls, path: str | Path) -> "EMS":
+    def load(cls, path: str | Path) -> EMS:
         """Read statistics written by :meth:`save`; ValueError if the file is not an EMS file."""
         from safetensors import safe_open
 
@@ -259,7 +260,7 @@ class EMS:
         try:
             with safe_open(str(p), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{str(p)!r} is not a readable safetensors file: {err}") from err
         if meta.get("format") != _FORMAT or not {"lambdas", "l", "s", "b"} <= tensors.keys():
@@ -316,7 +317,7 @@ class _Calculus:
     def __init__(self, ems: EMS, nodes: int = 6, max_width: float = 0.25):
         self.lam = ems.lambdas
         self.k = self.lam.numel()
-        flat = lambda v: v.reshape(self.k, -1)  # noqa: E731
+        flat = lambda v: v.reshape(self.k, -1)
         self.l, self.s, self.b = flat(ems.l), flat(ems.s), flat(ems.b)
         widths = torch.diff(self.lam)[:, None]
         self.L_knots = torch.cat([torch.zeros_like(self.l[:1]), torch.cumsum(0.5 * widths * (self.l[1:] + self.l[:-1]), 0)])
@@ -497,7 +498,7 @@ def _select_ems(ems: Any, field: Any) -> EMS:
 
 def _check_flag(label: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{NAME}: {label} must be True or False, got {label}={value!r}")
+        raise TypeError(f"{NAME}: {label} must be True or False, got {label}={value!r}")
     return value
 
 
@@ -670,7 +671,7 @@ register_solver(
 
 def _draw_data(data: Any, n: int, generator: torch.Generator) -> Tensor:
     """``n`` data points from a tensor ``(N, *shape)``, a dataset (``.x``), an oracle (``.sample``) or a callable."""
-    if hasattr(data, "x") and isinstance(getattr(data, "x"), Tensor):
+    if hasattr(data, "x") and isinstance(data.x, Tensor):
         data = data.x
     if isinstance(data, Tensor):
         if data.ndim < 2 or data.shape[0] < 1:

@@ -42,8 +42,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +54,7 @@ from .base import get_solver, sample, velocity_calls
 from .dpm_v3 import EMS, _describe, same_path_config
 from .grids import make_grid, validate_grid
 
-__all__ = ["TunedGrid", "tune_grid", "save_grid", "load_grid", "grid_steps", "tune_grid_from_checkpoint"]
+__all__ = ["TunedGrid", "grid_steps", "load_grid", "save_grid", "tune_grid", "tune_grid_from_checkpoint"]
 
 _FORMAT = "flowdiff-tuned-grid/1"
 SOURCES = ("noise", "data")
@@ -150,7 +151,7 @@ class TunedGrid:
         return out
 
     @classmethod
-    def load(cls, path: str | Path) -> "TunedGrid":
+    def load(cls, path: str | Path) -> TunedGrid:
         """Read a grid written by :meth:`save`; ValueError if the file is not one."""
         from safetensors import safe_open
 
@@ -160,7 +161,7 @@ class TunedGrid:
         try:
             with safe_open(str(p), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{str(p)!r} is not a readable safetensors file: {err}") from err
         if meta.get("format") != _FORMAT or "grid" not in tensors:
@@ -391,7 +392,7 @@ def tune_grid(
         else:
             raise ValueError("source='data' needs a Gaussian path (an interpolant's base sample is not noised data)")
     n = x.shape[0]
-    n_hold = int(round(holdout * n)) if n >= 4 else 0
+    n_hold = round(holdout * n) if n >= 4 else 0
     x_tune, x_hold = x[: n - n_hold], x[n - n_hold :]
 
     # ----- the reference ------------------------------------------------------------------
@@ -485,10 +486,10 @@ def tune_grid(
     finite = {k: v for k, v in tried.items() if math.isfinite(v)}
     if not finite:
         raise ValueError(f"solver {solver!r} failed on every standard grid at nfe={nfe}; cannot tune")
-    initial = min(finite, key=finite.get)
-    best = {"err": finite[initial], "grid": candidates[initial]}
+    initial = min(finite, key=finite.__getitem__)
+    best = _Best(finite[initial], candidates[initial])
     if progress:
-        print(f"tune_grid: {solver} nfe={nfe} steps={steps}: best standard grid {initial} ({best['err']:.4g})")
+        print(f"tune_grid: {solver} nfe={nfe} steps={steps}: best standard grid {initial} ({best.err:.4g})")
 
     # ----- stage 2: free step locations --------------------------------------------------------
     def objective(theta: np.ndarray) -> float:
@@ -500,27 +501,27 @@ def tune_grid(
         if (torch.diff(g) <= 0).any():
             return 1e3
         e = error(g, x_tune, ref_tune)
-        if e < best["err"]:
-            best["err"], best["grid"] = e, g
+        if e < best.err:
+            best.err, best.grid = e, g
         return math.log(e) if math.isfinite(e) and e > 0 else 1e3
 
-    theta0 = coords.theta_of_grid(best["grid"], free_end).numpy()
+    theta0 = coords.theta_of_grid(best.grid, free_end).numpy()
     if steps >= 2 or free_end:
         try:
             minimize(objective, theta0, method="Powell",
                      options={"xtol": 1e-3, "ftol": 1e-4, "maxfev": max_evals, "direc": np.eye(len(theta0)) * 0.5})
-            minimize(objective, coords.theta_of_grid(best["grid"], free_end).numpy(), method="Nelder-Mead",
+            minimize(objective, coords.theta_of_grid(best.grid, free_end).numpy(), method="Nelder-Mead",
                      options={"xatol": 1e-3, "fatol": 1e-4, "maxfev": max_evals, "adaptive": True})
         except _Stop:
             pass
 
     # ----- validation on the held-out part ------------------------------------------------------
-    tuned_grid = best["grid"]
-    errors: dict[str, dict[str, float]] = {k: {"tune": v} for k, v in tried.items() if k in kinds}
-    errors["tuned"] = {"tune": best["err"]}
+    tuned_grid = best.grid
+    errors: dict[str, dict[str, Any]] = {k: {"tune": v} for k, v in tried.items() if k in kinds}
+    errors["tuned"] = {"tune": best.err}
     errors["initial"] = {"tune": finite[initial], "kind": initial}
     chosen = "tuned"
-    if n_hold:
+    if ref_hold is not None:
         for k in kinds:
             if k in candidates and k in errors:
                 errors[k]["holdout"] = error(candidates[k], x_hold, ref_hold)
@@ -561,6 +562,13 @@ def tune_grid(
 
 class _Stop(Exception):
     """Raised inside the objective when the evaluation or time budget is spent."""
+
+
+class _Best:
+    """The best grid found so far and its tuning error."""
+
+    def __init__(self, err: float, grid: Tensor):
+        self.err, self.grid = err, grid
 
 
 def tune_grid_from_checkpoint(
