@@ -205,6 +205,16 @@ def summarise(row: dict, truth: Tensor) -> dict:
     return out
 
 
+def family(row: dict) -> str:
+    """Plot series of a result row: library + method (+ "no check")."""
+    config = row["config"]
+    method = config.split()[0]
+    if row["library"] == "flowdiff" and method == "dopri5":
+        method = "dopri5 per-sample"
+    suffix = " (no check)" if "no-check" in config else ""
+    return f"{row['library']} {method}{suffix}"
+
+
 def fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "—"
@@ -297,16 +307,11 @@ def write(results: dict[str, list[dict]], n: int, fm_version: str | None, elapse
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     for ax, (name, rows) in zip(axes[0], results.items()):
         families: dict[str, list[tuple[float, float]]] = {}
-        for r in rows:
+        for r in rows:  # configurations are listed in increasing cost within a family: keep that order
             if r["mean_err"] is None or "hutchinson" in r["config"]:
                 continue
-            fam = r["library"] + " " + r["config"].split(" nfe=")[0].split(" tol=")[0].split(" 1")[0].split(" 2")[0].split(" 4")[0]
-            fam = fam.replace(" 100 steps exact", "").replace(" steps exact", "")
-            if "no-check" in r["config"]:
-                fam += " (no check)"
-            families.setdefault(fam, []).append((r["evals_per_point"], max(r["mean_err"], 1e-9)))
-        for fam, pts in sorted(families.items()):
-            pts.sort()
+            families.setdefault(family(r), []).append((r["evals_per_point"], max(r["mean_err"], 1e-9)))
+        for fam, pts in families.items():
             style = "-o" if fam.startswith("flowdiff") else "--s"
             ax.loglog([p[0] for p in pts], [p[1] for p in pts], style, label=fam, ms=4)
         ax.axhline(1e-3, color="grey", lw=0.8, ls=":")
