@@ -15,8 +15,7 @@ import torch
 
 import flowdiff as fd
 from flowdiff.metrics import sliced_wasserstein
-from flowdiff.solvers import available, sample
-from flowdiff.solvers import sde
+from flowdiff.solvers import available, sample, sde
 
 SDE_SOLVERS = ("euler-maruyama", "ddpm", "sde-dpm-solver++1", "sde-dpm-solver++2", "edm", "heun-churn", "pc")
 
@@ -209,7 +208,9 @@ def test_interpolant_euler_maruyama_same_marginals_for_every_eps():
     base = fd.testing.random_mixture(2, 2, seed=3)
     target = fd.testing.random_mixture(2, 2, seed=4)
     oracle = fd.testing.InterpolantOracle(si, base, target)
-    field = fd.InterpolantField(si, oracle.model("drift"), "drift", score_model=oracle.model("score"), score_prediction="score")
+    field = fd.InterpolantField(
+        si, oracle.model("drift"), "drift", score_model=oracle.model("score"), score_prediction="score"
+    )
     n = 2500
     g = _gen(5)
     x0 = si.sample(base.sample(n, g), target.sample(n, g), si.t_min, generator=g).x_t
@@ -310,7 +311,9 @@ def test_gaussian_only_solvers_reject_interpolants():
     si = fd.paths.StochasticInterpolant("linear", gamma="brownian")
     mix = fd.testing.random_mixture(2, 1, seed=0)
     oracle = fd.testing.InterpolantOracle(si, mix, mix)
-    field = fd.InterpolantField(si, oracle.model("drift"), "drift", score_model=oracle.model("score"), score_prediction="score")
+    field = fd.InterpolantField(
+        si, oracle.model("drift"), "drift", score_model=oracle.model("score"), score_prediction="score"
+    )
     x0 = torch.randn(8, 2, dtype=torch.float64)
     for solver in ("ddpm", "sde-dpm-solver++1", "sde-dpm-solver++2", "edm"):
         with pytest.raises((TypeError, ValueError), match="Gaussian path"):
@@ -322,7 +325,9 @@ def test_gaussian_only_solvers_reject_interpolants():
 def test_callback_sees_every_step(small_field):
     field, x0 = small_field
     seen = []
-    res = sample(field, x0, solver="sde-dpm-solver++2", nfe=8, generator=_gen(0), callback=lambda i, t, x, d: seen.append((i, t)))
+    res = sample(
+        field, x0, solver="sde-dpm-solver++2", nfe=8, generator=_gen(0), callback=lambda i, t, x, d: seen.append((i, t))
+    )
     assert [i for i, _ in seen] == list(range(res.steps))
     assert seen[-1][1] == pytest.approx(field.path.t_max)
 

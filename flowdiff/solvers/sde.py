@@ -55,7 +55,8 @@ starts; the final denoising is done by :func:`~flowdiff.solvers.sample`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,27 +64,33 @@ from torch import Tensor
 from .._utils import expand_like
 from ..fields import InterpolantField
 from ..paths import GaussianPath
-from .base import GaussianEvaluator, PathTable, register_solver, time_tensor, velocity_calls
+from .base import (
+    GaussianEvaluator,
+    PathTable,
+    register_solver,
+    time_tensor,
+    velocity_calls,
+)
 
 __all__ = [
     "EPS_OPTIONS",
     "Diffusion",
-    "diffusion_schedule",
-    "euler_maruyama",
     "ddpm",
+    "diffusion_schedule",
+    "edm_heun_churn",
+    "euler_maruyama",
+    "predictor_corrector",
     "sde_dpm_solver_pp_1",
     "sde_dpm_solver_pp_2",
-    "edm_heun_churn",
-    "predictor_corrector",
 ]
 
 #: Named choices of ε(t) in the sampling equation.
 EPS_OPTIONS = ("reverse-diffusion", "zero")
 
 #: What a user may pass as ``eps``: a number ≥ 0, a callable of ``t``, or a name from EPS_OPTIONS.
-Diffusion = Union[float, int, str, Callable[[Tensor], Tensor]]
+Diffusion = float | int | str | Callable[[Tensor], Tensor]
 
-Callback = Callable[[int, float, Tensor, Union[Tensor, None]], None]
+Callback = Callable[[int, float, Tensor, Tensor | None], None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,11 +134,6 @@ def _check_count(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
     return value
-
-
-def _check_no_options(solver: str, options: dict) -> None:
-    if options:
-        raise TypeError(f"solver {solver!r} got unknown option(s) {', '.join(sorted(options))}")
 
 
 def _gaussian_path(field: Any, solver: str) -> GaussianPath | None:
@@ -196,7 +198,9 @@ def diffusion_schedule(eps: Diffusion, path: Any = None) -> Callable[[Tensor], T
                 return path._sigma(t) ** 2 * path._d_log_snr(t)
 
             return reverse_diffusion
-        raise ValueError(f"unknown eps {eps!r}; valid: a number >= 0, a callable of t, or one of {', '.join(EPS_OPTIONS)}")
+        raise ValueError(
+            f"unknown eps {eps!r}; valid: a number >= 0, a callable of t, or one of {', '.join(EPS_OPTIONS)}"
+        )
     if callable(eps):
         return eps
     value = _check_number("eps", eps)
@@ -235,7 +239,9 @@ def _eps_value(eps_fn: Callable[[Tensor], Tensor], t: float, x: Tensor) -> Tenso
     if val.shape != (x.shape[0],):
         raise ValueError(f"eps(t) must return a scalar or shape (B,) = ({x.shape[0]},), got {tuple(val.shape)}")
     if not bool(torch.isfinite(val).all()) or bool((val < 0).any()):
-        raise ValueError(f"eps(t) must be finite and >= 0, got values in [{float(val.min())!r}, {float(val.max())!r}] at t={t:.6g}")
+        raise ValueError(
+            f"eps(t) must be finite and >= 0, got values in [{float(val.min())!r}, {float(val.max())!r}] at t={t:.6g}"
+        )
     return expand_like(val, x)
 
 
@@ -255,14 +261,17 @@ class _DriftScore:
     def __init__(self, field: Any, cond: dict | None, times: list[float]):
         self.field, self.cond = field, dict(cond or {})
         self.path = getattr(field, "path", None)
+        self.evaluator: GaussianEvaluator | None = None
+        self.table: PathTable | None = None
         if isinstance(self.path, GaussianPath):
             self.evaluator = GaussianEvaluator(field, self.path, self.cond)
             self.table = PathTable.build(self.path, times)
-        else:
-            self.evaluator, self.table = None, None
 
     def coefficients(self, i: int) -> tuple[float, float, float, float]:
+        """(α, σ, α̇, σ̇) at grid point ``i`` (Gaussian paths only)."""
         tb = self.table
+        if tb is None:  # pragma: no cover - guarded by the callers
+            raise TypeError("path coefficients exist only on a Gaussian path")
         return tb.alpha[i], tb.sigma[i], tb.d_alpha[i], tb.d_sigma[i]
 
     def drift(self, x: Tensor, i: int, t: float, e: Tensor | float) -> tuple[Tensor, Tensor | None]:
@@ -452,8 +461,7 @@ def _sde_dpmpp(
         # step and, with lower_order_final, on the last one: that step ends at t_end, where the
         # grid's last λ-gap is large (on a uniform-t grid it is the largest), and the
         # extrapolated D1 there hurt at every NFE and grid we measured (benchmarks/sde_solvers.py).
-        use_second = order == 2 and prev_data is not None and not (lower_order_final and i == steps - 1)
-        if use_second:
+        if order == 2 and prev_data is not None and not (lower_order_final and i == steps - 1):
             r = prev_h / h  # D1 = (m0 − m1)/r
             weight = 0.5 * one_minus if solver_type == "midpoint" else 1.0 - one_minus / (2 * h)
             x_next.add_(data - prev_data, alpha=a_t * weight / r)
@@ -728,14 +736,14 @@ def predictor_corrector(
 
 
 def _register() -> None:
-    common = {"kind": "sde", "stochastic": True}
     register_solver(
         "euler-maruyama",
         euler_maruyama,
         evals_per_step=1,
         calls_per_eval=_sde_calls,
         description="Euler–Maruyama on dX = [b + eps(t) s]dt + sqrt(2 eps(t))dW; eps a number, callable, 'reverse-diffusion' or 'zero'",
-        **common,
+        kind="sde",
+        stochastic=True,
     )
     register_solver(
         "ddpm",
@@ -743,7 +751,8 @@ def _register() -> None:
         evals_per_step=1,
         requires_gaussian_path=True,
         description="ancestral DDPM posterior step; eta in [0, 1] gives DDIM-eta (Ho et al. 2020; Song et al. 2021)",
-        **common,
+        kind="sde",
+        stochastic=True,
     )
     register_solver(
         "sde-dpm-solver++1",
@@ -752,7 +761,8 @@ def _register() -> None:
         requires_gaussian_path=True,
         default_grid="quadratic",  # best measured at 10-20 NFE (benchmarks/results/sde_solvers.md)
         description="SDE-DPM-Solver++(1): exact linear part of the reverse SDE in log-SNR (Lu et al. 2022)",
-        **common,
+        kind="sde",
+        stochastic=True,
     )
     register_solver(
         "sde-dpm-solver++2",
@@ -762,7 +772,8 @@ def _register() -> None:
         default_grid="quadratic",  # best measured at 10-20 NFE (benchmarks/results/sde_solvers.md)
         description="SDE-DPM-Solver++(2M) multistep, midpoint or heun weight (Lu et al. 2022; diffusers sde-dpmsolver++)",
         aliases=("sde-dpm-solver++",),
-        **common,
+        kind="sde",
+        stochastic=True,
     )
     register_solver(
         "edm",
@@ -773,7 +784,8 @@ def _register() -> None:
         steps_for_budget=lambda budget: (budget + 1) // 2,  # odd budgets end with an Euler step
         description="EDM stochastic Heun with churn in sigma/alpha (Karras et al. 2022, Alg. 2)",
         aliases=("heun-churn",),
-        **common,
+        kind="sde",
+        stochastic=True,
     )
     register_solver(
         "pc",
@@ -781,7 +793,8 @@ def _register() -> None:
         evals_per_step=2,
         calls_per_eval=_sde_calls,
         description="reverse-diffusion predictor + Langevin corrector, SNR step rule (Song et al. 2021); 1 + n_corrector evals/step",
-        **common,
+        kind="sde",
+        stochastic=True,
     )
 
 
