@@ -204,9 +204,9 @@ def test_hutchinson_estimate_of_l_is_unbiased():
 def test_estimated_statistics_improve_on_dpm_solver_pp_for_a_mixture():
     mix = fd.testing.random_mixture(6, 4, seed=4, path=DISCRETE)
     field = exact_field(mix)
-    ems = estimate_ems(field, mix, num_lambdas=80, num_samples=512, batch_size=512, progress=False)
+    ems = estimate_ems(field, mix, num_lambdas=60, num_samples=256, batch_size=256, progress=False)
     x0 = DISCRETE.prior_sample((64, 6), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    ref = sample(field, x0, solver="dpm-solver++3m", nfe=400, grid="logsnr", solver_type="taylor").x
+    ref = sample(field, x0, solver="dpm-solver++3m", nfe=300, grid="logsnr", solver_type="taylor").x
 
     def err(res):
         return float(((res.x - ref) ** 2).mean(1).sqrt().median())

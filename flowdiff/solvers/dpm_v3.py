@@ -312,61 +312,55 @@ class _Calculus:
 
     Every quantity is a ``(D,)`` float64 CPU vector (D = product of the data shape); results are
     cached per step, as a sampling run asks for each a few times (predictor and corrector).
+    All the points a step needs are located in the knot table at once (one ``searchsorted``):
+    the cost is a few tensor operations per step, whatever the number of knots.
     """
 
     def __init__(self, ems: EMS, nodes: int = 6, max_width: float = 0.25):
         self.lam = ems.lambdas
         self.k = self.lam.numel()
-        flat = lambda v: v.reshape(self.k, -1)
-        self.l, self.s, self.b = flat(ems.l), flat(ems.s), flat(ems.b)
+        self.l = ems.l.reshape(self.k, -1)
+        self.d = self.l.shape[1]
+        # columns: l | s | b, and the antiderivatives of l | s at the knots (trapezoid = exact)
+        self.table = torch.cat([self.l, ems.s.reshape(self.k, -1), ems.b.reshape(self.k, -1)], 1)
         widths = torch.diff(self.lam)[:, None]
-        self.L_knots = torch.cat([torch.zeros_like(self.l[:1]), torch.cumsum(0.5 * widths * (self.l[1:] + self.l[:-1]), 0)])
-        self.S_knots = torch.cat([torch.zeros_like(self.s[:1]), torch.cumsum(0.5 * widths * (self.s[1:] + self.s[:-1]), 0)])
+        ls = self.table[:, : 2 * self.d]
+        self.knots = torch.cat([torch.zeros_like(ls[:1]), torch.cumsum(0.5 * widths * (ls[1:] + ls[:-1]), 0)])
         xi, w = np.polynomial.legendre.leggauss(nodes)
         self.xi = torch.tensor((xi + 1.0) / 2.0, dtype=torch.float64)  # nodes on [0, 1]
         self.w = torch.tensor(w / 2.0, dtype=torch.float64)
         self.max_width = max_width
         self._cache: dict[tuple, Any] = {}
 
-    def _locate(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def evaluate(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """At the λ's ``u`` (n,): ``(L(u), S(u), b(u), l(u))``, each ``(n, D)``, with
+        :math:`L = \\int_{λ_0}^{u} l` and :math:`S = \\int_{λ_0}^{u} s` exact for the interpolant."""
         idx = (torch.searchsorted(self.lam, u, right=True) - 1).clamp(0, self.k - 2)
-        du = u - self.lam[idx]
-        width = self.lam[idx + 1] - self.lam[idx]
-        return idx, du[:, None], width[:, None]
+        du = (u - self.lam[idx])[:, None]
+        width = (self.lam[idx + 1] - self.lam[idx])[:, None]
+        lo, hi = self.table[idx], self.table[idx + 1]
+        d = self.d
+        anti = self.knots[idx] + lo[:, : 2 * d] * du + (hi - lo)[:, : 2 * d] * (du * du / (2.0 * width))
+        vals = lo + (hi - lo) * (du / width)
+        return anti[:, :d], anti[:, d:], vals[:, 2 * d :], vals[:, :d]
 
-    def value(self, table: Tensor, u: Tensor) -> Tensor:
-        """Linear interpolation of a ``(K, D)`` table at the λ's ``u`` (n,) → ``(n, D)``."""
-        idx, du, width = self._locate(u)
-        lo, hi = table[idx], table[idx + 1]
-        return lo + (hi - lo) * (du / width)
-
-    def _anti(self, table: Tensor, knots: Tensor, u: Tensor) -> Tensor:
-        """Exact antiderivative ∫_{λ_0}^{u} of the interpolated table, ``(n, D)``."""
-        idx, du, width = self._locate(u)
-        lo, hi = table[idx], table[idx + 1]
-        return knots[idx] + lo * du + (hi - lo) * (du * du / (2.0 * width))
-
-    def L(self, u: Tensor) -> Tensor:
-        return self._anti(self.l, self.L_knots, u)
-
-    def S(self, u: Tensor) -> Tensor:
-        return self._anti(self.s, self.S_knots, u)
+    def value_l(self, u: Tensor) -> Tensor:
+        """l at the λ's ``u``: ``(n, D)``."""
+        return self.evaluate(u)[3]
 
     def _pieces(self, lo: float, hi: float) -> tuple[Tensor, Tensor]:
         """Split [lo, hi] at the EMS knots and into pieces of width ≤ max_width: (starts, ends)."""
         inner = self.lam[(self.lam > lo) & (self.lam < hi)]
         cuts = torch.cat([torch.tensor([lo], dtype=torch.float64), inner, torch.tensor([hi], dtype=torch.float64)])
-        starts, ends = [], []
-        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
-            n = max(1, math.ceil((b - a) / self.max_width))
-            edges = torch.linspace(a, b, n + 1, dtype=torch.float64)
-            starts.append(edges[:-1])
-            ends.append(edges[1:])
-        return torch.cat(starts), torch.cat(ends)
-
-    def _q(self, v: Tensor, s_ref: Tensor) -> Tensor:
-        """The β integrand :math:`e^{-(S(v) - S_{ref})} b(v)` at the λ's ``v`` (n,) → ``(n, D)``."""
-        return torch.exp(-(self.S(v) - s_ref)) * self.value(self.b, v)
+        width = torch.diff(cuts)
+        count = torch.ceil(width / self.max_width).clamp_min(1).to(torch.long)
+        seg = torch.repeat_interleave(torch.arange(len(width)), count)  # segment of each piece
+        first = torch.cumsum(count, 0) - count
+        k = torch.arange(len(seg)) - first[seg]  # index of the piece inside its segment
+        step = width[seg] / count[seg]
+        starts = cuts[:-1][seg] + k * step
+        ends = torch.where(k == count[seg] - 1, cuts[1:][seg], starts + step)
+        return starts, ends
 
     def step(self, lam_s: float, lam_t: float, kmax: int) -> tuple[Tensor, list[Tensor], Tensor]:
         """``(L_t − L_s, [J_0 … J_kmax], J_β)`` for the step λ_s → λ_t (λ_s < λ_t)."""
@@ -374,35 +368,33 @@ class _Calculus:
         cached = self._cache.get(key)
         if cached is not None and len(cached[1]) > kmax:
             return cached[0], cached[1][: kmax + 1], cached[2]
-        kmax_c = max(kmax, 2)
         a, b = self._pieces(lam_s, lam_t)
         width = (b - a)[:, None]
-        u = a[:, None] + width * self.xi[None]  # (P, m)
-        wu = width * self.w[None]
+        u = a[:, None] + width * self.xi[None]  # outer nodes (P, m)
+        wu = (width * self.w[None]).reshape(-1, 1)
         P, m = u.shape
-        ref = torch.tensor([lam_s], dtype=torch.float64)
-        ls_ss = self.L(ref) + self.S(ref)  # (1, D)
-        s_ref = self.S(ref)
-        uf = u.reshape(-1)
-        phi = self.L(uf) + self.S(uf) - ls_ss  # (P*m, D)
-        e_phi = torch.exp(phi) * wu.reshape(-1, 1)
-        v = (uf - lam_s)[:, None]
+        part = u - a[:, None]  # inner nodes for β(u) = β(a_p) + ∫_{a_p}^{u}: (P, m, m)
+        inner = a[:, None, None] + part[:, :, None] * self.xi[None, None]
+        inner_w = (part[:, :, None] * self.w[None, None]).reshape(-1, 1)
+        pts = torch.cat([torch.tensor([lam_s, lam_t], dtype=torch.float64), u.reshape(-1), inner.reshape(-1)])
+        L, S, bv, _ = self.evaluate(pts)
+        n_out = P * m
+        phi = (L[2 : 2 + n_out] + S[2 : 2 + n_out]) - (L[0] + S[0])
+        e_phi = torch.exp(phi) * wu
+        v = (u.reshape(-1) - lam_s)[:, None]
         J = []
         power = torch.ones_like(v)
-        for k in range(kmax_c + 1):
+        for k in range(max(kmax, 2) + 1):
             J.append((e_phi * power).sum(0) / math.factorial(k))
             power = power * v
-        # β(u) = ∫_{λ_s}^{u} e^{-(S - S_s)} b: whole pieces before u's piece, plus the part of its own.
-        q_nodes = (self._q(uf, s_ref) * wu.reshape(-1, 1)).reshape(P, m, -1)
-        before = torch.cumsum(q_nodes.sum(1), 0) - q_nodes.sum(1)  # (P, D), exclusive
-        part = (u - a[:, None])  # (P, m)
-        inner_v = a[:, None, None] + part[:, :, None] * self.xi[None, None]  # (P, m, m)
-        inner_w = part[:, :, None] * self.w[None, None]
-        q_inner = self._q(inner_v.reshape(-1), s_ref).reshape(P, m, m, -1)
-        beta_u = before[:, None] + (q_inner * inner_w[..., None]).sum(2)  # (P, m, D)
-        J_beta = (e_phi * beta_u.reshape(P * m, -1)).sum(0)
-        end = torch.tensor([lam_t], dtype=torch.float64)
-        dL = (self.L(end) - self.L(ref))[0]
+        q = torch.exp(-(S[2:] - S[0])) * bv[2:]  # β integrand e^{-(S - S_s)} b
+        q_out = (q[:n_out] * wu).reshape(P, m, -1)
+        whole = q_out.sum(1)
+        before = torch.cumsum(whole, 0) - whole  # β at each piece's start (exclusive sum)
+        q_in = (q[n_out:] * inner_w).reshape(P, m, m, -1).sum(2)
+        beta_u = (before[:, None] + q_in).reshape(n_out, -1)
+        J_beta = (e_phi * beta_u).sum(0)
+        dL = L[1] - L[0]
         self._cache[key] = (dL, J, J_beta)
         return dL, J[: kmax + 1], J_beta
 
@@ -411,17 +403,16 @@ class _Calculus:
         key = ("back", lam_j, lam_s)
         if key in self._cache:
             return self._cache[key]
-        ref = torch.tensor([lam_s], dtype=torch.float64)
-        s_ref = self.S(ref)
         lo, hi = min(lam_j, lam_s), max(lam_j, lam_s)
         a, b = self._pieces(lo, hi)
         width = (b - a)[:, None]
         u = (a[:, None] + width * self.xi[None]).reshape(-1)
-        integral = (self._q(u, s_ref) * (width * self.w[None]).reshape(-1, 1)).sum(0)
+        pts = torch.cat([torch.tensor([lam_s, lam_j], dtype=torch.float64), u])
+        _, S, bv, _ = self.evaluate(pts)
+        integral = (torch.exp(-(S[2:] - S[0])) * bv[2:] * (width * self.w[None]).reshape(-1, 1)).sum(0)
         beta = integral if lam_j > lam_s else -integral
-        d_s = (self.S(torch.tensor([lam_j], dtype=torch.float64)) - s_ref)[0]
-        self._cache[key] = (d_s, beta)
-        return d_s, beta
+        self._cache[key] = (S[1] - S[0], beta)
+        return self._cache[key]
 
 
 # ---------------------------------------------------------------------------------------
@@ -622,7 +613,7 @@ def dpm_solver_v3(
 
     calc = _Calculus(ems)
     stepper = _V3Stepper(calc, table, x)
-    l_nodes = calc.value(calc.l, torch.tensor(lam, dtype=torch.float64))  # (steps + 1, D)
+    l_nodes = calc.value_l(torch.tensor(lam, dtype=torch.float64))  # (steps + 1, D)
     evaluator = GaussianEvaluator(field, path, cond)
     t_mid = 0.5 * (table.t[0] + table.t[-1])
     f: dict[int, Tensor] = {}
