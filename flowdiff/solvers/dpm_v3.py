@@ -316,7 +316,7 @@ class _Calculus:
     the cost is a few tensor operations per step, whatever the number of knots.
     """
 
-    def __init__(self, ems: EMS, nodes: int = 6, max_width: float = 0.25):
+    def __init__(self, ems: EMS, nodes: int = 4, max_width: float = 0.25):
         self.lam = ems.lambdas
         self.k = self.lam.numel()
         self.l = ems.l.reshape(self.k, -1)
