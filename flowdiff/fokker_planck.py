@@ -40,25 +40,27 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._utils import batch_time, check_time_range, expand_like
 from .fields import Field
-from .likelihood import _check_data, _check_int, divergence as _divergence, draw_probes
+from .likelihood import _check_data, _check_int, draw_probes
+from .likelihood import divergence as _divergence
 from .paths import PREDICTIONS, GaussianPath
 
 __all__ = [
     "FP_KINDS",
     "FP_WEIGHTINGS",
-    "fokker_planck_residual",
     "FokkerPlanckRegularizer",
     "ODESDEGap",
-    "ode_sde_gap",
+    "fokker_planck_residual",
     "histogram_w2",
+    "ode_sde_gap",
 ]
 
 #: What the model passed to :func:`fokker_planck_residual` outputs.
@@ -333,7 +335,7 @@ class ODESDEGap:
     outside: tuple[float, float, float] | None = None
 
     def __repr__(self) -> str:
-        fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+        fmt = lambda v: "n/a" if v is None else f"{v:.4g}"
         return (
             f"ODESDEGap(W2² ODE–SDE={fmt(self.ode_sde)}, ODE–data={fmt(self.ode_data)}, "
             f"SDE–data={fmt(self.sde_data)}, method={self.method!r}, n={self.x_ode.shape[0]}, steps={self.steps})"
@@ -352,7 +354,7 @@ def histogram_w2(x: Tensor, y: Tensor, bins: int = 64, box: float | Sequence[flo
         ``(W2², fraction of x outside, fraction of y outside)``.
     """
     try:
-        import ot
+        import ot  # type: ignore[import-untyped]
     except ImportError as error:  # pragma: no cover - optional dependency
         raise ImportError("histogram_w2 needs POT (pip install POT, or flowdiff[train])") from error
     for name, v in (("x", x), ("y", y)):

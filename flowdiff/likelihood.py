@@ -88,32 +88,33 @@ is an upper bound on the discrete model's code length (Theis, van den Oord & Bet
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field as dataclass_field
-from typing import Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .fields import Field, InterpolantField
 from .paths import GaussianPath, StochasticInterpolant
 
 __all__ = [
-    "LikelihoodResult",
-    "BitsPerDimResult",
-    "SampleLogpResult",
-    "NonFiniteLikelihoodError",
-    "LIKELIHOOD_SOLVERS",
-    "DIVERGENCES",
-    "PROBE_DISTRIBUTIONS",
-    "LIKELIHOOD_GRIDS",
     "DEFAULT_LIKELIHOOD_NFE",
-    "log_likelihood",
-    "bits_per_dim",
-    "sample_with_logp",
+    "DIVERGENCES",
+    "LIKELIHOOD_GRIDS",
+    "LIKELIHOOD_SOLVERS",
+    "PROBE_DISTRIBUTIONS",
+    "BitsPerDimResult",
+    "LikelihoodResult",
+    "NonFiniteLikelihoodError",
+    "SampleLogpResult",
     "augmented_velocity",
+    "bits_per_dim",
     "divergence",
     "draw_probes",
+    "log_likelihood",
+    "sample_with_logp",
 ]
 
 #: Solvers :func:`log_likelihood` and :func:`sample_with_logp` accept.
@@ -132,7 +133,7 @@ DEFAULT_ADAPTIVE_CAP = 10_000
 #: Elements (chunk × batch × dim) one batched vector–Jacobian product may allocate.
 _VJP_ELEMENTS = 1 << 24
 
-Prior = Union[str, Callable[[Tensor], Tensor]]
+Prior = str | Callable[[Tensor], Tensor]
 
 
 class NonFiniteLikelihoodError(FloatingPointError, ValueError):
@@ -403,7 +404,8 @@ def augmented_velocity(
             raise ValueError(f"field.velocity must return a tensor of shape {tuple(x.shape)}, got {getattr(u, 'shape', u)}")
         if not u.requires_grad:
             # A velocity that does not depend on x (e.g. a constant model) has zero divergence.
-            zero = x.new_zeros(x.shape[0]) if divergence == "exact" else x.new_zeros(probes.shape[0], x.shape[0])
+            num_probes = 0 if probes is None else probes.shape[0]
+            zero = x.new_zeros(x.shape[0]) if divergence == "exact" else x.new_zeros(num_probes, x.shape[0])
             return u, zero
         div = _compute_divergence(
             u, inp, method=divergence, probes=probes, chunk_size=chunk_size, create_graph=create_graph
@@ -493,7 +495,7 @@ class _Evaluator:
         scale, dt_dtau, dlogs = self.coords.factors(t64.clamp(self.t_lo, self.t_hi))
         per_sample = t64.ndim == 1
         shape = (-1,) + (1,) * (y.ndim - 1)
-        cast = lambda v: (v.reshape(shape) if per_sample else v).to(dtype=y.dtype, device=y.device)  # noqa: E731
+        cast = lambda v: (v.reshape(shape) if per_sample else v).to(dtype=y.dtype, device=y.device)
         x = cast(scale) * y
         tm = self.model_time(t64, y)
         probes = None
@@ -713,7 +715,7 @@ def _integrate_rk(ev: _Evaluator, name: str, y: Tensor, t: Tensor, tau: Tensor, 
             ks.append(k)
             gs.append(gk)
         y = y + h * sum(b[s] * ks[s] for s in range(len(c)) if b[s] != 0.0)
-        inc = h * sum(b[s] * gs[s] for s in range(len(c)) if b[s] != 0.0)
+        inc: Tensor = h * sum(b[s] * gs[s] for s in range(len(c)) if b[s] != 0.0)  # type: ignore[assignment]
         ell = inc if ell is None else ell + inc
         if check:
             _check_state(y, ell, name, float(t[i + 1]))
@@ -826,7 +828,7 @@ def _integrate_dopri5(
 
 def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
+        raise TypeError(f"{name} must be an integer >= {low}, got {type(value).__name__} {name}={value!r}")
     if int(value) < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
     return int(value)
@@ -921,7 +923,13 @@ def _progress_bar(enabled: bool, total: int, label: str):
     if not enabled:
         return None, None
     try:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
     except ImportError:  # pragma: no cover - rich is an optional extra
         import warnings
 
@@ -988,8 +996,8 @@ def _solve(
         ell_shape = (x.shape[0],) if probes is None else (probes.shape[0], x.shape[0])
         y, ell, steps_taken = _integrate_dopri5(ev, y, t_a, t_b, rtol, atol, cap, ell_shape, check)
     else:
-        budget = DEFAULT_LIKELIHOOD_NFE if nfe is None and isinstance(grid, str) else nfe
         if isinstance(grid, str):
+            budget = DEFAULT_LIKELIHOOD_NFE if nfe is None else nfe
             steps = _steps_for(solver, budget)
             if solver == "adams":
                 steps -= 2  # two start-up nodes are inserted into the first step
@@ -1168,11 +1176,10 @@ def log_likelihood(
         delta = change.mean(0)
     else:
         log_prob, std_error, delta = per_probe, None, change
-    steps = refined = None
-    if solver == "dopri5":
-        steps = torch.cat([s.steps for s, _ in outs])
-    if all(s.refined is not None for s, _ in outs):
-        refined = torch.cat([s.refined for s, _ in outs])
+    steps_list = [s.steps for s, _ in outs if s.steps is not None]
+    refined_list = [s.refined for s, _ in outs if s.refined is not None]
+    steps = torch.cat(steps_list) if len(steps_list) == len(outs) else None
+    refined = torch.cat(refined_list) if len(refined_list) == len(outs) else None
     return LikelihoodResult(
         log_prob=log_prob if differentiable else log_prob.detach(),
         prior_term=prior_term.detach() if not differentiable else prior_term,

@@ -117,7 +117,7 @@ def test_regularizer_penalty_zero_for_exact_positive_and_differentiable_otherwis
     assert (FokkerPlanckRegularizer(path, weight=0.0)(net, xt, t) == 0).all()
     # the log-density form on a scalar-potential network
     potential = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Softplus(), torch.nn.Linear(16, 1)).double()
-    model = lambda x, s: potential(torch.cat([x, s[:, None]], 1))[:, 0]  # noqa: E731
+    model = lambda x, s: potential(torch.cat([x, s[:, None]], 1))[:, 0]
     pen = FokkerPlanckRegularizer(path, 1.0, kind="log_density")(model, xt, t)
     assert pen.shape == (32,) and torch.isfinite(pen).all()
     pen.mean().backward()

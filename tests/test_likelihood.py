@@ -17,7 +17,12 @@ from flowdiff.likelihood import (
     log_likelihood,
     sample_with_logp,
 )
-from flowdiff.testing import Gaussian, GaussianMixture, InterpolantOracle, random_mixture
+from flowdiff.testing import (
+    Gaussian,
+    GaussianMixture,
+    InterpolantOracle,
+    random_mixture,
+)
 
 torch.set_num_threads(1)  # tiny problems: threads only add contention
 
