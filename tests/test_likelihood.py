@@ -24,7 +24,6 @@ from flowdiff.testing import (
     random_mixture,
 )
 
-torch.set_num_threads(1)  # tiny problems: threads only add contention
 
 
 def _gen(seed: int) -> torch.Generator:
