@@ -16,7 +16,6 @@ from flowdiff.fokker_planck import (
 )
 from flowdiff.testing import GaussianMixture, random_mixture
 
-
 PATHS = [fd.paths.VP(), fd.paths.Linear(), fd.paths.VE(sigma_min=0.02, sigma_max=20.0), fd.paths.Cosine()]
 
 

@@ -25,7 +25,6 @@ from flowdiff.testing import (
 )
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These problems are tiny: a second intra-op thread only adds contention (10x slower on a
