@@ -386,6 +386,8 @@ class SampleResult:
     trajectory: list[Tensor] | None = None
     nfe_budget: int | None = None
     options: dict = dataclass_field(default_factory=dict)
+    logp: Tensor | None = None
+    logp_std_error: Tensor | None = None
 
     @property
     def t_start(self) -> float:
@@ -452,6 +454,40 @@ def _final_denoise(field: Any, x: Tensor, t_end: float, cond: dict) -> Tensor:
     return x + (1.0 - t_end) * field.velocity(x, tt, **cond)
 
 
+def _sample_with_logp(
+    field: Any, x_init: Tensor, solver: str | None, nfe: int | None, grid: Any, t_start: float | None,
+    t_end: float | None, denoise_final: bool, generator: torch.Generator | None, cond: dict | None,
+    check_finite: bool, options: dict,
+) -> SampleResult:
+    # The likelihood layer sits above the solvers; it is imported here, only when asked for.
+    from ..likelihood import LIKELIHOOD_SOLVERS, sample_with_logp
+
+    name = solver or "adams"
+    if name not in LIKELIHOOD_SOLVERS:
+        raise ValueError(f"return_logp=True needs a solver from {', '.join(LIKELIHOOD_SOLVERS)}, got solver={name!r}")
+    final_calls = (1 if isinstance(field.path, GaussianPath) else velocity_calls(field)) if denoise_final else 0
+    if nfe is not None:
+        nfe = _check_int("nfe", nfe, 1)
+        if nfe - final_calls < 1:
+            raise ValueError(f"nfe={nfe} leaves no evaluation for sampling after the final denoise")
+    start_nfe = field.nfe
+    kwargs = dict(options)
+    if grid is not None:
+        kwargs["grid"] = grid
+    out = sample_with_logp(field, x_init, solver=name, nfe=None if nfe is None else nfe - final_calls,
+                           t_start=t_start, t_end=t_end, cond=cond, generator=generator,
+                           check_finite=check_finite, **kwargs)
+    state, denoised = out.x, None
+    t1 = float(field.path.t_max if t_end is None else t_end)
+    if denoise_final:
+        denoised = _final_denoise(field, state, t1, dict(cond or {}))
+    return SampleResult(
+        x=state if denoised is None else denoised, nfe=field.nfe - start_nfe,
+        grid=torch.as_tensor(out.grid, dtype=torch.float64), solver=name, state=state, denoised=denoised,
+        nfe_budget=nfe, options=kwargs, logp=out.log_prob, logp_std_error=out.std_error,
+    )
+
+
 def sample(
     field: Any,
     x_init: Tensor,
@@ -467,6 +503,7 @@ def sample(
     cond: dict | None = None,
     grid_options: dict | None = None,
     check_finite: bool = True,
+    return_logp: bool = False,
     **options: Any,
 ) -> SampleResult:
     r"""Integrate a field's sampling ODE/SDE from ``t_start`` to ``t_end`` with a named solver.
@@ -496,6 +533,13 @@ def sample(
         grid_options: extra keywords for :func:`~flowdiff.solvers.make_grid` (``rho``, ``shift``).
         check_finite: stop with :class:`NonFiniteStateError` (a ``FloatingPointError`` and a
             ``ValueError``) naming the step and time where a state stops being finite.
+        return_logp: also compute the log-density of every sample while sampling, at no extra
+            model evaluation (the divergence comes from backward passes:
+            :func:`flowdiff.likelihood.sample_with_logp`). The solver must then be one of
+            :data:`flowdiff.likelihood.LIKELIHOOD_SOLVERS` (default ``"adams"``); ``options`` take
+            that function's keywords (``divergence``, ``probes``, ``prior``, ``rtol``, …).
+            ``SampleResult.logp`` is the density of ``state`` (the ODE's end point at ``t_end``);
+            the final denoised prediction has no density of its own.
         **options: solver options (``order``, ``variant``, ``rtol``, …; see each solver).
 
     Returns:
@@ -516,6 +560,9 @@ def sample(
     path = field.path
     if not isinstance(path, (GaussianPath, StochasticInterpolant)):
         raise TypeError(f"field.path must be a GaussianPath or StochasticInterpolant, got {type(path).__name__}")
+    if return_logp:
+        return _sample_with_logp(field, x_init, solver, nfe, grid, t_start, t_end, denoise_final, generator,
+                                 cond, check_finite, options)
     name = default_solver(field, nfe if isinstance(nfe, int) else None) if solver is None else solver
     spec = get_solver(name)
     if spec.requires_gaussian_path:
