@@ -135,6 +135,10 @@ class Field(_BaseField):
         if source == to:
             return out
         tb = batch_time(t, x)
+        if tb.ndim == 1 and tb.shape[0] > 1 and tb.stride(0) == 0:
+            # One time for the whole batch (a broadcast view): compute the coefficients once,
+            # not per sample — this keeps a solver step's overhead independent of the batch size.
+            tb = tb[:1]
         c = self.path.coefficients(tb)
         c = PathCoefficients(*(expand_like(v, x) for v in (c.alpha, c.sigma, c.d_alpha, c.d_sigma)))
         return _convert(out, x, c, source, to)

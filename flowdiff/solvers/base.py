@@ -70,6 +70,7 @@ __all__ = [
     "get_solver",
     "register_solver",
     "require_gaussian_path",
+    "GaussianPathRequiredError",
     "sample",
     "time_tensor",
 ]
@@ -253,13 +254,21 @@ def velocity_calls(field: Any) -> int:
     return 2 if two_sided_velocity else 1
 
 
+class GaussianPathRequiredError(TypeError, ValueError):
+    """A solver that works in log-SNR was given a field without a Gaussian path.
+
+    Both a ``TypeError`` (the field's kind is wrong) and a ``ValueError`` (the solver name is not
+    allowed for this field), so either ``except`` clause catches it.
+    """
+
+
 def require_gaussian_path(field: Any, solver: str) -> GaussianPath:
-    """The field's Gaussian path, or a TypeError saying that ``solver`` needs one."""
+    """The field's Gaussian path, or a :class:`GaussianPathRequiredError` saying that ``solver`` needs one."""
     path = getattr(field, "path", None)
     if isinstance(path, GaussianPath):
         return path
     odes = ", ".join(n for n in available("ode"))
-    raise TypeError(
+    raise GaussianPathRequiredError(
         f"solver {solver!r} needs a Gaussian path (a fd.Field on alpha(t), sigma(t)), got "
         f"{type(field).__name__} on {type(path).__name__}; for stochastic interpolants use an ODE solver "
         f"({odes}) or an SDE solver"
