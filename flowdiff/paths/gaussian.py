@@ -146,7 +146,10 @@ class GaussianPath:
 
     def coefficients(self, t: TimeLike) -> PathCoefficients:
         """:math:`(\\alpha, \\sigma, \\dot\\alpha, \\dot\\sigma)` at ``t`` in one call."""
-        t = self._t(t)
+        return self._coefficients(self._t(t))
+
+    def _coefficients(self, t: Tensor) -> PathCoefficients:
+        # Paths whose four values share work (a table look-up) override this.
         return PathCoefficients(self._alpha(t), self._sigma(t), self._d_alpha(t), self._d_sigma(t))
 
     @property
@@ -588,6 +591,12 @@ class Discrete(GaussianPath):
 
     def _log_alpha(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return _interp(t, self._t_table, self._la_table)
+
+    def _coefficients(self, t: Tensor) -> PathCoefficients:
+        la, slope = self._log_alpha(t)  # one table look-up for all four values
+        alpha, one_minus_a2 = torch.exp(la), -torch.expm1(2 * la)
+        sigma = torch.sqrt(one_minus_a2)
+        return PathCoefficients(alpha, sigma, alpha * slope, -alpha * alpha * slope / sigma)
 
     def _alpha(self, t: Tensor) -> Tensor:
         return torch.exp(self._log_alpha(t)[0])
