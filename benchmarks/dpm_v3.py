@@ -389,10 +389,11 @@ def run_digits(args: argparse.Namespace, nfes: tuple[int, ...]) -> dict:
                        batch_size=256, hutchinson=True, progress=False,
                        generator=torch.Generator().manual_seed(args.seed + 11))
     print(f"digits: {ems}", flush=True)
-    noise = field.path.prior_sample((64, 1, 8, 8), generator=torch.Generator().manual_seed(args.seed + 2000))
+    noise = field.path.prior_sample((64 if args.quick else 128, 1, 8, 8),
+                                    generator=torch.Generator().manual_seed(args.seed + 2000))
     tune_nfes = tuple(n for n in nfes if n in LOW)
-    tuned, tune_log = tune_all(field, ems, noise, tune_nfes, TUNED_SOLVERS, max_evals=60 if args.quick else 200,
-                               time_budget=30 if args.quick else 90, reference_nfe=200)
+    tuned, tune_log = tune_all(field, ems, noise, tune_nfes, TUNED_SOLVERS, max_evals=60 if args.quick else 300,
+                               time_budget=30 if args.quick else 120, reference_nfe=200)
     rows = flowdiff_rows(problem, field, ems, nfes, tuned)
     base = {"num_train_timesteps": 1000, "trained_betas": vp_trained_betas(field.path)}
     with diffusers_base(base):
@@ -407,8 +408,9 @@ def run_digits(args: argparse.Namespace, nfes: tuple[int, ...]) -> dict:
         "ems": f"{ems.num_lambdas} log-SNR knots, {ems.settings['num_samples']} training images, Hutchinson "
                f"(1 probe); cost {ems.cost['seconds']:.0f} s, {ems.cost['model_calls']} model calls "
                f"({ems.cost['jvp_calls']} of them JVPs)",
-        "tuning": "64 separate noise draws (48 tune / 16 held out), reference 200-call DPM-Solver++(3M), "
-                  f"≤ {60 if args.quick else 200} objective evaluations and {30 if args.quick else 90} s per grid",
+        "tuning": f"{noise.shape[0]} separate noise draws (3/4 tune, 1/4 held out), reference 200-call "
+                  f"DPM-Solver++(3M), ≤ {60 if args.quick else 300} objective evaluations and "
+                  f"{30 if args.quick else 120} s per grid",
         "peers": notes,
         "seconds": round(time.time() - start, 1),
     }

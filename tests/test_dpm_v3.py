@@ -110,7 +110,7 @@ def test_degenerate_statistics_with_many_knots_and_pseudo_order_two():
     ems = EMS(lam, torch.ones(50, 4), torch.zeros(50, 4), torch.zeros(50, 4), {"path": VP.config()})
     ref = sample(exact_field(mix), x0, solver="dpm-solver++", nfe=7, grid="logsnr", solver_type="taylor",
                  lower_order_final=True)
-    out = sample(exact_field(mix), x0, solver="dpm-solver-v3", nfe=7, ems=ems, order=2, p_pseudo=True,
+    out = sample(exact_field(mix), x0, solver="dpm-solver-v3", nfe=7, grid="logsnr", ems=ems, order=2, p_pseudo=True,
                  use_corrector=False, lower_order_final=True)
     assert float((out.x - ref.x).abs().max()) < 1e-10
 
@@ -293,7 +293,7 @@ def test_default_presets():
                                               "lower_order_final": False, "half": False}
     assert v3_defaults(7, preset="paper")["use_corrector"] and not v3_defaults(7, preset="paper")["p_pseudo"]
     assert not v3_defaults(14, preset="paper")["use_corrector"]
-    assert v3_defaults(14)["use_corrector"] and v3_defaults(9)["p_pseudo"] and not v3_defaults(10)["p_pseudo"]
+    assert v3_defaults(14)["use_corrector"] and v3_defaults(14)["p_pseudo"] and v3_defaults(14)["lower_order_final"]
     assert v3_defaults(10, guided=True)["order"] == 2
     with pytest.raises(ValueError, match="preset"):
         v3_defaults(10, preset="best")

@@ -436,7 +436,9 @@ def v3_defaults(steps: int, guided: bool = False, preset: str = "flowdiff") -> d
     model (benchmarks/dpm_v3.py, docs/dpm_v3.md) with this implementation, whose exact
     quadrature removes the error floor that made the official code drop the corrector at
     larger NFE: the corrector at every NFE (it lowered the error at 5–20 NFE on both), the
-    pseudo-order predictor up to 9 steps, lower-order final steps always.
+    pseudo-order predictor at every NFE (on the digits model it halved the error at 12–15 NFE
+    on a log-SNR grid; on the mixture it costs up to 1.7× at 15–20 NFE on the quadratic grid,
+    where v3 is already 7–12× better than DPM-Solver++), lower-order final steps always.
     """
     if preset not in V3_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(V3_PRESETS)}")
@@ -451,7 +453,7 @@ def v3_defaults(steps: int, guided: bool = False, preset: str = "flowdiff") -> d
         }
     return {
         "order": 2 if guided else 3,
-        "p_pseudo": steps <= 9,
+        "p_pseudo": True,
         "use_corrector": True,
         "c_pseudo": False,
         "lower_order_final": True,
@@ -650,7 +652,7 @@ register_solver(
     kind="exponential",
     evals_per_step=1,
     requires_gaussian_path=True,
-    default_grid="logsnr",
+    default_grid="quadratic",  # measured: lower error than log-SNR at 5–20 NFE on the mixture and the digits
     description="DPM-Solver-v3 with empirical model statistics (option ems=, from estimate_ems)",
 )
 
