@@ -128,7 +128,38 @@ def _load_field_or_exit(checkpoint: Path):
         _fail(str(error).splitlines()[0], 1)
 
 
-def _sample_impl(checkpoint: Path, solver: str, nfe: int, count: int, output: Path, seed: int) -> tuple[Path, Path, Any]:
+def _sample_options(field: Any, solver: str, nfe: int, ems: Optional[Path], grid: Optional[str]) -> dict:
+    """Solver options from the command line: EMS statistics and a grid kind or tuned-grid file."""
+    from .solvers.grids import GRID_KINDS
+
+    options: dict = {}
+    if ems is not None:
+        from .solvers import EMS
+
+        try:
+            options["ems"] = EMS.load(ems)
+        except ValueError as error:
+            _fail(str(error).splitlines()[0], 1)
+    elif solver == "dpm-solver-v3":
+        _fail("solver 'dpm-solver-v3' needs --ems FILE (make one with `flowdiff ems -c CHECKPOINT`)", 2)
+    if grid is not None:
+        if grid in GRID_KINDS:
+            options["grid"] = grid
+        elif Path(grid).is_file():
+            from .solvers import load_grid
+
+            try:
+                tuned = load_grid(grid)
+                options.update(tuned.sample_kwargs(field, solver, nfe))
+            except ValueError as error:
+                _fail(str(error).splitlines()[0], 2)
+        else:
+            _fail(f"unknown grid {grid!r}; valid: {', '.join(GRID_KINDS)} or a tuned-grid file", 2)
+    return options
+
+
+def _sample_impl(checkpoint: Path, solver: str, nfe: int, count: int, output: Path, seed: int,
+                 ems: Optional[Path] = None, grid: Optional[str] = None) -> tuple[Path, Path, Any]:
     import torch
 
     from .pipeline import generate, save_samples_png
@@ -136,9 +167,11 @@ def _sample_impl(checkpoint: Path, solver: str, nfe: int, count: int, output: Pa
     _check_name("solver", solver, _valid_solvers())
     field, cfg = _load_field_or_exit(checkpoint)
     shape = tuple(cfg["model"]["data_shape"])
+    options = _sample_options(field, solver, nfe, ems, grid)
+    solver, nfe = options.pop("solver", solver), options.pop("nfe", nfe)
     t0 = time.perf_counter()
     try:
-        x, used = generate(field, count, shape, solver=solver, nfe=nfe, seed=seed)
+        x, used = generate(field, count, shape, solver=solver, nfe=nfe, seed=seed, **options)
     except ValueError as error:
         _fail(str(error).splitlines()[0], 2)
     elapsed = time.perf_counter() - t0
@@ -170,10 +203,12 @@ def sample(
     output: Path = typer.Option(Path("runs/samples"), "--output", "-o", help="Folder for samples.pt and samples.png."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the initial noise (and SDE noise)."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
+    ems: Optional[Path] = typer.Option(None, "--ems", help="Empirical model statistics for dpm-solver-v3 (from `flowdiff ems`)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Time grid: uniform, logsnr, quadratic, karras, shifted, or a tuned-grid file from `flowdiff tune-grid`."),
 ) -> None:
     """Sample a trained model: writes samples.pt (tensors) and samples.png."""
     _set_threads(threads)
-    _sample_impl(checkpoint, solver, nfe, count, output, seed)
+    _sample_impl(checkpoint, solver, nfe, count, output, seed, ems, grid)
 
 
 @app.command(name="eval")
@@ -219,6 +254,46 @@ def _eval_impl(samples: Path, data: Optional[str], seed: int, output: Optional[P
             typer.echo(f"{key:>16}: {metrics[key]:.4g}   (data-vs-data floor {metrics[key + '_floor']:.4g}, n = {metrics['num_samples']})")
     typer.echo(f"metrics -> {out}")
     return metrics
+
+
+@app.command(name="ems")
+def ems_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the statistics (default: <checkpoint>/ems.safetensors)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the data split and of the noise used for the estimate."),
+) -> None:
+    """Estimate DPM-Solver-v3's empirical model statistics (Zheng et al. 2023) for a trained model."""
+    from .solvers.dpm_v3 import ems_from_checkpoint
+    from .train import CheckpointError
+
+    try:
+        stats = ems_from_checkpoint(checkpoint, output, seed=seed)
+    except CheckpointError as error:
+        _fail(str(error).splitlines()[0], 1)
+    typer.echo(f"EMS written ({stats})")
+
+
+@app.command(name="tune-grid")
+def tune_grid_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder."),
+    solver: str = typer.Option("dpm-solver++", "--solver", help="The solver the grid is tuned for."),
+    nfe: int = typer.Option(10, "--nfe", min=2, help="The budget the grid is tuned for (final denoise included)."),
+    ems: Optional[Path] = typer.Option(None, "--ems", help="EMS file, needed when --solver is dpm-solver-v3."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the grid (default: <checkpoint>/grid_<solver>_nfe<N>.safetensors)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the noise batch used for tuning."),
+) -> None:
+    """Fit the step locations of a solver at a given NFE to a trained model (reuse with `sample --grid FILE`)."""
+    from .solvers.tuning import tune_grid_from_checkpoint
+    from .train import CheckpointError
+
+    _check_name("solver", solver, _valid_solvers())
+    try:
+        tuned = tune_grid_from_checkpoint(checkpoint, solver, nfe, output, seed=seed, ems=ems)
+    except CheckpointError as error:
+        _fail(str(error).splitlines()[0], 1)
+    except ValueError as error:
+        _fail(str(error).splitlines()[0], 2)
+    typer.echo(f"tuned grid for {solver} at {nfe} NFE: {[round(float(t), 5) for t in tuned.grid]}")
 
 
 @app.command()

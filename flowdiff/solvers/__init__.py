@@ -43,7 +43,16 @@ for _module in ("ode", "exponential", "sde", "dpm_v3"):
     _import_optional(_module)
 del _module
 
+from .dpm_v3 import EMS, estimate_ems  # noqa: E402  (after the registrations above)
+from .tuning import TunedGrid, load_grid, save_grid, tune_grid  # noqa: E402
+
 __all__ = [
+    "EMS",
+    "TunedGrid",
+    "estimate_ems",
+    "load_grid",
+    "save_grid",
+    "tune_grid",
     "DEFAULT_INTERPOLANT_SOLVER",
     "DEFAULT_SOLVER",
     "GRID_KINDS",
