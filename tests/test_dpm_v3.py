@@ -250,8 +250,10 @@ def test_statistics_of_another_model_are_rejected():
     narrow = EMS.degenerate(VP, (3,), t_start=0.2, t_end=0.9)
     with pytest.raises(ValueError, match="outside the EMS range"):
         sample(field, x0, solver="dpm-solver-v3", nfe=6, ems=narrow)
-    with pytest.raises(ValueError, match="needs empirical model statistics"):
+    with pytest.raises(ValueError, match="ems"):
         sample(field, x0, solver="dpm-solver-v3", nfe=6)
+    with pytest.raises(ValueError, match="needs empirical model statistics"):
+        sample(field, x0, solver="dpm-solver-v3", nfe=6, ems=None)
     with pytest.raises(ValueError, match="order"):
         sample(field, x0, solver="dpm-solver-v3", nfe=6, ems=EMS.degenerate(VP, (3,)), order=4)
     with pytest.raises(TypeError, match="use_corrector"):
