@@ -238,34 +238,18 @@ class EMS:
     # ----- storage ----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the statistics to ``path`` (safetensors; the settings as JSON metadata). Returns the path."""
-        from safetensors.torch import save_file
+        from ._files import save_tensors
 
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"lambdas": self.lambdas, "l": self.l, "s": self.s, "b": self.b}
-        meta = {"format": _FORMAT, "settings": json.dumps(self.settings)}
-        tmp = out.with_name(out.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        tmp.replace(out)  # atomic: a reader never sees half a file
-        return out
+        return save_tensors(path, tensors, _FORMAT, self.settings)
 
     @classmethod
     def load(cls, path: str | Path) -> EMS:
         """Read statistics written by :meth:`save`; ValueError if the file is not an EMS file."""
-        from safetensors import safe_open
+        from ._files import load_tensors
 
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"no EMS file at {str(p)!r}")
-        try:
-            with safe_open(str(p), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
-        except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{str(p)!r} is not a readable safetensors file: {err}") from err
-        if meta.get("format") != _FORMAT or not {"lambdas", "l", "s", "b"} <= tensors.keys():
-            raise ValueError(f"{str(p)!r} is not a flowdiff EMS file (format {meta.get('format')!r}, expected {_FORMAT!r})")
-        return cls(tensors["lambdas"], tensors["l"], tensors["s"], tensors["b"], json.loads(meta["settings"]))
+        tensors, settings = load_tensors(path, _FORMAT, {"lambdas", "l", "s", "b"}, "EMS")
+        return cls(tensors["lambdas"], tensors["l"], tensors["s"], tensors["b"], settings)
 
     # ----- validation -------------------------------------------------------------------
     def check(

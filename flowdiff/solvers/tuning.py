@@ -141,32 +141,17 @@ class TunedGrid:
 
     def save(self, path: str | Path) -> Path:
         """Write to ``path`` (safetensors, settings as JSON metadata); returns the path."""
-        from safetensors.torch import save_file
+        from ._files import save_tensors
 
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        save_file({"grid": self.grid.contiguous()}, str(tmp), metadata={"format": _FORMAT, "settings": json.dumps(self.settings)})
-        tmp.replace(out)
-        return out
+        return save_tensors(path, {"grid": self.grid}, _FORMAT, self.settings)
 
     @classmethod
     def load(cls, path: str | Path) -> TunedGrid:
         """Read a grid written by :meth:`save`; ValueError if the file is not one."""
-        from safetensors import safe_open
+        from ._files import load_tensors
 
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"no tuned-grid file at {str(p)!r}")
-        try:
-            with safe_open(str(p), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
-        except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{str(p)!r} is not a readable safetensors file: {err}") from err
-        if meta.get("format") != _FORMAT or "grid" not in tensors:
-            raise ValueError(f"{str(p)!r} is not a flowdiff tuned-grid file (format {meta.get('format')!r}, expected {_FORMAT!r})")
-        return cls(tensors["grid"], json.loads(meta["settings"]))
+        tensors, settings = load_tensors(path, _FORMAT, {"grid"}, "tuned-grid")
+        return cls(tensors["grid"], settings)
 
 
 def save_grid(tuned: TunedGrid, path: str | Path) -> Path:
