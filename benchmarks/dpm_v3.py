@@ -107,13 +107,13 @@ class DigitsProblem:
         self.calls += 1
         t = self.t_of_sigma(sigma_tilde)
         a = float(self.path._alpha(torch.tensor([t], dtype=torch.float64)))
-        with torch.no_grad():
-            return self.field.denoise(x_tilde * a, t)
+        with torch.no_grad():  # k-diffusion's samplers promote the state to float64 (float64 sigmas)
+            return self.field.denoise((x_tilde * a).to(self.x_vp.dtype), t).to(x_tilde.dtype)
 
     def noise_vp(self, x_vp: Tensor, sigma_tilde: float) -> Tensor:
         self.calls += 1
         with torch.no_grad():
-            return self.field.noise(x_vp, self.t_of_sigma(sigma_tilde))
+            return self.field.noise(x_vp.to(self.x_vp.dtype), self.t_of_sigma(sigma_tilde)).to(x_vp.dtype)
 
     def error(self, x: Tensor) -> float:
         x = x.to(torch.float64)

@@ -261,16 +261,30 @@ def ems_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the statistics (default: <checkpoint>/ems.safetensors)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the data split and of the noise used for the estimate."),
+    knots: int = typer.Option(200, "--knots", min=2, help="Log-SNR knots the statistics are estimated at (the cost is proportional)."),
+    samples: int = typer.Option(1024, "--samples", min=2, help="Training points noised at every knot (the cost is proportional)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Points per model call."),
+    probes: int = typer.Option(1, "--probes", min=1, help="Hutchinson probes per point (for data of more than 32 dimensions)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
 ) -> None:
-    """Estimate DPM-Solver-v3's empirical model statistics (Zheng et al. 2023) for a trained model."""
+    """Estimate DPM-Solver-v3's empirical model statistics (Zheng et al. 2023) for a trained model.
+
+    The cost, reported at the end, is about knots × samples / batch_size forward passes plus as
+    many forward-mode JVPs (which cost 3–5 forward passes each on a CPU)."""
     from .solvers.dpm_v3 import ems_from_checkpoint
     from .train import CheckpointError
 
+    _set_threads(threads)
     try:
-        stats = ems_from_checkpoint(checkpoint, output, seed=seed)
+        stats = ems_from_checkpoint(checkpoint, output, seed=seed, num_lambdas=knots, num_samples=samples,
+                                    batch_size=batch_size, probes=probes)
     except CheckpointError as error:
         _fail(str(error).splitlines()[0], 1)
-    typer.echo(f"EMS written ({stats})")
+    except ValueError as error:
+        _fail(str(error).splitlines()[0], 2)
+    cost = stats.cost
+    typer.echo(f"EMS written ({stats}); {cost.get('seconds', float('nan')):.0f} s, {cost.get('model_calls')} model calls "
+               f"({cost.get('jvp_calls')} JVPs)")
 
 
 @app.command(name="tune-grid")
@@ -281,14 +295,20 @@ def tune_grid_cmd(
     ems: Optional[Path] = typer.Option(None, "--ems", help="EMS file, needed when --solver is dpm-solver-v3."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the grid (default: <checkpoint>/grid_<solver>_nfe<N>.safetensors)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the noise batch used for tuning."),
+    count: int = typer.Option(128, "--count", min=4, help="Noise draws tuned on (a quarter is held out)."),
+    max_evals: int = typer.Option(400, "--max-evals", min=1, help="Most solver runs the search may make."),
+    time_budget: float = typer.Option(60.0, "--time-budget", min=0.0, help="Seconds after which the search stops with the best grid so far."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
 ) -> None:
     """Fit the step locations of a solver at a given NFE to a trained model (reuse with `sample --grid FILE`)."""
     from .solvers.tuning import tune_grid_from_checkpoint
     from .train import CheckpointError
 
     _check_name("solver", solver, _valid_solvers())
+    _set_threads(threads)
     try:
-        tuned = tune_grid_from_checkpoint(checkpoint, solver, nfe, output, seed=seed, ems=ems)
+        tuned = tune_grid_from_checkpoint(checkpoint, solver, nfe, output, seed=seed, ems=ems, count=count,
+                                          max_evals=max_evals, time_budget=time_budget)
     except CheckpointError as error:
         _fail(str(error).splitlines()[0], 1)
     except ValueError as error:

@@ -98,3 +98,27 @@ def test_yaml_config(tmp_path):
     cfg.write_text("colour: blue\n")
     res = _run("train", "--config", cfg, "--output", tmp_path / "o")
     assert res.exit_code == 2 and "colour" in res.output
+
+
+def test_ems_and_tune_grid_from_a_checkpoint_then_sample_with_both(trained):
+    ckpt = trained / "ckpt"
+    ems_file, grid_file = trained / "ems.safetensors", trained / "grid.safetensors"
+    res = _run("ems", "-c", ckpt, "-o", ems_file, "--knots", 12, "--samples", 64, "--batch-size", 64, "--threads", 1)
+    assert res.exit_code == 0, res.output
+    assert "model calls" in res.output and ems_file.is_file()
+    res = _run("tune-grid", "-c", ckpt, "--solver", "dpm-solver-v3", "--nfe", 5, "--ems", ems_file, "-o", grid_file,
+               "--count", 16, "--max-evals", 12, "--time-budget", 30)
+    assert res.exit_code == 0, res.output
+    assert grid_file.is_file()
+    out = trained / "v3"
+    res = _run("sample", "-c", ckpt, "--solver", "dpm-solver-v3", "--nfe", 5, "--ems", ems_file, "--grid", grid_file,
+               "--count", 64, "--output", out)
+    assert res.exit_code == 0, res.output
+    blob = torch.load(out / "samples.pt", weights_only=False)
+    assert blob["nfe"] == 5 and torch.isfinite(blob["x"]).all()
+    # the grid was tuned for 5 NFE and one solver: anything else is refused with what it was tuned for
+    res = _run("sample", "-c", ckpt, "--solver", "dpm-solver-v3", "--nfe", 6, "--ems", ems_file, "--grid", grid_file,
+               "--count", 4, "--output", trained / "v3b")
+    assert res.exit_code == 2 and "5" in res.output, res.output
+    res = _run("sample", "-c", ckpt, "--solver", "dpm-solver-v3", "--nfe", 5, "--count", 4, "--output", trained / "v3c")
+    assert res.exit_code == 2 and "--ems" in res.output

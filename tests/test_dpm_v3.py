@@ -332,3 +332,50 @@ def test_corrector_with_pseudo_order_is_consistent():
                           use_corrector=True, c_pseudo=True, denoise_final=False).x - exact).abs().max())
             for n in (20, 40)]
     assert errs[1] < errs[0] / 4
+
+
+# ----- the final corrector (the final denoise's evaluation corrects the last step) --------------
+
+
+def test_final_corrector_keeps_the_exact_diagonal_gaussian_exact():
+    """N(μ, diag c) with exact EMS: the nonlinear part σε̂ − l∘x = −αl∘μ does not depend on x, so
+    moving the data prediction through the linear part is exact — the returned denoised output is
+    the data prediction *at the corrected state*, and both equal the closed form."""
+    scales = torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64)
+    cov = torch.diag(scales**2)
+    gauss = fd.testing.GaussianMixture(MEAN3[None], scales=scales[None], path=DISCRETE)
+    field = exact_field(gauss)
+    ems = gaussian_ems(MEAN3, cov, lambda_knots(DISCRETE, 3001), DISCRETE)
+    x0 = DISCRETE.prior_sample((32, 3), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t1 = DISCRETE.t_max
+    exact = flow_map(x0, DISCRETE.t_min, t1, DISCRETE, MEAN3, cov)
+    res = sample(field, x0, solver="dpm-solver-v3", nfe=5, ems=ems, final_corrector=True)
+    assert res.nfe == 5
+    assert float((res.state - exact).abs().max()) < 1e-5
+    truth = field.denoise(exact, torch.full((32,), t1, dtype=torch.float64))
+    assert float((res.x - truth).abs().max()) < 1e-5
+    assert float((res.x - field.denoise(res.state, torch.full((32,), t1, dtype=torch.float64))).abs().max()) < 1e-9
+
+
+def test_final_corrector_lowers_the_error_at_low_nfe_and_spends_no_extra_call():
+    mix = fd.testing.random_mixture(8, 4, seed=6, path=DISCRETE)
+    field = exact_field(mix)
+    ems = estimate_ems(field, mix, num_lambdas=80, num_samples=512, batch_size=512, progress=False)
+    x0 = DISCRETE.prior_sample((128, 8), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref = sample(field, x0, solver="dpm-solver++3m", nfe=400, grid="logsnr", solver_type="taylor").x
+
+    def err(res):
+        return float(((res.x - ref) ** 2).mean(1).sqrt().median())
+
+    seen = []
+    on = sample(field, x0, solver="dpm-solver-v3", nfe=5, ems=ems, final_corrector=True,
+                callback=lambda i, t, x, d: seen.append(x))
+    off = sample(field, x0, solver="dpm-solver-v3", nfe=5, ems=ems, final_corrector=False)
+    assert on.nfe == off.nfe == 5
+    assert torch.equal(seen[-1], on.state)  # the callback sees the corrected final state
+    assert not torch.allclose(on.state, off.state)
+    assert err(on) < 0.95 * err(off), (err(on), err(off))
+    # without the final denoise there is nothing to correct with
+    a = sample(field, x0, solver="dpm-solver-v3", nfe=4, ems=ems, final_corrector=True, denoise_final=False)
+    b = sample(field, x0, solver="dpm-solver-v3", nfe=4, ems=ems, final_corrector=False, denoise_final=False)
+    assert torch.equal(a.x, b.x) and a.nfe == 4

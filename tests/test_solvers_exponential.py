@@ -161,6 +161,16 @@ def test_singlestep_orders_follow_the_official_pattern() -> None:
         assert sum(singlestep_orders(b, 3)) == b and sum(singlestep_orders(b, 2)) == b
 
 
+def test_unipc_default_order_is_two_below_twenty_steps_and_three_from_there() -> None:
+    from flowdiff.solvers.exponential import UNIPC_ORDER3_STEPS
+
+    for nfe, order in ((9, 2), (UNIPC_ORDER3_STEPS, 2), (UNIPC_ORDER3_STEPS + 1, 3), (30, 3)):
+        auto = sample(field("noise"), X0, solver="unipc", nfe=nfe).x
+        explicit = sample(field("noise"), X0, solver="unipc", nfe=nfe, order=order).x
+        other = sample(field("noise"), X0, solver="unipc", nfe=nfe, order=5 - order).x
+        assert torch.equal(auto, explicit) and not torch.equal(auto, other), nfe
+
+
 # ----- every prediction type, dtype, interpolants ---------------------------------------
 
 

@@ -31,6 +31,11 @@ A *solver* is one function with the common signature
 
 It returns the state at ``grid[-1]``. A solver is made available by :func:`register_solver`.
 
+A solver registered with ``final_denoise=True`` is also passed ``denoise_final`` and, when it
+is true, makes the final data-prediction evaluation itself and returns ``(state, denoised)``
+— so that the evaluation can also correct its last step (DPM-Solver-v3 does); it still counts
+as the final denoise in the budget below.
+
 **Budget accounting.** ``nfe`` passed to :func:`sample` is the total number of model calls,
 *including* the final denoising evaluation. With ``denoise_final`` one evaluation is reserved
 for it; the rest, ``nfe − 1``, is the solver's budget, from which the solver's
@@ -127,6 +132,8 @@ class SolverSpec:
         required_options: options without a default that :func:`sample` must be given
             (e.g. DPM-Solver-v3's ``ems``); a missing one is a ValueError naming it.
         alias_of: the canonical name when this entry is an alias.
+        final_denoise: the solver makes the final denoising evaluation itself (it is passed
+            ``denoise_final`` and then returns ``(state, denoised)``; see the module docstring).
     """
 
     name: str
@@ -142,6 +149,7 @@ class SolverSpec:
     description: str = ""
     required_options: tuple[str, ...] = ()
     alias_of: str | None = None
+    final_denoise: bool = False
 
     def steps(self, budget: int) -> int:
         """Number of grid steps this solver takes with ``budget`` evaluations."""
@@ -175,6 +183,7 @@ def register_solver(
     aliases: Sequence[str] = (),
     required_options: Sequence[str] = (),
     overwrite: bool = False,
+    final_denoise: bool = False,
 ) -> SolverSpec:
     """Add a solver to the registry behind :func:`sample` (and its ``aliases``).
 
@@ -212,6 +221,7 @@ def register_solver(
         calls_per_eval=calls_per_eval,
         description=description,
         required_options=tuple(required_options),
+        final_denoise=bool(final_denoise),
     )
     _REGISTRY[name] = spec
     for alias in aliases:
@@ -431,7 +441,8 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 #: Default solver on a Gaussian path up to LOW_NFE evaluations (docs/solvers.md: best at 5–10 NFE).
 LOW_NFE_SOLVER = "dpm-solver++2m"
-#: Default solver on a Gaussian path above LOW_NFE (UniPC-3, noise prediction: best from 12 NFE on).
+#: Default solver on a Gaussian path above LOW_NFE (UniPC with noise prediction: order 2 below 20 steps,
+#: 3 from there on; robust on trained models and best on the mixture benchmark from 12 NFE on).
 DEFAULT_SOLVER = "unipc"
 LOW_NFE = 10
 #: Default solver on a stochastic interpolant (no log-SNR, so a Runge–Kutta method in t).
@@ -441,7 +452,7 @@ DEFAULT_INTERPOLANT_SOLVER = "heun"
 def default_solver(field: Any, nfe: int | None) -> str:
     """The solver :func:`sample` uses when none is named: on a Gaussian path ``LOW_NFE_SOLVER``
     (DPM-Solver++(2M), time-quadratic grid) for ``nfe <= LOW_NFE`` and ``DEFAULT_SOLVER``
-    (UniPC-3 with noise prediction, time-quadratic grid) above; ``DEFAULT_INTERPOLANT_SOLVER``
+    (UniPC with noise prediction, order 2 below 20 steps and 3 above, time-quadratic grid) above; ``DEFAULT_INTERPOLANT_SOLVER``
     on a stochastic interpolant."""
     if not isinstance(getattr(field, "path", None), GaussianPath):
         return DEFAULT_INTERPOLANT_SOLVER
@@ -522,7 +533,7 @@ def sample(
         x_init: the state at ``t_start``, shape ``(B, *)`` (e.g. ``path.prior_sample``); the
             whole run follows its dtype and device.
         solver: a name from :func:`available`; default :func:`default_solver` (DPM-Solver++(2M)
-            up to 10 NFE and UniPC-3 above on a Gaussian path, Heun on an interpolant).
+            up to 10 NFE and UniPC (order 2, from 20 steps 3) above on a Gaussian path, Heun on an interpolant).
         nfe: budget of model calls, *including* the final denoising call; fixed-step solvers
             spend it exactly (up to the remainder that no whole step fits), adaptive solvers
             treat it as a cap (default: unlimited up to 10 000). Default for fixed-step solvers
@@ -665,13 +676,17 @@ def sample(
 
     if check_finite and not bool(torch.isfinite(x_init).all()):
         raise NonFiniteStateError(f"x_init has non-finite entries ({int((~torch.isfinite(x_init)).sum())} NaN/inf)")
+    fn_options = {**options, "denoise_final": denoise_final} if spec.final_denoise else options
     state = spec.fn(
-        field, x_init, times, generator=generator, callback=hook, cond=cond, max_evals=max_evals, **options
+        field, x_init, times, generator=generator, callback=hook, cond=cond, max_evals=max_evals, **fn_options
     )
     denoised = None
+    if spec.final_denoise and denoise_final:
+        state, denoised = state
     out = state
     if denoise_final:
-        denoised = _final_denoise(field, state, t1, cond)
+        if denoised is None:
+            denoised = _final_denoise(field, state, t1, cond)
         if check_finite and not bool(torch.isfinite(denoised).all()):
             raise NonFiniteStateError(f"solver {name!r}: the final denoised prediction at t={t1:.6g} is non-finite")
         out = denoised

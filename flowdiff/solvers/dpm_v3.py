@@ -406,6 +406,7 @@ class _Calculus:
 
 #: Option presets of :func:`v3_defaults`.
 V3_PRESETS = ("flowdiff", "paper")
+FINAL_CORRECTOR_ORDER = 2
 
 
 def v3_defaults(steps: int, guided: bool = False, preset: str = "flowdiff") -> dict[str, Any]:
@@ -549,16 +550,24 @@ def dpm_solver_v3(
     c_pseudo: bool | None = None,
     half: bool | None = None,
     lower_order_final: bool | None = None,
+    final_corrector: bool | None = None,
     preset: str = "flowdiff",
-) -> Tensor:
+    denoise_final: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""DPM-Solver-v3 (Zheng et al. 2023, Alg. 1–2): multistep predictor with EMS, plus corrector.
 
     One model evaluation per step, at the step's start. Step ``i`` uses order
     ``min(order, i + 1)`` (warm-up) and, with ``lower_order_final``, ``min(·, steps − i)``. After
     each evaluation at node ``i`` the previous step is corrected (``use_corrector``) with that
     evaluation included, at order ``p_{i-1} + c_pseudo`` (nothing to do at order 1), keeping the
-    evaluated nonlinear part fixed; the final state is never corrected (its evaluation is
-    :func:`~flowdiff.sample`'s final denoise).
+    evaluated nonlinear part fixed.
+
+    The final state: with ``denoise_final`` (passed by :func:`~flowdiff.sample`) the solver
+    makes the final data-prediction evaluation itself and, with ``final_corrector``, spends it
+    twice: it corrects the last step like any other, and moves the data prediction with the
+    corrected state through the EMS' linear part, the nonlinear part again fixed:
+    :math:`\hat x_0 = \hat x_0(x_N) + (1 − l_N)(x_N^c − x_N)/α_N` (since
+    :math:`σε̂ = l∘x + αf`). Returns ``(state, denoised)`` then, else the state.
 
     Arguments:
         ems: the model's :class:`EMS` (or a file, or ``{guidance_scale: EMS}``); required.
@@ -568,6 +577,9 @@ def dpm_solver_v3(
         c_pseudo: corrector one order higher with pseudo-order derivatives.
         half: correct only the noisier half of the interval (the official code's behaviour).
         lower_order_final: lower the order on the last steps.
+        final_corrector: correct the last step with the final denoise's evaluation (default:
+            ``use_corrector``; only with ``denoise_final``).
+        denoise_final: make the final denoising evaluation (see above).
         preset: where the options left ``None`` come from: :func:`v3_defaults` for the number
             of steps, ``"flowdiff"`` (measured) or ``"paper"`` (the official scripts).
     """
@@ -596,6 +608,7 @@ def dpm_solver_v3(
     lower_order_final = _check_flag(
         "lower_order_final", defaults["lower_order_final"] if lower_order_final is None else lower_order_final
     )
+    final_corrector = _check_flag("final_corrector", use_corrector if final_corrector is None else final_corrector)
 
     calc = _Calculus(ems)
     stepper = _V3Stepper(calc, table, x)
@@ -625,9 +638,24 @@ def dpm_solver_v3(
         x = stepper.update(x, i, i + 1, [i - k for k in range(p)], f, p_pseudo)
         f.pop(i - 3, None)  # at most order 3 (+1 for the corrector) nodes are ever needed
         pending = (i, data)
+    denoised = None
+    if denoise_final:
+        n = steps
+        coeff = (table.alpha[n], table.sigma[n], table.d_alpha[n], table.d_sigma[n])
+        denoised, noise = evaluator(x, table.t[n], coeff)
+        # at least order 2: the last step is often first order (lower_order_final), and an
+        # interpolating correction through the new node is stable where extrapolation is not
+        c_order = min(max(prev_order + int(c_pseudo), FINAL_CORRECTOR_ORDER), n + 1)
+        if final_corrector and x_prev is not None and (not half or table.t[n] < t_mid):
+            l_n = stepper.vec(l_nodes[n])
+            f[n] = (table.sigma[n] * noise - l_n * x) / table.alpha[n]
+            nodes = [n - 1, n] + [n - 1 - k for k in range(1, c_order - 1)]
+            x_c = stepper.update(x_prev, n - 1, n, nodes, f, c_pseudo)
+            denoised = denoised + (1.0 - l_n) * (x_c - x) / table.alpha[n]
+            x = x_c
     if pending is not None and callback is not None:
         callback(pending[0], table.t[steps], x, pending[1])
-    return x
+    return x if denoised is None else (x, denoised)
 
 
 register_solver(
@@ -638,6 +666,7 @@ register_solver(
     requires_gaussian_path=True,
     default_grid="quadratic",  # measured: lower error than log-SNR at 5–20 NFE on the mixture and the digits
     required_options=("ems",),
+    final_denoise=True,
     description="DPM-Solver-v3 with empirical model statistics (option ems=, from estimate_ems)",
 )
 
