@@ -72,7 +72,7 @@ DIGITS_NETWORK = {"channels": (32, 64), "num_res_blocks": 1, "attention": False,
 # ---------------------------------------------------------------------------------------
 
 
-class DigitsProblem:
+class DigitsProblem(peer_bench.SigmaInterface):
     """A trained digits field, shared starting noise and a 500-call reference.
 
     Provides what ``peer_bench.run_diffusers``/``run_kdiff`` use: ``x_vp``, ``x_tilde``,
@@ -99,27 +99,14 @@ class DigitsProblem:
         return sample(self.field, self.x_vp.clone(), solver="dpm-solver++3m", nfe=nfe, grid="logsnr",
                       solver_type="taylor").x
 
-    def t_of_sigma(self, sigma_tilde: float) -> float:
-        t = float(self.path._t_of_log_snr(torch.tensor([-math.log(sigma_tilde)], dtype=torch.float64)))
-        return min(max(t, self.t0), self.t1)
-
-    def denoise_tilde(self, x_tilde: Tensor, sigma_tilde: float) -> Tensor:
-        self.calls += 1
-        t = self.t_of_sigma(sigma_tilde)
-        a = float(self.path._alpha(torch.tensor([t], dtype=torch.float64)))
-        with torch.no_grad():  # k-diffusion's samplers promote the state to float64 (float64 sigmas)
-            return self.field.denoise((x_tilde * a).to(self.x_vp.dtype), t).to(x_tilde.dtype)
-
-    def noise_vp(self, x_vp: Tensor, sigma_tilde: float) -> Tensor:
-        self.calls += 1
+    # k-diffusion's samplers promote the state to float64 (float64 sigmas): cast to the model's dtype
+    def _denoise(self, x: Tensor, t: float) -> Tensor:
         with torch.no_grad():
-            return self.field.noise(x_vp.to(self.x_vp.dtype), self.t_of_sigma(sigma_tilde)).to(x_vp.dtype)
+            return self.field.denoise(x.to(self.x_vp.dtype), t).to(x.dtype)
 
-    def error(self, x: Tensor) -> float:
-        x = x.to(torch.float64)
-        if not torch.isfinite(x).all():
-            return float("nan")
-        return float(((x - self.reference.to(torch.float64)) ** 2).flatten(1).mean(1).sqrt().median())
+    def _noise(self, x: Tensor, t: float) -> Tensor:
+        with torch.no_grad():
+            return self.field.noise(x.to(self.x_vp.dtype), t).to(x.dtype)
 
 
 def vp_trained_betas(path: fd.GaussianPath, steps: int = 1000) -> list[float]:

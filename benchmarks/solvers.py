@@ -63,7 +63,49 @@ GRIDS = ("logsnr", "quadratic", "karras", "uniform")  # "shifted" is for flow pa
 # ---------------------------------------------------------------------------------------
 
 
-class Problem:
+class SigmaInterface:
+    """What the peer drivers call: a denoiser and a noise predictor at a noise level σ̃ = σ/α,
+    counting calls, and the error to ``self.reference``. Subclasses set ``path``, ``t0``, ``t1``,
+    ``reference`` and define ``_denoise(x, t)`` / ``_noise(x, t)`` on VP states."""
+
+    path: Any
+    t0: float
+    t1: float
+    reference: Tensor
+    calls: int = 0
+
+    def _denoise(self, x: Tensor, t: float) -> Tensor:
+        raise NotImplementedError
+
+    def _noise(self, x: Tensor, t: float) -> Tensor:
+        raise NotImplementedError
+
+    def t_of_sigma(self, sigma_tilde: float) -> float:
+        t = float(self.path._t_of_log_snr(torch.tensor([-math.log(sigma_tilde)], dtype=torch.float64)))
+        return min(max(t, self.t0), self.t1)
+
+    def denoise_tilde(self, x_tilde: Tensor, sigma_tilde: float) -> Tensor:
+        """D(x̃, σ̃) = E[x1 | x_t = α x̃] at the t with σ/α = σ̃ (one call)."""
+        self.calls += 1
+        t = self.t_of_sigma(sigma_tilde)
+        a = float(self.path._alpha(torch.tensor([t], dtype=torch.float64)))
+        return self._denoise(x_tilde * a, t)
+
+    def noise_vp(self, x_vp: Tensor, sigma_tilde: float) -> Tensor:
+        """ε̂(x, σ̃) for a VP-state input (one call)."""
+        self.calls += 1
+        return self._noise(x_vp, self.t_of_sigma(sigma_tilde))
+
+    def error(self, x: Tensor) -> float:
+        """Median over samples of the per-sample RMS distance to the reference."""
+        x = x.to(torch.float64)
+        if not torch.isfinite(x).all():
+            return float("nan")
+        rms = ((x - self.reference.to(torch.float64)) ** 2).flatten(1).mean(dim=1).sqrt()
+        return float(rms.median())
+
+
+class Problem(SigmaInterface):
     """The oracle, the start and the reference solution; counts oracle calls for the peers."""
 
     def __init__(self, n: int, dim: int, components: int, seed: int):
@@ -80,22 +122,11 @@ class Problem:
         self.calls = 0
         self.reference = self._reference()
 
-    # -- oracle at a noise level sigma~ --------------------------------------------------
-    def t_of_sigma(self, sigma_tilde: float) -> float:
-        t = float(self.path._t_of_log_snr(torch.tensor([-math.log(sigma_tilde)], dtype=torch.float64)))
-        return min(max(t, self.t0), self.t1)
+    def _denoise(self, x: Tensor, t: float) -> Tensor:
+        return self.mix.denoise(x, t)
 
-    def denoise_tilde(self, x_tilde: Tensor, sigma_tilde: float) -> Tensor:
-        """D(x̃, σ̃) = E[x1 | x_t = α x̃] at the t with σ/α = σ̃ (one oracle call)."""
-        self.calls += 1
-        t = self.t_of_sigma(sigma_tilde)
-        a = float(self.path._alpha(torch.tensor([t], dtype=torch.float64)))
-        return self.mix.denoise(x_tilde * a, t)
-
-    def noise_vp(self, x_vp: Tensor, sigma_tilde: float) -> Tensor:
-        """ε̂(x, σ̃) for a VP-state input (one oracle call)."""
-        self.calls += 1
-        return self.mix.noise(x_vp, self.t_of_sigma(sigma_tilde))
+    def _noise(self, x: Tensor, t: float) -> Tensor:
+        return self.mix.noise(x, t)
 
     # -- reference ----------------------------------------------------------------------
     def _reference(self) -> Tensor:
@@ -118,13 +149,6 @@ class Problem:
         x_end = torch.from_numpy(sol.y[:, -1]).reshape(shape) * self.alpha1
         return mix.denoise(x_end, self.t1)
 
-    def error(self, x: Tensor) -> float:
-        """Median over samples of the per-sample RMS distance to the reference."""
-        x = x.to(torch.float64)
-        if not torch.isfinite(x).all():
-            return float("nan")
-        rms = ((x - self.reference) ** 2).mean(dim=1).sqrt()
-        return float(rms.median())
 
 
 # ---------------------------------------------------------------------------------------
