@@ -391,6 +391,21 @@ def test_keep_last_and_metrics_log(tmp_path: Path) -> None:
         assert record["grad_norm"] >= 0 and record["it_per_s"] > 0
 
 
+def test_tensorboard_scalars_match_the_metrics_log(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = _config(tmp_path, steps=5, checkpoint_every=None, log_every=2, tensorboard=True)
+    Trainer(_model(), _loss(), _data(), config, progress=False).fit()
+    records = _records(Path(config.output_dir))
+    events = EventAccumulator(str(Path(config.output_dir) / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/it_per_s"} <= set(events.Tags()["scalars"])
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in logged] == [r["step"] for r in records] == [2, 4, 5]
+    assert all(math.isclose(value, r["loss"], rel_tol=1e-6) for (_, value), r in zip(logged, records))
+
+
 def test_training_reduces_the_loss(tmp_path: Path) -> None:
     # A 2-D Gaussian with mean (2, -1): the velocity loss must fall well below its start value.
     x = torch.randn(512, 2, generator=torch.Generator().manual_seed(0)) * 0.3 + torch.tensor([2.0, -1.0])
