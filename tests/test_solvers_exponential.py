@@ -161,14 +161,25 @@ def test_singlestep_orders_follow_the_official_pattern() -> None:
         assert sum(singlestep_orders(b, 3)) == b and sum(singlestep_orders(b, 2)) == b
 
 
-def test_unipc_default_order_is_two_below_twenty_steps_and_three_from_there() -> None:
-    from flowdiff.solvers.exponential import UNIPC_ORDER3_STEPS
+def test_unipc_defaults_depend_on_the_number_of_steps() -> None:
+    """Data prediction with bh2 below 12 steps, noise prediction with bh1 from 12; order 2 below 20
+    steps, 3 from 20 (steps = nfe − 1 with the final denoise)."""
+    from flowdiff.solvers.exponential import UNIPC_DATA_STEPS, UNIPC_ORDER3_STEPS
 
-    for nfe, order in ((9, 2), (UNIPC_ORDER3_STEPS, 2), (UNIPC_ORDER3_STEPS + 1, 3), (30, 3)):
+    assert UNIPC_DATA_STEPS < UNIPC_ORDER3_STEPS
+    cases = [
+        (6, {"order": 2, "prediction": "data", "variant": "bh2"}),
+        (UNIPC_DATA_STEPS, {"order": 2, "prediction": "data", "variant": "bh2"}),
+        (UNIPC_DATA_STEPS + 1, {"order": 2, "prediction": "noise", "variant": "bh1"}),
+        (UNIPC_ORDER3_STEPS, {"order": 2, "prediction": "noise", "variant": "bh1"}),
+        (UNIPC_ORDER3_STEPS + 1, {"order": 3, "prediction": "noise", "variant": "bh1"}),
+    ]
+    for nfe, explicit in cases:
         auto = sample(field("noise"), X0, solver="unipc", nfe=nfe).x
-        explicit = sample(field("noise"), X0, solver="unipc", nfe=nfe, order=order).x
-        other = sample(field("noise"), X0, solver="unipc", nfe=nfe, order=5 - order).x
-        assert torch.equal(auto, explicit) and not torch.equal(auto, other), nfe
+        assert torch.equal(auto, sample(field("noise"), X0, solver="unipc", nfe=nfe, **explicit).x), nfe
+        for key, other in (("order", 5 - explicit["order"]), ("prediction", "noise" if explicit["prediction"] == "data" else "data")):
+            changed = sample(field("noise"), X0, solver="unipc", nfe=nfe, **{**explicit, key: other}).x
+            assert not torch.equal(auto, changed), (nfe, key)
 
 
 # ----- every prediction type, dtype, interpolants ---------------------------------------

@@ -425,7 +425,7 @@ def v3_defaults(steps: int, guided: bool = False, preset: str = "flowdiff") -> d
     on a log-SNR grid; on the mixture it costs up to 1.7× at 15–20 NFE on the quadratic grid,
     where v3 is already 7–12× better than DPM-Solver++), lower-order final steps always, and
     the final corrector (see :func:`dpm_solver_v3`; −15 % error at 5 NFE on the mixture,
-    −11 to −16 % at 5–20 NFE on the digits model).
+    −12 to −23 % at 5–20 NFE on the digits model).
     """
     if preset not in V3_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(V3_PRESETS)}")
