@@ -226,6 +226,15 @@ def diffusers_configs() -> list[tuple[str, str, dict, str]]:
     for extra, tag in (({}, ""), ({"use_karras_sigmas": True}, " karras")):
         out.append((f"Euler{tag}", "EulerDiscreteScheduler", {**extra}, "zero"))
         out.append((f"Heun{tag}", "HeunDiscreteScheduler", {**extra}, "zero"))
+    # Other step placements diffusers offers: "trailing" spacing (Lin et al. 2024, recommended for
+    # few steps) and exponential σ; the multistep solvers that are best above.
+    for extra, tag in (({"timestep_spacing": "trailing"}, " trailing"), ({"use_exponential_sigmas": True}, " exponential")):
+        for order in (2, 3):
+            out.append((f"DPMSolverMultistep {order}M{tag}", "DPMSolverMultistepScheduler",
+                        {"solver_order": order, **extra}, "zero"))
+            out.append((f"UniPC p={order} bh2{tag}", "UniPCMultistepScheduler",
+                        {"solver_order": order, "solver_type": "bh2", "final_sigmas_type": "zero", **extra}, "zero"))
+            out.append((f"DEIS p={order}{tag}", "DEISMultistepScheduler", {"solver_order": order, **extra}, "sigma_min"))
     return out
 
 
