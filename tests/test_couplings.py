@@ -20,14 +20,7 @@ from flowdiff.couplings import (
     squared_distances,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is fastest and does not fight a busy machine for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(n: int, d: int = 2, seed: int = 0, shift: float = 0.0) -> torch.Tensor:

@@ -17,13 +17,7 @@ DISCRETE = fd.paths.Discrete.linear()
 VP = fd.paths.VP()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests make many tiny tensor calls: one thread is faster on a loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact_field(oracle, prediction: str = "noise") -> fd.Field:

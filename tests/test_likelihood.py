@@ -24,15 +24,7 @@ from flowdiff.testing import (
     random_mixture,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: a second intra-op thread only adds contention (10x slower on a
-    loaded 2-core machine). Restored afterwards, so other test modules are unaffected."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

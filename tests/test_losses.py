@@ -43,13 +43,7 @@ PREDICTIONS = ("noise", "data", "velocity", "score", "v")
 PATHS = [VP(), SubVP(), VE(), EDM(), Linear(), Trig(), Cosine()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is fastest and does not fight a busy machine for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int) -> torch.Generator:
@@ -571,7 +565,7 @@ def velocity_error(model, oracle, mean: float, std: float) -> float:
 
 
 def test_tiny_mlp_learns_the_exact_velocity_of_a_1d_gaussian() -> None:
-    # One thread (autouse fixture): a 64-unit MLP is fastest that way.
+    # One thread (the one_thread fixture): a 64-unit MLP is fastest that way.
     torch.manual_seed(0)
     path = Linear()
     mean, std = 1.5, 0.5

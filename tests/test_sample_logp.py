@@ -5,13 +5,7 @@ import torch
 
 import flowdiff as fd
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_return_logp_matches_the_exact_marginal():

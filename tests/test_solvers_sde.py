@@ -20,12 +20,7 @@ from flowdiff.solvers import available, sample, sde
 SDE_SOLVERS = ("euler-maruyama", "ddpm", "sde-dpm-solver++1", "sde-dpm-solver++2", "edm", "heun-churn", "pc")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -45,13 +45,7 @@ STEPS = 12
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    # Tiny networks: one intra-op thread is faster, and immune to a busy machine's oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int = 64, labelled: bool = False) -> Dataset:

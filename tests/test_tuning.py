@@ -22,13 +22,7 @@ PATH = fd.paths.Discrete.linear()
 MIX = fd.testing.random_mixture(8, 4, seed=7, anisotropic=True, path=PATH)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny tensor calls: one thread is faster on a loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def field() -> fd.Field:
