@@ -441,8 +441,8 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 #: Default solver on a Gaussian path up to LOW_NFE evaluations (docs/solvers.md: best at 5–10 NFE).
 LOW_NFE_SOLVER = "dpm-solver++2m"
-#: Default solver on a Gaussian path above LOW_NFE (UniPC with noise prediction: order 2 below 20 steps,
-#: 3 from there on; robust on trained models and best on the mixture benchmark from 12 NFE on).
+#: Default solver on a Gaussian path above LOW_NFE (UniPC with its budget-dependent defaults: robust on
+#: trained models; docs/solvers.md).
 DEFAULT_SOLVER = "unipc"
 LOW_NFE = 10
 #: Default solver on a stochastic interpolant (no log-SNR, so a Runge–Kutta method in t).
@@ -452,7 +452,7 @@ DEFAULT_INTERPOLANT_SOLVER = "heun"
 def default_solver(field: Any, nfe: int | None) -> str:
     """The solver :func:`sample` uses when none is named: on a Gaussian path ``LOW_NFE_SOLVER``
     (DPM-Solver++(2M), time-quadratic grid) for ``nfe <= LOW_NFE`` and ``DEFAULT_SOLVER``
-    (UniPC with noise prediction, order 2 below 20 steps and 3 above, time-quadratic grid) above; ``DEFAULT_INTERPOLANT_SOLVER``
+    (UniPC with its budget-dependent defaults, time-quadratic grid) above; ``DEFAULT_INTERPOLANT_SOLVER``
     on a stochastic interpolant."""
     if not isinstance(getattr(field, "path", None), GaussianPath):
         return DEFAULT_INTERPOLANT_SOLVER
@@ -533,7 +533,7 @@ def sample(
         x_init: the state at ``t_start``, shape ``(B, *)`` (e.g. ``path.prior_sample``); the
             whole run follows its dtype and device.
         solver: a name from :func:`available`; default :func:`default_solver` (DPM-Solver++(2M)
-            up to 10 NFE and UniPC (order 2, from 20 steps 3) above on a Gaussian path, Heun on an interpolant).
+            up to 10 NFE and UniPC above on a Gaussian path, Heun on an interpolant).
         nfe: budget of model calls, *including* the final denoising call; fixed-step solvers
             spend it exactly (up to the remainder that no whole step fits), adaptive solvers
             treat it as a cap (default: unlimited up to 10 000). Default for fixed-step solvers

@@ -626,18 +626,32 @@ def dpm_solver_v3(
     x_prev: Tensor | None = None
     prev_order = 0
     pending: tuple[int, Tensor] | None = None
-    for i in range(steps):
+    denoised: Tensor | None = None
+    # Node ``steps`` is evaluated only for the final denoise; that evaluation corrects the last step.
+    for i in range(steps + 1 if denoise_final else steps):
+        final = i == steps
         coeff = (table.alpha[i], table.sigma[i], table.d_alpha[i], table.d_sigma[i])
         data, noise = evaluator(x, table.t[i], coeff)
         l_i = stepper.vec(l_nodes[i])
         # f = N/α with N = σε − l·x; the corrector below changes x but keeps N (and so f) fixed.
         f[i] = (table.sigma[i] * noise - l_i * x) / table.alpha[i]
         c_order = prev_order + int(c_pseudo)
-        if x_prev is not None and use_corrector and c_order > 1 and (not half or table.t[i] < t_mid):
+        if final:  # at least order 2: the last step is often first order (lower_order_final), and an
+            # interpolating correction through the new node is stable where extrapolation is not
+            c_order = min(max(c_order, FINAL_CORRECTOR_ORDER), i + 1)
+        correct = final_corrector if final else use_corrector
+        if x_prev is not None and correct and c_order > 1 and (not half or table.t[i] < t_mid):
             nodes = [i - 1, i] + [i - 1 - k for k in range(1, c_order - 1)]
-            x = stepper.update(x_prev, i - 1, i, nodes, f, c_pseudo)
+            x_c = stepper.update(x_prev, i - 1, i, nodes, f, c_pseudo)
+            if final:  # the data prediction follows the state through the linear part
+                data = data + (1.0 - l_i) * (x_c - x) / table.alpha[i]
+            x = x_c
         if pending is not None and callback is not None:
             callback(pending[0], table.t[i], x, pending[1])
+            pending = None
+        if final:
+            denoised = data
+            break
         p = min(order, i + 1)
         if lower_order_final:
             p = min(p, steps - i)
@@ -645,21 +659,6 @@ def dpm_solver_v3(
         x = stepper.update(x, i, i + 1, [i - k for k in range(p)], f, p_pseudo)
         f.pop(i - 3, None)  # at most order 3 (+1 for the corrector) nodes are ever needed
         pending = (i, data)
-    denoised = None
-    if denoise_final:
-        n = steps
-        coeff = (table.alpha[n], table.sigma[n], table.d_alpha[n], table.d_sigma[n])
-        denoised, noise = evaluator(x, table.t[n], coeff)
-        # at least order 2: the last step is often first order (lower_order_final), and an
-        # interpolating correction through the new node is stable where extrapolation is not
-        c_order = min(max(prev_order + int(c_pseudo), FINAL_CORRECTOR_ORDER), n + 1)
-        if final_corrector and x_prev is not None and (not half or table.t[n] < t_mid):
-            l_n = stepper.vec(l_nodes[n])
-            f[n] = (table.sigma[n] * noise - l_n * x) / table.alpha[n]
-            nodes = [n - 1, n] + [n - 1 - k for k in range(1, c_order - 1)]
-            x_c = stepper.update(x_prev, n - 1, n, nodes, f, c_pseudo)
-            denoised = denoised + (1.0 - l_n) * (x_c - x) / table.alpha[n]
-            x = x_c
     if pending is not None and callback is not None:
         callback(pending[0], table.t[steps], x, pending[1])
     return x if denoised is None else (x, denoised)
