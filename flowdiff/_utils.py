@@ -72,3 +72,60 @@ def expand_like(c: Tensor, x: Tensor) -> Tensor:
     if c.ndim == 0:
         return c
     return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
+
+
+def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an ``int`` (an integral float such as ``3.0`` is accepted), checked against
+    ``[low, high]``; a ``ValueError`` naming the value and the allowed range otherwise.
+
+    The one integer validator of the package: every option that counts something goes through it.
+    """
+    ok = not isinstance(value, bool) and (
+        isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    )
+    if ok:
+        value = int(value)  # type: ignore[arg-type]
+        ok = (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be an integer {_describe_range(low, high)}, got {name}={value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_float(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite ``float`` in the interval from ``low`` to ``high`` (closed unless
+    ``low_open``/``high_open``); a ``ValueError`` naming the value and the allowed range otherwise.
+
+    The one real-number validator of the package (bools, strings, NaN and infinities are refused).
+    """
+    import math
+
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        value = float(value)  # type: ignore[arg-type]
+        ok = math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+    if not ok:
+        rng = _describe_range(low, high, low_open, high_open)
+        raise ValueError(f"{name} must be a finite number {rng}, got {name}={value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _describe_range(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return ""

@@ -203,3 +203,35 @@ def test_config_round_trip(name):
     again = fd.paths.path_from_config(path.config())
     t = _grid(path, 11)
     torch.testing.assert_close(again.log_snr(t), path.log_snr(t))
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "edm", "linear", "trig", "cosine"])
+def test_table_matches_public_methods_in_float64(name):
+    path = fd.paths.get_path(name)
+    t = torch.linspace(path.t_min, path.t_max, 7, dtype=torch.float32)
+    tab = path.table(t)
+    t64 = t.double()
+    assert tab.alpha.dtype == torch.float64 and tab.alpha.shape == t.shape
+    torch.testing.assert_close(tab.alpha, path.alpha(t64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(tab.sigma, path.sigma(t64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(tab.d_alpha, path.d_alpha(t64), rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(tab.d_sigma, path.d_sigma(t64), rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(tab.log_snr, torch.log(tab.alpha / tab.sigma), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(tab.d_log_snr, path.d_log_snr(t64), rtol=1e-12, atol=0)
+    a, s, da, ds = tab.floats(3)
+    assert a == float(tab.alpha[3]) and ds == float(tab.d_sigma[3])
+    with pytest.raises(ValueError, match="t must lie"):
+        path.table([0.5, 1.5])
+
+
+def test_check_int_and_float_name_value_and_range():
+    from flowdiff._utils import check_float, check_int
+
+    assert check_int("n", 3.0, low=1) == 3
+    for bad in (0, 2.5, True, "3", None):
+        with pytest.raises(ValueError, match=r"n must be an integer >= 1, got n="):
+            check_int("n", bad, low=1)
+    assert check_float("x", 0.5, 0, 1, low_open=True) == 0.5
+    for bad in (0.0, float("nan"), float("inf"), "a", False, 1.5):
+        with pytest.raises(ValueError, match=r"x must be a finite number in \(0, 1\], got x="):
+            check_float("x", bad, 0, 1, low_open=True)

@@ -15,6 +15,7 @@ from .gaussian import (
     GaussianPath,
     Linear,
     PathCoefficients,
+    PathTable,
     Shifted,
     SubVP,
     Trig,
@@ -22,7 +23,7 @@ from .gaussian import (
 from .interpolants import GAMMAS, INTERPOLANT_TARGETS, INTERPOLANTS, Gamma, InterpolantSample, StochasticInterpolant
 
 __all__ = [
-    "GaussianPath", "PathCoefficients", "VP", "SubVP", "VE", "EDM", "Linear", "Trig", "Cosine", "Discrete",
+    "GaussianPath", "PathCoefficients", "PathTable", "VP", "SubVP", "VE", "EDM", "Linear", "Trig", "Cosine", "Discrete",
     "Shifted", "Custom", "PREDICTIONS", "Gamma", "StochasticInterpolant", "InterpolantSample", "GAMMAS",
     "INTERPOLANTS", "INTERPOLANT_TARGETS", "get_path", "available_paths", "path_from_config",
 ]

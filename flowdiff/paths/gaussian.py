@@ -33,6 +33,7 @@ from .._utils import TimeLike, as_time_tensor, check_time_range
 __all__ = [
     "GaussianPath",
     "PathCoefficients",
+    "PathTable",
     "VP",
     "SubVP",
     "VE",
@@ -58,6 +59,38 @@ class PathCoefficients:
     sigma: Tensor
     d_alpha: Tensor
     d_sigma: Tensor
+
+
+@dataclass(frozen=True)
+class PathTable:
+    r"""Every schedule quantity of a Gaussian path at times ``t``, in float64.
+
+    What solvers, likelihoods and losses need for their coefficient arithmetic (EDM and
+    DPM-Solver do theirs in float64): :math:`\alpha, \sigma, \dot\alpha, \dot\sigma`, the half
+    log-SNR :math:`\lambda = \log(\alpha/\sigma)` from the path's own closed form (more accurate than
+    ``log(alpha/sigma)`` at the ends) and :math:`\dot\lambda`. Tensors of the shape of ``t``, float64,
+    on ``t``'s device. Built by :meth:`GaussianPath.table`.
+    """
+
+    t: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    d_alpha: Tensor
+    d_sigma: Tensor
+    log_snr: Tensor
+    d_log_snr: Tensor
+
+    def __len__(self) -> int:
+        return self.t.numel()
+
+    def floats(self, i: int = 0) -> tuple[float, float, float, float]:
+        """``(α, σ, α̇, σ̇)`` at the ``i``-th time (flattened) as Python floats."""
+        return (
+            float(self.alpha.flatten()[i]),
+            float(self.sigma.flatten()[i]),
+            float(self.d_alpha.flatten()[i]),
+            float(self.d_sigma.flatten()[i]),
+        )
 
 
 def _check_positive(name: str, value: float, strict: bool = True) -> float:
@@ -147,6 +180,22 @@ class GaussianPath:
     def coefficients(self, t: TimeLike) -> PathCoefficients:
         """:math:`(\\alpha, \\sigma, \\dot\\alpha, \\dot\\sigma)` at ``t`` in one call."""
         return self._coefficients(self._t(t))
+
+    def table(self, t: TimeLike) -> PathTable:
+        """α, σ, α̇, σ̇, λ, λ̇ at ``t`` in float64 (:class:`PathTable`), ``t`` validated once.
+
+        ``t``: a number, a sequence of numbers or a tensor of times in ``[0, 1]`` (a few ulps of
+        round-off outside are accepted). The public, float64 way for solvers and losses to read
+        a schedule; the underscore methods are the subclasses' unchecked implementations.
+        """
+        if not isinstance(t, Tensor) and not isinstance(t, (int, float)):
+            t = torch.as_tensor(t, dtype=torch.float64)
+        t = self._t(as_time_tensor(t).to(torch.float64))
+        c = self._coefficients(t)
+        return PathTable(
+            t=t, alpha=c.alpha, sigma=c.sigma, d_alpha=c.d_alpha, d_sigma=c.d_sigma,
+            log_snr=self._log_snr(t), d_log_snr=self._d_log_snr(t),
+        )
 
     def _coefficients(self, t: Tensor) -> PathCoefficients:
         # Paths whose four values share work (a table look-up) override this.
