@@ -18,9 +18,9 @@ def test_return_logp_matches_the_exact_marginal():
     t0 = torch.tensor(path.t_min, dtype=torch.float64)
     prior = lambda z: oracle.log_prob_t(z, t0.expand(len(z)))  # noqa: E731
     res = fd.sample(field, x0, nfe=97, return_logp=True, prior=prior)
-    assert res.nfe <= 97 and res.logp.shape == (64,)
+    assert res.nfe <= 97 and res.log_prob.shape == (64,) and res.logp is res.log_prob
     exact = oracle.log_prob_t(res.state, torch.full((64,), path.t_max, dtype=torch.float64))
-    assert float((res.logp - exact).abs().mean()) < 1e-3
+    assert float((res.log_prob - exact).abs().mean()) < 1e-3
     assert torch.allclose(res.x, field.denoise(res.state, path.t_max))
 
 

@@ -394,6 +394,9 @@ class SampleResult:
             when ``return_trajectory``, else ``None``.
         nfe_budget: the ``nfe`` the caller allowed (``None`` if unlimited).
         options: the solver options used.
+        log_prob, log_prob_std_error: with ``return_logp=True``, the log-density of ``state``
+            per sample and its Monte Carlo standard error (``logp``/``logp_std_error`` are
+            read-only aliases).
     """
 
     x: Tensor
@@ -405,8 +408,18 @@ class SampleResult:
     trajectory: list[Tensor] | None = None
     nfe_budget: int | None = None
     options: dict = dataclass_field(default_factory=dict)
-    logp: Tensor | None = None
-    logp_std_error: Tensor | None = None
+    log_prob: Tensor | None = None
+    log_prob_std_error: Tensor | None = None
+
+    @property
+    def logp(self) -> Tensor | None:
+        """Deprecated alias of :attr:`log_prob` (read-only)."""
+        return self.log_prob
+
+    @property
+    def logp_std_error(self) -> Tensor | None:
+        """Deprecated alias of :attr:`log_prob_std_error` (read-only)."""
+        return self.log_prob_std_error
 
     @property
     def t_start(self) -> float:
@@ -504,7 +517,7 @@ def _sample_with_logp(
     return SampleResult(
         x=state if denoised is None else denoised, nfe=field.nfe - start_nfe,
         grid=torch.as_tensor(out.grid, dtype=torch.float64), solver=name, state=state, denoised=denoised,
-        nfe_budget=nfe, options=kwargs, logp=out.log_prob, logp_std_error=out.std_error,
+        nfe_budget=nfe, options=kwargs, log_prob=out.log_prob, log_prob_std_error=out.std_error,
     )
 
 
@@ -558,7 +571,7 @@ def sample(
             :func:`flowdiff.likelihood.sample_with_logp`). The solver must then be one of
             :data:`flowdiff.likelihood.LIKELIHOOD_SOLVERS` (default ``"adams"``); ``options`` take
             that function's keywords (``divergence``, ``probes``, ``prior``, ``rtol``, …).
-            ``SampleResult.logp`` is the density of ``state`` (the ODE's end point at ``t_end``);
+            ``SampleResult.log_prob`` is the density of ``state`` (the ODE's end point at ``t_end``);
             the final denoised prediction has no density of its own.
         **options: solver options (``order``, ``variant``, ``rtol``, …; see each solver).
 
@@ -581,7 +594,13 @@ def sample(
     if not isinstance(path, (GaussianPath, StochasticInterpolant)):
         raise TypeError(f"field.path must be a GaussianPath or StochasticInterpolant, got {type(path).__name__}")
     if return_logp:
-        return _sample_with_logp(field, x_init, solver, nfe, grid, t_start, t_end, denoise_final, generator,
+        try:  # the solvers layer's own log-density sampler (flowdiff/solvers/logp.py), once it exists
+            from .logp import sample_returning_logp
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.logp":
+                raise
+            sample_returning_logp = _sample_with_logp
+        return sample_returning_logp(field, x_init, solver, nfe, grid, t_start, t_end, denoise_final, generator,
                                  cond, check_finite, options)
     name = default_solver(field, nfe if isinstance(nfe, int) else None) if solver is None else solver
     spec = get_solver(name)
