@@ -188,6 +188,29 @@ def test_named_weights_match_published_closed_forms() -> None:
     torch.testing.assert_close(GaussianPathLoss(Linear(), "velocity", "snr").weight(t), t**2)
 
 
+@pytest.mark.parametrize("weighting", ["snr", "min-snr", "edm", "likelihood"])
+def test_float32_loss_reads_the_float64_schedule_once(weighting) -> None:
+    """A float32 batch gets the float64 weights and coefficients of the path's public table,
+    rounded once: the per-sample loss equals the float64 formula to float32 precision."""
+    path = VP()
+    weight = make_weighting(weighting)
+    t = torch.linspace(0.05, 0.95, 16, dtype=torch.float64)
+    for prediction in PREDICTIONS:
+        from_table = weight.weight_from_table(path.table(t), prediction)
+        torch.testing.assert_close(from_table, weight.weight(path, t, prediction), rtol=1e-12, atol=0)
+        assert weight.weight(path, t.float(), prediction).dtype == torch.float32
+    x1, eps = torch.randn(16, 3, generator=gen(1)), torch.randn(16, 3, generator=gen(2))
+    model = lambda x, tt: torch.sin(x) * tt[:, None]  # noqa: E731
+    out = GaussianPathLoss(path, "velocity", weighting)(model, x1, x0=eps, t=t.float())
+    assert out.per_sample.dtype == torch.float32
+    t64 = t.float().double()  # the float32 times the loss saw
+    a, s = path.alpha(t64)[:, None], path.sigma(t64)[:, None]
+    x_t = a * x1.double() + s * eps.double()
+    target = path.d_alpha(t64)[:, None] * x1.double() + path.d_sigma(t64)[:, None] * eps.double()
+    expected = weight.weight(path, t64, "velocity") * ((model(x_t, t64) - target) ** 2).mean(1)
+    torch.testing.assert_close(out.per_sample.double(), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_likelihood_weighting_is_the_elbo_weight_on_the_data_mse() -> None:
     # Kingma et al. 2021: the continuous-time ELBO weighs ‖x - x̂‖² by ½ dSNR/dt; ours is dSNR/dt (no ½).
     path = Cosine()
@@ -405,13 +428,13 @@ def test_importance_weights_make_the_uniform_objective_unbiased() -> None:
 def test_time_sampler_errors() -> None:
     with pytest.raises(ValueError, match=r"t_min < t_max"):
         UniformTime(0.5, 0.2)
-    with pytest.raises(ValueError, match="std must be > 0"):
+    with pytest.raises(ValueError, match=r"std must be a finite number > 0, got std=0.0"):
         LogitNormalTime(0.0, 0.0)
     with pytest.raises(ValueError, match="finite and > 0"):
         ImportanceTime(lambda t: t)  # zero at t = 0
     with pytest.raises(ValueError, match="at least 2"):
         ImportanceTime([1.0])
-    with pytest.raises(ValueError, match="n must be an int >= 1"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1, got n=0"):
         UniformTime().sample(0)
 
 
@@ -614,7 +637,7 @@ def test_validation_errors_name_the_bad_value() -> None:
         GaussianPathLoss(vp, "noise", "p2")
     with pytest.raises(ValueError, match="unknown time sampler 'beta'.*uniform, logit-normal, edm"):
         GaussianPathLoss(vp, "noise", time_sampler="beta")
-    with pytest.raises(ValueError, match="gamma must be > 0"):
+    with pytest.raises(ValueError, match=r"gamma must be a finite number > 0, got gamma=0.0"):
         GaussianPathLoss(vp, "noise", "min-snr", gamma=0.0)
     with pytest.raises(TypeError, match="GaussianPath.*InterpolantLoss"):
         GaussianPathLoss(StochasticInterpolant(), "noise")  # type: ignore[arg-type]
