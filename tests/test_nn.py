@@ -252,3 +252,100 @@ def test_build_network_by_name() -> None:
         build_network("unet", (2,))
     with pytest.raises(ValueError, match="divisible by 4"):
         build_network("unet", (1, 6, 6), channels=(8, 16, 16), groups=4, num_heads=2)
+
+
+# --- EDM preconditioning (flowdiff.nn.precond) ----------------------------------------------------
+
+from flowdiff.nn import Preconditioned  # noqa: E402
+from flowdiff.paths import EDM, VP, Cosine, Linear  # noqa: E402
+from flowdiff.testing import Gaussian, random_mixture  # noqa: E402
+
+PRECOND_PATHS = [VP(), Linear(), EDM(), Cosine()]
+PREDICTION_TYPES = ["data", "noise", "velocity", "v", "score"]
+
+
+def _edm_coefficients(path, t: torch.Tensor, sigma_data: float):
+    """Karras et al. 2022, Table 1, in σ-space: σ̃ = σ/α, c_skip, c_out, c_in (float64)."""
+    alpha, sigma = path.alpha(t), path.sigma(t)
+    s = sigma / alpha
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = s * sigma_data / torch.sqrt(s**2 + sigma_data**2)
+    c_in = 1 / torch.sqrt(s**2 + sigma_data**2)
+    return alpha, s, c_skip, c_out, c_in
+
+
+class _ExactInner(torch.nn.Module):
+    """The inner network F that makes D(x̃, σ̃) = c_skip x̃ + c_out F the exact denoiser of an oracle."""
+
+    def __init__(self, oracle, path, sigma_data: float):
+        super().__init__()
+        self.oracle, self.path, self.sigma_data = oracle, path, sigma_data
+
+    def forward(self, scaled: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, s, c_skip, c_out, c_in = (c[:, None] for c in _edm_coefficients(self.path, t, self.sigma_data))
+        x_tilde = scaled / c_in          # the network sees c_in · x̃
+        x = x_tilde * alpha              # x̃ = x / α
+        exact = self.oracle.denoise(x, t)
+        return (exact - c_skip * x_tilde) / c_out
+
+
+@pytest.mark.parametrize("path", PRECOND_PATHS, ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("prediction", PREDICTION_TYPES)
+def test_preconditioned_reproduces_exact_mixture_fields(path, prediction):
+    # With the exact F of Karras et al.'s σ-space formulas inside, the wrapper's path-space
+    # algebra must give the mixture's exact field in every prediction type.
+    oracle = random_mixture(dim=3, num_components=3, seed=1, path=path)
+    sigma_data = 0.7
+    model = Preconditioned(_ExactInner(oracle, path, sigma_data), path, prediction, sigma_data=sigma_data)
+    generator = torch.Generator().manual_seed(0)
+    t = torch.empty(64, dtype=torch.float64).uniform_(0.15, 0.85, generator=generator)
+    x1 = oracle.sample(64, generator=generator)
+    x, _ = path.sample(x1, t, generator=generator)
+    torch.testing.assert_close(model(x, t), oracle.predict(x, t, prediction), rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", PRECOND_PATHS, ids=lambda p: type(p).__name__)
+def test_preconditioned_zero_network_is_the_exact_gaussian_denoiser(path):
+    # c_skip x̃ is E[x₁ | x] for x₁ ~ N(0, σ_d² I): a fresh (zero-output) network starts exact there.
+    sigma_data = 0.5
+    oracle = Gaussian(torch.zeros(4), sigma_data**2 * torch.eye(4), path=path)
+    inner = MLP(4, hidden=16, depth=1).double()
+    model = Preconditioned(inner, path, "noise", sigma_data=sigma_data)
+    t = torch.linspace(path.t_min, path.t_max, 9, dtype=torch.float64)
+    x = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model(x, t), oracle.noise(x, t), rtol=1e-9, atol=1e-9)
+
+
+def test_preconditioned_edm_weighting_is_unit_weight_on_the_inner_network():
+    # EDM's loss λ(σ)‖D − x₁‖² with λ = 1/c_out² is the plain MSE of F against (x₁ − c_skip x̃)/c_out.
+    from flowdiff.losses import GaussianPathLoss
+
+    path, sigma_data = Linear(), 0.6
+    inner = randomise(MLP(5, hidden=16, depth=1)).double()
+    model = Preconditioned(inner, path, "data", sigma_data=sigma_data)
+    generator = torch.Generator().manual_seed(3)
+    x1 = torch.randn(32, 5, dtype=torch.float64, generator=generator)
+    noise = torch.randn(32, 5, dtype=torch.float64, generator=generator)
+    t = torch.empty(32, dtype=torch.float64).uniform_(0.05, 0.95, generator=generator)
+    loss = GaussianPathLoss(path, "data", weighting="edm", sigma_data=sigma_data)
+    got = loss(model, x1, x0=noise, t=t).per_sample
+    alpha, s, c_skip, c_out, c_in = (c[:, None] for c in _edm_coefficients(path, t, sigma_data))
+    x = alpha * x1 + path.sigma(t)[:, None] * noise
+    x_tilde = x / alpha
+    target = (x1 - c_skip * x_tilde) / c_out
+    expected = ((inner(c_in * x_tilde, t) - target) ** 2).mean(dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_preconditioned_passes_labels_and_validates():
+    inner = MLP(3, hidden=8, depth=1, num_classes=4)
+    model = Preconditioned(inner, Linear(), "velocity")
+    assert model.num_classes == 4
+    out = model(torch.randn(5, 3), torch.rand(5), y=torch.tensor([0, 1, 2, 3, 4]))
+    assert out.shape == (5, 3) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="prediction"):
+        Preconditioned(inner, Linear(), "epsilon")
+    with pytest.raises(ValueError, match="sigma_data"):
+        Preconditioned(inner, Linear(), "data", sigma_data=-1.0)
+    with pytest.raises(TypeError, match="path"):
+        Preconditioned(inner, "linear", "data")

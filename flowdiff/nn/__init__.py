@@ -4,6 +4,8 @@
 * :class:`UNet` — small UNet for images ``(B, C, H, W)`` (8×8 digits, 32×32 images).
 * :class:`TimeEmbedding`, :class:`LabelEmbedding`, :func:`drop_labels` — conditioning; label
   ``num_classes`` is the null label of classifier-free guidance (Ho & Salimans, 2022).
+* :class:`Preconditioned` — EDM preconditioning (Karras et al., 2022) around any network, for
+  every Gaussian path and prediction type.
 * :func:`build_network` / :func:`available_networks` — construction by name.
 
 This layer knows only torch.
@@ -18,12 +20,14 @@ from flowdiff.nn.embeddings import (
     validate_labels,
 )
 from flowdiff.nn.mlp import MLP
+from flowdiff.nn.precond import Preconditioned
 from flowdiff.nn.registry import available_networks, build_network, register_network
 from flowdiff.nn.unet import UNet
 
 __all__ = [
     "MLP",
     "UNet",
+    "Preconditioned",
     "TimeEmbedding",
     "LabelEmbedding",
     "drop_labels",
