@@ -1,0 +1,100 @@
+"""Classifier-free guidance as a field, checked against exact Gaussian-mixture fields."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flowdiff as fd
+from flowdiff.guidance import GuidedModel, check_class_label, classifier_free_guidance
+from flowdiff.nn import MLP
+from flowdiff.paths import VP, Linear
+from flowdiff.testing import GaussianMixture, random_mixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PREDICTION_TYPES = ["noise", "data", "velocity", "score", "v"]
+
+
+class ClassMixtureModel(torch.nn.Module):
+    """Exact class-conditional model: class k is component k of a mixture, the null label the mixture."""
+
+    def __init__(self, mixture: GaussianMixture, prediction: str):
+        super().__init__()
+        self.mixture, self.prediction = mixture, prediction
+        self.num_classes = mixture.num_components
+        self.components = [
+            GaussianMixture(mixture.means[k : k + 1], scales=mixture.eigvals[k : k + 1].sqrt(), path=mixture.path)
+            for k in range(self.num_classes)
+        ]
+
+    def forward(self, x, t, y=None):
+        out = self.mixture.predict(x, t, self.prediction)
+        if y is None:
+            return out
+        for k, component in enumerate(self.components):
+            rows = y == k
+            if rows.any():
+                out[rows] = component.predict(x[rows], t[rows], self.prediction)
+        return out
+
+
+def _setup(path, prediction):
+    mixture = random_mixture(dim=2, num_components=3, seed=4, path=path)
+    model = ClassMixtureModel(mixture, prediction)
+    field = fd.Field(model, path, prediction)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 2, dtype=torch.float64, generator=g) * 1.5
+    t = torch.empty(30, dtype=torch.float64).uniform_(0.2, 0.9, generator=g)
+    y = torch.arange(30) % 3
+    return mixture, model, field, x, t, y
+
+
+@pytest.mark.parametrize("prediction", PREDICTION_TYPES)
+@pytest.mark.parametrize("path", [VP(), Linear()], ids=["VP", "Linear"])
+@pytest.mark.parametrize("scale", [0.0, 1.0, 2.5, 4.0])
+def test_guided_score_is_the_tilted_score(path, prediction, scale):
+    # ∇log p_w(x|y) = (1 − w) ∇log p_t(x) + w ∇log p_t(x|y), with both scores exact.
+    mixture, model, field, x, t, y = _setup(path, prediction)
+    guided = classifier_free_guidance(field, scale)
+    unconditional = mixture.score(x, t)
+    conditional = torch.stack([model.components[int(k)].score(x[i : i + 1], t[i : i + 1])[0] for i, k in enumerate(y)])
+    expected = (1 - scale) * unconditional + scale * conditional
+    torch.testing.assert_close(guided.score(x, t, y=y), expected, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("prediction", PREDICTION_TYPES)
+def test_scale_one_is_the_conditional_field(prediction):
+    _, _, field, x, t, y = _setup(VP(), prediction)
+    guided = classifier_free_guidance(field, 1.0)
+    for to in ("noise", "data", "velocity"):
+        torch.testing.assert_close(guided.evaluate(x, t, to, y=y), field.evaluate(x, t, to, y=y))
+    # Without labels the guided field is the unconditional one.
+    torch.testing.assert_close(classifier_free_guidance(field, 3.0).velocity(x, t), field.velocity(x, t))
+
+
+def test_guidance_samples_with_a_solver_and_counts_one_call_per_step():
+    _, _, field, _, _, _ = _setup(Linear(), "velocity")
+    guided = classifier_free_guidance(field, 2.0)
+    x0 = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    res = fd.sample(guided, x0, nfe=8, cond={"y": torch.zeros(16, dtype=torch.long)})
+    assert res.nfe == 8 and torch.isfinite(res.x).all()
+
+
+def test_guidance_errors():
+    path = Linear()
+    unconditional = fd.Field(MLP(2, hidden=8, depth=1), path, "velocity")
+    with pytest.raises(ValueError, match="unconditional"):
+        classifier_free_guidance(unconditional, 2.0)
+    conditional = fd.Field(MLP(2, hidden=8, depth=1, num_classes=3), path, "velocity")
+    with pytest.raises(ValueError, match="scale"):
+        classifier_free_guidance(conditional, -1.0)
+    guided = classifier_free_guidance(conditional, 2.0)
+    with pytest.raises(ValueError, match="0..2"):
+        guided.velocity(torch.randn(2, 2), 0.5, y=torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="outside the trained classes"):
+        check_class_label(3, 3)
+    with pytest.raises(ValueError, match="unconditional"):
+        check_class_label(0, None)
+    assert check_class_label(2, 3) == 2
+    assert isinstance(guided.model, GuidedModel)
