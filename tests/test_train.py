@@ -385,6 +385,52 @@ def test_keep_last_and_metrics_log(tmp_path: Path) -> None:
         assert record["grad_norm"] >= 0 and record["it_per_s"] > 0
 
 
+def test_metrics_window_and_truncation(tmp_path: Path) -> None:
+    from flowdiff.train.logs import METRICS_FILE, MetricsWindow, RunLog, truncate_metrics
+
+    window = MetricsWindow(time.perf_counter())
+    for loss, grad in ((1.0, 4.0), (3.0, 2.0)):
+        window.add(loss, grad)
+    record = window.record(step=2, lr=0.5)
+    assert (record["step"], record["loss"], record["grad_norm"], record["lr"]) == (2, 2.0, 3.0, 0.5)
+    assert window.steps == 0 and record["it_per_s"] > 0
+    log = RunLog(tmp_path)
+    log.open()
+    for step in (2, 4, 6):
+        log.write({"step": step, "loss": float(step)})
+    log.close()
+    with open(tmp_path / METRICS_FILE, "a", encoding="utf-8") as file:
+        file.write('{"step": 8, "lo')  # a line cut by a kill
+    truncate_metrics(tmp_path, 4)
+    assert [r["step"] for r in _records(tmp_path)] == [2, 4]
+    silent = RunLog(tmp_path / "other", enabled=False)  # another process than the main one
+    silent.open()
+    silent.write({"step": 1})
+    silent.close()
+    assert not (tmp_path / "other").exists()
+
+
+def test_shard_streams_are_independent_of_the_process_layout() -> None:
+    from flowdiff.train.rng import restore_shard_generators, shard_generators
+
+    cpu = torch.device("cpu")
+    four = shard_generators(seed=3, first_shard=0, count=4, device=cpu)
+    second_process = shard_generators(seed=3, first_shard=2, count=2, device=cpu)  # rank 1 of 2, 2 shards each
+    for g, h in zip(four[2:], second_process):
+        assert torch.equal(torch.rand(5, generator=g), torch.rand(5, generator=h))
+    assert not torch.equal(torch.rand(5, generator=four[0]), torch.rand(5, generator=four[1]))
+    # Restoring the states of all shards continues each stream exactly ...
+    states = [g.get_state() for g in four]
+    expected = [torch.rand(3, generator=g) for g in four[2:]]
+    assert restore_shard_generators(second_process, states, first_shard=2, total_shards=4, seed=3, step=7)
+    assert all(torch.equal(torch.rand(3, generator=g), e) for g, e in zip(second_process, expected))
+    # ... another number of shards reseeds from (seed, step): reproducible, reported by False.
+    a, b = shard_generators(3, 0, 2, cpu), shard_generators(3, 0, 2, cpu)
+    assert not restore_shard_generators(a, states, 0, 2, seed=3, step=7)
+    assert not restore_shard_generators(b, states[:3], 0, 2, seed=3, step=7)
+    assert torch.equal(torch.rand(3, generator=a[1]), torch.rand(3, generator=b[1]))
+
+
 def test_tensorboard_scalars_match_the_metrics_log(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -24,14 +24,11 @@ run killed at any moment and resumed reaches the same weights as an uninterrupte
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import random
 import shutil
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -40,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -51,7 +47,6 @@ from flowdiff.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     CHECKPOINTS_DIR,
-    atomic_write_text,
     list_checkpoints,
     load_checkpoint,
     load_training_state,
@@ -61,16 +56,30 @@ from flowdiff.train.checkpoint import (
 )
 from flowdiff.train.config import TrainConfig
 from flowdiff.train.distributed import DistributedContext, setup_distributed
+from flowdiff.train.logs import (
+    METRICS_FILE,
+    MetricsWindow,
+    RunLog,
+    describe,
+    describe_loss,
+    describe_model,
+    json_config,
+    progress_bar,
+    truncate_metrics,
+)
+from flowdiff.train.rng import (
+    DATA_STREAM,
+    process_rng_state,
+    restore_shard_generators,
+    set_process_rng_state,
+    shard_generators,
+    stream_seed,
+)
 
 __all__ = ["METRICS_FILE", "NonFiniteLossError", "TrainSummary", "Trainer", "lr_factor"]
 
 logger = logging.getLogger("flowdiff.train")
 
-METRICS_FILE = "metrics.jsonl"
-"""Name of the JSON-lines metrics log in ``output_dir``."""
-
-_DATA_STREAM = 0
-_SHARD_STREAM = 1
 _UNSET = object()
 
 Callback = Callable[["Trainer", dict[str, Any]], None]
@@ -151,11 +160,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "c
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _stream_seed(seed: int, stream: int, index: int = 0) -> int:
-    # Independent 63-bit seeds per (stream, index) from numpy's SeedSequence hashing.
-    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1, dtype=np.uint64)[0]) >> 1
-
-
 def _resolve_device(name: str, local_rank: int, distributed: bool) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,58 +170,6 @@ def _resolve_device(name: str, local_rank: int, distributed: bool) -> torch.devi
             # One GPU per process: the launcher's LOCAL_RANK picks it.
             return torch.device("cuda", local_rank)
     return torch.device(name)
-
-
-def _process_rng_state(device: torch.device) -> dict[str, Any]:
-    numpy_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        # Tensors and tuples of numbers load with torch.load(weights_only=True); numpy arrays do not.
-        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_process_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _json_config(obj: Any) -> Any:
-    # Round-trip through JSON (tuples -> lists, anything exotic -> str) so saving never fails late.
-    return json.loads(json.dumps(obj, default=str))
-
-
-def _describe_model(model: nn.Module, model_config: dict[str, Any] | None) -> dict[str, Any]:
-    if model_config is not None:
-        return _json_config(model_config)
-    described = getattr(model, "config", None)
-    if callable(described):
-        described = described()
-    if isinstance(described, dict):
-        return _json_config(described)
-    return {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
-
-
-def _describe(obj: Any) -> dict[str, Any] | None:
-    if obj is None:
-        return None
-    described = getattr(obj, "config", None)
-    if callable(described):
-        try:
-            described = described()
-        except TypeError:
-            described = None
-    if isinstance(described, dict):
-        return _json_config(described)
-    return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
 
 
 def _clip_gradients(grads: list[Tensor], max_norm: float | None) -> Tensor:
@@ -256,18 +208,6 @@ def _pair_tensors(averaged: nn.Module, model: nn.Module) -> list[tuple[list[Tens
         group[0].append(ema_tensor.detach())
         group[1].append(tensor.detach())
     return list(groups.values())
-
-
-def _describe_loss(loss: Any) -> dict[str, Any]:
-    described = _describe(loss) or {}
-    if set(described) == {"class"}:
-        # No config() method: record what identifies the objective for a reader of the checkpoint.
-        for attribute in ("prediction", "kind", "objective", "weighting", "time_sampler"):
-            value = getattr(loss, attribute, None)
-            if value is not None:
-                described[attribute] = value if isinstance(value, (str, int, float, bool)) else repr(value)
-        described["repr"] = repr(loss)
-    return described
 
 
 class Trainer:
@@ -392,7 +332,7 @@ class Trainer:
             data = Dataset(x=data if data.ndim >= 2 else data[:, None])
         if isinstance(data, Dataset):
             self.dataset = data.to(device=self.device, dtype=self.dtype)
-            data_generator = torch.Generator().manual_seed(_stream_seed(config.seed, _DATA_STREAM))
+            data_generator = torch.Generator().manual_seed(stream_seed(config.seed, DATA_STREAM))
             self.sampler: Any = BatchSampler(self.dataset, config.batch_size, generator=data_generator)
         elif isinstance(data, BatchSampler):
             if data.batch_size != config.batch_size:
@@ -432,12 +372,8 @@ class Trainer:
                 )
 
         # ---- random streams: one generator per shard this process computes -----------------
-        generator_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         first_shard = self.dist.rank * self._shards_per_process
-        self.generators = [
-            torch.Generator(device=generator_device).manual_seed(_stream_seed(config.seed, _SHARD_STREAM, first_shard + a))
-            for a in range(self._shards_per_process)
-        ]
+        self.generators = shard_generators(config.seed, first_shard, self._shards_per_process, self.device)
 
         # ---- optimisation ------------------------------------------------------------------
         if optimizer is None:
@@ -473,10 +409,9 @@ class Trainer:
         self._last_lr = float("nan")
         self._stop_requested = self._stop_agreed = False
         self.last_checkpoint: Path | None = None
-        self._model_config = _describe_model(model, model_config)
-        self._extra_config = _json_config(extra_config or {})
-        self._metrics_file: Any = None
-        self._tensorboard: Any = None
+        self._model_config = describe_model(model, model_config)
+        self._extra_config = json_config(extra_config or {})
+        self._log = RunLog(self.output_dir, tensorboard=config.tensorboard, enabled=self.dist.is_main)
         self._prepare_output(resume=resume, resume_from=resume_from, overwrite=overwrite)
 
     # ------------------------------------------------------------------------------------------
@@ -512,7 +447,7 @@ class Trainer:
             else:
                 logger.info("resume=True but %s holds no checkpoint: starting a new run", self.output_dir)
                 if self.dist.is_main:
-                    self._truncate_metrics(0)  # records of a run killed before its first checkpoint
+                    truncate_metrics(self.output_dir, 0)  # records of a run killed before its first checkpoint
         elif not overwrite and (list_checkpoints(self.output_dir) or (self.output_dir / METRICS_FILE).exists()):
             raise FileExistsError(
                 f"{self.output_dir} already holds a training run; pass resume=True to continue it "
@@ -528,7 +463,7 @@ class Trainer:
         if source is not None:
             self._load(source)
             if self.dist.is_main:
-                self._truncate_metrics(self.step)
+                truncate_metrics(self.output_dir, self.step)
 
     def _load(self, folder: Path) -> None:
         model_state, ema_state, config = load_checkpoint(folder, device=self.device)
@@ -545,24 +480,17 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])
         shard_states = state.get("shard_generators", [])
         total_shards = self.dist.world_size * self._shards_per_process
-        if len(shard_states) == total_shards:
-            first = self.dist.rank * self._shards_per_process
-            for a, generator in enumerate(self.generators):
-                generator.set_state(shard_states[first + a])
-        else:
-            # Another number of shards: the random draws cannot continue as before. Reseed from
-            # (seed, step) so that the continuation is at least reproducible.
+        first = self.dist.rank * self._shards_per_process
+        if not restore_shard_generators(self.generators, shard_states, first, total_shards, self.config.seed, state["step"]):
             warnings.warn(
                 f"the checkpoint was written with {len(shard_states)} shards per step, this run uses "
                 f"{total_shards} (world_size × grad_accum_steps): the run continues reproducibly but "
                 f"not identically to an uninterrupted one",
                 stacklevel=3,
             )
-            for a, generator in enumerate(self.generators):
-                generator.manual_seed(_stream_seed(self.config.seed, _SHARD_STREAM + 1 + int(state["step"]), a))
         process_states = state.get("process_rng", [])
         if self.dist.rank < len(process_states):
-            _set_process_rng_state(process_states[self.dist.rank], self.device)
+            set_process_rng_state(process_states[self.dist.rank], self.device)
         self.step = int(state["step"])
         self.last_checkpoint = folder
         logger.info("resumed from %s at step %d", folder, self.step)
@@ -577,22 +505,6 @@ class Trainer:
                 f"state are used, so the run is not the one these settings would give from scratch",
                 stacklevel=3,
             )
-
-    def _truncate_metrics(self, step: int) -> None:
-        # Records after the checkpoint came from the interrupted part of the run: they will be
-        # written again by the resumed run, so drop them to keep one record per step.
-        file = self.output_dir / METRICS_FILE
-        if not file.exists():
-            return
-        kept = []
-        for line in file.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-                kept.append(line)
-        atomic_write_text(file, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -617,8 +529,8 @@ class Trainer:
             "step": self.step,
             "train": self.config.to_dict(),
             "model": self._model_config,
-            "loss": _describe_loss(self.loss),
-            "path": _describe(getattr(self.loss, "path", None)),
+            "loss": describe_loss(self.loss),
+            "path": describe(getattr(self.loss, "path", None)),
             "data": data,
             "extra": self._extra_config,
             "world_size": self.dist.world_size,
@@ -631,7 +543,7 @@ class Trainer:
         Returns:
             The checkpoint folder on the main process, ``None`` on the others.
         """
-        local = {"generators": [g.get_state() for g in self.generators], "rng": _process_rng_state(self.device)}
+        local = {"generators": [g.get_state() for g in self.generators], "rng": process_rng_state(self.device)}
         gathered = self.dist.all_gather_object(local)
         folder = None
         if self.dist.is_main:
@@ -774,34 +686,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
 
-    def _open_logs(self) -> None:
-        if not self.dist.is_main:
-            return
-        # Kept open for the whole fit() (closed in its ``finally``): one flushed line per record.
-        self._metrics_file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
-        if self.config.tensorboard and self._tensorboard is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
-            except ImportError:
-                warnings.warn("tensorboard=True but the tensorboard package is not installed; skipping it", stacklevel=3)
-
-    def _close_logs(self) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.close()
-            self._metrics_file = None
-        if self._tensorboard is not None:
-            self._tensorboard.flush()
-
-    def _write_record(self, record: dict[str, Any]) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(record) + "\n")
-            self._metrics_file.flush()
-        if self._tensorboard is not None and "loss" in record:
-            for key in ("loss", "lr", "grad_norm", "it_per_s"):
-                self._tensorboard.add_scalar(f"train/{key}", record[key], record["step"])
-
     def _install_signal_handlers(self) -> dict[int, Any]:
         """Make SIGTERM and SIGINT request a clean stop; returns the handlers to restore."""
         if threading.current_thread() is not threading.main_thread():
@@ -817,15 +701,6 @@ class Trainer:
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, request_stop)
         return previous
-
-    def _progress_bar(self, start: int) -> Any:
-        if not (self.progress and self.dist.is_main and sys.stderr.isatty()):
-            return None
-        try:
-            from tqdm.auto import tqdm  # type: ignore[import-untyped]
-        except ImportError:
-            return None
-        return tqdm(total=self.config.steps, initial=start, unit="step", dynamic_ncols=True, desc="train")
 
     def fit(self) -> TrainSummary:
         """Train until ``config.steps`` updates are done, checkpointing and logging on the way.
@@ -849,46 +724,35 @@ class Trainer:
         start = time.perf_counter()
         final_loss = recent_loss = float("nan")
         checkpoint_time = 0.0
-        window_start, window_steps, window_loss, window_grad = start, 0, 0.0, 0.0
-        self._open_logs()
-        bar = self._progress_bar(start_step)
+        window = MetricsWindow(start)
+        self._log.open()
+        bar = progress_bar(self.progress and self.dist.is_main, config.steps, start_step)
         self._train_model.train()
         try:
             while self.step < config.steps:
                 try:
                     loss_value, grad_value = self._train_step()
                 except NonFiniteLossError as error:
-                    self._write_record(
+                    self._log.write(
                         {"step": error.step, "event": "non_finite", "quantity": error.quantity, "value": str(error.value)}
                     )
                     raise
                 self.step += 1
                 final_loss = loss_value
-                window_steps += 1
-                window_loss += loss_value
-                window_grad += grad_value
+                window.add(loss_value, grad_value)
                 if bar is not None:
                     bar.update(1)
                 if self.step % config.log_every == 0 or self.step == config.steps:
-                    now = time.perf_counter()
-                    recent_loss = window_loss / window_steps
-                    record = {
-                        "step": self.step,
-                        "loss": recent_loss,
-                        "lr": self._last_lr,
-                        "grad_norm": window_grad / window_steps,
-                        "it_per_s": window_steps / max(now - window_start, 1e-12),
-                        "wall": now - start,
-                    }
+                    record = window.record(self.step, self._last_lr)
+                    recent_loss = record["loss"]
                     if isinstance(self.sampler, BatchSampler):
                         record["epoch"] = self.sampler.epoch
                     if self.dist.is_main:
-                        self._write_record(record)
+                        self._log.write(record)
                         if bar is not None:
                             bar.set_postfix(loss=f"{recent_loss:.4g}", lr=f"{record['lr']:.3g}", refresh=False)
                         for callback in self.callbacks:
                             callback(self, record)
-                    window_start, window_steps, window_loss, window_grad = now, 0, 0.0, 0.0
                 due = config.checkpoint_every is not None and self.step % config.checkpoint_every == 0
                 # One process acts on its own flag at once; several wait for the all-reduced one.
                 stop = self._stop_agreed or (self._stop_requested and not self.dist.enabled)
@@ -905,7 +769,7 @@ class Trainer:
                 signal.signal(signum, handler)
             if bar is not None:
                 bar.close()
-            self._close_logs()
+            self._log.close()
         self.dist.barrier()
         wall = time.perf_counter() - start
         done = self.step - start_step
