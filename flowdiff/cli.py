@@ -63,17 +63,31 @@ def _train_impl(opts: dict[str, Any]) -> Path:
     _check_name("time sampler", opts["time_sampler"], list(available_time_samplers()))
     out = Path(opts["output"])
     t0 = time.perf_counter()
-    summary = train_run(
-        data=opts["data"], path=opts["path"], prediction=opts["prediction"], network=opts["network"],
-        steps=opts["steps"], batch_size=opts["batch"], lr=opts["lr"], output_dir=out, seed=opts["seed"],
-        weighting=opts["weighting"], time_sampler=opts["time_sampler"], ema_decay=opts["ema_decay"],
-        resume=opts["resume"], progress=opts.get("progress", True), checkpoint_every=opts["checkpoint_every"],
-        network_kwargs=opts.get("network_kwargs"),
-    )
+    try:
+        summary = _train_run_checked(train_run, opts, out)
+    except ValueError as error:
+        _fail(str(error).splitlines()[0], 2)
     final = getattr(summary, "final_loss", None)
     typer.echo(f"trained {opts['steps']} steps in {time.perf_counter() - t0:.1f} s"
                + (f", final loss {final:.4g}" if isinstance(final, float) else "") + f"; checkpoint: {out}")
     return out
+
+
+# Training-recipe options (docs/training.md) with their defaults; each is also a YAML key.
+_RECIPE_DEFAULTS: dict[str, Any] = {
+    "precondition": False, "sigma_data": None, "label_dropout": 0.0, "lr_schedule": "cosine",
+    "warmup_steps": 100, "grad_clip": 1.0, "weight_decay": 0.0, "ema_sigma_rel": None,
+}
+
+
+def _train_run_checked(train_run: Any, opts: dict[str, Any], out: Path) -> Any:
+    return train_run(
+        data=opts["data"], path=opts["path"], prediction=opts["prediction"], network=opts["network"],
+        steps=opts["steps"], batch_size=opts["batch"], lr=opts["lr"], output_dir=out, seed=opts["seed"],
+        weighting=opts["weighting"], time_sampler=opts["time_sampler"], ema_decay=opts["ema_decay"],
+        resume=opts["resume"], progress=opts.get("progress", True), checkpoint_every=opts["checkpoint_every"],
+        network_kwargs=opts.get("network_kwargs"), **{k: opts[k] for k in _RECIPE_DEFAULTS if k in opts},
+    )
 
 
 @app.command()
@@ -93,12 +107,22 @@ def train(
     checkpoint_every: int = typer.Option(1000, "--checkpoint-every", min=1, help="Save an (atomic) checkpoint every this many steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default; 1 is fastest for small MLPs on a busy machine)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file whose keys (data, path, prediction, network, steps, batch, lr, output, seed, weighting, time_sampler, ema_decay, checkpoint_every, threads, network_kwargs) override the defaults; command-line options given explicitly win."),
+    precondition: bool = typer.Option(False, "--precondition/--no-precondition", help="Wrap the network in EDM's preconditioning (c_skip, c_out, c_in; Karras et al. 2022); works for every path and prediction."),
+    sigma_data: Optional[float] = typer.Option(None, "--sigma-data", help="σ_data of the preconditioning and the edm weighting (default: the training data's standard deviation)."),
+    label_dropout: float = typer.Option(0.0, "--label-dropout", min=0.0, max=1.0, help="Train class-conditional (labelled data) with this label-dropout probability, for classifier-free guidance."),
+    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="Learning-rate schedule after the warm-up: cosine or constant."),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", min=0, help="Linear learning-rate warm-up steps."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", min=0.0, help="Clip the global gradient norm to this value (0: no clipping)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, help="AdamW's decoupled weight decay."),
+    ema_sigma_rel: Optional[float] = typer.Option(None, "--ema-sigma-rel", help="Use EDM2's power-function EMA of this relative width (e.g. 0.1) instead of --ema-decay."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file whose keys (the long option names with underscores: data, path, prediction, network, steps, batch, lr, output, seed, weighting, time_sampler, ema_decay, ema_sigma_rel, checkpoint_every, threads, precondition, sigma_data, label_dropout, lr_schedule, warmup_steps, grad_clip, weight_decay, network_kwargs) override the defaults; command-line options given explicitly win; an unknown key is an error."),
 ) -> None:
     """Train a model and write checkpoints (safetensors + config.json) to --output."""
     opts = dict(data=data, path=path, prediction=prediction, network=network, steps=steps, batch=batch, lr=lr,
                 output=output, seed=seed, weighting=weighting, time_sampler=time_sampler, ema_decay=ema_decay,
-                checkpoint_every=checkpoint_every, resume=resume, threads=threads)
+                checkpoint_every=checkpoint_every, resume=resume, threads=threads, precondition=precondition,
+                sigma_data=sigma_data, label_dropout=label_dropout, lr_schedule=lr_schedule,
+                warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay, ema_sigma_rel=ema_sigma_rel)
     if config is not None:
         import yaml
 
@@ -114,6 +138,8 @@ def train(
         for key, value in loaded.items():
             if key not in given:
                 opts[key] = value
+    if not opts.get("grad_clip"):
+        opts["grad_clip"] = None
     _set_threads(int(opts.pop("threads")))
     _train_impl(opts)
 
@@ -158,27 +184,34 @@ def _sample_options(field: Any, solver: str, nfe: int, ems: Optional[Path], grid
     return options
 
 
-def _sample_impl(checkpoint: Path, solver: str, nfe: int, count: int, output: Path, seed: int,
-                 ems: Optional[Path] = None, grid: Optional[str] = None) -> tuple[Path, Path, Any]:
+def _sample_impl(checkpoint: Path, solver: Optional[str], nfe: int, count: int, output: Path, seed: int,
+                 ems: Optional[Path] = None, grid: Optional[str] = None, label: Optional[int] = None,
+                 guidance_scale: Optional[float] = None) -> tuple[Path, Path, Any]:
     import torch
 
     from .pipeline import generate, save_samples_png
 
-    _check_name("solver", solver, _valid_solvers())
+    from .solvers import default_solver
+
+    if solver is not None:
+        _check_name("solver", solver, _valid_solvers())
     field, cfg = _load_field_or_exit(checkpoint)
     shape = tuple(cfg["model"]["data_shape"])
+    solver = default_solver(field, nfe) if solver is None else solver  # the library's default, not a name of its own
     options = _sample_options(field, solver, nfe, ems, grid)
     solver, nfe = options.pop("solver", solver), options.pop("nfe", nfe)
     t0 = time.perf_counter()
     try:
-        x, used = generate(field, count, shape, solver=solver, nfe=nfe, seed=seed, **options)
+        x, used = generate(field, count, shape, solver=solver, nfe=nfe, seed=seed, label=label,
+                           guidance_scale=guidance_scale, **options)
     except ValueError as error:
         _fail(str(error).splitlines()[0], 2)
     elapsed = time.perf_counter() - t0
     output.mkdir(parents=True, exist_ok=True)
     tensors = output / "samples.pt"
     tmp = tensors.with_suffix(".pt.tmp")
-    torch.save({"x": x, "solver": solver, "nfe": used, "checkpoint": str(checkpoint)}, tmp)
+    torch.save({"x": x, "solver": solver, "nfe": used, "checkpoint": str(checkpoint), "label": label,
+                "guidance_scale": guidance_scale}, tmp)
     tmp.replace(tensors)
     reference = None
     data = (cfg.get("extra") or {}).get("dataset")
@@ -197,7 +230,7 @@ def _sample_impl(checkpoint: Path, solver: str, nfe: int, count: int, output: Pa
 @app.command()
 def sample(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder (its latest checkpoint)."),
-    solver: str = typer.Option("dpm-solver++", "--solver", help="Solver name; `flowdiff solvers` lists them."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="Solver name; `flowdiff solvers` lists them (default: the library's, fd.solvers.default_solver)."),
     nfe: int = typer.Option(50, "--nfe", min=1, help="Budget of model evaluations (including the final denoise)."),
     count: int = typer.Option(2000, "--count", "-n", min=1, help="Number of samples."),
     output: Path = typer.Option(Path("runs/samples"), "--output", "-o", help="Folder for samples.pt and samples.png."),
@@ -205,10 +238,12 @@ def sample(
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
     ems: Optional[Path] = typer.Option(None, "--ems", help="Empirical model statistics for dpm-solver-v3 (from `flowdiff ems`)."),
     grid: Optional[str] = typer.Option(None, "--grid", help="Time grid: uniform, logsnr, quadratic, karras, shifted, or a tuned-grid file from `flowdiff tune-grid`."),
+    label: Optional[int] = typer.Option(None, "--class", help="Class to generate (a class-conditional model, trained with --label-dropout)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale w (1: conditional model, >1: sharper classes); needs --class."),
 ) -> None:
     """Sample a trained model: writes samples.pt (tensors) and samples.png."""
     _set_threads(threads)
-    _sample_impl(checkpoint, solver, nfe, count, output, seed, ems, grid)
+    _sample_impl(checkpoint, solver, nfe, count, output, seed, ems, grid, label, guidance_scale)
 
 
 @app.command(name="eval")
@@ -271,7 +306,7 @@ def ems_cmd(
 
     The cost, reported at the end, is about knots × samples / batch_size forward passes plus as
     many forward-mode JVPs (which cost 3–5 forward passes each on a CPU)."""
-    from .solvers.dpm_v3 import ems_from_checkpoint
+    from .pipeline import ems_from_checkpoint
     from .train import CheckpointError
 
     _set_threads(threads)
@@ -301,7 +336,7 @@ def tune_grid_cmd(
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
 ) -> None:
     """Fit the step locations of a solver at a given NFE to a trained model (reuse with `sample --grid FILE`)."""
-    from .solvers.tuning import tune_grid_from_checkpoint
+    from .pipeline import tune_grid_from_checkpoint
     from .train import CheckpointError
 
     _check_name("solver", solver, _valid_solvers())
@@ -329,7 +364,7 @@ def demo(
     steps: int = typer.Option(3000, "--steps", min=1, help="Training steps."),
     output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Output folder."),
     nfe: int = typer.Option(50, "--nfe", min=2, help="Model evaluations for sampling."),
-    solver: str = typer.Option("dpm-solver++", "--solver", help="Solver for sampling."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="Solver for sampling (default: the library's, fd.solvers.default_solver)."),
     count: int = typer.Option(2000, "--count", min=10, help="Number of samples (the floor uses the same size)."),
     threads: int = typer.Option(1, "--threads", min=0, help="CPU threads for torch (0: torch's default). The demo's network is so small that one thread is as fast as two and immune to a busy machine."),
 ) -> None:

@@ -54,8 +54,21 @@ def train_run(
     overwrite: bool = True,
     progress: bool = True,
     lr_schedule: str = "cosine",
+    precondition: bool = False,
+    sigma_data: float | None = None,
+    label_dropout: float = 0.0,
+    grad_clip: float | None = 1.0,
+    weight_decay: float = 0.0,
+    ema_sigma_rel: float | None = None,
 ) -> Any:
-    """Train a model on ``data`` along ``path`` predicting ``prediction``; returns the Trainer's summary."""
+    """Train a model on ``data`` along ``path`` predicting ``prediction``; returns the Trainer's summary.
+
+    Recipe options (docs/training.md): ``precondition`` wraps the network in
+    :class:`~flowdiff.nn.Preconditioned` (EDM's c_skip/c_out/c_in, Karras et al. 2022) with
+    ``sigma_data`` (default: the standard deviation of the training data); ``label_dropout > 0``
+    trains a class-conditional network (labelled data) for classifier-free guidance;
+    ``ema_sigma_rel`` replaces the fixed EMA decay by EDM2's power-function EMA of that width.
+    """
     from .train import Trainer, TrainConfig
 
     dataset = load_dataset(data, split="train", seed=seed)
@@ -64,17 +77,32 @@ def train_run(
     if network == "auto":
         network = "mlp" if len(shape) == 1 else "unet"
     kwargs = {**default_network_kwargs(network, shape), **(network_kwargs or {})}
+    if label_dropout > 0:
+        if dataset.num_classes is None:
+            raise ValueError(f"label_dropout={label_dropout} needs labelled data; {data!r} has no labels")
+        kwargs["num_classes"] = int(dataset.num_classes)
     model = build_network(network, shape, **kwargs)
-    loss = GaussianPathLoss(gpath, prediction=prediction, weighting=weighting, time_sampler=time_sampler)
+    precondition_config = None
+    if precondition:
+        from .nn import Preconditioned
+
+        if sigma_data is None:
+            sigma_data = float(dataset.x.double().std())
+        model = Preconditioned(model, gpath, prediction, sigma_data=float(sigma_data))
+        precondition_config = {"sigma_data": float(sigma_data)}
+    loss = GaussianPathLoss(gpath, prediction=prediction, weighting=weighting, time_sampler=time_sampler,
+                            sigma_data=sigma_data)
     # An EMA horizon longer than a tenth of the run would mostly average the untrained start.
     ema_decay = min(ema_decay, max(0.0, 1.0 - 10.0 / steps))
     config = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, output_dir=str(output_dir), ema_decay=ema_decay,
         warmup_steps=min(warmup_steps, steps), checkpoint_every=checkpoint_every, lr_schedule=lr_schedule,
+        label_dropout=label_dropout, grad_clip=grad_clip, weight_decay=weight_decay,
+        **({"ema_sigma_rel": ema_sigma_rel} if ema_sigma_rel is not None else {}),
     )
     model_config = {"name": network, "data_shape": list(shape), "kwargs": kwargs}
     extra = {"dataset": dataset.name if data == dataset.name else str(data), "seed": seed, "prediction": prediction,
-             "path": gpath.config()}
+             "path": gpath.config(), "precondition": precondition_config}
     trainer = Trainer(model, loss, dataset, config, resume=resume, overwrite=overwrite and not resume,
                       progress=progress, model_config=model_config, extra_config=extra)
     return trainer.fit()
@@ -89,34 +117,72 @@ def load_field(checkpoint: str | Path, which: str = "ema", device: str = "cpu") 
     from .train import CheckpointError, load_checkpoint, load_model
 
     _, _, config = load_checkpoint(checkpoint, device=device)
-    model = load_model(checkpoint, which=which, device=device)
     extra = config.get("extra") or {}
     path_cfg = extra.get("path") or config.get("path")
     prediction = extra.get("prediction") or (config.get("loss") or {}).get("prediction")
     if not path_cfg or not prediction:
         raise CheckpointError(f"{config['checkpoint_dir']}: config.json does not say which path/prediction the model uses")
+    gpath = path_from_config(path_cfg)
+    precondition = extra.get("precondition")
+    if precondition:
+        # The checkpoint holds the wrapper's weights ("network.*"): rebuild the wrapper around the network.
+        from .nn import Preconditioned
+        from .train import load_weights
+
+        description = config.get("model") or {}
+        try:
+            inner = build_network(description["name"], description["data_shape"], **description.get("kwargs", {}))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{config['checkpoint_dir']}: cannot rebuild the network: {error}") from error
+        model = Preconditioned(inner, gpath, prediction, sigma_data=float(precondition["sigma_data"])).to(device)
+        model = load_weights(model, config["checkpoint_dir"], which=which)
+        model.eval()
+    else:
+        model = load_model(checkpoint, which=which, device=device)
     model.requires_grad_(False)
-    return Field(model, path_from_config(path_cfg), prediction), config
+    return Field(model, gpath, prediction), config
 
 
 def generate(
     field: Field,
     count: int,
     shape: tuple[int, ...],
-    solver: str = "dpm-solver++",
+    solver: str | None = None,
     nfe: int = 50,
     seed: int = 0,
     batch_size: int = 4096,
+    label: int | None = None,
+    guidance_scale: float | None = None,
     **options: Any,
 ) -> tuple[Tensor, int]:
-    """Draw ``count`` samples (in batches); returns ``(samples, model evaluations per batch)``."""
+    """Draw ``count`` samples (in batches); returns ``(samples, model evaluations per batch)``.
+
+    ``solver``: a name from :func:`flowdiff.solvers.available`; default the library's
+    (:func:`flowdiff.solvers.default_solver`, as :func:`flowdiff.sample`).
+
+    ``label`` asks a class-conditional model for that class, ``guidance_scale`` applies
+    classifier-free guidance (:func:`flowdiff.guidance.classifier_free_guidance`; default 1, the
+    conditional model). Both raise ``ValueError`` on an unconditional model or a class outside
+    the trained ones.
+    """
+    from .guidance import check_class_label, classifier_free_guidance, model_num_classes
     from .solvers import sample
 
+    if label is not None or guidance_scale is not None:
+        num_classes = model_num_classes(field.model)
+        if guidance_scale is not None and num_classes is None:
+            raise ValueError(f"guidance scale {guidance_scale} needs a class-conditional model; this model is unconditional")
+        if label is None:
+            raise ValueError("a guidance scale needs a class to guide towards (label=k; on the command line --class k)")
+        label = check_class_label(label, num_classes)
+        field = classifier_free_guidance(field, 1.0 if guidance_scale is None else guidance_scale)
     g = torch.Generator().manual_seed(seed)
     out, nfe_used = [], 0
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
         x0 = field.path.prior_sample((n, *shape), generator=g)
+        if label is not None:
+            options["cond"] = {"y": torch.full((n,), label, dtype=torch.long)}
         with torch.no_grad():
             res = sample(field, x0, solver=solver, nfe=nfe, generator=g, **options)
         out.append(res.x)
@@ -215,3 +281,59 @@ def write_json(obj: Any, file: str | Path) -> Path:
 def dataset_shape(data: str, seed: int = 0) -> tuple[tuple[int, ...], Dataset]:
     ds = load_dataset(data, split="heldout", seed=seed)
     return tuple(ds.shape), ds
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoint recipes of the solvers (EMS, tuned grids): they load a field, so they live here
+# ---------------------------------------------------------------------------------------
+
+
+def ems_from_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *, data: str | None = None,
+                        seed: int = 0, **options: Any) -> Any:
+    """Estimate the DPM-Solver-v3 EMS of a trained checkpoint from its training data and save them.
+
+    The recipe behind ``flowdiff ems CHECKPOINT``: the field comes from :func:`load_field`, the
+    data from the training split the checkpoint's config names (or ``data``), and the statistics
+    are written to ``output`` (default ``<checkpoint>/ems.safetensors``). ``options`` go to
+    :func:`flowdiff.solvers.estimate_ems`.
+    """
+    from .solvers import estimate_ems
+
+    field, config = load_field(checkpoint)
+    name = data or (config.get("extra") or {}).get("dataset")
+    if not name:
+        raise ValueError(f"the checkpoint {str(checkpoint)!r} does not name its data set; pass data=")
+    dataset = load_dataset(name, split="train", seed=int((config.get("extra") or {}).get("seed", seed)))
+    ems = estimate_ems(field, dataset.x, generator=torch.Generator().manual_seed(seed), **options)
+    ems.settings["checkpoint"] = str(config.get("checkpoint_dir", checkpoint))
+    ems.settings["data"] = str(name)
+    ems.save(Path(output) if output is not None else Path(config.get("checkpoint_dir", checkpoint)) / "ems.safetensors")
+    return ems
+
+
+def tune_grid_from_checkpoint(checkpoint: str | Path, solver: str, nfe: int, output: str | Path | None = None, *,
+                              count: int = 128, seed: int = 0, ems: str | Path | None = None,
+                              options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Tune a grid for a trained checkpoint and save it (the recipe behind ``flowdiff tune-grid``).
+
+    ``count`` starting points are drawn from the path's prior with ``seed``; ``ems`` (a file
+    written by ``flowdiff ems``) is passed to ``dpm-solver-v3``. The grid is written to
+    ``output`` (default ``<checkpoint>/grid_<solver>_nfe<nfe>.safetensors``). ``kwargs`` go to
+    :func:`flowdiff.solvers.tune_grid`.
+    """
+    from .solvers import EMS, tune_grid
+
+    field, config = load_field(checkpoint)
+    shape = tuple((config.get("model") or {}).get("data_shape") or ())
+    if not shape:
+        raise ValueError(f"the checkpoint {str(checkpoint)!r} does not record its data shape")
+    opts = dict(options or {})
+    if ems is not None:
+        opts["ems"] = EMS.load(ems)
+    noise = field.path.prior_sample((count, *shape), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        tuned = tune_grid(field, solver, nfe, noise, options=opts, **kwargs)
+    tuned.settings["checkpoint"] = str(config.get("checkpoint_dir", checkpoint))
+    folder = Path(config.get("checkpoint_dir", checkpoint))
+    tuned.save(Path(output) if output is not None else folder / f"grid_{solver}_nfe{nfe}.safetensors")
+    return tuned
