@@ -40,6 +40,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from ._utils import check_float, check_int
+
 __all__ = [
     "COUPLINGS",
     "OT_METHODS",
@@ -107,8 +109,9 @@ def sinkhorn_plan(cost: Tensor, reg: float, max_iter: int = 1000, tol: float = 1
     Returns:
         The plan, float64, on ``cost``'s device, total mass 1.
     """
-    if not (reg > 0):
-        raise ValueError(f"reg must be > 0, got reg={reg!r}")
+    reg = check_float("reg", reg, 0.0, low_open=True)
+    max_iter = check_int("max_iter", max_iter, 1)
+    tol = check_float("tol", tol, 0.0, low_open=True)
     cost = cost.to(torch.float64)
     n0, n1 = cost.shape
     log_a, log_b = -math.log(n0), -math.log(n1)
@@ -294,18 +297,15 @@ class MinibatchOT(Coupling):
     ):
         if method not in OT_METHODS:
             raise ValueError(f"unknown OT method {method!r}; valid: {', '.join(OT_METHODS)}")
-        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not (0 < reg < float("inf")):
-            raise ValueError(f"reg must be a finite number > 0, got reg={reg!r}")
+        reg = check_float("reg", reg, 0.0, low_open=True)
         if not isinstance(replace, bool):
             raise TypeError(f"replace must be a bool, got {type(replace).__name__}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an int >= 1, got max_iter={max_iter!r}")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol > 0):
-            raise ValueError(f"tol must be a number > 0, got tol={tol!r}")
+        max_iter = check_int("max_iter", max_iter, 1)
+        tol = check_float("tol", tol, 0.0, low_open=True)
         if backend not in SINKHORN_BACKENDS:
             raise ValueError(f"unknown Sinkhorn backend {backend!r}; valid: {', '.join(SINKHORN_BACKENDS)}")
-        self.method, self.reg, self.replace = method, float(reg), replace
-        self.max_iter, self.tol, self.backend = max_iter, float(tol), backend
+        self.method, self.reg, self.replace = method, reg, replace
+        self.max_iter, self.tol, self.backend = max_iter, tol, backend
 
     def __repr__(self) -> str:
         return f"MinibatchOT(method={self.method!r}, reg={self.reg!r}, replace={self.replace!r})"

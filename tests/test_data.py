@@ -313,3 +313,36 @@ def test_batch_sampler_state_survives_a_checkpoint(tmp_path: Path) -> None:
     resumed = BatchSampler(data, 4)
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert all(torch.equal(next(resumed)[0], want) for want in expected)
+
+
+# --- one validator for counts and reals ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: load_dataset("moons", n=-1), r"n must be an integer >= 0, got n=-1"),
+        (lambda: load_dataset("moons", n=2.5), r"n must be an integer >= 0, got n=2.5"),
+        (lambda: load_dataset("moons", seed=True), r"seed must be an integer >= 0, got seed=True"),
+        (lambda: load_dataset("moons", heldout_fraction=1.0), r"heldout_fraction must be a finite number in \(0, 1\)"),
+        (lambda: load_dataset("pinwheel", num_arms=1), r"num_arms must be an integer >= 2, got num_arms=1"),
+        (lambda: load_dataset("moons", noise=float("nan")), r"noise must be a finite number >= 0, got noise=nan"),
+        (lambda: BatchSampler(torch.randn(8, 2), 0), r"batch_size must be an integer >= 1, got batch_size=0"),
+    ],
+)
+def test_counts_and_reals_go_through_the_one_validator(call, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_integral_floats_are_counts_and_other_layers_share_the_validator() -> None:
+    import flowdiff as fd
+
+    assert load_dataset("moons", n=10.0).x.shape == (10, 2)  # an integral float is a count
+    with pytest.raises(ValueError, match=r"data_shape\[1\] must be an integer >= 1, got data_shape\[1\]=2.5"):
+        fd.nn.build_network("mlp", (1, 2.5))  # no silent truncation to 2
+    assert fd.nn.build_network("mlp", (np.int64(2),)).dim == 2
+    with pytest.raises(ValueError, match=r"max_iter must be an integer >= 1, got max_iter=0"):
+        fd.couplings.MinibatchOT("sinkhorn", max_iter=0)
+    with pytest.raises(ValueError, match=r"num_projections must be an integer >= 1, got num_projections=0"):
+        fd.metrics.sliced_wasserstein(torch.randn(5, 2), torch.randn(5, 2), num_projections=0)

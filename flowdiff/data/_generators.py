@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flowdiff._utils import check_int
+
 __all__ = ["as_generator", "derive_seed", "draw_device"]
 
 
@@ -28,7 +30,6 @@ def derive_seed(seed: int, stream: int) -> int:
     Used to give the train and held-out splits of a toy set their own random streams, so that the
     two are independent and each is reproducible on its own.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    state = np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, dtype=np.uint64)[0]
+    seed = check_int("seed", int(seed) if isinstance(seed, np.integer) else seed, 0)
+    state = np.random.SeedSequence([seed, int(stream)]).generate_state(1, dtype=np.uint64)[0]
     return int(state) >> 1

@@ -19,6 +19,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from flowdiff._utils import check_int
 from flowdiff.data._generators import as_generator
 from flowdiff.data.dataset import Dataset
 
@@ -51,8 +52,7 @@ class BatchSampler(Iterator[tuple[Tensor, Tensor | None]]):
             dataset = Dataset(x=dataset if dataset.ndim >= 2 else dataset[:, None])
         if not isinstance(dataset, Dataset):
             raise TypeError(f"dataset must be a flowdiff Dataset or a Tensor, got {type(dataset).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
         if drop_last and batch_size > len(dataset):

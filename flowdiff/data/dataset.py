@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from flowdiff._utils import check_int
 from flowdiff.data._generators import as_generator, draw_device
 
 __all__ = ["Dataset", "Sampler"]
@@ -56,8 +57,8 @@ class Dataset:
                 raise TypeError(f"y must have dtype torch.long, got {self.y.dtype}")
             if self.num_classes is None:
                 raise ValueError("a labelled Dataset needs num_classes")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer or None, got {self.num_classes}")
+        if self.num_classes is not None:
+            self.num_classes = check_int("num_classes", self.num_classes, 1)
 
     def __repr__(self) -> str:
         labels = f"{self.num_classes} classes" if self.y is not None else "unlabelled"
@@ -88,8 +89,7 @@ class Dataset:
     ) -> tuple[Tensor, Tensor | None]:
         """``n`` samples and their labels: fresh draws when :attr:`has_sampler`, else rows of ``x``
         drawn uniformly with replacement (a bootstrap sample of the finite data set)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        n = check_int("n", n, 0)
         generator = as_generator(generator)
         if self.sampler is not None:
             x, y = self.sampler(n, generator)

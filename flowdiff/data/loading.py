@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from flowdiff._utils import check_float, check_int
 from flowdiff.data._generators import derive_seed
 from flowdiff.data.dataset import Dataset
 from flowdiff.data.digits import DIGITS_NUM_CLASSES, load_digits
@@ -88,12 +89,10 @@ def load_dataset(
     if not isinstance(split, str) or split.lower() not in _SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits are {sorted(_SPLITS)}")
     split = _SPLITS[split.lower()]
-    if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise ValueError(f"n must be a non-negative integer or None, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    heldout_fraction = check_float("heldout_fraction", heldout_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    if n is not None:
+        n = check_int("n", n, 0)
+    seed = check_int("seed", seed, 0)
 
     name = _canonical_name(str(name_or_path)) if isinstance(name_or_path, str) else None
     if name in TOY_DATASETS:

@@ -16,6 +16,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from flowdiff._utils import check_int
 from flowdiff.data._generators import as_generator, draw_device
 
 __all__ = ["gaussian_mixture_samples", "mixture_parameters", "EIGHT_GAUSSIANS_RADIUS", "EIGHT_GAUSSIANS_SCALE"]
@@ -108,8 +109,7 @@ def gaussian_mixture_samples(
         Samples ``(n, D)`` with the dtype and device of ``means`` (floating) — and labels ``(n,)``
         (``torch.long``) when ``return_labels``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    n = check_int("n", n, 0)
     means = torch.as_tensor(means)
     if not means.dtype.is_floating_point:
         means = means.to(torch.get_default_dtype())

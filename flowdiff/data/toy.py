@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from flowdiff._utils import check_float, check_int
 from flowdiff.data._generators import as_generator, draw_device
 from flowdiff.data.mixture import gaussian_mixture_samples, mixture_parameters
 
@@ -48,15 +49,9 @@ __all__ = [
 Generator = torch.Generator | int | None
 
 
-def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
-
-
 def _check_non_negative(**values: float) -> None:
     for name, value in values.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+        check_float(name, value, 0.0)
 
 
 def _finish(
@@ -92,7 +87,7 @@ def checkerboard(
     variance 4/3, so the standardised board is :math:`[-\sqrt{3}, \sqrt{3}]^2` with cells of side
     :math:`\sqrt{3}/2`. There are no labels (``None``).
     """
-    _check_n(n)
+    n = check_int("n", n, 0)
     generator = as_generator(generator)
     draw = draw_device(generator)
     column = torch.randint(0, 4, (n,), generator=generator, device=draw) - 2
@@ -119,7 +114,7 @@ def eight_gaussians(
     exact parameters are :func:`flowdiff.data.mixture_parameters("eight_gaussians")
     <flowdiff.data.mixture.mixture_parameters>`; labels are the component ``k``.
     """
-    _check_n(n)
+    n = check_int("n", n, 0)
     parameters = mixture_parameters("eight_gaussians", dtype=torch.float64)
     x, labels = gaussian_mixture_samples(n, **parameters, generator=generator, return_labels=True)
     x = x.to(dtype=dtype or torch.get_default_dtype(), device=device)
@@ -138,7 +133,7 @@ def gmm(
 
     Meant for tests against the analytic mixture oracle: its parameters are the ground truth.
     """
-    _check_n(n)
+    n = check_int("n", n, 0)
     parameters = mixture_parameters("gmm", dtype=torch.float64)
     x, labels = gaussian_mixture_samples(n, **parameters, generator=generator, return_labels=True)
     x = x.to(dtype=dtype or torch.get_default_dtype(), device=device)
@@ -161,7 +156,7 @@ def moons(
     :math:`\mathcal{N}(0, \text{noise}^2 I)`. Exact moments: mean :math:`(\tfrac12, \tfrac14)`,
     variances :math:`\tfrac34 + \text{noise}^2` and :math:`\tfrac{9}{16} - \tfrac1\pi + \text{noise}^2`.
     """
-    _check_n(n)
+    n = check_int("n", n, 0)
     _check_non_negative(noise=noise)
     generator = as_generator(generator)
     draw = draw_device(generator)
@@ -193,7 +188,7 @@ def spirals(
     :math:`\mathcal{N}(0, \text{noise}^2 I)`. Mean 0 by symmetry and
     :math:`\mathbb{E}\|x\|^2 = \mathbb{E}\theta^2 + 2\,\text{noise}^2 = (2\pi\,\text{turns})^2/2 + 2\,\text{noise}^2`.
     """
-    _check_n(n)
+    n = check_int("n", n, 0)
     _check_non_negative(noise=noise, turns=turns)
     if turns <= 0:
         raise ValueError(f"turns must be positive, got {turns}")
@@ -232,10 +227,9 @@ def pinwheel(
     \text{tangential\_std}^2`; the mean is 0 because the arms' base angles are equally spaced
     (:math:`\sum_k e^{2\pi i k/K} = 0`) and independent of :math:`f`. Labels are the arm ``k``.
     """
-    _check_n(n)
+    n = check_int("n", n, 0)
     _check_non_negative(radial_std=radial_std, tangential_std=tangential_std, rate=rate)
-    if isinstance(num_arms, bool) or not isinstance(num_arms, int) or num_arms < 2:
-        raise ValueError(f"num_arms must be an integer >= 2 (the mean is 0 only then), got {num_arms!r}")
+    num_arms = check_int("num_arms", num_arms, 2)  # the mean is 0 only from 2 arms on
     generator = as_generator(generator)
     draw = draw_device(generator)
     labels = torch.randint(0, num_arms, (n,), generator=generator, device=draw)
@@ -266,10 +260,9 @@ def rings(
     :math:`\mathbb{E}\|x\|^2 = \tfrac1K\sum_{k=1}^{K} k^2 + 2\,\text{noise}^2 = (K+1)(2K+1)/6 + 2\,\text{noise}^2`;
     with the defaults the standardised radii are about 0.37, 0.73, 1.10, 1.46. Labels are the ring.
     """
-    _check_n(n)
+    n = check_int("n", n, 0)
     _check_non_negative(noise=noise)
-    if isinstance(num_rings, bool) or not isinstance(num_rings, int) or num_rings < 1:
-        raise ValueError(f"num_rings must be a positive integer, got {num_rings!r}")
+    num_rings = check_int("num_rings", num_rings, 1)
     generator = as_generator(generator)
     draw = draw_device(generator)
     labels = torch.randint(0, num_rings, (n,), generator=generator, device=draw)

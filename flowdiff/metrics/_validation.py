@@ -61,11 +61,3 @@ def as_sample_pair(x: object, y: object, min_samples: int = 1) -> tuple[Tensor, 
     dtype = torch.promote_types(x2.dtype, y2.dtype)
     return x2.to(dtype), y2.to(device=x2.device, dtype=dtype)
 
-
-def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as an int, raising if it is not an integer ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} of type {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value}")
-    return value

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowdiff.metrics._validation import as_sample_matrix, as_sample_pair, check_positive_int
+from flowdiff._utils import check_float, check_int
+from flowdiff.metrics._validation import as_sample_matrix, as_sample_pair
 
 __all__ = [
     "DataFloor",
@@ -141,9 +142,8 @@ def sliced_wasserstein(
         dtype of ``x`` and ``y``, on ``x``'s device.
     """
     x, y = as_sample_pair(x, y)
-    num_projections = check_positive_int(num_projections, "num_projections")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
-        raise ValueError(f"p must be a finite number >= 1, got p={p!r}")
+    num_projections = check_int("num_projections", num_projections, 1)
+    p = check_float("p", p, 1.0)
     n, dim = x.shape
     m = y.shape[0]
     theta = _random_directions(dim, num_projections, generator, x.dtype, x.device)
@@ -260,7 +260,7 @@ def median_bandwidth(x: Tensor, y: Tensor, max_samples: int = 1000) -> float:
             explicit bandwidth then.
     """
     x, y = as_sample_pair(x, y)
-    max_samples = check_positive_int(max_samples, "max_samples", minimum=2)
+    max_samples = check_int("max_samples", max_samples, 2)
     pooled = torch.cat([x, y]).to(torch.float64)
     if pooled.shape[0] < 2:
         raise ValueError(f"the median heuristic needs at least 2 pooled samples, got {pooled.shape[0]}")
@@ -281,10 +281,7 @@ def _check_bandwidths(bandwidth: float | Sequence[float]) -> list[float]:
     values = [bandwidth] if isinstance(bandwidth, (int, float)) else list(bandwidth)
     if not values:
         raise ValueError("bandwidth must be a positive number or a non-empty sequence of them, got an empty sequence")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"every bandwidth must be a finite number > 0, got {value!r} in bandwidth={bandwidth!r}")
-    return [float(value) for value in values]
+    return [check_float("bandwidth", value, 0.0, low_open=True) for value in values]
 
 
 _KERNELS = ("rbf", "laplacian")
@@ -403,7 +400,7 @@ def wasserstein2_exact(x: Tensor, y: Tensor, max_samples: int = 5000) -> Tensor:
             "pip install POT, or install flowdiff[train]"
         ) from error
     x, y = as_sample_pair(x, y)
-    max_samples = check_positive_int(max_samples, "max_samples")
+    max_samples = check_int("max_samples", max_samples, 1)
     if max(x.shape[0], y.shape[0]) > max_samples:
         raise ValueError(
             f"wasserstein2_exact solves an N x M linear program; got N={x.shape[0]}, M={y.shape[0]}, "
@@ -481,8 +478,8 @@ def data_floor(
     if not callable(metric):
         raise TypeError(f"metric must be callable as metric(a, b), got {type(metric).__name__}")
     data_rows = as_sample_matrix(data, "data").shape[0]
-    num_samples = check_positive_int(num_samples, "num_samples")
-    num_repeats = check_positive_int(num_repeats, "num_repeats")
+    num_samples = check_int("num_samples", num_samples, 1)
+    num_repeats = check_int("num_repeats", num_repeats, 1)
     if reference is None:
         if 2 * num_samples > data_rows:
             raise ValueError(

@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowdiff.metrics._validation import as_sample_pair, check_positive_int
+from flowdiff._utils import check_float, check_int
+from flowdiff.metrics._validation import as_sample_pair
 
 __all__ = [
     "DigitsFeatureExtractor",
@@ -206,10 +207,8 @@ def load_digits_split(seed: int = DIGITS_SPLIT_SEED, test_fraction: float = DIGI
         ImportError: scikit-learn is not installed.
         ValueError: ``test_fraction`` is not in ``(0, 1)``.
     """
-    if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
-        raise ValueError(f"test_fraction must lie in (0, 1), got test_fraction={test_fraction!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got seed={seed!r}")
+    test_fraction = check_float("test_fraction", test_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    seed = check_int("seed", seed, 0)
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:  # pragma: no cover - depends on the environment
@@ -316,7 +315,7 @@ class DigitsFeatureExtractor(nn.Module):
             images: shape ``(N, 1, 8, 8)``, ``(N, 8, 8)`` or ``(N, 64)``, values in ``[-1, 1]``.
             batch_size: images per forward pass.
         """
-        batch_size = check_positive_int(batch_size, "batch_size")
+        batch_size = check_int("batch_size", batch_size, 1)
         images = self._prepare(images)
         was_training = self.training
         self.eval()

@@ -9,11 +9,13 @@ builders with :func:`register_network`.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
+from flowdiff._utils import check_int
 from flowdiff.nn.mlp import MLP
 from flowdiff.nn.unet import UNet
 
@@ -77,7 +79,12 @@ def build_network(name: str, data_shape: Sequence[int], **kwargs: Any) -> nn.Mod
     """
     if not isinstance(name, str) or name.lower() not in _NETWORKS:
         raise ValueError(f"unknown network {name!r}; valid names are {available_networks()}")
-    data_shape = tuple(int(s) for s in data_shape)
-    if len(data_shape) == 0 or any(s < 1 for s in data_shape):
+    data_shape = tuple(data_shape)
+    if len(data_shape) == 0:
         raise ValueError(f"data_shape must be a non-empty tuple of positive integers, got {data_shape}")
+    # numpy integers (and other integer scalars) through __index__; no silent truncation of 2.5 to 2
+    data_shape = tuple(
+        check_int(f"data_shape[{i}]", operator.index(s) if hasattr(s, "__index__") else s, 1)
+        for i, s in enumerate(data_shape)
+    )
     return _NETWORKS[name.lower()](data_shape, **kwargs)

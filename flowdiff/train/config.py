@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from flowdiff._utils import check_float, check_int
 
 __all__ = ["LR_SCHEDULES", "MIXED_PRECISION", "TrainConfig"]
 
@@ -16,12 +18,14 @@ LR_SCHEDULES = ("constant", "cosine")
 """Values of :attr:`TrainConfig.lr_schedule` (both after the linear warm-up)."""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _or_none(check: Callable[..., Any], name: str, value: Any, *args: Any, hint: str, **kwargs: Any) -> Any:
+    """``None``, or ``check(name, value, ...)`` with the meaning of ``None`` added to its error."""
+    if value is None:
+        return None
+    try:
+        return check(name, value, *args, **kwargs)
+    except ValueError as error:
+        raise ValueError(f"{error} (or None: {hint})") from None
 
 
 @dataclass
@@ -114,39 +118,24 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad setting and its allowed range."""
         for name in ("steps", "batch_size", "grad_accum_steps", "keep_last", "log_every"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}")
+            setattr(self, name, check_int(name, getattr(self, name), 1))
         for name in ("warmup_steps", "ema_start", "seed"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer (>= 0), got {value!r}")
+            setattr(self, name, check_int(name, getattr(self, name), 0))
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}")
-        if self.checkpoint_every is not None and (not _is_int(self.checkpoint_every) or self.checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be a positive integer or None, got {self.checkpoint_every!r}")
-        if not _is_real(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not _is_real(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if not _is_real(self.eps) or self.eps <= 0:
-            raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
-        if (
-            not isinstance(self.betas, tuple)
-            or len(self.betas) != 2
-            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in self.betas)
-        ):
+        self.checkpoint_every = _or_none(check_int, "checkpoint_every", self.checkpoint_every, 1, hint="checkpoint only at the end")
+        self.lr = check_float("lr", self.lr, 0.0, low_open=True)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, 0.0)
+        self.eps = check_float("eps", self.eps, 0.0, low_open=True)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2) with each in [0, 1), got {self.betas!r}")
+        self.betas = tuple(check_float(f"betas[{i}]", b, 0.0, 1.0, high_open=True) for i, b in enumerate(self.betas))  # type: ignore[assignment]
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if not _is_real(self.min_lr_ratio) or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
-        if self.grad_clip is not None and (not _is_real(self.grad_clip) or self.grad_clip <= 0):
-            raise ValueError(f"grad_clip must be a finite number > 0 or None, got {self.grad_clip!r}")
-        if self.ema_decay is not None and (not _is_real(self.ema_decay) or not 0.0 <= self.ema_decay < 1.0):
-            raise ValueError(f"ema_decay must lie in [0, 1) or be None (no EMA), got {self.ema_decay!r}")
-        if not _is_real(self.label_dropout) or not 0.0 <= self.label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout!r}")
+        self.min_lr_ratio = check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        self.grad_clip = _or_none(check_float, "grad_clip", self.grad_clip, 0.0, low_open=True, hint="no clipping")
+        self.ema_decay = _or_none(check_float, "ema_decay", self.ema_decay, 0.0, 1.0, high_open=True, hint="no EMA")
+        self.label_dropout = check_float("label_dropout", self.label_dropout, 0.0, 1.0)
         if self.batch_size % self.grad_accum_steps != 0:
             raise ValueError(
                 f"batch_size={self.batch_size} must be divisible by grad_accum_steps={self.grad_accum_steps}"
