@@ -30,12 +30,13 @@ as written and does not clamp — a sampler that needs ``t`` outside the interva
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
 
-from ._utils import TimeLike, batch_time, check_time_range, expand_like
+from ._utils import TimeLike, batch_time, check_float, check_time_range, expand_like
 from .paths import PREDICTIONS, GaussianPath, StochasticInterpolant
 from .paths.gaussian import PathCoefficients
 
@@ -51,9 +52,11 @@ def _diffusion_value(eps: Diffusion, t: Tensor) -> Tensor:
         val = eps(t)
         val = torch.as_tensor(val, dtype=t.dtype, device=t.device)
         return val.expand_as(t) if val.ndim == 0 else val
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a number >= 0 or a callable of t, got eps={eps!r}")
-    return torch.full_like(t, float(eps))
+    try:
+        value = check_float("eps", eps, 0.0)
+    except ValueError as error:
+        raise ValueError(f"{error} (or a callable of t)") from None
+    return torch.full_like(t, value)
 
 
 class _BaseField:
@@ -220,17 +223,28 @@ def _convert(out: Tensor, x: Tensor, c: PathCoefficients, source: str, to: str) 
 
 
 class InterpolantField(_BaseField):
-    r"""The fields of a stochastic interpolant: drift ``b`` (the probability-flow velocity) and score ``s``.
+    r"""A model of a stochastic interpolant, seen as the drift ``b`` (the probability-flow velocity) and the score ``s``.
 
     Albergo, Boffi & Vanden-Eijnden (2023): :math:`b = v - \gamma\dot\gamma s`,
     :math:`s = -\eta/\gamma`, and :math:`dX = [b + \varepsilon(t) s]dt + \sqrt{2\varepsilon(t)}dW`
     has the interpolant's marginals for every ε ≥ 0.
 
-    Arguments:
-        interpolant: the :class:`~flowdiff.paths.StochasticInterpolant`.
-        model: predicts ``prediction`` ∈ {``"drift"`` (b), ``"velocity"`` (v = E[∂ₜI])}.
-        score_model: predicts ``score_prediction`` ∈ {``"score"``, ``"denoiser"`` (η = E[z])};
+    Arguments (in :class:`Field`'s order, ``model, path, prediction``):
+        model: ``model(x, t, **cond)``, predicts ``prediction`` ∈ {``"drift"`` (b),
+            ``"velocity"`` (v = E[∂ₜI | x_t])}.
+        path: the :class:`~flowdiff.paths.StochasticInterpolant` (also ``.interpolant``).
+        prediction: ``"drift"`` or ``"velocity"``.
+        score_model: predicts ``score_prediction`` ∈ {``"score"``, ``"denoiser"`` (η = E[z | x_t])};
             required for SDE sampling and, when ``prediction="velocity"`` and γ ≠ 0, for the drift.
+        score_prediction: ``"score"`` or ``"denoiser"``.
+
+    Methods, named as :class:`Field`'s: ``predict`` (the model's raw output), ``velocity``
+    (the probability-flow velocity b = dx/dt), ``score``, ``noise`` (η = E[z | x_t], the noise
+    prediction: :math:`-\gamma s`) and ``drift`` (:math:`b + \varepsilon s`). ``nfe`` counts model calls.
+
+    Deprecated spellings, still accepted with a ``DeprecationWarning``: the old argument order
+    ``InterpolantField(interpolant, model, ...)``, the keyword ``interpolant=`` and the method
+    ``denoiser`` (now ``noise``).
     """
 
     DRIFT_PREDICTIONS = ("drift", "velocity")
@@ -238,14 +252,30 @@ class InterpolantField(_BaseField):
 
     def __init__(
         self,
-        interpolant: StochasticInterpolant,
-        model: Model,
+        model: Model | None = None,
+        path: StochasticInterpolant | None = None,
         prediction: str = "drift",
         score_model: Model | None = None,
         score_prediction: str = "denoiser",
+        *,
+        interpolant: StochasticInterpolant | None = None,
     ):
-        if not isinstance(interpolant, StochasticInterpolant):
-            raise TypeError(f"interpolant must be a StochasticInterpolant, got {type(interpolant).__name__}")
+        if isinstance(model, (StochasticInterpolant, GaussianPath)) and callable(path):
+            warnings.warn(
+                "InterpolantField(interpolant, model, ...) is deprecated: pass the model first, "
+                "InterpolantField(model, path, ...), as for Field",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            model, path = path, model
+        if interpolant is not None:
+            if path is not None:
+                raise TypeError("pass the interpolant once, as path= (interpolant= is its deprecated name)")
+            warnings.warn("InterpolantField(interpolant=...) is deprecated; use path=", DeprecationWarning, stacklevel=2)
+            path = interpolant
+        if not isinstance(path, StochasticInterpolant):
+            hint = " (use Field for Gaussian paths)" if isinstance(path, GaussianPath) else ""
+            raise TypeError(f"path must be a flowdiff.paths.StochasticInterpolant, got {type(path).__name__}{hint}")
         if prediction not in self.DRIFT_PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(self.DRIFT_PREDICTIONS)}")
         if score_prediction not in self.SCORE_PREDICTIONS:
@@ -254,13 +284,18 @@ class InterpolantField(_BaseField):
             )
         if not callable(model) or (score_model is not None and not callable(score_model)):
             raise TypeError("model and score_model must be callables model(x, t, **cond)")
-        self.interpolant, self.model, self.prediction = interpolant, model, prediction
+        self.model, self.path, self.prediction = model, path, prediction
         self.score_model, self.score_prediction = score_model, score_prediction
-        self.path = interpolant
         self.nfe = 0
 
+    @property
+    def interpolant(self) -> StochasticInterpolant:
+        """The stochastic interpolant (the same object as :attr:`path`)."""
+        return self.path
+
     def __repr__(self) -> str:
-        return f"InterpolantField({self.interpolant!r}, prediction={self.prediction!r}, score_prediction={self.score_prediction!r})"
+        return (f"InterpolantField(path={self.path!r}, prediction={self.prediction!r}, "
+                f"score_prediction={self.score_prediction!r})")
 
     @property
     def has_score(self) -> bool:
@@ -278,14 +313,23 @@ class InterpolantField(_BaseField):
         out, tb = self._call(self.score_model, x, t, cond)
         return self._score_from(out, x, tb)
 
-    def denoiser(self, x: Tensor, t: TimeLike, **cond: Any) -> Tensor:
-        """:math:`\\eta = E[z | x_t = x] = -\\gamma s`."""
+    def noise(self, x: Tensor, t: TimeLike, **cond: Any) -> Tensor:
+        """The noise prediction :math:`\\eta = E[z | x_t = x] = -\\gamma s` (from the score model)."""
         if self.score_model is None:
-            raise ValueError("this InterpolantField has no score_model")
+            raise ValueError("this InterpolantField has no score_model; pass one to use noise()")
         out, tb = self._call(self.score_model, x, t, cond)
         if self.score_prediction == "denoiser":
             return out
         return -expand_like(self.interpolant.gamma_fn.gamma(tb), x) * out
+
+    def denoiser(self, x: Tensor, t: TimeLike, **cond: Any) -> Tensor:
+        """Deprecated name of :meth:`noise`."""
+        warnings.warn("InterpolantField.denoiser() is deprecated; use noise()", DeprecationWarning, stacklevel=2)
+        return self.noise(x, t, **cond)
+
+    def predict(self, x: Tensor, t: TimeLike, **cond: Any) -> Tensor:
+        """The raw output of ``model`` (the field's own prediction type, ``drift`` or ``velocity``)."""
+        return self._call(self.model, x, t, cond)[0]
 
     def velocity(self, x: Tensor, t: TimeLike, **cond: Any) -> Tensor:
         """The probability-flow velocity, i.e. the drift :math:`b` (= v − γγ̇ s)."""

@@ -142,9 +142,7 @@ class GaussianMixture:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         tb = batch_time(t, x)
-        check_time_range(tb)
-        a = self.path._alpha(tb)[:, None, None]
-        s = self.path._sigma(tb)[:, None, None]
+        a, s, _, _ = (c[:, None, None] for c in self._schedule(tb, x.dtype))
         dt = x.dtype
         mu, ev = self.means.to(dt), self.eigvals.to(dt)
         y = x[:, None, :] - a * mu[None]
@@ -154,6 +152,11 @@ class GaussianMixture:
         log_n = -0.5 * (y * y / var).sum(-1) - 0.5 * torch.log(var).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
         log_joint = torch.log(self.weights.to(dt))[None] + log_n
         return a, s, y, var, log_joint
+
+    def _schedule(self, tb: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """α, σ, α̇, σ̇ at ``tb`` (checked to lie in [0, 1]) from the path's float64 table, in ``dtype``."""
+        table = self.path.table(tb)
+        return tuple(c.to(dtype) for c in (table.alpha, table.sigma, table.d_alpha, table.d_sigma))  # type: ignore[return-value]
 
     def _back(self, coeffs: Tensor, log_joint: Tensor) -> Tensor:
         """Σ_k r_k U_k coeffs_k."""
@@ -199,9 +202,7 @@ class GaussianMixture:
     def velocity(self, x: Tensor, t: TimeLike) -> Tensor:
         """Probability-flow velocity :math:`\\dot\\alpha E[x_1|x] + \\dot\\sigma E[\\varepsilon|x]`."""
         a, s, y, var, lj = self._parts(x, t)
-        tb = batch_time(t, x)
-        da = self.path._d_alpha(tb)[:, None, None]
-        ds = self.path._d_sigma(tb)[:, None, None]
+        _, _, da, ds = (c[:, None, None] for c in self._schedule(batch_time(t, x), x.dtype))
         r = torch.softmax(lj, dim=-1)
         ev = self.eigvals.to(x.dtype)[None]
         mean_part = (r[..., None] * self.means.to(x.dtype)[None]).sum(1)
@@ -209,9 +210,7 @@ class GaussianMixture:
 
     def v(self, x: Tensor, t: TimeLike) -> Tensor:
         """Salimans & Ho's :math:`v = \\alpha E[\\varepsilon|x] - \\sigma E[x_1|x]`."""
-        tb = batch_time(t, x)
-        a = expand_like(self.path._alpha(tb), x)
-        s = expand_like(self.path._sigma(tb), x)
+        a, s, _, _ = (expand_like(c, x) for c in self._schedule(batch_time(t, x), x.dtype))
         return a * self.noise(x, t) - s * self.denoise(x, t)
 
     def predict(self, x: Tensor, t: TimeLike, prediction: str) -> Tensor:
@@ -317,7 +316,7 @@ class InterpolantOracle:
         tb = batch_time(t, x)
         check_time_range(tb)
         it = self.interpolant
-        a0, a1, d0, d1 = it._coefficients(tb)
+        a0, a1, d0, d1 = it.coefficients(tb)
         if it.is_mirror:  # x0 = x1: all the weight sits on x1
             a0, d0 = torch.zeros_like(a0), torch.zeros_like(d0)
         g, gg = it.gamma_fn.gamma(tb), it.gamma_fn.gamma_d_gamma(tb)
@@ -345,10 +344,14 @@ class InterpolantOracle:
         *_, sol, _, _, r, _ = self._pairs(x, t)
         return -(r[..., None] * sol).sum(1)
 
-    def denoiser(self, x: Tensor, t: TimeLike) -> Tensor:
-        """:math:`\\eta = E[z|x_t = x] = -\\gamma s`."""
+    def noise(self, x: Tensor, t: TimeLike) -> Tensor:
+        """The noise prediction :math:`\\eta = E[z|x_t = x] = -\\gamma s` (the ``"denoiser"`` target)."""
         tb, g, *_ = self._pairs(x, t)
         return -expand_like(g, x) * self.score(x, t)
+
+    def denoiser(self, x: Tensor, t: TimeLike) -> Tensor:
+        """:meth:`noise` under the name of its regression target (``InterpolantLoss(target="denoiser")``)."""
+        return self.noise(x, t)
 
     def velocity(self, x: Tensor, t: TimeLike) -> Tensor:
         """:math:`v = E[\\partial_t I | x_t = x]`."""
@@ -364,7 +367,7 @@ class InterpolantOracle:
 
     def model(self, prediction: str) -> Callable[..., Tensor]:
         """A model callable for ``prediction`` ∈ {drift, velocity, score, denoiser}."""
-        fns = {"drift": self.drift, "velocity": self.velocity, "score": self.score, "denoiser": self.denoiser}
+        fns = {"drift": self.drift, "velocity": self.velocity, "score": self.score, "denoiser": self.noise}
         if prediction not in fns:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(fns)}")
         fn = fns[prediction]

@@ -136,10 +136,39 @@ def test_interpolant_field_drift_from_velocity_and_denoiser():
     x = torch.randn(20, 3, dtype=torch.float64)
     t = torch.rand(20, dtype=torch.float64) * 0.9 + 0.05
     for pred, spred in [("velocity", "denoiser"), ("velocity", "score"), ("drift", "denoiser")]:
-        field = fd.InterpolantField(it, oracle.model(pred), pred, oracle.model(spred), spred)
+        field = fd.InterpolantField(oracle.model(pred), it, pred, oracle.model(spred), spred)
         torch.testing.assert_close(field.velocity(x, t), oracle.drift(x, t))
         torch.testing.assert_close(field.score(x, t), oracle.score(x, t))
+        torch.testing.assert_close(field.noise(x, t), oracle.noise(x, t))
+        torch.testing.assert_close(field.predict(x, t), getattr(oracle, pred)(x, t))
         torch.testing.assert_close(field.drift(x, t, 0.3), oracle.drift(x, t) + 0.3 * oracle.score(x, t))
+
+
+def test_interpolant_field_follows_field_and_keeps_the_old_spellings():
+    """InterpolantField(model, path, prediction, ...) like Field; the old order, the keyword
+    interpolant= and the method denoiser() still work, with a DeprecationWarning."""
+    from flowdiff.testing import InterpolantOracle
+
+    it = fd.StochasticInterpolant("linear", "brownian")
+    oracle = InterpolantOracle(it, random_mixture(2, 2, seed=3), random_mixture(2, 2, seed=4))
+    x = torch.randn(6, 2, dtype=torch.float64)
+    t = torch.full((6,), 0.4, dtype=torch.float64)
+    new = fd.InterpolantField(oracle.model("velocity"), it, "velocity", oracle.model("score"), "score")
+    assert new.path is it and new.interpolant is it and new.prediction == "velocity"
+    with pytest.warns(DeprecationWarning, match=r"InterpolantField\(model, path"):
+        old = fd.InterpolantField(it, oracle.model("velocity"), "velocity", oracle.model("score"), "score")
+    with pytest.warns(DeprecationWarning, match="use path="):
+        keyword = fd.InterpolantField(model=oracle.model("drift"), interpolant=it, score_model=oracle.model("denoiser"))
+    for field in (old, keyword):
+        assert field.path is it
+        torch.testing.assert_close(field.velocity(x, t), oracle.drift(x, t))
+    with pytest.warns(DeprecationWarning, match="use noise"):
+        eta = keyword.denoiser(x, t)
+    torch.testing.assert_close(eta, oracle.noise(x, t))
+    torch.testing.assert_close(eta, -it.gamma(t)[:, None] * oracle.score(x, t))
+    with pytest.raises(TypeError, match="once"):
+        fd.InterpolantField(oracle.model("drift"), it, interpolant=it)
+    assert repr(new).startswith("InterpolantField(path=StochasticInterpolant(")
 
 
 # ----- bad input --------------------------------------------------------------------------

@@ -156,8 +156,10 @@ def test_bad_interpolant_inputs():
         it.target("flow", it.sample(torch.randn(3, 2), torch.randn(3, 2), 0.5))
     with pytest.raises(ValueError, match="base"):
         InterpolantOracle(it, None, random_mixture(2, 2))
-    with pytest.raises(TypeError, match="StochasticInterpolant"):
-        fd.InterpolantField(fd.paths.VP(), lambda x, t: x)
+    with pytest.raises(TypeError, match="StochasticInterpolant, got VP \\(use Field for Gaussian paths\\)"):
+        fd.InterpolantField(lambda x, t: x, fd.paths.VP())
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="StochasticInterpolant"):
+        fd.InterpolantField(fd.paths.VP(), lambda x, t: x)  # the deprecated order
 
 
 def test_oracle_input_validation():
