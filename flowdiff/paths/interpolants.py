@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._utils import TimeLike, as_time_tensor, batch_time, check_time_range, expand_like
+from .._utils import TimeLike, as_time_tensor, batch_time, check_float, check_time_range, expand_like
 
 __all__ = ["Gamma", "StochasticInterpolant", "InterpolantSample", "GAMMAS", "INTERPOLANTS", "INTERPOLANT_TARGETS"]
 
@@ -57,9 +57,7 @@ class Gamma:
     def __init__(self, name: str = "brownian", a: float = 1.0):
         if name not in GAMMAS:
             raise ValueError(f"unknown gamma {name!r}; valid: {', '.join(GAMMAS)}")
-        if not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-            raise ValueError(f"gamma amplitude a must be a finite number > 0, got a={a!r}")
-        self.name, self.a = name, float(a)
+        self.name, self.a = name, check_float("a", a, 0.0, low_open=True)  # the amplitude of γ
 
     def __repr__(self) -> str:
         return f"Gamma({self.name!r}, a={self.a})"
@@ -162,9 +160,10 @@ class StochasticInterpolant:
             peak = float(self.gamma_fn.gamma(torch.linspace(0, 1, 1001, dtype=torch.float64)).max())
             if peak >= 1:
                 raise ValueError(f"the trig interpolant needs gamma < 1, but max gamma = {peak:.3g} (reduce a)")
-        if not (0.0 <= t_min < t_max <= 1.0):
+        t_min, t_max = check_float("t_min", t_min, 0.0, 1.0), check_float("t_max", t_max, 0.0, 1.0)
+        if not t_min < t_max:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min!r}, t_max={t_max!r}")
-        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.t_min, self.t_max = t_min, t_max
 
     def __repr__(self) -> str:
         return f"StochasticInterpolant({self.interpolant!r}, gamma={self.gamma_fn!r})"
