@@ -112,3 +112,47 @@ def test_power_ema_errors():
         reconstruct_ema([], 0.1)
     with pytest.raises(ValueError, match="no EMA snapshots"):
         load_snapshots("/nonexistent-folder-for-test")
+
+
+def test_averaged_model_with_power_ema_fn_matches_power_ema():
+    # The Trainer's AveragedModel counts the initial weights as the first point: its average after
+    # k updates is PowerEMA's after step k + 1 with θ_1 = the initial weights.
+    from torch.optim.swa_utils import AveragedModel
+
+    from flowdiff.train.ema import power_ema_multi_avg_fn
+
+    model = Scalar()
+    model.theta.data.copy_(trajectory(1))
+    averaged = AveragedModel(model, multi_avg_fn=power_ema_multi_avg_fn(0.1), use_buffers=True)
+    averaged.update_parameters(model)
+    reference = PowerEMA(model, sigma_rels=(0.1,))
+    reference.update(model, 1)
+    for k in range(2, 300):
+        model.theta.data.copy_(trajectory(k))
+        averaged.update_parameters(model)
+        reference.update(model, k)
+    torch.testing.assert_close(averaged.module.theta.data, reference.average(0)["theta"], rtol=1e-12, atol=1e-12)
+
+
+def test_trainer_power_ema_and_config_errors(tmp_path):
+    from flowdiff.data import load_dataset
+    from flowdiff.losses import GaussianPathLoss
+    from flowdiff.nn import MLP
+    from flowdiff.paths import Linear
+    from flowdiff.train import TrainConfig, Trainer
+
+    data = load_dataset("moons", split="train", n=256)
+    config = TrainConfig(steps=20, batch_size=32, ema_sigma_rel=0.1, checkpoint_every=None, output_dir=str(tmp_path),
+                         log_every=10, device="cpu")
+    trainer = Trainer(MLP(2, hidden=16, depth=1), GaussianPathLoss(Linear()), data, config, progress=False)
+    trainer.fit()
+    ema = dict(trainer.ema_model.named_parameters())
+    live = dict(trainer.model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in ema.values())
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)
+    with pytest.raises(ValueError, match="ema_sigma_rel"):
+        TrainConfig(ema_sigma_rel=0.5)
+    with pytest.raises(ValueError, match="ema_sigma_rel"):
+        TrainConfig(ema_sigma_rel=0.1, ema_decay=None)
+    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
+        TrainConfig.from_dict({"ema_sigma": 0.1})

@@ -67,6 +67,10 @@ class TrainConfig:
         ema_decay: decay of the EMA of the weights in ``[0, 1)``, or ``None`` for no EMA (the
             checkpoint's EMA weights are then the weights themselves).
         ema_start: the EMA equals the weights for the first ``ema_start`` updates.
+        ema_sigma_rel: ``None`` (the fixed decay ``ema_decay``), or the relative width in
+            ``(0, 0.28)`` of EDM2's power-function EMA (Karras et al. 2024; :mod:`flowdiff.train.ema`),
+            whose decay grows with the step, :math:`d_k = (1 - 1/(k+1))^{\gamma+1}`, so the average
+            always covers the same fraction of the run. Needs ``ema_decay`` not ``None``.
         label_dropout: probability of replacing a label by the network's null label (classifier-free
             guidance training, Ho & Salimans, 2022); needs labelled data and a conditional network.
         checkpoint_every: save a checkpoint every this many updates (and at the end); ``None``
@@ -97,6 +101,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     ema_decay: float | None = 0.999
     ema_start: int = 0
+    ema_sigma_rel: float | None = None
     label_dropout: float = 0.0
     checkpoint_every: int | None = 1000
     keep_last: int = 3
@@ -135,6 +140,10 @@ class TrainConfig:
         self.min_lr_ratio = check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         self.grad_clip = _or_none(check_float, "grad_clip", self.grad_clip, 0.0, low_open=True, hint="no clipping")
         self.ema_decay = _or_none(check_float, "ema_decay", self.ema_decay, 0.0, 1.0, high_open=True, hint="no EMA")
+        self.ema_sigma_rel = _or_none(check_float, "ema_sigma_rel", self.ema_sigma_rel, 0.0, 0.28, low_open=True,
+                                      high_open=True, hint="the fixed decay ema_decay")
+        if self.ema_sigma_rel is not None and self.ema_decay is None:
+            raise ValueError(f"ema_sigma_rel={self.ema_sigma_rel} needs an EMA; ema_decay is None (no EMA)")
         self.label_dropout = check_float("label_dropout", self.label_dropout, 0.0, 1.0)
         if self.batch_size % self.grad_accum_steps != 0:
             raise ValueError(

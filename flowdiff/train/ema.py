@@ -59,6 +59,7 @@ __all__ = [
     "reconstruct_ema",
     "save_snapshot",
     "load_snapshots",
+    "power_ema_multi_avg_fn",
 ]
 
 
@@ -91,6 +92,24 @@ def power_ema_beta(gamma: float, step: int) -> float:
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an integer >= 1, got {step!r}")
     return (1.0 - 1.0 / step) ** (gamma + 1.0)
+
+
+def power_ema_multi_avg_fn(sigma_rel: float):
+    r"""A ``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel``: the power-function EMA.
+
+    ``AveragedModel`` counts the averaged points in ``num_averaged`` (``n``, the initial weights
+    being the first), so the update after ``n`` points uses :math:`\beta = (n/(n+1))^{\gamma+1}`,
+    which is :func:`power_ema_beta` at step ``n + 1`` with the initial weights as step 1.
+    """
+    gamma = sigma_rel_to_gamma(sigma_rel)
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+        n = float(num_averaged)
+        beta = (n / (n + 1.0)) ** (gamma + 1.0)
+        torch._foreach_lerp_(averaged, current, 1.0 - beta)
+
+    return update
 
 
 def _profile_inner_products(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.ndarray) -> np.ndarray:

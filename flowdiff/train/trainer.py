@@ -13,7 +13,8 @@ One update :math:`k` (``step`` counts completed updates):
    :math:`\lVert g\rVert` is not finite;
 5. AdamW update with the learning rate of :class:`~flowdiff.train.TrainConfig`'s schedule;
 6. EMA update :math:`\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta`
-   (``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``).
+   (``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``; with
+   ``ema_sigma_rel`` the decay grows with the step, EDM2's power-function EMA, :mod:`flowdiff.train.ema`).
 
 Because a shard's randomness depends on its index only, a run on ``W`` processes with ``A``
 accumulation steps computes the same updates as a run on one process with ``W·A`` accumulation
@@ -55,6 +56,7 @@ from flowdiff.train.checkpoint import (
     save_checkpoint,
 )
 from flowdiff.train.config import TrainConfig
+from flowdiff.train.ema import power_ema_multi_avg_fn
 from flowdiff.train.distributed import DistributedContext, setup_distributed
 from flowdiff.train.logs import (
     METRICS_FILE,
@@ -397,7 +399,10 @@ class Trainer:
         # The EMA starts from the (synchronised) initial weights: θ̄_0 = θ_0.
         self.ema: AveragedModel | None = None
         if config.ema_decay is not None:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+            sigma_rel = getattr(config, "ema_sigma_rel", None)
+            # EDM2's power-function EMA (flowdiff.train.ema) when a relative width is set.
+            average = power_ema_multi_avg_fn(sigma_rel) if sigma_rel is not None else get_ema_multi_avg_fn(config.ema_decay)
+            self.ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
             self.ema.update_parameters(model)
             # AveragedModel.update_parameters rebuilds and regroups its tensor lists on every call
             # (about as costly as the optimizer step of a small network); the lists never change,
