@@ -87,15 +87,8 @@ def test_convergence_order(solver: str, options: dict, order: int) -> None:
 
 
 def _params(solver: str) -> tuple[str, ...]:
-    import inspect
-
-    from flowdiff.solvers import exponential as ex
-
-    base = {"dpm-solver": ex.dpm_solver_multistep, "unipc": ex.unipc, "deis": ex.deis}
-    for prefix, fn in base.items():
-        if solver.startswith(prefix) and solver.endswith("m") or solver == prefix:
-            return tuple(inspect.signature(fn).parameters)
-    return ()
+    """The options the registered name declares (its vocabulary)."""
+    return tuple(get_solver(solver).options)
 
 
 @pytest.mark.parametrize("solver", EXPONENTIAL)

@@ -268,14 +268,14 @@ def test_pc_with_more_correctors_stays_in_budget(small_field):
     assert res.nfe <= 20
 
 
-def test_direct_call_refuses_a_grid_over_budget(small_field):
+def test_an_explicit_grid_over_budget_is_refused_before_any_call(small_field):
     field, x0 = small_field
     grid = torch.linspace(0.0, 0.999, 11, dtype=torch.float64)
     before = field.nfe
-    with pytest.raises(ValueError, match="max_evals=18"):
-        sde.edm_heun_churn(field, x0, grid, max_evals=18)  # 10 steps need 19 (last step Euler) or 20
-    with pytest.raises(ValueError, match="max_evals=9"):
-        sde.ddpm(field, x0, grid, max_evals=9)
+    with pytest.raises(ValueError, match="needs 21 model calls.*more than nfe=19"):
+        sample(field, x0, solver="edm", grid=grid, nfe=19)  # 10 Heun steps + the final denoise
+    with pytest.raises(ValueError, match="needs 11 model calls.*more than nfe=10"):
+        sample(field, x0, solver="ddpm", grid=grid, nfe=10)
     assert field.nfe == before  # nothing spent
 
 

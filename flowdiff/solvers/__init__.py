@@ -1,13 +1,16 @@
-"""Samplers: time grids, ODE solvers, exponential integrators and SDE solvers behind one :func:`sample`.
+"""Samplers: time grids, one sampling loop with hooks, and ODE, exponential and SDE steps behind :func:`sample`.
 
 >>> res = fd.sample(field, x_init, solver="dpm-solver++", nfe=10)   # doctest: +SKIP
 >>> fd.solvers.available()                                          # doctest: +SKIP
+>>> hooks = fd.solvers.Hooks(denoiser=guide)                        # doctest: +SKIP
 
-See :mod:`flowdiff.solvers.base` for the solver contract and the NFE accounting.
+See :mod:`flowdiff.solvers.base` for the solver contract (a solver is a step) and
+:mod:`flowdiff.solvers.loop` for the loop, the budget and the hooks.
 """
 
 from __future__ import annotations
 
+from ..paths import PathTable
 from .base import (
     DEFAULT_INTERPOLANT_SOLVER,
     DEFAULT_SOLVER,
@@ -16,34 +19,19 @@ from .base import (
     SOLVER_KINDS,
     GaussianEvaluator,
     NonFiniteStateError,
-    PathTable,
     SampleResult,
+    Solver,
     SolverSpec,
     available,
     default_solver,
     get_solver,
     register_solver,
-    sample,
 )
 from .grids import GRID_KINDS, make_grid, validate_grid
+from .loop import Hooks, LoopState, Transition, sample
 
-
-def _import_optional(name: str) -> None:
-    """Import a solver module that registers itself, if its file exists (written by another layer)."""
-    import importlib
-
-    try:
-        importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as err:  # only a missing module file is optional, not its own imports
-        if err.name != f"{__name__}.{name}":
-            raise
-
-
-for _module in ("ode", "exponential", "sde", "dpm_v3"):
-    _import_optional(_module)
-del _module
-
-from .dpm_v3 import EMS, estimate_ems  # noqa: E402  (after the registrations above)
+from . import ode, exponential, sde, dpm_v3  # noqa: E402, F401, I001  (they register their solvers)
+from .ems import EMS, estimate_ems  # noqa: E402
 from .tuning import TunedGrid, load_grid, save_grid, tune_grid  # noqa: E402
 
 __all__ = [
@@ -60,10 +48,14 @@ __all__ = [
     "LOW_NFE_SOLVER",
     "SOLVER_KINDS",
     "GaussianEvaluator",
+    "Hooks",
+    "LoopState",
     "NonFiniteStateError",
     "PathTable",
     "SampleResult",
+    "Solver",
     "SolverSpec",
+    "Transition",
     "available",
     "default_solver",
     "get_solver",

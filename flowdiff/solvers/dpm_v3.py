@@ -52,14 +52,14 @@ With :math:`l = 1, s = b = 0` the method *is* DPM-Solver++ in its Taylor form (t
 official code (``timesteps[step-1] > 0.5`` in its diffusion time, noise at 1) corrects only in
 the *noisier* half. flowdiff follows the code: ``half=True`` corrects only at nodes
 ``t < (t_start + t_end)/2`` (generation time, noise at 0).
+
+The statistics themselves (:class:`EMS`, :func:`estimate_ems`) live in :mod:`flowdiff.solvers.ems`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,223 +67,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..paths import GaussianPath
-from .base import GaussianEvaluator, PathTable, register_solver, require_gaussian_path
+from .._utils import check_int
+from .base import Solver, check_flag, register_solver
+from .ems import EMS, estimate_ems, jvp, same_path_config
+from .loop import Run
 
-__all__ = [
-    "EMS",
-    "HUTCHINSON_CHOICES",
-    "V3_PRESETS",
-    "dpm_solver_v3",
-    "ems_from_checkpoint",
-    "estimate_ems",
-    "jvp",
-    "same_path_config",
-    "v3_defaults",
-]
+__all__ = ["EMS", "V3_PRESETS", "DPMSolverV3", "estimate_ems", "jvp", "same_path_config", "v3_defaults"]
 
-#: Values ``estimate_ems(hutchinson=...)`` accepts.
-HUTCHINSON_CHOICES = (None, "auto", True, False)
-#: Largest dimension for which ``hutchinson="auto"`` computes the exact Jacobian diagonal.
-EXACT_DIAGONAL_MAX_DIM = 32
-_FORMAT = "flowdiff-ems/1"
 NAME = "dpm-solver-v3"
-
-Callback = Callable[[int, float, Tensor, "Tensor | None"], None]
-
-
-# ---------------------------------------------------------------------------------------
-# Path configurations
-# ---------------------------------------------------------------------------------------
-
-
-def _close(a: Any, b: Any, rtol: float = 1e-9) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        if a is None or b is None:
-            return a is b
-        return math.isclose(float(a), float(b), rel_tol=rtol, abs_tol=1e-12)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_close(x, y, rtol) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k], rtol) for k in a)
-    return a == b
-
-
-def same_path_config(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Whether two ``path.config()`` dicts describe the same path (numbers to 1e-9 relative)."""
-    return _close(dict(a), dict(b))
-
-
-def _describe(config: Mapping[str, Any]) -> str:
-    """A short description of a path config (Discrete tables are summarised, not printed)."""
-    parts = []
-    for k, v in config.items():
-        if k == "name":
-            continue
-        if isinstance(v, (list, tuple)) and len(v) > 4:
-            v = f"[{len(v)} values]"
-        parts.append(f"{k}={v}")
-    return f"{config.get('name', '?')}({', '.join(parts)})"
-
-
-# ---------------------------------------------------------------------------------------
-# EMS container
-# ---------------------------------------------------------------------------------------
-
-
-class EMS:
-    r"""Empirical model statistics ``l, s, b`` of one model on a log-SNR grid.
-
-    Attributes:
-        lambdas: ``(K,)`` float64, strictly increasing half log-SNR knots (noise side first).
-        l, s, b: ``(K, *shape)`` float64, the statistics at the knots (linearly interpolated
-            between them by the solver).
-        settings: JSON-serialisable dict: ``path`` (the path's ``config()``), ``shape``,
-            ``t_start``/``t_end``, ``num_lambdas``, ``num_samples``, ``hutchinson``, ``probes``,
-            ``smooth``, ``guidance_scale``, ``prediction`` and ``cost`` (``seconds``,
-            ``model_calls``, ``jvp_calls``).
-
-    Build with :func:`estimate_ems` (or :meth:`degenerate`); store with :meth:`save` /
-    :meth:`load` (one safetensors file, the settings in its JSON metadata).
-    """
-
-    def __init__(self, lambdas: Tensor, l: Tensor, s: Tensor, b: Tensor, settings: Mapping[str, Any]):
-        lam = torch.as_tensor(lambdas, dtype=torch.float64).detach().cpu().flatten()
-        if lam.numel() < 2:
-            raise ValueError(f"EMS need at least 2 log-SNR knots, got {lam.numel()}")
-        if not torch.isfinite(lam).all() or (torch.diff(lam) <= 0).any():
-            raise ValueError("EMS lambdas must be finite and strictly increasing")
-        tensors = []
-        for name, v in (("l", l), ("s", s), ("b", b)):
-            v = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
-            if v.ndim < 2 or v.shape[0] != lam.numel():
-                raise ValueError(
-                    f"EMS {name} must have shape (K, *shape) with K = {lam.numel()} knots, got {tuple(v.shape)}"
-                )
-            if not torch.isfinite(v).all():
-                raise ValueError(f"EMS {name} has non-finite entries")
-            tensors.append(v.contiguous().clone())  # own storage (safetensors refuses shared tensors)
-        if not (tensors[0].shape == tensors[1].shape == tensors[2].shape):
-            raise ValueError(f"EMS l, s, b must have the same shape, got {[tuple(t.shape) for t in tensors]}")
-        if not isinstance(settings, Mapping) or "path" not in settings:
-            raise ValueError("EMS settings must be a mapping with at least the path config under 'path'")
-        self.lambdas = lam
-        self.l, self.s, self.b = tensors
-        self.settings: dict[str, Any] = json.loads(json.dumps(dict(settings)))  # a JSON-clean copy
-        self.settings["shape"] = list(self.shape)
-
-    # ----- facts ------------------------------------------------------------------------
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The data shape (without the batch dimension) the statistics belong to."""
-        return tuple(self.l.shape[1:])
-
-    @property
-    def num_lambdas(self) -> int:
-        return int(self.lambdas.numel())
-
-    @property
-    def path_config(self) -> dict:
-        return dict(self.settings["path"])
-
-    @property
-    def guidance_scale(self) -> float | None:
-        g = self.settings.get("guidance_scale")
-        return None if g is None else float(g)
-
-    @property
-    def cost(self) -> dict:
-        """``{"seconds", "model_calls", "jvp_calls"}`` spent estimating the statistics."""
-        return dict(self.settings.get("cost", {}))
-
-    @property
-    def lambda_range(self) -> tuple[float, float]:
-        return float(self.lambdas[0]), float(self.lambdas[-1])
-
-    def __repr__(self) -> str:
-        lo, hi = self.lambda_range
-        cost = self.cost
-        spent = f", cost={cost.get('seconds', float('nan')):.3g}s/{cost.get('model_calls', '?')} calls" if cost else ""
-        return (
-            f"EMS(shape={self.shape}, knots={self.num_lambdas}, lambda=[{lo:.4g}, {hi:.4g}], "
-            f"path={_describe(self.path_config)}, guidance_scale={self.guidance_scale}{spent})"
-        )
-
-    # ----- constructors -----------------------------------------------------------------
-    @classmethod
-    def degenerate(
-        cls,
-        path: GaussianPath,
-        shape: Sequence[int],
-        t_start: float | None = None,
-        t_end: float | None = None,
-    ) -> EMS:
-        """The statistics ``l = 1, s = b = 0``, with which DPM-Solver-v3 is DPM-Solver++ (Taylor form)."""
-        if not isinstance(path, GaussianPath):
-            raise TypeError(f"path must be a GaussianPath, got {type(path).__name__}")
-        shape = tuple(int(d) for d in shape)
-        t0 = float(path.t_min if t_start is None else t_start)
-        t1 = float(path.t_max if t_end is None else t_end)
-        lam = path._log_snr(torch.tensor([t0, t1], dtype=torch.float64))
-        if not torch.isfinite(lam).all():
-            raise ValueError(f"degenerate EMS need a finite log-SNR at t_start={t0!r} and t_end={t1!r}, got {lam.tolist()}")
-        ones = torch.ones((2, *shape), dtype=torch.float64)
-        zeros = torch.zeros_like(ones)
-        settings = {"path": path.config(), "t_start": t0, "t_end": t1, "num_lambdas": 2, "degenerate": True,
-                    "guidance_scale": None, "cost": {"seconds": 0.0, "model_calls": 0, "jvp_calls": 0}}
-        return cls(lam, ones, zeros, zeros, settings)
-
-    # ----- storage ----------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the statistics to ``path`` (safetensors; the settings as JSON metadata). Returns the path."""
-        from ._files import save_tensors
-
-        tensors = {"lambdas": self.lambdas, "l": self.l, "s": self.s, "b": self.b}
-        return save_tensors(path, tensors, _FORMAT, self.settings)
-
-    @classmethod
-    def load(cls, path: str | Path) -> EMS:
-        """Read statistics written by :meth:`save`; ValueError if the file is not an EMS file."""
-        from ._files import load_tensors
-
-        tensors, settings = load_tensors(path, _FORMAT, {"lambdas", "l", "s", "b"}, "EMS")
-        return cls(tensors["lambdas"], tensors["l"], tensors["s"], tensors["b"], settings)
-
-    # ----- validation -------------------------------------------------------------------
-    def check(
-        self,
-        path: GaussianPath,
-        shape: Sequence[int] | None = None,
-        lambda_start: float | None = None,
-        lambda_end: float | None = None,
-    ) -> None:
-        """Raise ValueError unless these statistics fit ``path``, data ``shape`` and the log-SNR range.
-
-        The EMS belong to one model on one path: computed for another path, another data shape,
-        or a narrower λ range than the sampling grid needs, they are rejected.
-        """
-        cfg = path.config()
-        if not same_path_config(cfg, self.path_config):
-            raise ValueError(
-                f"these EMS were computed for the path {_describe(self.path_config)}, but the field's path is "
-                f"{_describe(cfg)}; recompute them with fd.solvers.estimate_ems(field, data)"
-            )
-        if shape is not None and tuple(shape) != self.shape:
-            raise ValueError(
-                f"these EMS were computed for data of shape {self.shape}, but x has shape (B, *{tuple(shape)}); "
-                f"recompute them for this model"
-            )
-        lo, hi = self.lambda_range
-        slack = 1e-6 * max(1.0, hi - lo)
-        for label, lam in (("start", lambda_start), ("end", lambda_end)):
-            if lam is not None and not (lo - slack <= lam <= hi + slack):
-                raise ValueError(
-                    f"the sampling grid's {label} has log-SNR {lam:.6g}, outside the EMS range [{lo:.6g}, {hi:.6g}] "
-                    f"(t in [{self.settings.get('t_start')}, {self.settings.get('t_end')}]); recompute the EMS with a "
-                    f"t_start/t_end that covers the sampling interval"
-                )
 
 
 # ---------------------------------------------------------------------------------------
@@ -478,12 +269,6 @@ def _select_ems(ems: Any, field: Any) -> EMS:
     return ems
 
 
-def _check_flag(label: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{NAME}: {label} must be True or False, got {label}={value!r}")
-    return value
-
-
 def _derivatives(lams: list[float], gs: list[Tensor], pseudo: bool) -> list[Tensor]:
     """g^{(1)} … g^{(n)} at ``lams[0]`` from the values ``gs`` at ``lams`` (n = len − 1).
 
@@ -509,7 +294,7 @@ def _derivatives(lams: list[float], gs: list[Tensor], pseudo: bool) -> list[Tens
 class _V3Stepper:
     """One DPM-Solver-v3 update (predictor or corrector) between two grid nodes."""
 
-    def __init__(self, calc: _Calculus, table: PathTable, like: Tensor):
+    def __init__(self, calc: _Calculus, table: Run, like: Tensor):
         self.calc, self.table = calc, table
         self.dtype, self.device = like.dtype, like.device
         self.shape = like.shape[1:]
@@ -538,40 +323,22 @@ class _V3Stepper:
         return self.vec(decay * (a_t / a_s)) * x_s - self.vec(decay * a_t) * acc
 
 
-def dpm_solver_v3(
-    field: Any,
-    x: Tensor,
-    grid: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    cond: dict | None = None,
-    max_evals: int | None = None,
-    ems: EMS | Mapping | str | Path | None = None,
-    order: int | None = None,
-    p_pseudo: bool | None = None,
-    use_corrector: bool | None = None,
-    c_pseudo: bool | None = None,
-    half: bool | None = None,
-    lower_order_final: bool | None = None,
-    final_corrector: bool | None = None,
-    preset: str = "flowdiff",
-    denoise_final: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+
+
+class DPMSolverV3(Solver):
     r"""DPM-Solver-v3 (Zheng et al. 2023, Alg. 1–2): multistep predictor with EMS, plus corrector.
 
     One model evaluation per step, at the step's start. Step ``i`` uses order
     ``min(order, i + 1)`` (warm-up) and, with ``lower_order_final``, ``min(·, steps − i)``. After
-    each evaluation at node ``i`` the previous step is corrected (``use_corrector``) with that
-    evaluation included, at order ``p_{i-1} + c_pseudo`` (nothing to do at order 1), keeping the
-    evaluated nonlinear part fixed.
+    each evaluation at node ``i`` (:meth:`revise`) the previous step is corrected
+    (``use_corrector``) with that evaluation included, at order ``p_{i-1} + c_pseudo`` (nothing to
+    do at order 1), keeping the evaluated nonlinear part fixed.
 
-    The final state: with ``denoise_final`` (passed by :func:`~flowdiff.sample`) the solver
-    makes the final data-prediction evaluation itself and, with ``final_corrector``, spends it
-    twice: it corrects the last step like any other, and moves the data prediction with the
-    corrected state through the EMS' linear part, the nonlinear part again fixed:
-    :math:`\hat x_0 = \hat x_0(x_N) + (1 − l_N)(x_N^c − x_N)/α_N` (since
-    :math:`σε̂ = l∘x + αf`). Returns ``(state, denoised)`` then, else the state.
+    The final state: with ``denoise_final`` the solver makes the final data-prediction
+    evaluation itself and, with ``final_corrector``, spends it twice: it corrects the last step
+    like any other, and moves the data prediction with the corrected state through the EMS'
+    linear part, the nonlinear part again fixed:
+    :math:`\hat x_0 = \hat x_0(x_N) + (1 − l_N)(x_N^c − x_N)/α_N` (since :math:`σε̂ = l∘x + αf`).
 
     Arguments:
         ems: the model's :class:`EMS` (or a file, or ``{guidance_scale: EMS}``); required.
@@ -584,430 +351,85 @@ def dpm_solver_v3(
         final_corrector: correct the last step with the final denoise's evaluation (only with
             ``denoise_final``; default: with ``use_corrector`` in the ``"flowdiff"`` preset, never
             in ``"paper"``, whose official code does not).
-        denoise_final: make the final denoising evaluation (see above).
         preset: where the options left ``None`` come from: :func:`v3_defaults` for the number
             of steps, ``"flowdiff"`` (measured) or ``"paper"`` (the official scripts).
     """
-    path = require_gaussian_path(field, NAME)
-    steps = len(grid) - 1
-    if max_evals is not None and steps > max_evals:
-        raise ValueError(f"solver {NAME!r}: {steps} steps need {steps} evaluations, more than the budget {max_evals}")
-    ems = _select_ems(ems, field)
-    table = PathTable.build(path, grid)
-    lam = table.log_snr
-    if not all(math.isfinite(v) for v in lam):
-        raise ValueError(
-            f"solver {NAME!r} needs a finite log-SNR at every grid time (the EMS live on a finite λ range), got "
-            f"lambda={lam[0]:.4g}…{lam[-1]:.4g}; end before sigma = 0"
-        )
-    ems.check(path, tuple(x.shape[1:]), lam[0], lam[-1])
-    guided = ems.guidance_scale is not None and not math.isclose(ems.guidance_scale, 1.0)
-    defaults = v3_defaults(steps, guided, preset)
-    order = defaults["order"] if order is None else order
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
-        raise ValueError(f"{NAME}: order must be an integer in [1, 3], got order={order!r}")
-    p_pseudo = _check_flag("p_pseudo", defaults["p_pseudo"] if p_pseudo is None else p_pseudo)
-    use_corrector = _check_flag("use_corrector", defaults["use_corrector"] if use_corrector is None else use_corrector)
-    c_pseudo = _check_flag("c_pseudo", defaults["c_pseudo"] if c_pseudo is None else c_pseudo)
-    half = _check_flag("half", defaults["half"] if half is None else half)
-    lower_order_final = _check_flag(
-        "lower_order_final", defaults["lower_order_final"] if lower_order_final is None else lower_order_final
-    )
-    final_corrector = _check_flag(
-        "final_corrector", (defaults["final_corrector"] and use_corrector) if final_corrector is None else final_corrector
-    )
 
-    calc = _Calculus(ems)
-    stepper = _V3Stepper(calc, table, x)
-    l_nodes = calc.value_l(torch.tensor(lam, dtype=torch.float64))  # (steps + 1, D)
-    evaluator = GaussianEvaluator(field, path, cond)
-    t_mid = 0.5 * (table.t[0] + table.t[-1])
-    f: dict[int, Tensor] = {}
-    x_prev: Tensor | None = None
-    prev_order = 0
-    pending: tuple[int, Tensor] | None = None
-    denoised: Tensor | None = None
-    # Node ``steps`` is evaluated only for the final denoise; that evaluation corrects the last step.
-    for i in range(steps + 1 if denoise_final else steps):
-        final = i == steps
-        coeff = (table.alpha[i], table.sigma[i], table.d_alpha[i], table.d_sigma[i])
-        data, noise = evaluator(x, table.t[i], coeff)
-        l_i = stepper.vec(l_nodes[i])
+    options = {"ems": None, "order": None, "p_pseudo": None, "use_corrector": None, "c_pseudo": None, "half": None,
+               "lower_order_final": None, "final_corrector": None, "preset": "flowdiff"}
+    corrects = True
+
+    def __init__(self, run: Run, options: dict):
+        super().__init__(run, options)
+        o, steps = self.opts, run.steps
+        ems = _select_ems(o["ems"], run.field)
+        lam = run.log_snr
+        if not all(math.isfinite(v) for v in lam):
+            raise ValueError(
+                f"solver {NAME!r} needs a finite log-SNR at every grid time (the EMS live on a finite λ range), got "
+                f"lambda={lam[0]:.4g}…{lam[-1]:.4g}; end before sigma = 0"
+            )
+        ems.check(run.path, tuple(run.like.shape[1:]), lam[0], lam[-1])  # type: ignore[arg-type]
+        guided = ems.guidance_scale is not None and not math.isclose(ems.guidance_scale, 1.0)
+        defaults = v3_defaults(steps, guided, o["preset"])
+        self.order = check_int("order", defaults["order"] if o["order"] is None else o["order"], 1, 3)
+        flags = {k: check_flag(NAME, k, defaults[k] if o[k] is None else o[k])
+                 for k in ("p_pseudo", "use_corrector", "c_pseudo", "half", "lower_order_final")}
+        self.p_pseudo, self.use_corrector, self.c_pseudo, self.half, self.lower_order_final = flags.values()
+        fc = o["final_corrector"]
+        self.final_corrector = check_flag(NAME, "final_corrector", (defaults["final_corrector"] and self.use_corrector)
+                                          if fc is None else fc)
+        calc = _Calculus(ems)
+        self.stepper = _V3Stepper(calc, run, run.like)
+        self.l_nodes = calc.value_l(torch.tensor(lam, dtype=torch.float64))  # (steps + 1, D)
+        self.t_mid = 0.5 * (run.times[0] + run.times[-1])
+        self.memory["f"] = {}
+        self.prev_order = 0
+
+    def revise(self, i: int, x: Tensor) -> Tensor:
+        """Evaluate at node ``i`` and correct the step into it (at ``i = steps``: the final denoise)."""
+        run, f = self.run, self.memory["f"]
+        final = i == run.steps
+        data, noise = run.evaluate(x, i)
+        l_i = self.stepper.vec(self.l_nodes[i])
         # f = N/α with N = σε − l·x; the corrector below changes x but keeps N (and so f) fixed.
-        f[i] = (table.sigma[i] * noise - l_i * x) / table.alpha[i]
-        c_order = prev_order + int(c_pseudo)
+        f[i] = (run.sigma[i] * noise - l_i * x) / run.alpha[i]
+        c_order = self.prev_order + int(self.c_pseudo)
         if final:  # at least order 2: the last step is often first order (lower_order_final), and an
             # interpolating correction through the new node is stable where extrapolation is not
             c_order = min(max(c_order, FINAL_CORRECTOR_ORDER), i + 1)
-        correct = final_corrector if final else use_corrector
-        if x_prev is not None and correct and c_order > 1 and (not half or table.t[i] < t_mid):
+        correct = self.final_corrector if final else self.use_corrector
+        if i > 0 and correct and c_order > 1 and (not self.half or run.times[i] < self.t_mid):
             nodes = [i - 1, i] + [i - 1 - k for k in range(1, c_order - 1)]
-            x_c = stepper.update(x_prev, i - 1, i, nodes, f, c_pseudo)
+            x_c = self.stepper.update(self.memory["x_prev"], i - 1, i, nodes, f, self.c_pseudo)
             if final:  # the data prediction follows the state through the linear part
-                data = data + (1.0 - l_i) * (x_c - x) / table.alpha[i]
+                data = data + (1.0 - l_i) * (x_c - x) / run.alpha[i]
             x = x_c
-        if pending is not None and callback is not None:
-            callback(pending[0], table.t[i], x, pending[1])
-            pending = None
         if final:
-            denoised = data
-            break
-        p = min(order, i + 1)
-        if lower_order_final:
-            p = min(p, steps - i)
-        x_prev, prev_order = x, p
-        x = stepper.update(x, i, i + 1, [i - k for k in range(p)], f, p_pseudo)
-        f.pop(i - 3, None)  # at most order 3 (+1 for the corrector) nodes are ever needed
-        pending = (i, data)
-    if pending is not None and callback is not None:
-        callback(pending[0], table.t[steps], x, pending[1])
-    return x if denoised is None else (x, denoised)
+            self.final_denoised = data
+        self.memory["now"] = data
+        return x
+
+    def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        if i == 0:
+            self.revise(0, x)
+        data = self.memory.pop("now")
+        p = min(self.order, i + 1)
+        if self.lower_order_final:
+            p = min(p, self.run.steps - i)
+        self.memory["x_prev"], self.prev_order = x, p
+        x = self.stepper.update(x, i, i + 1, [i - k for k in range(p)], self.memory["f"], self.p_pseudo)
+        self.memory["f"].pop(i - 3, None)  # at most order 3 (+1 for the corrector) nodes are ever needed
+        return x, data
 
 
 register_solver(
     NAME,
-    dpm_solver_v3,
+    DPMSolverV3,
     kind="exponential",
-    evals_per_step=1,
     requires_gaussian_path=True,
     default_grid="quadratic",  # measured: lower error than log-SNR at 5–20 NFE on the mixture and the digits
     required_options=("ems",),
     final_denoise=True,
     description="DPM-Solver-v3 with empirical model statistics (option ems=, from estimate_ems)",
 )
-
-
-# ---------------------------------------------------------------------------------------
-# Estimating the statistics
-# ---------------------------------------------------------------------------------------
-
-
-def _draw_data(data: Any, n: int, generator: torch.Generator) -> Tensor:
-    """``n`` data points from a tensor ``(N, *shape)``, a dataset (``.x``), an oracle (``.sample``) or a callable."""
-    if hasattr(data, "x") and isinstance(data.x, Tensor):
-        data = data.x
-    if isinstance(data, Tensor):
-        if data.ndim < 2 or data.shape[0] < 1:
-            raise ValueError(f"data must have shape (N, *shape) with N >= 1, got {tuple(data.shape)}")
-        if not data.is_floating_point():
-            raise TypeError(f"data must be a floating-point tensor, got dtype {data.dtype}")
-        m = data.shape[0]
-        if m >= n:
-            idx = torch.randperm(m, generator=generator)[:n]
-        else:  # fewer points than samples: draw with replacement
-            idx = torch.randint(0, m, (n,), generator=generator)
-        return data[idx.to(data.device)]
-    if hasattr(data, "sample") and callable(data.sample):
-        return data.sample(n, generator=generator)
-    if callable(data):
-        return data(n, generator)
-    raise TypeError(
-        f"data must be a tensor (N, *shape), a dataset with .x, an object with .sample(n, generator=...) or a "
-        f"callable (n, generator) -> tensor, got {type(data).__name__}"
-    )
-
-
-def _noise_fn(field: Any, path: GaussianPath, cond: dict) -> Callable[[Tensor, Tensor], Tensor]:
-    """ε̂(x, t) with ``t`` a (B,) tensor, differentiable in both (for torch.func.jvp)."""
-    if hasattr(field, "noise") and callable(field.noise):
-        return lambda x, t: field.noise(x, t, **cond)
-    if hasattr(field, "denoise") and callable(field.denoise):
-
-        def from_data(x: Tensor, t: Tensor) -> Tensor:
-            shape = (-1,) + (1,) * (x.ndim - 1)
-            a, s = path._alpha(t).reshape(shape), path._sigma(t).reshape(shape)
-            return (x - a * field.denoise(x, t, **cond)) / s
-
-        return from_data
-    raise TypeError(f"field must have a noise(x, t) or denoise(x, t) method, got {type(field).__name__}")
-
-
-def jvp(fn: Callable[[Tensor, Tensor], Tensor], primals: tuple[Tensor, Tensor], tangents: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """``(fn(x, t), J·(dx, dt))`` by forward-mode AD.
-
-    The same computation as :func:`torch.func.jvp`, through :mod:`torch.autograd.forward_ad`
-    directly: on the mixture oracle it costs 2× a forward pass instead of 10× (measured, CPU).
-    """
-    import torch.autograd.forward_ad as fwad
-
-    with fwad.dual_level():
-        out = fn(*(fwad.make_dual(p, t) for p, t in zip(primals, tangents)))
-        primal, tangent = fwad.unpack_dual(out)
-    if tangent is None:  # the output does not depend on the inputs
-        tangent = torch.zeros_like(primal)
-    return primal, tangent
-
-
-def _derivative(values: Tensor, lam: Tensor, window: int) -> Tensor:
-    """d(values)/dλ along dim 0 by local quadratic least squares over 2·``window`` + 1 knots.
-
-    A Savitzky–Golay derivative: it smooths like the official ±5-knot moving average of the
-    central differences, but is exact for quadratics, also at the ends (where the window is
-    shifted inwards instead of truncated, which would bias a moving average on curved l).
-    ``window = 0`` gives second-order central differences.
-    """
-    k = values.shape[0]
-    if window <= 0 or k < 3:
-        return torch.gradient(values, spacing=(lam,), dim=0, edge_order=2 if k >= 3 else 1)[0]
-    width = min(2 * window + 1, k)
-    out = torch.empty_like(values)
-    for i in range(k):
-        lo = min(max(i - width // 2, 0), k - width)
-        u = lam[lo : lo + width] - lam[i]
-        design = torch.stack([torch.ones_like(u), u, u * u], 1)
-        weights = torch.linalg.pinv(design)[1]  # row giving the linear coefficient
-        out[i] = weights @ values[lo : lo + width]
-    return out
-
-
-def estimate_ems(
-    field: Any,
-    data: Any,
-    *,
-    num_lambdas: int = 400,
-    num_samples: int = 512,
-    batch_size: int = 256,
-    hutchinson: bool | str | None = "auto",
-    probes: int = 1,
-    smooth: int = 0,
-    t_start: float | None = None,
-    t_end: float | None = None,
-    guidance_scale: float | None = None,
-    cond: dict | None = None,
-    dtype: torch.dtype | None = None,
-    progress: bool = True,
-    generator: torch.Generator | None = None,
-) -> EMS:
-    r"""Estimate the empirical model statistics l, s, b of ``field`` from ``data`` (Zheng et al. 2023, §3.2).
-
-    On ``num_lambdas`` knots uniform in λ between ``t_start`` and ``t_end`` (default the path's
-    safe interval), data noised along the path, :math:`x_\lambda = \alpha x_1 + \sigma z`, give
-
-    * :math:`l = E[\sigma\,\mathrm{diag}\nabla_x\hat\varepsilon]`: the exact diagonal (one
-      forward-mode JVP (:func:`jvp`) per basis vector) or Hutchinson's estimator
-      :math:`E[\sigma\,v\odot(\nabla_x\hat\varepsilon\,v)]` with Rademacher ``v``
-      (``hutchinson``: ``"auto"`` = exact up to :data:`EXACT_DIAGONAL_MAX_DIM` dimensions);
-    * :math:`l' = dl/dλ` by central differences (``smooth = 0``) or a local quadratic fit over
-      ±``smooth`` knots. The official script averages central differences over ±5 knots
-      because its samples are fresh at every knot; with common random numbers l(λ) is smooth
-      and smoothing only adds bias (measured on a Gaussian oracle: 9 % error in s at the ends
-      with ±5, 0.4 % without);
-    * :math:`f = e^{-\lambda}\hat\varepsilon - l\,x/\alpha` and
-      :math:`f^{(1)} = e^{-\lambda}((l - 1)\hat\varepsilon + \hat\varepsilon_\lambda) - l'x/\alpha`,
-      with :math:`\hat\varepsilon_\lambda` the total derivative along the ODE (one JVP with
-      tangent :math:`(dx/dλ, dt/dλ)`); :math:`s = \mathrm{Cov}(f, f^{(1)})/\mathrm{Var}(f)`,
-      :math:`b = E f^{(1)} - s E f` per dimension (``s = 0`` where f does not vary).
-
-    The same data points, noise and probes are used at every λ (common random numbers), so
-    that the estimates are smooth in λ; f and f⁽¹⁾ are linear in l, l′, so running moments of
-    three vectors in a single pass suffice.
-
-    Arguments:
-        field: a :class:`~flowdiff.Field` (or any object with ``path`` and ``noise``/``denoise``).
-        data: training data ``(N, *shape)``, a dataset (``.x``), an oracle with
-            ``.sample(n, generator=...)`` or a callable ``(n, generator) -> tensor``.
-        num_lambdas: knots (the official scripts use 120–1200). The cost is proportional to
-            ``num_lambdas × num_samples``; at a fixed cost, knots pay more than samples: on the
-            digits UNet, 480 knots × 256 points gave 0.80× the 12-NFE error (0.70× at 20) of
-            120 × 1024 (with common random numbers the noise of s and b at neighbouring knots
-            is partly independent and averages out in the step integrals); another seed at
-            120 × 1024 changed it by 1 %. On the d = 32 mixture the choice did not matter.
-        num_samples: data points per knot (the official scripts use 1024–4096).
-        batch_size: points per model call.
-        hutchinson: ``True``/``False``/``None`` (False and None: exact diagonal) or ``"auto"``.
-        probes: Rademacher probes per point for Hutchinson.
-        smooth: half-width (in knots) of the local fit that gives l′.
-        t_start, t_end: the interval the statistics cover (must contain every sampling grid).
-        guidance_scale: recorded with the statistics (one set per guidance scale); default the
-            field's ``guidance_scale`` attribute if it has one.
-        cond: conditioning keywords for the model.
-        dtype: dtype of the model inputs (default: the data's).
-        progress: show a progress bar (tqdm) over the knots.
-        generator: for the data draw, the noise and the probes.
-
-    Returns:
-        :class:`EMS`, with the cost (seconds, model calls, JVP calls) in ``ems.cost``.
-    """
-    path = require_gaussian_path(field, "estimate_ems")
-    for label, value, low in (("num_lambdas", num_lambdas, 2), ("num_samples", num_samples, 2),
-                              ("batch_size", batch_size, 1), ("probes", probes, 1), ("smooth", smooth, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{label} must be an integer >= {low}, got {label}={value!r}")
-    if hutchinson not in HUTCHINSON_CHOICES:
-        raise ValueError(f"hutchinson must be one of {HUTCHINSON_CHOICES}, got {hutchinson!r}")
-    t0 = float(path.t_min if t_start is None else t_start)
-    t1 = float(path.t_max if t_end is None else t_end)
-    if not (path.t_min - 1e-12 <= t0 < t1 <= path.t_max + 1e-12):
-        raise ValueError(
-            f"need path.t_min <= t_start < t_end <= path.t_max = [{path.t_min!r}, {path.t_max!r}], got "
-            f"t_start={t0!r}, t_end={t1!r}"
-        )
-    ends = path._log_snr(torch.tensor([t0, t1], dtype=torch.float64))
-    if not torch.isfinite(ends).all():
-        raise ValueError(f"the log-SNR must be finite at t_start={t0!r} and t_end={t1!r}, got {ends.tolist()}")
-    cond = dict(cond or {})
-    if guidance_scale is None:
-        guidance_scale = getattr(field, "guidance_scale", None)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-
-    start = time.perf_counter()
-    nfe0 = getattr(field, "nfe", 0)
-    x1 = _draw_data(data, num_samples, gen)
-    if not isinstance(x1, Tensor) or x1.ndim < 2 or x1.shape[0] != num_samples:
-        raise ValueError(f"the data source returned {type(x1).__name__} of shape {getattr(x1, 'shape', None)}, expected ({num_samples}, *shape)")
-    work_dtype = dtype or (x1.dtype if x1.is_floating_point() else torch.get_default_dtype())
-    x1 = x1.to(work_dtype)
-    device = x1.device
-    shape = tuple(x1.shape[1:])
-    dim = int(np.prod(shape))
-    exact = hutchinson in (None, False) or (hutchinson == "auto" and dim <= EXACT_DIAGONAL_MAX_DIM)
-    z = torch.randn(x1.shape, generator=gen, dtype=work_dtype).to(device)
-    if not exact:
-        v = (torch.randint(0, 2, (probes, *x1.shape), generator=gen) * 2 - 1).to(work_dtype).to(device)
-
-    lam = torch.linspace(float(ends[0]), float(ends[1]), num_lambdas, dtype=torch.float64)
-    tk = path._t_of_log_snr(lam).clamp(t0, t1)
-    tk[0], tk[-1] = t0, t1
-    alpha, sigma = path._alpha(tk), path._sigma(tk)
-    d_alpha, d_lam = path._d_alpha(tk), path._d_log_snr(tk)
-    eps_fn = _noise_fn(field, path, cond)
-
-    # Per knot and dimension: sum of σ·diag estimate, and moments of A = e^{-λ}ε, B = x/α,
-    # C = e^{-λ}(ε_λ − ε) (f = A − lB, f⁽¹⁾ = lA + C − l′B), shifted by the first batch's means.
-    K = num_lambdas
-    l_sum = torch.zeros(K, dim, dtype=torch.float64)
-    mom = {k: torch.zeros(K, dim, dtype=torch.float64) for k in ("A", "B", "C", "AA", "BB", "AB", "AC", "BC")}
-    shift = {k: torch.zeros(K, dim, dtype=torch.float64) for k in ("A", "B", "C")}
-    jvp_calls = 0
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=K, desc="EMS", unit="λ", leave=False)
-        except ImportError:
-            bar = None
-    with torch.no_grad():
-        for k in range(K):
-            a, s, lam_k = float(alpha[k]), float(sigma[k]), float(lam[k])
-            dlog_a = float(d_alpha[k]) / a / float(d_lam[k])  # d log α / dλ
-            dt = 1.0 / float(d_lam[k])  # dt / dλ
-            for lo in range(0, num_samples, batch_size):
-                hi = min(lo + batch_size, num_samples)
-                xb = a * x1[lo:hi] + s * z[lo:hi]
-                n = hi - lo
-                tb = torch.full((n,), float(tk[k]), dtype=work_dtype, device=device)
-                eps = eps_fn(xb, tb)
-                tangent = dlog_a * xb - s * eps  # dx/dλ along the probability-flow ODE
-                if exact:
-                    eps2, eps_lam = jvp(eps_fn, (xb, tb), (tangent, torch.full_like(tb, dt)))
-                    jvp_calls += 1
-                    diag = torch.zeros(n, dim, dtype=torch.float64)
-                    chunk = max(1, 4096 // max(n, 1))
-                    for j0 in range(0, dim, chunk):
-                        j1 = min(dim, j0 + chunk)
-                        m = j1 - j0
-                        basis = torch.zeros(m, n, dim, dtype=work_dtype, device=device)
-                        basis[torch.arange(m), :, torch.arange(j0, j1)] = 1.0
-                        xr = xb.reshape(1, n, dim).expand(m, n, dim).reshape(m * n, *shape)
-                        tr = tb.repeat(m)
-                        _, jd = jvp(eps_fn, (xr, tr), (basis.reshape(m * n, *shape), torch.zeros_like(tr)))
-                        jvp_calls += 1
-                        jd = jd.reshape(m, n, dim).to(torch.float64)
-                        diag[:, j0:j1] = jd[torch.arange(m), :, torch.arange(j0, j1)].T
-                    l_sum[k] += s * diag.sum(0)
-                else:
-                    # One JVP call for both tangents: the ODE direction and the Hutchinson probes.
-                    xr = torch.cat([xb] + [xb] * probes)
-                    tr = torch.cat([tb] * (probes + 1))
-                    tx = torch.cat([tangent] + [v[p, lo:hi] for p in range(probes)])
-                    tt = torch.cat([torch.full_like(tb, dt)] + [torch.zeros_like(tb)] * probes)
-                    out, tan = jvp(eps_fn, (xr, tr), (tx, tt))
-                    jvp_calls += 1
-                    eps2, eps_lam = out[:n], tan[:n]
-                    jv = tan[n:].reshape(probes, n, dim).to(torch.float64)
-                    vv = torch.stack([v[p, lo:hi].reshape(n, dim) for p in range(probes)]).to(torch.float64)
-                    l_sum[k] += s * (vv * jv).sum((0, 1)) / probes
-                e = math.exp(-lam_k)
-                A = (e * eps2).reshape(n, dim).to(torch.float64)
-                B = (xb / a).reshape(n, dim).to(torch.float64)
-                C = (e * (eps_lam - eps2)).reshape(n, dim).to(torch.float64)
-                if lo == 0:
-                    shift["A"][k], shift["B"][k], shift["C"][k] = A.mean(0), B.mean(0), C.mean(0)
-                A, B, C = A - shift["A"][k], B - shift["B"][k], C - shift["C"][k]
-                for key, val in (("A", A), ("B", B), ("C", C), ("AA", A * A), ("BB", B * B), ("AB", A * B),
-                                 ("AC", A * C), ("BC", B * C)):
-                    mom[key][k] += val.sum(0)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-
-    N = float(num_samples)
-    l = l_sum / N
-    # l' by central differences in λ (second order inside, one-sided at the ends), then smoothed.
-    l_prime = _derivative(l, lam, smooth)
-    mean = {key: mom[key] / N for key in mom}
-    var_a = mean["AA"] - mean["A"] ** 2
-    var_b = mean["BB"] - mean["B"] ** 2
-    cov_ab = mean["AB"] - mean["A"] * mean["B"]
-    cov_ac = mean["AC"] - mean["A"] * mean["C"]
-    cov_bc = mean["BC"] - mean["B"] * mean["C"]
-    ea, eb, ec = mean["A"] + shift["A"], mean["B"] + shift["B"], mean["C"] + shift["C"]
-    var_f = var_a - 2 * l * cov_ab + l * l * var_b
-    cov_ff = l * var_a + cov_ac - l_prime * cov_ab - l * l * cov_ab - l * cov_bc + l * l_prime * var_b
-    mean_f = ea - l * eb
-    mean_f1 = l * ea + ec - l_prime * eb
-    # Where f is (numerically) deterministic the regression has no slope: s = 0, b = E f⁽¹⁾.
-    scale = var_a + l * l * var_b
-    informative = var_f > 1e-10 * scale + 1e-300
-    s_stat = torch.where(informative, cov_ff / torch.where(informative, var_f, torch.ones_like(var_f)), torch.zeros_like(var_f))
-    b_stat = mean_f1 - s_stat * mean_f
-
-    seconds = time.perf_counter() - start
-    model_calls = getattr(field, "nfe", 0) - nfe0
-    settings = {
-        "path": path.config(),
-        "t_start": t0,
-        "t_end": t1,
-        "num_lambdas": num_lambdas,
-        "num_samples": num_samples,
-        "hutchinson": not exact,
-        "probes": probes if not exact else 0,
-        "smooth": smooth,
-        "guidance_scale": None if guidance_scale is None else float(guidance_scale),
-        "prediction": getattr(field, "prediction", None),
-        "dtype": str(work_dtype).replace("torch.", ""),
-        "cost": {"seconds": round(seconds, 3), "model_calls": int(model_calls), "jvp_calls": jvp_calls},
-    }
-    return EMS(lam, l.reshape(K, *shape), s_stat.reshape(K, *shape), b_stat.reshape(K, *shape), settings)
-
-
-def ems_from_checkpoint(
-    checkpoint: str | Path,
-    output: str | Path | None = None,
-    *,
-    data: str | None = None,
-    seed: int = 0,
-    **options: Any,
-) -> EMS:
-    """Estimate the EMS of a trained checkpoint from its training data and save them.
-
-    The recipe behind ``flowdiff ems CHECKPOINT``: the field comes from
-    :func:`flowdiff.pipeline.load_field`, the data from the training split the checkpoint's
-    config names (or ``data``), and the statistics are written to ``output`` (default
-    ``<checkpoint>/ems.safetensors``). ``options`` go to :func:`estimate_ems`.
-    """
-    from ..data import load_dataset
-    from ..pipeline import load_field
-
-    field, config = load_field(checkpoint)
-    name = data or (config.get("extra") or {}).get("dataset")
-    if not name:
-        raise ValueError(f"the checkpoint {str(checkpoint)!r} does not name its data set; pass data=")
-    dataset = load_dataset(name, split="train", seed=int((config.get("extra") or {}).get("seed", seed)))
-    ems = estimate_ems(field, dataset.x, generator=torch.Generator().manual_seed(seed), **options)
-    ems.settings["checkpoint"] = str(config.get("checkpoint_dir", checkpoint))
-    ems.settings["data"] = str(name)
-    ems.save(Path(output) if output is not None else Path(config.get("checkpoint_dir", checkpoint)) / "ems.safetensors")
-    return ems

@@ -49,6 +49,22 @@ order ``min(order, steps − i)`` on step ``i`` so that the last step is first o
 ``lower_order_final`` is ``True`` (always), ``False`` (never) or an int ``n`` (only with
 fewer than ``n`` steps).
 
+The DDIM/DDPM family is one η-parametrised step (:class:`EtaStep`; smalldiffusion's one
+sampler with two knobs; Song et al. 2021, DDIM Eq. 12, written in log-SNR for every Gaussian
+path): with :math:`c = \eta\,\sigma_t\sqrt{1 - e^{-2h}}`,
+
+.. math::
+
+    x_t = \alpha_t\hat x + \sqrt{\sigma_t^2 - c^2}\,\hat\varepsilon + c\,z
+        = \frac{\sigma_t}{\sigma_s}k\,x_s + \alpha_t(1 - k e^{-h})\,\hat x + c\,z,
+    \qquad k = \sqrt{1 - \eta^2(1 - e^{-2h})},
+
+``ddim`` (η = 0, the first-order exponential integrator above), ``ddpm`` (η option, default 1:
+the exact posterior :math:`q(x_t\mid x_s, x_1 = \hat x)` of Ho et al. 2020) and
+``sde-dpm-solver++1`` (η = 1, the exact linear part of the reverse SDE, Lu et al. 2022b §B);
+``sde-dpm-solver++2`` adds the multistep correction :math:`c_2\,\alpha_t D_1` (see
+:class:`SDEDPMSolverPP2`).
+
 Budget: multistep methods and ``ddim`` make one evaluation per step, at the step's start
 (``steps = budget``); singlestep DPM-Solver-k makes ``k`` per step and follows the official
 order pattern for ``B`` evaluations: order 3 takes ``B//3 + 1`` steps of orders
@@ -63,166 +79,144 @@ needs a Gaussian path; on a stochastic interpolant it raises a TypeError.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import GaussianEvaluator, PathTable, register_solver, require_gaussian_path
+from .._utils import check_float, check_int
+from .base import Solver, check_choice, lower_order_final, register_solver
+from .loop import Run
 
 __all__ = [
-    "ddim",
-    "deis",
-    "dpm_solver_multistep",
-    "dpm_solver_singlestep",
+    "DEISSolver",
+    "DPMSolverMultistep",
+    "DPMSolverSinglestep",
+    "EtaStep",
+    "SDEDPMSolverPP2",
+    "UniPC",
     "lagrange_exp_weights",
     "singlestep_orders",
-    "unipc",
 ]
 
-Callback = Callable[[int, float, Tensor, "Tensor | None"], None]
 PREDICTION_FORMS = ("data", "noise")
 SOLVER_TYPES = ("dpmsolver", "taylor")
 UNIPC_VARIANTS = ("bh1", "bh2")
-#: UniPC's default order is 3 from this many steps on, 2 below (see :func:`unipc`).
+#: UniPC's default order is 3 from this many steps on, 2 below (see :class:`UniPC`).
 UNIPC_ORDER3_STEPS = 20
-#: Below this many steps UniPC defaults to data prediction with B(h) = e^h − 1 (see :func:`unipc`).
+#: Below this many steps UniPC defaults to data prediction with B(h) = e^h − 1 (see :class:`UniPC`).
 UNIPC_DATA_STEPS = 12
 
 
-# ---------------------------------------------------------------------------------------
-# Shared machinery
-# ---------------------------------------------------------------------------------------
+class ExponentialSolver(Solver):
+    """Base of the log-SNR solvers: the log-SNR must be finite on the grid before ``t_end``."""
 
-
-class _Engine:
-    """α, σ, λ at the grid nodes (float64) and one-call (x̂, ε̂) evaluations."""
-
-    def __init__(self, field: Any, grid: Tensor, cond: dict | None, name: str):
-        self.name = name
-        self.path = require_gaussian_path(field, name)
-        self.table = PathTable.build(self.path, grid)
-        self.evaluator = GaussianEvaluator(field, self.path, cond)
-        self.steps = len(grid) - 1
-        lam = self.table.log_snr
+    def __init__(self, run: Run, options: dict):
+        super().__init__(run, options)
+        lam = run.log_snr
         if not math.isfinite(lam[0]):
             raise ValueError(
-                f"solver {name!r} needs alpha(t_start) > 0 (a finite log-SNR), got lambda(t={self.table.t[0]!r})={lam[0]!r}; "
+                f"solver {self.name!r} needs alpha(t_start) > 0 (a finite log-SNR), got lambda(t={run.times[0]!r})={lam[0]!r}; "
                 f"start a little later"
             )
         if any(not math.isfinite(v) for v in lam[:-1]):
-            raise ValueError(f"solver {name!r}: the log-SNR must be finite on the grid before t_end, got {lam}")
-        self.evals = 0
+            raise ValueError(f"solver {self.name!r}: the log-SNR must be finite on the grid before t_end, got {lam}")
 
-    def t(self, i: int) -> float:
-        return self.table.t[i]
+    def order_option(self, high: int) -> int:
+        return check_int("order", self.opts["order"], 1, high)
 
-    def lam(self, i: int) -> float:
-        return self.table.log_snr[i]
+    def prediction_option(self) -> str:
+        return check_choice(self.name, "prediction", self.opts["prediction"], PREDICTION_FORMS)
 
-    def alpha(self, i: int) -> float:
-        return self.table.alpha[i]
-
-    def sigma(self, i: int) -> float:
-        return self.table.sigma[i]
-
-    def h(self, i: int) -> float:
-        """Log-SNR step from node ``i`` to ``i + 1`` (``inf`` when it reaches σ = 0)."""
-        return self.table.log_snr[i + 1] - self.table.log_snr[i]
-
-    def evaluate(self, x: Tensor, i: int) -> tuple[Tensor, Tensor]:
-        """(x̂, ε̂) at node ``i``: one model call."""
-        tb = self.table
-        self.evals += 1
-        return self.evaluator(x, tb.t[i], (tb.alpha[i], tb.sigma[i], tb.d_alpha[i], tb.d_sigma[i]))
-
-    def intermediate(self, i: int, r: float) -> tuple[float, tuple[float, float, float, float], float]:
-        """The time inside step ``i`` at log-SNR ``λ_i + r h``: ``(t, (α, σ, α̇, σ̇), λ(t) − λ_i)``."""
-        lam = self.lam(i) + r * self.h(i)
-        tt = float(self.path._t_of_log_snr(torch.tensor([lam], dtype=torch.float64)))
-        t = min(max(tt, self.table.t[i]), self.table.t[i + 1])  # never leave the step
-        coeff = self.evaluator.coefficients(t)
-        return t, coeff, math.log(coeff[0] / coeff[1]) - self.lam(i)
-
-    def evaluate_at(self, x: Tensor, t: float, coeff: tuple[float, float, float, float]) -> tuple[Tensor, Tensor]:
-        """(x̂, ε̂) at an intermediate time ``t`` with its coefficients (one model call)."""
-        self.evals += 1
-        return self.evaluator(x, t, coeff)
-
-    def first_order(self, x: Tensor, i: int, m0: Tensor, form: str) -> Tensor:
-        """DDIM / DPM-Solver-1 from node ``i`` to ``i + 1`` with prediction ``m0`` of type ``form``."""
-        h = self.h(i)
-        a0, s0, a1, s1 = self.alpha(i), self.sigma(i), self.alpha(i + 1), self.sigma(i + 1)
-        if form == "data":
-            return (s1 / s0) * x - (a1 * math.expm1(-h)) * m0
-        return (a1 / a0) * x - (s1 * math.expm1(h)) * m0
+    def history(self, m: Tensor, keep: int) -> list[Tensor]:
+        """Append the prediction ``m`` of this node to the multistep history (the last ``keep``)."""
+        hist = self.memory.setdefault("hist", [])
+        hist.append(m)
+        if len(hist) > keep:
+            hist.pop(0)
+        return hist
 
 
-def _check_choice(solver: str, label: str, value: Any, allowed: tuple) -> Any:
-    if value not in allowed:
-        raise ValueError(f"{solver}: unknown {label} {value!r}; valid: {', '.join(map(repr, allowed))}")
-    return value
+def _first_order(run: Run, x: Tensor, i: int, m0: Tensor, form: str) -> Tensor:
+    """DDIM / DPM-Solver-1 from node ``i`` to ``i + 1`` with prediction ``m0`` of type ``form``."""
+    h = run.h(i)
+    a0, s0, a1, s1 = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
+    if form == "data":
+        return (s1 / s0) * x - (a1 * math.expm1(-h)) * m0
+    return (a1 / a0) * x - (s1 * math.expm1(h)) * m0
 
 
-def _check_order(solver: str, order: Any, low: int, high: int) -> int:
-    if isinstance(order, bool) or not isinstance(order, int) or not low <= order <= high:
-        raise ValueError(f"{solver}: order must be an integer in [{low}, {high}], got order={order!r}")
-    return order
-
-
-def _final_order(lower_order_final: Any, steps: int, i: int, order: int, solver: str) -> int:
-    """Order allowed on step ``i`` of ``steps`` by the lower-order-final policy (module docstring)."""
-    if isinstance(lower_order_final, bool):
-        active = lower_order_final
-    elif isinstance(lower_order_final, int) and lower_order_final >= 0:
-        active = steps < lower_order_final
-    else:
-        raise ValueError(
-            f"{solver}: lower_order_final must be True, False or an int >= 0 (apply below that many steps), "
-            f"got {lower_order_final!r}"
-        )
-    return min(order, steps - i) if active else order
-
-
-def _check_budget(engine: _Engine, needed: int, max_evals: int | None) -> None:
-    if max_evals is not None and needed > max_evals:
-        raise ValueError(
-            f"solver {engine.name!r}: {engine.steps} steps need {needed} evaluations, more than the budget {max_evals}"
-        )
-
-
-def _expm1_div(z: float) -> float:
-    """:math:`\\varphi_1(z) = (e^z - 1)/z` without cancellation (1 at z = 0)."""
-    return 1.0 if z == 0.0 else math.expm1(z) / z
+def _intermediate(run: Run, i: int, r: float) -> tuple[float, tuple[float, float, float, float], float]:
+    """The time inside step ``i`` at log-SNR ``λ_i + r h``: ``(t, (α, σ, α̇, σ̇), λ(t) − λ_i)``."""
+    t = min(max(run.t_of_log_snr(run.log_snr[i] + r * run.h(i)), run.times[i]), run.times[i + 1])  # never leave the step
+    coeff = run.at(t)
+    return t, coeff, math.log(coeff[0] / coeff[1]) - run.log_snr[i]
 
 
 # ---------------------------------------------------------------------------------------
-# DDIM
+# The η family: DDIM, DDPM / DDIM-η, SDE-DPM-Solver++(1) and (2M)
 # ---------------------------------------------------------------------------------------
 
 
-def ddim(
-    field: Any,
-    x: Tensor,
-    grid: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    cond: dict | None = None,
-    max_evals: int | None = None,
-) -> Tensor:
-    r"""Deterministic DDIM (Song et al. 2021), the first-order exponential integrator:
-    :math:`x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}(1 - e^{-h_i})\hat x(x_i, t_i)`.
-    One evaluation per step."""
-    eng = _Engine(field, grid, cond, "ddim")
-    _check_budget(eng, eng.steps, max_evals)
-    for i in range(eng.steps):
-        data, _ = eng.evaluate(x, i)
-        x = eng.first_order(x, i, data, "data")
-        if callback is not None:
-            callback(i, eng.t(i + 1), x, data)
-    return x
+class EtaStep(ExponentialSolver):
+    r"""One step of the DDIM-η family (module docstring), one evaluation.
+
+    Arguments:
+        eta: in ``[0, 1]``: 0 is DDIM (deterministic), 1 the DDPM posterior / SDE-DPM-Solver++(1).
+    """
+
+    options = {"eta": 1.0}
+
+    def __init__(self, run: Run, options: dict):
+        super().__init__(run, options)
+        self.eta = check_float("eta", self.opts["eta"], 0.0, 1.0)
+
+    def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        run, eta = self.run, self.eta
+        data, _ = run.evaluate(x, i)
+        a_t, s_t, h = run.alpha[i + 1], run.sigma[i + 1], run.h(i)
+        if not math.isfinite(h):
+            return a_t * data, data  # σ_t = 0: the exact limit x_t = α_t x̂
+        one_minus = -math.expm1(-2 * h)  # 1 − e^{−2h}, accurate for small h
+        log_k = -h if eta == 1.0 else 0.5 * math.log1p(-eta * eta * one_minus)
+        # in-place accumulation into one new tensor: fewer kernels and allocations per step
+        mean = torch.mul(x, s_t / run.sigma[i] * math.exp(log_k)).add_(data, alpha=-a_t * math.expm1(log_k - h))
+        mean = self.correction(i, mean, data, h, one_minus)
+        return run.gaussian(mean, eta * s_t * math.sqrt(one_minus), i, run.times[i], run.times[i + 1], x), data
+
+    def correction(self, i: int, mean: Tensor, data: Tensor, h: float, one_minus: float) -> Tensor:
+        return mean
+
+
+class SDEDPMSolverPP2(EtaStep):
+    r"""SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++"; diffusers
+    ``algorithm_type="sde-dpmsolver++"``, ``solver_order=2``): the η = 1 step plus
+    :math:`c\,\alpha_t D_1`, :math:`D_1 = (m_0 - m_1)/r`, :math:`r = h_{i-1}/h`, with
+    :math:`c = \tfrac12(1 - e^{-2h})` (``solver_type="midpoint"``, diffusers' default) or
+    :math:`c = 1 - (1 - e^{-2h})/(2h)` (``"heun"``, the Taylor-exact weight). The first step is
+    first order; with ``lower_order_final`` (default) so is the last one, into ``t_end`` (the
+    extrapolated D1 over the grid's last λ-gap hurt at every NFE and grid measured,
+    benchmarks/sde_solvers.py). diffusers' ``lower_order_final`` below 15 steps is
+    ``lower_order_final=(steps < 15)`` here.
+    """
+
+    options = {"eta": 1.0, "solver_type": "midpoint", "lower_order_final": True}
+
+    def __init__(self, run: Run, options: dict):
+        super().__init__(run, options)
+        check_choice(self.name, "solver_type", self.opts["solver_type"], ("midpoint", "heun"))
+        if not isinstance(self.opts["lower_order_final"], bool):
+            raise TypeError(f"lower_order_final must be a bool, got {self.opts['lower_order_final']!r}")
+        self.prev_h = 0.0
+
+    def correction(self, i: int, mean: Tensor, data: Tensor, h: float, one_minus: float) -> Tensor:
+        prev = self.memory.get("prev")
+        if prev is not None and not (self.opts["lower_order_final"] and i == self.run.steps - 1):
+            midpoint = self.opts["solver_type"] == "midpoint"
+            weight = 0.5 * one_minus if midpoint else 1.0 - one_minus / (2 * h)
+            mean.add_(data - prev, alpha=self.run.alpha[i + 1] * weight / (self.prev_h / h))
+        self.memory["prev"], self.prev_h = data, h
+        return mean
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,22 +257,22 @@ def _orders_for_steps(steps: int, budget: int, order: int) -> list[int]:
 
 
 def _singlestep_update(
-    eng: _Engine, x: Tensor, i: int, order: int, form: str, solver_type: str, data0: Tensor, noise0: Tensor
+    run: Run, x: Tensor, i: int, order: int, form: str, solver_type: str, data0: Tensor, noise0: Tensor
 ) -> Tensor:
     """One singlestep DPM-Solver(++) step of ``order`` from node ``i`` (official update formulas)."""
     m0 = data0 if form == "data" else noise0
-    h = eng.h(i)
+    h = run.h(i)
     if order == 1 or not math.isfinite(h):
         if not math.isfinite(h):
-            return eng.alpha(i + 1) * data0  # σ_{i+1} = 0: the exact first-order limit
-        return eng.first_order(x, i, m0, form)
-    a_s, s_s, a_t, s_t = eng.alpha(i), eng.sigma(i), eng.alpha(i + 1), eng.sigma(i + 1)
+            return run.alpha[i + 1] * data0  # σ_{i+1} = 0: the exact first-order limit
+        return _first_order(run, x, i, m0, form)
+    a_s, s_s, a_t, s_t = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
 
     def pick(d: Tensor, n: Tensor) -> Tensor:
         return d if form == "data" else n
 
     if order == 2:
-        t1, c1, h1 = eng.intermediate(i, 0.5)
+        t1, c1, h1 = _intermediate(run, i, 0.5)
         a_1, s_1 = c1[0], c1[1]
         r1 = h1 / h
         # intermediate point u = x_{s1} by a first-order step
@@ -286,7 +280,7 @@ def _singlestep_update(
             u = (s_1 / s_s) * x - (a_1 * math.expm1(-h1)) * m0
         else:
             u = (a_1 / a_s) * x - (s_1 * math.expm1(h1)) * m0
-        m1 = pick(*eng.evaluate_at(u, t1, c1))
+        m1 = pick(*run.evaluate_at(u, t1, c1))
         if form == "data":
             phi_1 = math.expm1(-h)
             base = (s_t / s_s) * x - (a_t * phi_1) * m0
@@ -300,8 +294,8 @@ def _singlestep_update(
         return base - (s_t * (phi_1 / h - 1.0) / r1) * (m1 - m0)
 
     # order 3 at r1 = 1/3, r2 = 2/3 (the λ of the points actually evaluated, exact after the time inverse)
-    t1, c1, h1 = eng.intermediate(i, 1.0 / 3.0)
-    t2, c2, h2 = eng.intermediate(i, 2.0 / 3.0)
+    t1, c1, h1 = _intermediate(run, i, 1.0 / 3.0)
+    t2, c2, h2 = _intermediate(run, i, 2.0 / 3.0)
     a_1, s_1 = c1[0], c1[1]
     a_2, s_2 = c2[0], c2[1]
     r1, r2 = h1 / h, h2 / h
@@ -311,9 +305,9 @@ def _singlestep_update(
         phi_2 = phi_1 / h + 1.0
         phi_3 = phi_2 / h - 0.5
         u1 = (s_1 / s_s) * x - (a_1 * phi_11) * m0
-        m1 = pick(*eng.evaluate_at(u1, t1, c1))
+        m1 = pick(*run.evaluate_at(u1, t1, c1))
         u2 = (s_2 / s_s) * x - (a_2 * phi_12) * m0 + (r2 / r1 * a_2 * phi_22) * (m1 - m0)
-        m2 = pick(*eng.evaluate_at(u2, t2, c2))
+        m2 = pick(*run.evaluate_at(u2, t2, c2))
         base = (s_t / s_s) * x - (a_t * phi_1) * m0
         if solver_type == "dpmsolver":
             return base + (a_t * phi_2 / r2) * (m2 - m0)
@@ -326,9 +320,9 @@ def _singlestep_update(
     phi_2 = phi_1 / h - 1.0
     phi_3 = phi_2 / h - 0.5
     u1 = (a_1 / a_s) * x - (s_1 * phi_11) * m0
-    m1 = pick(*eng.evaluate_at(u1, t1, c1))
+    m1 = pick(*run.evaluate_at(u1, t1, c1))
     u2 = (a_2 / a_s) * x - (s_2 * phi_12) * m0 - (r2 / r1 * s_2 * phi_22) * (m1 - m0)
-    m2 = pick(*eng.evaluate_at(u2, t2, c2))
+    m2 = pick(*run.evaluate_at(u2, t2, c2))
     base = (a_t / a_s) * x - (s_t * phi_1) * m0
     if solver_type == "dpmsolver":
         return base - (s_t * phi_2 / r2) * (m2 - m0)
@@ -338,19 +332,7 @@ def _singlestep_update(
     return base - (s_t * phi_2) * d1 - (s_t * phi_3) * d2
 
 
-def dpm_solver_singlestep(
-    field: Any,
-    x: Tensor,
-    grid: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    cond: dict | None = None,
-    max_evals: int | None = None,
-    order: int = 3,
-    prediction: str = "noise",
-    solver_type: str = "dpmsolver",
-) -> Tensor:
+class DPMSolverSinglestep(ExponentialSolver):
     r"""Singlestep DPM-Solver-``order`` (Lu et al. 2022, Alg. 4–5; DPM-Solver++(2S) for data).
 
     Each step of order k evaluates the model at its start and at k − 1 intermediate points
@@ -358,40 +340,41 @@ def dpm_solver_singlestep(
     (``solver_type="dpmsolver"``, or the Taylor form ``"taylor"``). Step orders follow
     :func:`singlestep_orders` for the budget (the last steps are of lower order).
     """
-    name = f"dpm-solver{'++' if prediction == 'data' else '-'}{order}s"
-    _check_order(name, order, 1, 3)
-    _check_choice(name, "prediction", prediction, PREDICTION_FORMS)
-    _check_choice(name, "solver_type", solver_type, SOLVER_TYPES)
-    eng = _Engine(field, grid, cond, name)
-    budget = eng.steps * order if max_evals is None else max_evals
-    orders = _orders_for_steps(eng.steps, budget, order)
-    if sum(orders) > budget:
-        _check_budget(eng, sum(orders), max_evals)
-    for i, k in enumerate(orders):
-        data, noise = eng.evaluate(x, i)
-        x = _singlestep_update(eng, x, i, k, prediction, solver_type, data, noise)
-        if callback is not None:
-            callback(i, eng.t(i + 1), x, data)
-    return x
 
+    options = {"order": 3, "prediction": "noise", "solver_type": "dpmsolver"}
 
-# ---------------------------------------------------------------------------------------
-# Multistep DPM-Solver (noise) and DPM-Solver++ (data)
-# ---------------------------------------------------------------------------------------
+    @classmethod
+    def evals_per_step(cls, options: dict) -> int:
+        return int(options["order"])
+
+    @classmethod
+    def steps_for(cls, budget: int, options: dict) -> int:
+        return len(singlestep_orders(budget, int(options["order"])))
+
+    def __init__(self, run: Run, options: dict):
+        super().__init__(run, options)
+        order = self.order_option(3)
+        self.form = self.prediction_option()
+        self.solver_type = check_choice(self.name, "solver_type", self.opts["solver_type"], SOLVER_TYPES)
+        self.orders = _orders_for_steps(run.steps, run.steps * order if run.budget is None else run.budget, order)
+
+    def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        data, noise = self.run.evaluate(x, i)
+        return _singlestep_update(self.run, x, i, self.orders[i], self.form, self.solver_type, data, noise), data
 
 
 def _multistep_update(
-    eng: _Engine, x: Tensor, i: int, order: int, form: str, solver_type: str, hist: list[Tensor], data0: Tensor
+    run: Run, x: Tensor, i: int, order: int, form: str, solver_type: str, hist: list[Tensor], data0: Tensor
 ) -> Tensor:
     """One multistep step of ``order`` from node ``i``; ``hist[-1]`` is the prediction at node ``i``."""
-    h = eng.h(i)
+    h = run.h(i)
     if not math.isfinite(h):
-        return eng.alpha(i + 1) * data0
+        return run.alpha[i + 1] * data0
     m0 = hist[-1]
     if order == 1:
-        return eng.first_order(x, i, m0, form)
-    a_s, s_s, a_t, s_t = eng.alpha(i), eng.sigma(i), eng.alpha(i + 1), eng.sigma(i + 1)
-    h0 = eng.lam(i) - eng.lam(i - 1)
+        return _first_order(run, x, i, m0, form)
+    a_s, s_s, a_t, s_t = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
+    h0 = run.log_snr[i] - run.log_snr[i - 1]
     r0 = h0 / h
     d1_0 = (m0 - hist[-2]) / r0
     if form == "data":
@@ -407,7 +390,7 @@ def _multistep_update(
         if solver_type == "dpmsolver":
             return base - (0.5 * coef * phi_1) * d1_0
         return base + (sign * coef * phi_2) * d1_0
-    h1 = eng.lam(i - 1) - eng.lam(i - 2)
+    h1 = run.log_snr[i - 1] - run.log_snr[i - 2]
     r1 = h1 / h
     d1_1 = (hist[-2] - hist[-3]) / r1
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
@@ -420,20 +403,12 @@ def _multistep_update(
     return base + (sign * coef * phi_2) * d1 - (coef * w2) * d2
 
 
-def dpm_solver_multistep(
-    field: Any,
-    x: Tensor,
-    grid: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    cond: dict | None = None,
-    max_evals: int | None = None,
-    order: int = 3,
-    prediction: str = "noise",
-    solver_type: str = "dpmsolver",
-    lower_order_final: bool | int = 10,
-) -> Tensor:
+# ---------------------------------------------------------------------------------------
+# Multistep DPM-Solver (noise) and DPM-Solver++ (data)
+# ---------------------------------------------------------------------------------------
+
+
+class DPMSolverMultistep(ExponentialSolver):
     r"""Multistep DPM-Solver (``prediction="noise"``) or DPM-Solver++ (``"data"``), orders 1–3.
 
     Lu et al. 2022b ("DPM-Solver++", Alg. 2 and Appendix B): step ``i`` uses the predictions
@@ -442,28 +417,20 @@ def dpm_solver_multistep(
     ``"dpmsolver"`` or ``"taylor"``). Warm-up with lower orders; ``lower_order_final`` as in
     the module docstring (default: below 10 steps, as the official code).
     """
-    name = f"dpm-solver{'++' if prediction == 'data' else ''}{order}m"
-    _check_order(name, order, 1, 3)
-    _check_choice(name, "prediction", prediction, PREDICTION_FORMS)
-    _check_choice(name, "solver_type", solver_type, SOLVER_TYPES)
-    eng = _Engine(field, grid, cond, name)
-    _check_budget(eng, eng.steps, max_evals)
-    hist: list[Tensor] = []
-    for i in range(eng.steps):
-        data, noise = eng.evaluate(x, i)
-        hist.append(data if prediction == "data" else noise)
-        if len(hist) > 3:
-            hist.pop(0)
-        k = min(order, i + 1, _final_order(lower_order_final, eng.steps, i, order, name))
-        x = _multistep_update(eng, x, i, k, prediction, solver_type, hist, data)
-        if callback is not None:
-            callback(i, eng.t(i + 1), x, data)
-    return x
 
+    options = {"order": 3, "prediction": "noise", "solver_type": "dpmsolver", "lower_order_final": 10}
 
-# ---------------------------------------------------------------------------------------
-# UniPC
-# ---------------------------------------------------------------------------------------
+    def __init__(self, run: Run, options: dict):
+        super().__init__(run, options)
+        self.order = self.order_option(3)
+        self.form = self.prediction_option()
+        self.solver_type = check_choice(self.name, "solver_type", self.opts["solver_type"], SOLVER_TYPES)
+
+    def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        data, noise = self.run.evaluate(x, i)
+        hist = self.history(data if self.form == "data" else noise, 3)
+        k = min(self.order, i + 1, lower_order_final(self.opts["lower_order_final"], self.run.steps, i, self.order, self.name))
+        return _multistep_update(self.run, x, i, k, self.form, self.solver_type, hist, data), data
 
 
 def _unipc_coefficients(rks: list[float], hh: float, variant: str, order: int) -> tuple[list[list[float]], list[float], float, float]:
@@ -487,7 +454,7 @@ def _solve(rows: list[list[float]], b: list[float]) -> list[float]:
 
 
 def _unipc_step(
-    eng: _Engine,
+    run: Run,
     x: Tensor,
     i: int,
     order: int,
@@ -502,8 +469,8 @@ def _unipc_step(
 
     ``hist[-1]`` is the prediction at node ``i`` (λ = ``lams[-1]``), older ones before it.
     """
-    h = eng.h(i)
-    a_s, s_s, a_t, s_t = eng.alpha(i), eng.sigma(i), eng.alpha(i + 1), eng.sigma(i + 1)
+    h = run.h(i)
+    a_s, s_s, a_t, s_t = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
     m0 = hist[-1]
     rks, d1s = [], []
     for k in range(1, order):
@@ -530,22 +497,12 @@ def _unipc_step(
     return x_lin - coef * res
 
 
-def unipc(
-    field: Any,
-    x: Tensor,
-    grid: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    cond: dict | None = None,
-    max_evals: int | None = None,
-    order: int | None = None,
-    variant: str | None = None,
-    prediction: str | None = None,
-    corrector: bool = True,
-    disable_corrector: tuple[int, ...] | list[int] = (),
-    lower_order_final: bool | int = True,
-) -> Tensor:
+# ---------------------------------------------------------------------------------------
+# UniPC
+# ---------------------------------------------------------------------------------------
+
+
+class UniPC(ExponentialSolver):
     r"""UniPC: UniP-``order`` predictor + UniC corrector (Zhao et al. 2023, Alg. 1–3).
 
     With history :math:`m_0 = \hat m(\lambda_i)`, :math:`r_k = (\lambda_{i-k} - \lambda_i)/h`,
@@ -558,10 +515,11 @@ def unipc(
 
     with :math:`\rho^P` solving the Vandermonde system :math:`R\rho = b`,
     :math:`b_j = hh\,\varphi_{j+1}(hh)\,j!/B(h)` (``ρ = ½`` for p = 2). After evaluating the
-    model at :math:`\tilde x_{i+1}` (the next step's evaluation), the corrector recomputes the
-    step with :math:`D_p = m(\tilde x_{i+1}) - m_0` added (``ρ^C`` from the full system, ½ for
-    p = 1) — order p + 1 for free. ``disable_corrector`` lists step indices whose result is not
-    corrected; ``corrector=False`` disables it everywhere. The last step is never corrected.
+    model at :math:`\tilde x_{i+1}` (the next step's evaluation, :meth:`revise`), the corrector
+    recomputes the step with :math:`D_p = m(\tilde x_{i+1}) - m_0` added (``ρ^C`` from the full
+    system, ½ for p = 1) — order p + 1 for free. ``disable_corrector`` lists step indices whose
+    result is not corrected; ``corrector=False`` disables it everywhere. The last step is never
+    corrected.
 
     Arguments:
         order: predictor order p in 1–3. Default: 2 below ``UNIPC_ORDER3_STEPS`` (20) steps, 3
@@ -578,48 +536,47 @@ def unipc(
             from 15 NFE noise prediction is the more accurate on both.
         lower_order_final: see the module docstring (default: always, as diffusers' UniPC).
     """
-    name = "unipc"
-    steps = len(grid) - 1
-    if order is None:
-        order = 3 if steps >= UNIPC_ORDER3_STEPS else 2
-    if prediction is None:
-        prediction = "data" if steps < UNIPC_DATA_STEPS else "noise"
-    if variant is None:
-        variant = "bh2" if steps < UNIPC_DATA_STEPS else "bh1"
-    _check_order(name, order, 1, 3)
-    _check_choice(name, "variant", variant, UNIPC_VARIANTS)
-    _check_choice(name, "prediction", prediction, PREDICTION_FORMS)
-    disabled = {int(j) for j in disable_corrector}
-    eng = _Engine(field, grid, cond, name)
-    _check_budget(eng, eng.steps, max_evals)
-    hist: list[Tensor] = []
-    lams: list[float] = []
-    x_prev: Tensor | None = None  # state at the start of the previous step
-    prev_order = 0
-    pending: tuple[int, Tensor] | None = None  # (step index, data) whose callback waits for the correction
-    for i in range(eng.steps):
-        data, noise = eng.evaluate(x, i)
-        m = data if prediction == "data" else noise
-        if x_prev is not None and corrector and (i - 1) not in disabled and math.isfinite(eng.h(i - 1)):
-            x = _unipc_step(eng, x_prev, i - 1, prev_order, prediction, variant, hist, lams, m)
-        if pending is not None and callback is not None:
-            callback(pending[0], eng.t(i), x, pending[1])
-        hist.append(m)
-        lams.append(eng.lam(i))
-        if len(hist) > order:
-            hist.pop(0)
-            lams.pop(0)
-        k = min(order, i + 1, _final_order(lower_order_final, eng.steps, i, order, name))
-        x_prev = x
-        prev_order = k
-        if not math.isfinite(eng.h(i)):
-            x = eng.alpha(i + 1) * data  # step to σ = 0: exact first-order limit, no −∞·0
-        else:
-            x = _unipc_step(eng, x, i, k, prediction, variant, hist, lams, None)
-        pending = (i, data)
-    if pending is not None and callback is not None:
-        callback(pending[0], eng.t(eng.steps), x, pending[1])
-    return x
+
+    options = {"order": None, "variant": None, "prediction": None, "corrector": True, "disable_corrector": (),
+               "lower_order_final": True}
+    corrects = True
+
+    def __init__(self, run: Run, options: dict):
+        super().__init__(run, options)
+        steps, o = run.steps, self.opts
+        self.order = check_int("order", (3 if steps >= UNIPC_ORDER3_STEPS else 2) if o["order"] is None else o["order"], 1, 3)
+        self.form = check_choice(self.name, "prediction", ("data" if steps < UNIPC_DATA_STEPS else "noise")
+                                 if o["prediction"] is None else o["prediction"], PREDICTION_FORMS)
+        self.variant = check_choice(self.name, "variant", ("bh2" if steps < UNIPC_DATA_STEPS else "bh1")
+                                    if o["variant"] is None else o["variant"], UNIPC_VARIANTS)
+        self.disabled = {int(j) for j in o["disable_corrector"]}
+        self.lams: list[float] = []
+        self.prev_order = 0
+
+    def _evaluate(self, x: Tensor, i: int) -> None:
+        data, noise = self.run.evaluate(x, i)
+        self.memory["now"] = (data, data if self.form == "data" else noise)
+
+    def revise(self, i: int, x: Tensor) -> Tensor:
+        self._evaluate(x, i)
+        run = self.run
+        if self.opts["corrector"] and (i - 1) not in self.disabled and math.isfinite(run.h(i - 1)):
+            x = _unipc_step(run, self.memory["x_prev"], i - 1, self.prev_order, self.form, self.variant,
+                            self.memory["hist"], self.lams, self.memory["now"][1])
+        return x
+
+    def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        run = self.run
+        if i == 0:
+            self._evaluate(x, 0)
+        data, m = self.memory.pop("now")
+        hist = self.history(m, self.order)
+        self.lams = (self.lams + [run.log_snr[i]])[-self.order:]
+        k = min(self.order, i + 1, lower_order_final(self.opts["lower_order_final"], run.steps, i, self.order, self.name))
+        self.memory["x_prev"], self.prev_order = x, k
+        if not math.isfinite(run.h(i)):
+            return run.alpha[i + 1] * data, data  # step to σ = 0: exact first-order limit, no −∞·0
+        return _unipc_step(run, x, i, k, self.form, self.variant, hist, self.lams, None), data
 
 
 # ---------------------------------------------------------------------------------------
@@ -663,19 +620,7 @@ def lagrange_exp_weights(nodes: list[float], delta: float) -> list[float]:
     return weights
 
 
-def deis(
-    field: Any,
-    x: Tensor,
-    grid: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    cond: dict | None = None,
-    max_evals: int | None = None,
-    order: int = 3,
-    prediction: str = "noise",
-    lower_order_final: bool | int = 10,
-) -> Tensor:
+class DEISSolver(ExponentialSolver):
     r"""DEIS / tAB-DEIS (Zhang & Chen 2023): multistep exponential integrator with the last
     ``order`` predictions interpolated by a Lagrange polynomial in λ and integrated exactly.
 
@@ -686,92 +631,65 @@ def deis(
     with :math:`v = \lambda - \lambda_i`, :math:`w_k = \int_0^{h}e^v L_k(v)\,dv`.
     Orders 1–4; one evaluation per step.
     """
-    name = "deis"
-    _check_order(name, order, 1, 4)
-    _check_choice(name, "prediction", prediction, PREDICTION_FORMS)
-    eng = _Engine(field, grid, cond, name)
-    _check_budget(eng, eng.steps, max_evals)
-    hist: list[Tensor] = []
-    for i in range(eng.steps):
-        data, noise = eng.evaluate(x, i)
-        hist.append(data if prediction == "data" else noise)
-        if len(hist) > order:
-            hist.pop(0)
-        k = min(order, i + 1, _final_order(lower_order_final, eng.steps, i, order, name))
-        h = eng.h(i)
+
+    options = {"order": 3, "prediction": "noise", "lower_order_final": 10}
+
+    def __init__(self, run: Run, options: dict):
+        super().__init__(run, options)
+        self.order = self.order_option(4)
+        self.form = self.prediction_option()
+
+    def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        run = self.run
+        data, noise = run.evaluate(x, i)
+        hist = self.history(data if self.form == "data" else noise, self.order)
+        k = min(self.order, i + 1, lower_order_final(self.opts["lower_order_final"], run.steps, i, self.order, self.name))
+        h = run.h(i)
         if not math.isfinite(h):
-            x = eng.alpha(i + 1) * data
-        else:
-            lam_i = eng.lam(i)
-            if prediction == "data":
-                nodes = [eng.lam(i - j) - lam_i for j in range(k)]
-                w = lagrange_exp_weights(nodes, h)
-                acc = sum(wj * hist[-(j + 1)] for j, wj in enumerate(w))
-                x = (eng.sigma(i + 1) / eng.sigma(i)) * x + (eng.sigma(i + 1) * math.exp(lam_i)) * acc
-            else:
-                nodes = [lam_i - eng.lam(i - j) for j in range(k)]
-                w = lagrange_exp_weights(nodes, -h)
-                acc = sum(wj * hist[-(j + 1)] for j, wj in enumerate(w))
-                a1 = eng.alpha(i + 1)
-                x = (a1 / eng.alpha(i)) * x + (a1 * math.exp(-lam_i)) * acc
-        if callback is not None:
-            callback(i, eng.t(i + 1), x, data)
-    return x
+            return run.alpha[i + 1] * data, data
+        lam = run.log_snr
+        if self.form == "data":
+            w = lagrange_exp_weights([lam[i - j] - lam[i] for j in range(k)], h)
+            acc = sum(wj * hist[-(j + 1)] for j, wj in enumerate(w))
+            return (run.sigma[i + 1] / run.sigma[i]) * x + (run.sigma[i + 1] * math.exp(lam[i])) * acc, data
+        w = lagrange_exp_weights([lam[i] - lam[i - j] for j in range(k)], -h)
+        acc = sum(wj * hist[-(j + 1)] for j, wj in enumerate(w))
+        a1 = run.alpha[i + 1]
+        return (a1 / run.alpha[i]) * x + (a1 * math.exp(-lam[i])) * acc, data
 
 
 # ---------------------------------------------------------------------------------------
-# Registration
+# Registration: names are configurations (fixed options, changed defaults) of the classes
 # ---------------------------------------------------------------------------------------
-
-
-def _fixed(fn: Callable[..., Tensor], solver: str, defaults: dict | None = None, **fixed: Any) -> Callable[..., Tensor]:
-    """``fn`` with some options fixed by the registered name (passing them again is an error)
-    and others given new defaults (``defaults``, which the caller may override)."""
-    defaults = dict(defaults or {})
-
-    def wrapped(field: Any, x: Tensor, grid: Tensor, **kwargs: Any) -> Tensor:
-        for key, value in fixed.items():
-            if key in kwargs:
-                raise ValueError(f"solver {solver!r} fixes {key}={value!r}; use another solver name to change it")
-        return fn(field, x, grid, **{**defaults, **kwargs}, **fixed)
-
-    wrapped.__name__ = solver.replace("-", "_").replace("+", "p")
-    settings = ", ".join(f"{k}={v!r}" for k, v in {**fixed, **defaults}.items())
-    wrapped.__doc__ = f"``{solver}``: :func:`{fn.__name__}` with {settings}."
-    return wrapped
-
-
-def _singlestep_steps(order: int) -> Callable[[int], int]:
-    return lambda budget: len(singlestep_orders(budget, order))
-
 
 _EXP: dict[str, Any] = {"kind": "exponential", "requires_gaussian_path": True, "default_grid": "logsnr"}
-
-register_solver("ddim", ddim, evals_per_step=1, aliases=("dpm-solver-1",),
-                description="DDIM = DPM-Solver-1, first order", **_EXP)
-for _order in (2, 3):
-    register_solver(f"dpm-solver-{_order}s", _fixed(dpm_solver_singlestep, f"dpm-solver-{_order}s", order=_order, prediction="noise"),
-                    evals_per_step=_order, steps_for_budget=_singlestep_steps(_order),
-                    description=f"singlestep DPM-Solver-{_order} (noise prediction)", **_EXP)
-    register_solver(f"dpm-solver++{_order}s", _fixed(dpm_solver_singlestep, f"dpm-solver++{_order}s", order=_order, prediction="data"),
-                    evals_per_step=_order, steps_for_budget=_singlestep_steps(_order),
-                    description=f"singlestep DPM-Solver++({_order}S) (data prediction)", **_EXP)
-register_solver("dpm-solver", _fixed(dpm_solver_multistep, "dpm-solver", prediction="noise"), evals_per_step=1,
-                description="multistep DPM-Solver, noise prediction, option order (default 3)", **_EXP)
-for _order in (2, 3):
-    register_solver(f"dpm-solver-{_order}m", _fixed(dpm_solver_multistep, f"dpm-solver-{_order}m", order=_order, prediction="noise"),
-                    evals_per_step=1, description=f"multistep DPM-Solver order {_order} (noise prediction)", **_EXP)
 # DPM-Solver++ defaults: the time-quadratic grid and a first-order last step at every NFE
 # (measured best on the DDPM-schedule GMM benchmark, docs/solvers.md; the official code's
 # "below 10 steps" rule lets a second-order step with a large step ratio end the run).
-_PP = {"lower_order_final": True}
-register_solver("dpm-solver++2m", _fixed(dpm_solver_multistep, "dpm-solver++2m", _PP, order=2, prediction="data"),
-                evals_per_step=1, aliases=("dpm-solver++",), description="DPM-Solver++(2M), data prediction",
+_PP: dict[str, Any] = {**_EXP, "default_grid": "quadratic", "defaults": {"lower_order_final": True}}
+_SDE: dict[str, Any] = {"kind": "sde", "requires_gaussian_path": True, "stochastic": True}
+
+register_solver("ddim", EtaStep, fixed={"eta": 0.0}, aliases=("dpm-solver-1",),
+                description="DDIM = DPM-Solver-1, first order (the eta step with eta = 0)", **_EXP)
+register_solver("ddpm", EtaStep, description="ancestral DDPM posterior step; eta in [0, 1] gives DDIM-eta "
+                "(Ho et al. 2020; Song et al. 2021)", **_SDE)
+# best measured at 10-20 NFE on the quadratic grid (benchmarks/results/sde_solvers.md)
+register_solver("sde-dpm-solver++1", EtaStep, fixed={"eta": 1.0}, default_grid="quadratic",
+                description="SDE-DPM-Solver++(1): exact linear part of the reverse SDE in log-SNR (Lu et al. 2022)", **_SDE)
+register_solver("sde-dpm-solver++2", SDEDPMSolverPP2, fixed={"eta": 1.0}, default_grid="quadratic",
+                aliases=("sde-dpm-solver++",), description="SDE-DPM-Solver++(2M) multistep, midpoint or heun weight "
+                "(Lu et al. 2022; diffusers sde-dpmsolver++)", **_SDE)
+for _order in (2, 3):
+    for _form, _pre, _label in (("noise", "-", "DPM-Solver-{o}"), ("data", "++", "DPM-Solver++({o}S)")):
+        register_solver(f"dpm-solver{_pre}{_order}s", DPMSolverSinglestep, fixed={"order": _order, "prediction": _form},
+                        description=f"singlestep {_label.format(o=_order)} ({_form} prediction)", **_EXP)
+    register_solver(f"dpm-solver-{_order}m", DPMSolverMultistep, fixed={"order": _order, "prediction": "noise"},
+                    description=f"multistep DPM-Solver order {_order} (noise prediction)", **_EXP)
+    register_solver(f"dpm-solver++{_order}m", DPMSolverMultistep, fixed={"order": _order, "prediction": "data"},
+                    aliases=("dpm-solver++",) if _order == 2 else (),
+                    description=f"DPM-Solver++({_order}M), data prediction", **_PP)
+register_solver("dpm-solver", DPMSolverMultistep, fixed={"prediction": "noise"},
+                description="multistep DPM-Solver, noise prediction, option order (default 3)", **_EXP)
+register_solver("unipc", UniPC, description="UniPC predictor-corrector (order 1-3, noise/data, bh1/bh2: defaults by budget)",
                 **{**_EXP, "default_grid": "quadratic"})
-register_solver("dpm-solver++3m", _fixed(dpm_solver_multistep, "dpm-solver++3m", _PP, order=3, prediction="data"),
-                evals_per_step=1, description="DPM-Solver++(3M), data prediction", **{**_EXP, "default_grid": "quadratic"})
-register_solver("unipc", unipc, evals_per_step=1,
-                description="UniPC predictor-corrector (order 1-3, noise/data, bh1/bh2: defaults by budget)",
-                **{**_EXP, "default_grid": "quadratic"})
-register_solver("deis", deis, evals_per_step=1,
-                description="DEIS polynomial exponential integrator (orders 1-4, noise/data)", **_EXP)
+register_solver("deis", DEISSolver, description="DEIS polynomial exponential integrator (orders 1-4, noise/data)", **_EXP)

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._utils import check_float, check_int
 from ..paths import GaussianPath, StochasticInterpolant
 
 __all__ = ["GRID_KINDS", "make_grid", "validate_grid"]
@@ -69,12 +69,6 @@ def validate_grid(grid: Tensor | Sequence[float], t_start: float | None = None, 
     return g
 
 
-def _check_steps(steps: Any) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got steps={steps!r}")
-    return steps
-
-
 def make_grid(
     path: GaussianPath | StochasticInterpolant,
     kind: str = "logsnr",
@@ -102,7 +96,7 @@ def make_grid(
         raise TypeError(f"path must be a GaussianPath or StochasticInterpolant, got {type(path).__name__}")
     if kind not in GRID_KINDS:
         raise ValueError(f"unknown grid kind {kind!r}; valid: {', '.join(GRID_KINDS)}")
-    steps = _check_steps(steps)
+    steps = check_int("steps", steps, 1)
     t0 = float(path.t_min if t_start is None else t_start)
     t1 = float(path.t_max if t_end is None else t_end)
     if not (0.0 <= t0 < t1 <= 1.0):
@@ -115,9 +109,7 @@ def make_grid(
         tau0, tau1 = math.sqrt(1.0 - t0), math.sqrt(1.0 - t1)
         g = 1.0 - (tau0 + i * (tau1 - tau0)) ** 2
     elif kind == "shifted":
-        if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not math.isfinite(shift) or shift <= 0:
-            raise ValueError(f"shift must be a finite number > 0, got shift={shift!r}")
-        k = float(shift)
+        k = check_float("shift", shift, 0.0, low_open=True)
 
         def unwarp(u: float) -> float:
             return u / (k - (k - 1.0) * u)
@@ -131,8 +123,7 @@ def make_grid(
                 f"grid kind {kind!r} is defined through the log-SNR of a Gaussian path; for "
                 f"{type(path).__name__} use 'uniform', 'quadratic' or 'shifted'"
             )
-        ends = torch.tensor([t0, t1], dtype=torch.float64)
-        lam0, lam1 = (float(v) for v in path._log_snr(ends))
+        lam0, lam1 = path.table([t0, t1]).log_snr.tolist()
         if not (math.isfinite(lam0) and math.isfinite(lam1)):
             raise ValueError(
                 f"grid kind {kind!r} needs a finite log-SNR at both ends, got lambda(t_start={t0!r})={lam0!r}, "
@@ -141,11 +132,10 @@ def make_grid(
         if kind == "logsnr":
             lam = lam0 + i * (lam1 - lam0)
         else:  # karras, in sigma~ = e^{-lambda}
-            if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not math.isfinite(rho) or rho <= 0:
-                raise ValueError(f"rho must be a finite number > 0, got rho={rho!r}")
+            rho = check_float("rho", rho, 0.0, low_open=True)
             s0, s1 = math.exp(-lam0 / rho), math.exp(-lam1 / rho)  # sigma~^{1/rho}
             lam = -rho * torch.log(s0 + i * (s1 - s0))
-        g = path._t_of_log_snr(lam)
+        g = path.t_of_log_snr(lam)
     g = g.to(torch.float64)
     g[0], g[-1] = t0, t1  # exact ends, whatever the round-off of the inverse maps
     if (torch.diff(g) <= 0).any():

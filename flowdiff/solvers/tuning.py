@@ -50,11 +50,13 @@ import torch
 from torch import Tensor
 
 from ..paths import GaussianPath, StochasticInterpolant
-from .base import get_solver, sample, velocity_calls
-from .dpm_v3 import EMS, _describe, same_path_config
+from .._utils import check_float, check_int
+from .base import get_solver, require_gaussian_path
+from .ems import EMS, _describe, same_path_config
 from .grids import make_grid, validate_grid
+from .loop import plan, sample
 
-__all__ = ["TunedGrid", "grid_steps", "load_grid", "save_grid", "tune_grid", "tune_grid_from_checkpoint"]
+__all__ = ["TunedGrid", "grid_steps", "load_grid", "save_grid", "tune_grid"]
 
 _FORMAT = "flowdiff-tuned-grid/1"
 SOURCES = ("noise", "data")
@@ -179,13 +181,15 @@ def load_grid(path: str | Path, field: Any = None, solver: str | None = None, nf
 # ---------------------------------------------------------------------------------------
 
 
-def grid_steps(field: Any, solver: str, nfe: int, denoise_final: bool = True) -> int:
-    """Number of grid steps :func:`~flowdiff.sample` gives ``solver`` for ``nfe`` model calls."""
+def grid_steps(field: Any, solver: str, nfe: int, denoise_final: bool = True, options: Mapping[str, Any] | None = None) -> int:
+    """Number of grid steps :func:`~flowdiff.sample` gives ``solver`` for ``nfe`` model calls (0: too few)."""
     spec = get_solver(solver)
-    path = getattr(field, "path", None)
-    final = (1 if isinstance(path, GaussianPath) else velocity_calls(field)) if denoise_final else 0
-    evals = max(nfe - final, 0) // spec.model_calls_per_eval(field)
-    return spec.steps(evals)
+    path = field.path
+    try:
+        planned = plan(spec, spec.resolve(options or {}), field, nfe, "uniform", path.t_min, path.t_max, denoise_final)
+    except ValueError:
+        return 0
+    return len(planned.times) - 1
 
 
 def _json_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -211,7 +215,7 @@ class _Coordinates:
         self.path, self.t0, self.t1 = path, t0, t1
         self.gaussian = isinstance(path, GaussianPath)
         if self.gaussian:
-            ends = path._log_snr(torch.tensor([t0, t1], dtype=torch.float64))
+            ends = path.table([t0, t1]).log_snr
             if not torch.isfinite(ends).all():
                 raise ValueError(
                     f"tune_grid parametrises the grid in log-SNR, which must be finite at t_start={t0!r} and "
@@ -222,7 +226,7 @@ class _Coordinates:
             self.u0, self.u1 = t0, t1
 
     def to_t(self, u: Tensor, pin_end: bool = True) -> Tensor:
-        t = self.path._t_of_log_snr(u) if self.gaussian else u.clone()
+        t = self.path.t_of_log_snr(u) if self.gaussian else u.clone()
         t = t.to(torch.float64).clamp(self.t0, self.t1)
         t[0] = self.t0
         if pin_end:
@@ -230,7 +234,7 @@ class _Coordinates:
         return t
 
     def to_u(self, t: Tensor) -> Tensor:
-        return self.path._log_snr(t.to(torch.float64)) if self.gaussian else t.to(torch.float64)
+        return self.path.table(t.to(torch.float64)).log_snr if self.gaussian else t.to(torch.float64)
 
     def theta_of_grid(self, grid: Tensor, free_end: bool) -> Tensor:
         u = self.to_u(grid)
@@ -332,31 +336,28 @@ def tune_grid(
         raise ValueError(f"tune_grid tunes deterministic solvers; {solver!r} is stochastic")
     if spec.adaptive:
         raise ValueError(f"{solver!r} chooses its own steps (adaptive); there is no grid to tune")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an integer >= 1, got nfe={nfe!r}")
+    nfe = check_int("nfe", nfe, 1)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     if not isinstance(data_or_noise, Tensor) or not data_or_noise.is_floating_point() or data_or_noise.ndim < 2:
         raise TypeError("data_or_noise must be a floating-point tensor of shape (B, *shape)")
-    if not 0.0 <= holdout < 1.0:
-        raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
-    for label, v in (("max_evals", max_evals), ("time_budget", time_budget)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise ValueError(f"{label} must be > 0, got {label}={v!r}")
+    check_float("holdout", holdout, 0.0, 1.0, high_open=True)
+    check_float("max_evals", max_evals, 0.0, low_open=True)
+    check_float("time_budget", time_budget, 0.0, low_open=True)
     path = getattr(field, "path", None)
     if not isinstance(path, (GaussianPath, StochasticInterpolant)):
         raise TypeError(f"field must have a Gaussian path or a stochastic interpolant, got {type(field).__name__}")
-    if spec.requires_gaussian_path and not isinstance(path, GaussianPath):
-        raise TypeError(f"solver {solver!r} needs a Gaussian path, got {type(path).__name__}")
+    if spec.requires_gaussian_path:
+        require_gaussian_path(field, solver)
     options = dict(options or {})
     cond = dict(cond or {})
     t0 = float(path.t_min if t_start is None else t_start)
     t1 = float(path.t_max if t_end is None else t_end)
     if not (path.t_min - 1e-12 <= t0 < t1 <= path.t_max + 1e-12):
         raise ValueError(f"need t_min <= t_start < t_end <= t_max = [{path.t_min!r}, {path.t_max!r}], got [{t0!r}, {t1!r}]")
-    steps = grid_steps(field, solver, nfe, denoise_final)
+    steps = grid_steps(field, solver, nfe, denoise_final, options)
     if steps < 1:
         raise ValueError(f"nfe={nfe} is too small for solver {solver!r}")
     coords = _Coordinates(path, t0, t1)
@@ -371,8 +372,7 @@ def tune_grid(
     if source == "data":
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         if isinstance(path, GaussianPath):
-            tt = torch.tensor(t0, dtype=torch.float64)
-            a, s = float(path._alpha(tt)), float(path._sigma(tt))
+            a, s = path.table([t0]).floats(0)[:2]
             x = a * x + s * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
         else:
             raise ValueError("source='data' needs a Gaussian path (an interpolant's base sample is not noised data)")
@@ -554,40 +554,3 @@ class _Best:
 
     def __init__(self, err: float, grid: Tensor):
         self.err, self.grid = err, grid
-
-
-def tune_grid_from_checkpoint(
-    checkpoint: str | Path,
-    solver: str,
-    nfe: int,
-    output: str | Path | None = None,
-    *,
-    count: int = 128,
-    seed: int = 0,
-    ems: str | Path | None = None,
-    options: Mapping[str, Any] | None = None,
-    **kwargs: Any,
-) -> TunedGrid:
-    """Tune a grid for a trained checkpoint and save it (the recipe behind ``flowdiff tune-grid``).
-
-    ``count`` starting points are drawn from the path's prior with ``seed``; ``ems`` (a file
-    written by ``flowdiff ems``) is passed to ``dpm-solver-v3``. The grid is written to
-    ``output`` (default ``<checkpoint>/grid_<solver>_nfe<nfe>.safetensors``). ``kwargs`` go to
-    :func:`tune_grid`.
-    """
-    from ..pipeline import load_field
-
-    field, config = load_field(checkpoint)
-    shape = tuple((config.get("model") or {}).get("data_shape") or ())
-    if not shape:
-        raise ValueError(f"the checkpoint {str(checkpoint)!r} does not record its data shape")
-    opts = dict(options or {})
-    if ems is not None:
-        opts["ems"] = EMS.load(ems)
-    noise = field.path.prior_sample((count, *shape), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        tuned = tune_grid(field, solver, nfe, noise, options=opts, **kwargs)
-    tuned.settings["checkpoint"] = str(config.get("checkpoint_dir", checkpoint))
-    folder = Path(config.get("checkpoint_dir", checkpoint))
-    tuned.save(Path(output) if output is not None else folder / f"grid_{solver}_nfe{nfe}.safetensors")
-    return tuned
