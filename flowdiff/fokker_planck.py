@@ -47,11 +47,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._utils import batch_time, check_time_range, expand_like
+from ._utils import batch_time, check_int, check_time_range, expand_like
 from .fields import Field
-from .likelihood import _check_data, _check_int, draw_probes
-from .likelihood import divergence as _divergence
+from .metrics import histogram_w2
 from .paths import PREDICTIONS, GaussianPath
+from .solvers import sample
+from .solvers.logp import FlowCoordinates, draw_probes
+from .solvers.logp import check_data as _check_data
+from .solvers.logp import divergence as _divergence
 
 __all__ = [
     "FP_KINDS",
@@ -59,7 +62,6 @@ __all__ = [
     "FokkerPlanckRegularizer",
     "ODESDEGap",
     "fokker_planck_residual",
-    "histogram_w2",
     "ode_sde_gap",
 ]
 
@@ -80,9 +82,8 @@ def _require_gaussian_path(path: Any, what: str) -> GaussianPath:
 
 def _coefficients(path: GaussianPath, t: Tensor) -> tuple[Tensor, Tensor]:
     """``(f, c) = (α̇/α, σ²λ̇)`` at ``t`` (no gradient through t: they multiply x-derivatives only)."""
-    t = t.detach()
-    a, s = path._alpha(t), path._sigma(t)
-    da, ds = path._d_alpha(t), path._d_sigma(t)
+    tab = path.table(t.detach())
+    a, s, da, ds = tab.alpha.to(t.dtype), tab.sigma.to(t.dtype), tab.d_alpha.to(t.dtype), tab.d_sigma.to(t.dtype)
     f = da / a
     c = s * s * (da / a - ds / s)
     return f, c
@@ -168,7 +169,7 @@ def fokker_planck_residual(
     dims = x[0].numel()
     probe_tensor: Tensor | None = None
     if divergence == "hutchinson":
-        probe_tensor = probes if isinstance(probes, Tensor) else draw_probes(x, _check_int("probes", probes, 1), probe_dist, generator)
+        probe_tensor = probes if isinstance(probes, Tensor) else draw_probes(x, check_int("probes", probes, 1), probe_dist, generator)
     with torch.enable_grad(), warnings.catch_warnings():
         # Fields validate t with float(t.min()); t carries a gradient here on purpose.
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
@@ -262,7 +263,7 @@ class FokkerPlanckRegularizer:
         if divergence not in ("exact", "hutchinson"):
             raise ValueError(f"unknown divergence {divergence!r}; valid: exact, hutchinson")
         self.weight, self.kind, self.prediction, self.weighting = float(weight), kind, prediction, weighting
-        self.divergence, self.probes, self.probe_dist = divergence, _check_int("probes", probes, 1), probe_dist
+        self.divergence, self.probes, self.probe_dist = divergence, check_int("probes", probes, 1), probe_dist
         self.generator = generator
 
     def __repr__(self) -> str:
@@ -282,10 +283,10 @@ class FokkerPlanckRegularizer:
         """The factor multiplying the residual at ``t`` (``(B,)``)."""
         if self.weighting == "none":
             return torch.ones_like(t)
-        p = self.path
-        lam_dot = p._d_log_snr(t)
+        tab = self.path.table(t)
+        lam_dot = tab.d_log_snr.to(t.dtype)
         if self.kind == "score":
-            return p._sigma(t) / lam_dot
+            return tab.sigma.to(t.dtype) / lam_dot
         return 1.0 / lam_dot
 
     def __call__(self, model: Any, x_t: Tensor, t: float | Tensor, **cond: Any) -> Tensor:
@@ -342,73 +343,13 @@ class ODESDEGap:
         )
 
 
-def histogram_w2(x: Tensor, y: Tensor, bins: int = 64, box: float | Sequence[float] = 4.0) -> tuple[float, float, float]:
-    r"""Exact W2² between the 2-D histograms of two sample sets (Deveney et al. 2025, §8.4 protocol).
-
-    Both sets are binned on a ``bins × bins`` grid over ``[-box, box]²`` (samples outside are
-    dropped, and each histogram renormalised); W2² is the optimal-transport cost between the
-    histograms with the squared Euclidean distance between bin centres, solved exactly by POT's
-    network simplex (``ot.emd2``; Bonneel et al. 2011) over the non-empty bins.
-
-    Returns:
-        ``(W2², fraction of x outside, fraction of y outside)``.
-    """
-    try:
-        import ot  # type: ignore[import-untyped]
-    except ImportError as error:  # pragma: no cover - optional dependency
-        raise ImportError("histogram_w2 needs POT (pip install POT, or flowdiff[train])") from error
-    for name, v in (("x", x), ("y", y)):
-        if not isinstance(v, Tensor) or v.ndim != 2 or v.shape[1] != 2:
-            raise ValueError(f"histogram_w2 needs 2-D samples of shape (n, 2); {name} has shape {getattr(v, 'shape', v)}")
-    bins = _check_int("bins", bins, 2)
-    if isinstance(box, (int, float)):
-        lo, hi = -float(box), float(box)
-    else:
-        lo, hi = float(box[0]), float(box[1])
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"box must be a positive half-width or (lo, hi) with lo < hi, got {box!r}")
-    width = (hi - lo) / bins
-    centres = lo + width * (torch.arange(bins, dtype=torch.float64) + 0.5)
-
-    def hist(v: Tensor) -> tuple[Tensor, float]:
-        v = v.detach().double().cpu()
-        idx = torch.floor((v - lo) / width).long()
-        inside = ((idx >= 0) & (idx < bins)).all(-1)
-        flat = idx[inside, 0] * bins + idx[inside, 1]
-        h = torch.bincount(flat, minlength=bins * bins).double()
-        if h.sum() == 0:
-            raise ValueError(f"no sample falls inside the box [{lo}, {hi}]²")
-        return h / h.sum(), 1.0 - float(inside.double().mean())
-
-    hx, out_x = hist(x)
-    hy, out_y = hist(y)
-    grid = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 2)
-    ix, iy = hx.nonzero().flatten(), hy.nonzero().flatten()
-    cost = torch.cdist(grid[ix], grid[iy]).pow(2).numpy()
-    value = ot.emd2(hx[ix].numpy(), hy[iy].numpy(), cost, numItermax=max(100_000, 50 * (len(ix) + len(iy)) ** 2))
-    return float(value), out_x, out_y
-
-
-def _flow_grid(path: Any, steps: int, t0: float, t1: float) -> list[float]:
+def _flow_grid(path: Any, steps: int, t0: float, t1: float) -> Tensor:
     """Times from ``t0`` to ``t1`` uniform in flow time τ = α/(α+σ) (uniform in t for interpolants)."""
-    from .likelihood import _Coordinates
-
-    coords = _Coordinates(path)
+    coords = FlowCoordinates(path)
     ends = coords.tau(torch.tensor([t0, t1], dtype=torch.float64))
-    tau = torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64)
-    t = coords.t_of_tau(tau).clamp(t0, t1)
+    t = coords.t_of_tau(torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64)).clamp(t0, t1)
     t[0], t[-1] = t0, t1
-    return t.tolist()
-
-
-def _diffusion(path: Any, eps: float | str | Callable[[Tensor], Tensor], t: float) -> float:
-    if eps == "reverse":
-        p = _require_gaussian_path(path, "eps='reverse' (the reverse-diffusion SDE, eps = sigma^2 dlambda/dt)")
-        tt = torch.tensor(t, dtype=torch.float64)
-        return float(p._sigma(tt) ** 2 * p._d_log_snr(tt))
-    if callable(eps):
-        return float(eps(torch.tensor(t, dtype=torch.float64)))
-    return float(eps)
+    return t
 
 
 def ode_sde_gap(
@@ -434,7 +375,8 @@ def ode_sde_gap(
     method (2 evaluations per step), the SDE with Euler–Maruyama (one evaluation: the drift and
     the score come from one model call). ``eps="reverse"`` is the reverse-diffusion SDE
     :math:`\varepsilon = \sigma^2\dot\lambda` (Anderson 1982; Song et al. 2021). The states at
-    ``t_max`` are compared (no final denoising), as in Deveney et al. (2025).
+    ``t_max`` are compared (no final denoising), as in Deveney et al. (2025). Both run through
+    :func:`flowdiff.sample` (``solver="heun"`` and ``"euler-maruyama"`` on the explicit grid).
 
     Arguments:
         field: a :class:`~flowdiff.Field` (Gaussian path; or an InterpolantField with a score
@@ -442,7 +384,7 @@ def ode_sde_gap(
         n: samples per sampler.
         data: reference samples for the ODE–data and SDE–data distances (optional).
         steps: steps of each sampler.
-        eps: ``"reverse"``, a number ≥ 0, or a callable of t.
+        eps: ``"reverse"``, a number ≥ 0, or a callable of t (called with ``t`` of shape ``(B,)``).
         method: ``"histogram"`` (2-D only, default there: :func:`histogram_w2` on ``bins``² bins over
             ``box``), ``"samples"`` (exact empirical W2² via POT, n ≤ 5000) or ``"sliced"``
             (squared sliced W2, default for D > 2).
@@ -456,8 +398,8 @@ def ode_sde_gap(
     """
     from . import metrics
 
-    n = _check_int("n", n, 2)
-    steps = _check_int("steps", steps, 1)
+    n = check_int("n", n, 2)
+    steps = check_int("steps", steps, 1)
     path = getattr(field, "path", None)
     if path is None or not hasattr(field, "velocity") or not hasattr(field, "score"):
         raise TypeError(f"field must be a fd.Field or fd.InterpolantField with a score, got {type(field).__name__}")
@@ -478,29 +420,23 @@ def ode_sde_gap(
     if method not in ("histogram", "samples", "sliced"):
         raise ValueError(f"unknown method {method!r}; valid: histogram, samples, sliced")
     times = _flow_grid(path, steps, float(path.t_min), float(path.t_max))
-    size = n if batch_size is None else _check_int("batch_size", batch_size, 1)
+    size = n if batch_size is None else check_int("batch_size", batch_size, 1)
+
+    if eps == "reverse":
+        _require_gaussian_path(path, "eps='reverse' (the reverse-diffusion SDE, eps = sigma^2 dlambda/dt)")
+    sde_eps = "reverse-diffusion" if eps == "reverse" else (eps if callable(eps) else float(eps))
 
     def run(stochastic: bool) -> tuple[Tensor, int]:
-        start = field.nfe
-        outs = []
+        outs, nfe = [], 0
         for b in range(0, n, size):
-            x = x_init[b : b + size].clone()
-            for i in range(steps):
-                t0, t1 = times[i], times[i + 1]
-                h = t1 - t0
-                if stochastic:
-                    e = _diffusion(path, eps, t0)
-                    drift = field.drift(x, t0, eps=e) if e > 0 else field.velocity(x, t0)
-                    noise = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x)
-                    x = x + h * drift + math.sqrt(2 * e * h) * noise
-                else:
-                    k1 = field.velocity(x, t0)
-                    k2 = field.velocity(x + h * k1, t1)
-                    x = x + 0.5 * h * (k1 + k2)
-            if not bool(torch.isfinite(x).all()):
-                raise FloatingPointError(f"the {'SDE' if stochastic else 'ODE'} sampler produced non-finite samples")
-            outs.append(x)
-        return torch.cat(outs), field.nfe - start
+            solver = {"solver": "euler-maruyama", "eps": sde_eps} if stochastic else {"solver": "heun"}
+            try:
+                res = sample(field, x_init[b : b + size], grid=times, denoise_final=False, generator=generator, **solver)
+            except FloatingPointError as error:
+                raise FloatingPointError(f"the {'SDE' if stochastic else 'ODE'} sampler produced non-finite samples: {error}") from error
+            outs.append(res.x)
+            nfe += res.nfe
+        return torch.cat(outs), nfe
 
     with torch.no_grad():
         x_ode, nfe_ode = run(False)

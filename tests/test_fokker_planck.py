@@ -11,9 +11,9 @@ import flowdiff as fd
 from flowdiff.fokker_planck import (
     FokkerPlanckRegularizer,
     fokker_planck_residual,
-    histogram_w2,
     ode_sde_gap,
 )
+from flowdiff.metrics import histogram_w2
 from flowdiff.testing import GaussianMixture, random_mixture
 
 PATHS = [fd.paths.VP(), fd.paths.Linear(), fd.paths.VE(sigma_min=0.02, sigma_max=20.0), fd.paths.Cosine()]

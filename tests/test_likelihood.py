@@ -141,7 +141,7 @@ def test_interpolant_fields_one_and_two_sided():
         fd.StochasticInterpolant("linear", gamma="brownian", a=0.5),
     ):
         oracle = InterpolantOracle(interp, None if interp.one_sided else base, target)
-        field = fd.InterpolantField(interp, oracle.model("drift"), "drift")
+        field = fd.InterpolantField(oracle.model("drift"), interp, "drift")
         x = target.sample(32, _gen(5))
         res = log_likelihood(field, x, solver="dopri5", rtol=1e-7, atol=1e-7, prior=_exact_prior(oracle, interp.t_min))
         truth = oracle.log_prob_t(x, interp.t_max)
@@ -246,7 +246,7 @@ def test_model_is_never_called_outside_the_interval(solver):
     field = fd.Field(guarded, path, "velocity")
     x = oracle.sample(8, _gen(16))
     # loose tolerances: big adaptive steps that would overshoot without clipping
-    res = log_likelihood(field, x, solver=solver, nfe=None if solver == "dopri5" else 12, t_start=hi, t_end=lo, rtol=1e-2, atol=1e-2)
+    res = log_likelihood(field, x, solver=solver, nfe=None if solver == "dopri5" else 12, t_start=lo, t_end=hi, rtol=1e-2, atol=1e-2)
     assert min(seen) >= lo and max(seen) == pytest.approx(hi)
     if solver not in ("euler", "midpoint"):  # these never evaluate at the end of their last step
         assert min(seen) == pytest.approx(lo)
@@ -303,8 +303,27 @@ def test_sample_with_logp_gives_the_density_of_the_generated_points():
     torch.testing.assert_close(back.x_prior, x_init, rtol=0, atol=1e-3)
 
 
+def test_time_convention_is_the_samplers_noise_to_data():
+    # t_start < t_end everywhere (issue 10): the data sit at t_end, the prior at t_start; an explicit
+    # grid is increasing, and the result's grid too (the solve walks it backwards).
+    path = fd.paths.VP()
+    oracle = random_mixture(3, 2, seed=12, path=path)
+    field = fd.Field(oracle.model("noise"), path, "noise")
+    x = oracle.sample(16, _gen(27))
+    lo, hi = 0.3, 0.8
+    res = log_likelihood(field, x, t_start=lo, t_end=hi, solver="dopri5", rtol=1e-8, atol=1e-8, prior=_exact_prior(oracle, lo))
+    assert (res.t_start, res.t_end) == (lo, hi)
+    assert (res.log_prob - oracle.log_prob_t(x, hi)).abs().max() < 1e-5
+    grid = torch.linspace(lo, hi, 33, dtype=torch.float64)
+    fixed = log_likelihood(field, x, t_start=lo, t_end=hi, solver="rk4", grid=grid, prior=_exact_prior(oracle, lo))
+    torch.testing.assert_close(fixed.grid, grid)
+    assert fixed.nfe == 4 * 32 and (fixed.log_prob - res.log_prob).abs().max() < 1e-4
+    adams = log_likelihood(field, x, t_start=lo, t_end=hi, nfe=20, refine_tol=None)
+    assert adams.grid[0] == lo and adams.grid[-1] == hi and (torch.diff(adams.grid) > 0).all() and len(adams.grid) == 20
+
+
 def test_differentiable_log_likelihood_matches_the_analytic_gradient():
-    # u = theta * x: x(t_end) = x exp(-theta T), log p = log N(x(t_end); 0, s^2 I) - D theta T.
+    # u = theta * x: x(t_start) = x exp(-theta T), log p = log N(x(t_start); 0, s^2 I) - D theta T.
     path = fd.paths.Linear()
     theta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     field = fd.Field(lambda x, t: theta * x, path, "velocity")
@@ -394,8 +413,8 @@ def test_bad_input_raises_clear_errors():
         log_likelihood(field, x, solver="dpm")
     with pytest.raises(ValueError, match="unknown divergence"):
         log_likelihood(field, x, divergence="trace")
-    with pytest.raises(ValueError, match="t_end < t_start"):
-        log_likelihood(field, x, t_start=0.3, t_end=0.5)
+    with pytest.raises(ValueError, match="t_start < t_end"):  # noise -> data, as fd.sample (issue 10)
+        log_likelihood(field, x, t_start=0.5, t_end=0.3)
     with pytest.raises(ValueError, match="safe interval"):
         log_likelihood(field, x, t_start=1.0)
     with pytest.raises(ValueError, match="too small"):
@@ -405,7 +424,7 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="probes"):
         log_likelihood(field, x, divergence="hutchinson", probes=0)
     interp = fd.StochasticInterpolant("mirror", gamma="brownian")
-    mirror = fd.InterpolantField(interp, lambda x, t: x, "drift")
+    mirror = fd.InterpolantField(lambda x, t: x, interp, "drift")
     with pytest.raises(TypeError, match="Gaussian path"):
         log_likelihood(mirror, x, grid="logsnr", prior="standard")
     with pytest.raises(ValueError, match="mirror"):

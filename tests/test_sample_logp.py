@@ -30,3 +30,18 @@ def test_return_logp_rejects_solvers_without_a_density():
     x0 = path.prior_sample((4, 2), dtype=torch.float64)
     with pytest.raises(ValueError, match="return_logp"):
         fd.sample(field, x0, solver="dpm-solver++", nfe=10, return_logp=True)
+
+
+def test_return_logp_with_dopri5_and_an_option_typo():
+    """dopri5 (per-sample steps) returns the interval as its grid; a misspelt option names the valid ones."""
+    path = fd.paths.VP()
+    oracle = fd.testing.random_mixture(2, 2, seed=3, path=path)
+    field = fd.Field(oracle.model("noise"), path, "noise")
+    x0 = path.prior_sample((16, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    prior = lambda z: oracle.log_prob_t(z, torch.full((len(z),), path.t_min, dtype=torch.float64))  # noqa: E731
+    res = fd.sample(field, x0, solver="dopri5", return_logp=True, prior=prior, rtol=1e-7, atol=1e-7)
+    assert res.grid.tolist() == [path.t_min, path.t_max]
+    exact = oracle.log_prob_t(res.state, torch.full((16,), path.t_max, dtype=torch.float64))
+    assert float((res.log_prob - exact).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="probes"):
+        fd.sample(field, x0, return_logp=True, probe=4)

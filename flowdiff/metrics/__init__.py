@@ -9,6 +9,8 @@
   (alias :func:`frechet_distance`), and the digits Fréchet distance
   :func:`digits_frechet_distance` in the features of a small cached CNN
   (:class:`DigitsFeatureExtractor`).
+* :func:`histogram_w2` (:mod:`flowdiff.metrics.histogram`): exact W2² between the 2-D
+  histograms of two sample sets (Deveney et al. 2025, §8.4 protocol).
 
 This package depends on torch and numpy; scikit-learn (digits) and POT
 (:func:`wasserstein2_exact`) are imported only when used.
@@ -33,6 +35,7 @@ from flowdiff.metrics.frechet import (
     frechet_distance_gaussians,
     load_digits_split,
 )
+from flowdiff.metrics.histogram import histogram_w2
 
 __all__ = [
     "DataFloor",
@@ -45,6 +48,7 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_features",
     "frechet_distance_gaussians",
+    "histogram_w2",
     "load_digits_split",
     "median_bandwidth",
     "mmd",

@@ -124,15 +124,17 @@ class StepSizeUnderflowError(FloatingPointError):
 
 def _coef(h: Step, c: float, like: Tensor) -> float | Tensor:
     if isinstance(h, Tensor):  # per-sample steps (B,): broadcast over the trailing dimensions
-        v = (h * c).to(dtype=like.dtype, device=like.device)
-        return v.reshape(-1, *([1] * (like.ndim - 1)))
+        return c * h.to(dtype=like.dtype, device=like.device).reshape(-1, *([1] * (like.ndim - 1)))
     return h * c
 
 
 def increment(h: Step, coeffs: Sequence[float], ks: Sequence[State]) -> State:
-    """:math:`\\sum_j (h\\,c_j)\\,k_j` over the non-zero coefficients (needs at least one)."""
+    """:math:`\\sum_j (h\\,c_j)\\,k_j` over the non-zero coefficients (needs at least one); with
+    per-sample steps :math:`h\\sum_j c_j k_j` (see :func:`combine` on rounding orders)."""
     if isinstance(ks[0], tuple):
         return tuple(increment(h, coeffs, [k[i] for k in ks]) for i in range(len(ks[0])))  # type: ignore[index]
+    if isinstance(h, Tensor):
+        return _coef(h, 1.0, ks[0]) * sum(c * k for c, k in zip(coeffs, ks) if c != 0.0)  # type: ignore[operator]
     out = None
     for c, k in zip(coeffs, ks):
         if c != 0.0:
@@ -144,9 +146,17 @@ def increment(h: Step, coeffs: Sequence[float], ks: Sequence[State]) -> State:
 
 
 def combine(y: State, h: Step, coeffs: Sequence[float], ks: Sequence[State]) -> State:
-    """:math:`y + \\sum_j (h\\,c_j)\\,k_j`, the terms added one after the other (zero ones skipped)."""
+    """:math:`y + \\sum_j (h\\,c_j)\\,k_j` (zero coefficients skipped).
+
+    With a scalar step the terms are added to ``y`` one after the other, with per-sample steps
+    they are summed first: the two rounding orders of the samplers and of the likelihood before
+    the integrators were shared (kept so that both reproduce their earlier results bit for bit).
+    """
     if isinstance(y, tuple):
         return tuple(combine(yc, h, coeffs, [k[i] for k in ks]) for i, yc in enumerate(y))  # type: ignore[index]
+    if isinstance(h, Tensor):
+        terms = [_coef(h, c, k) * k for c, k in zip(coeffs, ks) if c != 0.0]  # type: ignore[operator]
+        return y + sum(terms) if terms else y
     out = y
     for c, k in zip(coeffs, ks):
         if c != 0.0:
