@@ -18,6 +18,7 @@ With ``tensorboard=True`` the same scalars go to ``output_dir/tensorboard`` as `
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import sys
 import time
@@ -35,6 +36,7 @@ __all__ = [
     "describe",
     "describe_loss",
     "describe_model",
+    "flowdiff_version",
     "json_config",
     "progress_bar",
     "truncate_metrics",
@@ -202,3 +204,15 @@ def describe_loss(loss: Any) -> dict[str, Any]:
                 described[attribute] = value if isinstance(value, (str, int, float, bool)) else repr(value)
         described["repr"] = repr(loss)
     return described
+
+
+def flowdiff_version() -> str:
+    """The installed flowdiff's version, for the checkpoint's ``versions`` entry.
+
+    Read from the distribution's metadata rather than ``flowdiff.__version__``: importing the root
+    package from here would make the training layer depend on every layer the root imports.
+    """
+    try:
+        return importlib.metadata.version("flowdiff")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown"

@@ -65,6 +65,7 @@ from flowdiff.train.logs import (
     describe,
     describe_loss,
     describe_model,
+    flowdiff_version,
     json_config,
     progress_bar,
     truncate_metrics,
@@ -526,8 +527,6 @@ class Trainer:
                 "size": len(dataset),
                 "dtype": str(dataset.x.dtype).replace("torch.", ""),
             }
-        from flowdiff import __version__
-
         return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -539,7 +538,7 @@ class Trainer:
             "data": data,
             "extra": self._extra_config,
             "world_size": self.dist.world_size,
-            "versions": {"flowdiff": __version__, "torch": torch.__version__},
+            "versions": {"flowdiff": flowdiff_version(), "torch": torch.__version__},
         }
 
     def save_checkpoint(self) -> Path | None:
