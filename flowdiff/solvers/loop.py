@@ -399,13 +399,9 @@ def sample(
         :class:`SampleResult`.
     """
     _check_field(field, x_init)
-    if return_logp:
-        try:  # the solvers layer's own log-density sampler (flowdiff/solvers/logp.py), once it exists
-            from .logp import sample_returning_logp
-        except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.logp":
-                raise
-            sample_returning_logp = _sample_with_logp
+    if return_logp:  # the log-density sampler of the solvers layer (no import of flowdiff.likelihood)
+        from .logp import sample_returning_logp
+
         return sample_returning_logp(field, x_init, solver, nfe, grid, t_start, t_end, denoise_final, generator,
                                      cond, check_finite, options)
     hooks = Hooks() if hooks is None else hooks
@@ -483,38 +479,3 @@ def _loop(stepper: Solver, run: Run, x: Tensor, report: Callable[..., Tensor], f
     if final_by_solver:  # the final denoise's evaluation also corrects the last step
         x = stepper.revise(run.steps, x)
     return report(run.steps - 1, run.times[-1], x, denoised)
-
-
-def _sample_with_logp(
-    field: Any, x_init: Tensor, solver: str | None, nfe: int | None, grid: Any, t_start: float | None,
-    t_end: float | None, denoise_final: bool, generator: torch.Generator | None, cond: dict | None,
-    check_finite: bool, options: dict,
-) -> SampleResult:
-    # Until flowdiff/solvers/logp.py exists: the likelihood layer, imported only when asked for.
-    from ..likelihood import LIKELIHOOD_SOLVERS, sample_with_logp
-
-    name = solver or "adams"
-    if name not in LIKELIHOOD_SOLVERS:
-        raise ValueError(f"return_logp=True needs a solver from {', '.join(LIKELIHOOD_SOLVERS)}, got solver={name!r}")
-    final = final_calls(field, denoise_final)
-    if nfe is not None:
-        nfe = check_int("nfe", nfe, 1)
-        if nfe - final < 1:
-            raise ValueError(f"nfe={nfe} leaves no evaluation for sampling after the final denoise")
-    start_nfe = field.nfe
-    kwargs = dict(options)
-    if grid is not None:
-        kwargs["grid"] = grid
-    out = sample_with_logp(field, x_init, solver=name, nfe=None if nfe is None else nfe - final,
-                           t_start=t_start, t_end=t_end, cond=cond, generator=generator,
-                           check_finite=check_finite, **kwargs)
-    state, denoised = out.x, None
-    t1 = float(field.path.t_max if t_end is None else t_end)
-    if denoise_final:
-        run = Run(name, field, [t1], None, dict(cond or {}), None, Hooks(), False, state)
-        denoised = final_denoise(run, state, t1)
-    return SampleResult(
-        x=state if denoised is None else denoised, nfe=field.nfe - start_nfe,
-        grid=torch.as_tensor(out.grid, dtype=torch.float64), solver=name, state=state, denoised=denoised,
-        nfe_budget=nfe, options=kwargs, log_prob=out.log_prob, log_prob_std_error=out.std_error,
-    )
