@@ -39,12 +39,14 @@ from ..solvers.logp import (
     LIKELIHOOD_SOLVERS,
     PROBE_DISTRIBUTIONS,
     NonFiniteLikelihoodError,
+    SampleLogpResult,
     augmented_velocity,
     divergence,
     draw_probes,
+    sample_with_logp,
 )
-from .api import bits_per_dim, log_likelihood, sample_with_logp
-from .results import BitsPerDimResult, LikelihoodResult, SampleLogpResult
+from .api import bits_per_dim, log_likelihood
+from .results import BitsPerDimResult, LikelihoodResult
 
 __all__ = [
     "DEFAULT_ADAPTIVE_CAP",

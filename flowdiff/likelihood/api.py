@@ -1,4 +1,4 @@
-r"""Log-likelihood, sampling with log-densities and bits per dimension, on the solvers' augmented ODE.
+r"""Log-likelihood and bits per dimension on the solvers' augmented ODE.
 
 The integration (flow coordinates, divergence estimators, Adams/Runge–Kutta/dopri5 solves) is
 :mod:`flowdiff.solvers.logp`; this module adds what a likelihood evaluation needs on top of it: the
@@ -28,11 +28,10 @@ from ..solvers.logp import (
     integrate_logp,
     prior_log_prob,
     probe_std_error,
-    sample_logp_core,
 )
-from .results import BitsPerDimResult, LikelihoodResult, SampleLogpResult
+from .results import BitsPerDimResult, LikelihoodResult
 
-__all__ = ["bits_per_dim", "log_likelihood", "sample_with_logp"]
+__all__ = ["bits_per_dim", "log_likelihood"]
 
 
 def _progress_bar(enabled: bool, total: int, label: str):
@@ -175,58 +174,6 @@ def log_likelihood(
         log_prob_probes=per_probe.detach() if hutchinson else None,
         refined=torch.cat(refined) if len(refined) == len(outs) else None,
         evals_per_sample=sum(s.sample_evals for s, _ in outs) / batch,
-    )
-
-
-def sample_with_logp(
-    field: Any,
-    x_init: Tensor,
-    *,
-    solver: str = "adams",
-    nfe: int | None = None,
-    grid: str | Sequence[float] | Tensor = "flow",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    divergence: str = "exact",
-    probes: int = 8,
-    probe_dist: str = "rademacher",
-    generator: torch.Generator | None = None,
-    t_start: float | None = None,
-    t_end: float | None = None,
-    prior: Prior = "gaussian",
-    cond: dict | None = None,
-    chunk_size: int | None = None,
-    check_finite: bool = True,
-    refine_tol: float | None = 5e-3,
-) -> SampleLogpResult:
-    r"""Generate with the probability-flow ODE and the log-density of every sample, in one pass.
-
-    Integrates :math:`\dot x = u`, :math:`\tfrac{d}{dt}\log p_t = -\nabla\cdot u` forwards from
-    ``x_init`` at ``t_start`` (default ``t_min``; noise side) to ``t_end`` (default ``t_max``):
-    :math:`\log p(x(t_{end})) = \log\pi(x_{init}) - \int \nabla\cdot u\,dt`. Each model
-    evaluation gives the velocity and its divergence (:func:`augmented_velocity`), so the
-    log-density costs no model evaluation beyond sampling (only backward passes: D of them per
-    evaluation for the exact divergence, ``probes`` for Hutchinson). Solvers, grids, options and
-    the meaning of ``t_start < t_end`` are those of :func:`log_likelihood`;
-    ``fd.sample(..., return_logp=True)`` runs the same integration.
-
-    The log-density is that of the *state* at ``t_end``; a final denoising step
-    (:math:`E[x_1|x_t]`) is not invertible and has no density.
-
-    Returns:
-        :class:`SampleLogpResult`.
-    """
-    sol, prior_term, per_probe, std_error = sample_logp_core(
-        field, x_init, solver=solver, nfe=nfe, grid=grid, rtol=rtol, atol=atol, divergence=divergence, probes=probes,
-        probe_dist=probe_dist, generator=generator, t_start=t_start, t_end=t_end, prior=prior, cond=cond,
-        chunk_size=chunk_size, check_finite=check_finite, refine_tol=refine_tol,
-    )
-    hutchinson = std_error is not None
-    return SampleLogpResult(
-        x=sol.state.detach(), log_prob=(per_probe.mean(0) if hutchinson else per_probe).detach(),
-        prior_term=prior_term.detach(), delta_logdet=(-sol.change.mean(0) if hutchinson else -sol.change).detach(),
-        nfe=sol.nfe, grid=sol.grid, std_error=std_error, steps=sol.steps, solver=solver,
-        options={"divergence": divergence, "probes": probes if hutchinson else 0}, refined=sol.refined,
     )
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 
 from torch import Tensor
 
-__all__ = ["BitsPerDimResult", "LikelihoodResult", "SampleLogpResult"]
+__all__ = ["BitsPerDimResult", "LikelihoodResult"]
 
 
 @dataclass
@@ -96,33 +95,3 @@ class BitsPerDimResult:
             f"BitsPerDimResult(mean={self.mean:.4f} bpd, {100 * self.confidence:.0f}% CI "
             f"[{self.ci_low:.4f}, {self.ci_high:.4f}], B={self.bpd.shape[0]}, nfe={self.nfe})"
         )
-
-
-@dataclass
-class SampleLogpResult:
-    """What :func:`~flowdiff.likelihood.sample_with_logp` returns.
-
-    Attributes:
-        x: the state at ``t_end`` (data side), shape of ``x_init``.
-        log_prob: ``(B,)`` log-density of ``x`` under the model (prior at ``t_start`` pushed
-            forward by the ODE); Hutchinson: mean over probes.
-        prior_term: ``(B,)`` :math:`\\log\\pi(x_{init})`.
-        delta_logdet: ``log_prob - prior_term``.
-        nfe: model calls really made.
-        grid: times visited (fixed-step solvers), float64, increasing from ``t_start`` to ``t_end``.
-        std_error: Hutchinson standard error, else ``None``.
-        steps: accepted steps per sample (``dopri5``).
-        refined: samples re-solved by ``dopri5`` after the Adams check (see ``log_likelihood``).
-    """
-
-    x: Tensor
-    log_prob: Tensor
-    prior_term: Tensor
-    delta_logdet: Tensor
-    nfe: int
-    grid: Tensor | None = None
-    std_error: Tensor | None = None
-    steps: Tensor | None = None
-    solver: str = "adams"
-    options: dict = dataclass_field(default_factory=dict)
-    refined: Tensor | None = None

@@ -62,9 +62,11 @@ error can be reported). The trajectory does not depend on the probes.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import torch
@@ -85,11 +87,13 @@ __all__ = [
     "FlowCoordinates",
     "LogpSolve",
     "NonFiniteLikelihoodError",
+    "SampleLogpResult",
     "augmented_velocity",
     "divergence",
     "draw_probes",
     "integrate_logp",
     "sample_returning_logp",
+    "sample_with_logp",
 ]
 
 #: Solvers of the augmented ODE (``log_likelihood``, ``sample_with_logp``, ``sample(return_logp=True)``).
@@ -596,18 +600,81 @@ def integrate_logp(
 
 
 # =========================================================================================
-# Generation with the log-density: the core of sample_with_logp and sample(return_logp=True)
+# Generation with the log-density: sample_with_logp and sample(return_logp=True)
 # =========================================================================================
 
 
-def sample_logp_core(
-    field: Any, x_init: Tensor, *, solver: str = "adams", nfe: int | None = None, grid: Any = "flow",
-    rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "exact", probes: int = 8,
-    probe_dist: str = "rademacher", generator: torch.Generator | None = None, t_start: float | None = None,
-    t_end: float | None = None, prior: Prior = "gaussian", cond: dict | None = None, chunk_size: int | None = None,
-    check_finite: bool = True, refine_tol: float | None = 5e-3,
-) -> tuple[LogpSolve, Tensor, Tensor, Tensor | None]:
-    """Integrate forwards from ``x_init`` at ``t_start``: ``(solve, prior term, per-probe log p, std error)``."""
+def probe_std_error(per_probe: Tensor) -> Tensor:
+    """Standard error of the mean over Hutchinson probes (dim 0); NaN with one probe."""
+    p = per_probe.shape[0]
+    return per_probe.std(0) / math.sqrt(p) if p > 1 else torch.full_like(per_probe[0], float("nan"))
+
+
+@dataclass
+class SampleLogpResult:
+    """What :func:`sample_with_logp` returns.
+
+    Attributes:
+        x: the state at ``t_end`` (data side), shape of ``x_init``.
+        log_prob: ``(B,)`` log-density of ``x`` under the model (prior at ``t_start`` pushed
+            forward by the ODE); Hutchinson: mean over probes.
+        prior_term: ``(B,)`` :math:`\\log\\pi(x_{init})`.
+        delta_logdet: ``log_prob - prior_term``.
+        nfe: model calls really made.
+        grid: times visited (fixed-step solvers), float64, increasing from ``t_start`` to ``t_end``.
+        std_error: Hutchinson standard error, else ``None``.
+        steps: accepted steps per sample (``dopri5``).
+        refined: samples re-solved by ``dopri5`` after the Adams check (see ``log_likelihood``).
+    """
+
+    x: Tensor
+    log_prob: Tensor
+    prior_term: Tensor
+    delta_logdet: Tensor
+    nfe: int
+    grid: Tensor | None = None
+    std_error: Tensor | None = None
+    steps: Tensor | None = None
+    solver: str = "adams"
+    options: dict = dataclass_field(default_factory=dict)
+    refined: Tensor | None = None
+
+
+def sample_with_logp(
+    field: Any,
+    x_init: Tensor,
+    *,
+    solver: str = "adams",
+    nfe: int | None = None,
+    grid: Any = "flow",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    divergence: str = "exact",
+    probes: int = 8,
+    probe_dist: str = "rademacher",
+    generator: torch.Generator | None = None,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    prior: Prior = "gaussian",
+    cond: dict | None = None,
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+    refine_tol: float | None = 5e-3,
+) -> SampleLogpResult:
+    r"""Generate with the probability-flow ODE and the log-density of every sample, in one pass.
+
+    Integrates :math:`\dot x = u`, :math:`\tfrac{d}{dt}\log p_t = -\nabla\cdot u` forwards from
+    ``x_init`` at ``t_start`` (default ``t_min``; noise side) to ``t_end`` (default ``t_max``):
+    :math:`\log p(x(t_{end})) = \log\pi(x_{init}) - \int \nabla\cdot u\,dt`. Each model
+    evaluation gives the velocity and its divergence (:func:`augmented_velocity`), so the
+    log-density costs no model evaluation beyond sampling (only backward passes: D of them per
+    evaluation for the exact divergence, ``probes`` for Hutchinson). Solvers, grids and options
+    are those of :func:`flowdiff.likelihood.log_likelihood` (same ``t_start < t_end``);
+    ``fd.sample(..., return_logp=True)`` runs this function.
+
+    The log-density is that of the *state* at ``t_end``; a final denoising step
+    (:math:`E[x_1|x_t]`) is not invertible and has no density.
+    """
     path = check_field(field)
     x_init = check_data(x_init, "x_init")
     check_options(solver, divergence, probes, probe_dist, rtol, atol, nfe)
@@ -620,17 +687,14 @@ def sample_logp_core(
         refine_tol=refine_tol,
     )
     per_probe = prior_term.to(x_init.dtype) - sol.change  # log p(x_b) = log p(x_a) − Δ
-    return sol, prior_term, per_probe, probe_std_error(per_probe) if divergence == "hutchinson" else None
-
-
-#: Keywords ``fd.sample(..., return_logp=True)`` passes on to :func:`sample_logp_core`.
-SAMPLE_LOGP_OPTIONS = ("rtol", "atol", "divergence", "probes", "probe_dist", "prior", "chunk_size", "refine_tol")
-
-
-def probe_std_error(per_probe: Tensor) -> Tensor:
-    """Standard error of the mean over Hutchinson probes (dim 0); NaN with one probe."""
-    p = per_probe.shape[0]
-    return per_probe.std(0) / math.sqrt(p) if p > 1 else torch.full_like(per_probe[0], float("nan"))
+    hutchinson = z is not None
+    return SampleLogpResult(
+        x=sol.state.detach(), log_prob=(per_probe.mean(0) if hutchinson else per_probe).detach(),
+        prior_term=prior_term.detach(), delta_logdet=(-sol.change.mean(0) if hutchinson else -sol.change).detach(),
+        nfe=sol.nfe, grid=sol.grid, std_error=probe_std_error(per_probe).detach() if hutchinson else None,
+        steps=sol.steps, solver=solver, options={"divergence": divergence, "probes": probes if hutchinson else 0},
+        refined=sol.refined,
+    )
 
 
 def sample_returning_logp(
@@ -638,41 +702,35 @@ def sample_returning_logp(
     t_end: float | None, denoise_final: bool, generator: torch.Generator | None, cond: dict | None,
     check_finite: bool, options: dict,
 ) -> SampleResult:
-    """``fd.sample(..., return_logp=True)``: generate with the augmented ODE and return a
-    :class:`SampleResult` with ``log_prob`` (the density of ``state``) and ``log_prob_std_error``
-    (Hutchinson). ``nfe`` includes the final denoising call; ``options`` are the keywords of
-    :func:`flowdiff.likelihood.sample_with_logp`."""
+    """``fd.sample(..., return_logp=True)``: :func:`sample_with_logp` (``options`` are its keywords),
+    then the final denoise; ``nfe`` includes the final call. ``SampleResult.log_prob`` is the density
+    of ``state``."""
     name = solver or "adams"
     if name not in LIKELIHOOD_SOLVERS:
         raise ValueError(f"return_logp=True needs a solver from {', '.join(LIKELIHOOD_SOLVERS)}, got solver={name!r}")
+    own = {"solver", "nfe", "grid", "t_start", "t_end", "generator", "cond", "check_finite"}  # sample()'s arguments
+    valid = [k for k, p in inspect.signature(sample_with_logp).parameters.items() if p.kind == p.KEYWORD_ONLY and k not in own]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for return_logp=True; valid: {', '.join(valid)}")
     final_calls = (1 if isinstance(field.path, GaussianPath) else velocity_calls(field)) if denoise_final else 0
     if nfe is not None:
         nfe = check_int("nfe", nfe, 1)
         if nfe - final_calls < 1:
             raise ValueError(f"nfe={nfe} leaves no evaluation for sampling after the final denoise")
     start_nfe = field.nfe
-    kwargs = dict(options)
-    unknown = sorted(set(kwargs) - set(SAMPLE_LOGP_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for return_logp=True; valid: {', '.join(SAMPLE_LOGP_OPTIONS)}")
-    if grid is not None:
-        kwargs["grid"] = grid
-    sol, _, per_probe, std_error = sample_logp_core(
-        field, x_init, solver=name, nfe=None if nfe is None else nfe - final_calls, t_start=t_start, t_end=t_end,
-        cond=cond, generator=generator, check_finite=check_finite, **kwargs,
-    )
-    state, denoised = sol.state.detach(), None
-    t1 = float(field.path.t_max if t_end is None else t_end)
+    kwargs = dict(options, **({} if grid is None else {"grid": grid}))
+    out = sample_with_logp(field, x_init, solver=name, nfe=None if nfe is None else nfe - final_calls, t_start=t_start,
+                           t_end=t_end, cond=cond, generator=generator, check_finite=check_finite, **kwargs)
+    state, denoised, cc = out.x, None, dict(cond or {})
+    t0, t1 = (float(field.path.t_min if t_start is None else t_start), float(field.path.t_max if t_end is None else t_end))
     if denoise_final:  # E[x_1|x_t] (Gaussian path) or one Euler step of the ODE to t = 1 (interpolant)
-        cc = dict(cond or {})
         if isinstance(field.path, GaussianPath):
             denoised = GaussianEvaluator(field, field.path, cc)(state, t1)[0]
         else:
             denoised = state + (1.0 - t1) * field.velocity(state, time_tensor(t1, state), **cc)
-    t0 = float(field.path.t_min if t_start is None else t_start)
-    grid_out = sol.grid if sol.grid is not None else torch.tensor([t0, t1], dtype=torch.float64)
     return SampleResult(
-        x=state if denoised is None else denoised, nfe=field.nfe - start_nfe, grid=grid_out, solver=name, state=state,
-        denoised=denoised, nfe_budget=nfe, options=kwargs, log_prob=per_probe.mean(0).detach() if std_error is not None
-        else per_probe.detach(), log_prob_std_error=None if std_error is None else std_error.detach(),
+        x=state if denoised is None else denoised, nfe=field.nfe - start_nfe, solver=name, state=state,
+        grid=out.grid if out.grid is not None else torch.tensor([t0, t1], dtype=torch.float64), denoised=denoised,
+        nfe_budget=nfe, options=kwargs, log_prob=out.log_prob, log_prob_std_error=out.std_error,
     )
