@@ -28,9 +28,7 @@ Run: ``.venv/bin/python benchmarks/overhead.py`` (about a minute on 2 idle CPU c
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +37,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import metadata_line, run_metadata, write_results  # noqa: E402
+
 import flowdiff as fd
 from flowdiff.nn import MLP
 from flowdiff.solvers import available, sample
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BARE = "model calls alone"
 
 #: flowdiff solvers timed when registered (label -> (solver, options)).
@@ -234,25 +234,12 @@ def run_overhead(
             "repeats": repeats,
             "free_repeats": free_repeats,
             "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "versions": _versions(),
+            "run": run_metadata(),
         },
         "t_model_ms": 1e3 * t_model,
         "t_model_cpu_ms": 1e3 * t_model_cpu,
         "rows": rows,
     }
-
-
-def _versions() -> dict[str, str]:
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import diffusers
-
-        out["diffusers"] = diffusers.__version__
-    except ImportError:
-        pass
-    return out
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -261,7 +248,6 @@ def markdown_table(report: dict[str, Any]) -> str:
     nfes = cfg["nfes"]
     by = {(r["sampler"], r["nfe"]): r for r in report["rows"]}
     samplers = [s for s in dict.fromkeys(r["sampler"] for r in report["rows"]) if s != BARE]
-    load = cfg.get("load_average")
     header = ["| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
 
     def table(ratio: str, overhead: str | None = None) -> list[str]:
@@ -276,11 +262,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [
         "# Sampling overhead: time / (NFE × one model call)",
         "",
-        f"{cfg['model']}, batch {cfg['batch']}, CPU ({cfg['cpus']} cores"
-        + (f", load average {load[0]:.1f}: a machine shared with other jobs" if load else "")
-        + "). NFE counts every model call (flowdiff's final denoise included); 1.000 = no overhead. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in cfg["versions"].items())
-        + ".",
+        f"{cfg['model']}, batch {cfg['batch']}. NFE counts every model call (flowdiff's final denoise included); "
+        f"1.000 = no overhead. Run on {metadata_line(cfg['run'])}",
         "",
         (
             "**CPU time, one thread** (the headline: what a dedicated core spends; other processes do not "
@@ -310,10 +293,7 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 def write_tables(report: dict[str, Any], stem: str = "overhead") -> tuple[Path, Path]:
     """Write ``results/<stem>.json`` and ``results/<stem>.md``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
-    json_path.write_text(json.dumps(report, indent=2))
-    md_path.write_text(markdown_table(report))
+    md_path, json_path = write_results(stem, markdown_table(report), report, indent=2)
     return json_path, md_path
 
 
@@ -322,17 +302,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--free-repeats", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=2, help="data dimension (issue 10's check: 64)")
+    parser.add_argument("--nfes", type=int, nargs="+", default=[10, 20, 50], help="budgets (issue 10's check: 20)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--stem", default="overhead", help="results/<stem>.md and .json")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report = run_overhead(
-        batch=args.batch, hidden=args.hidden, depth=args.depth, repeats=args.repeats, free_repeats=args.free_repeats
+        dim=args.dim, batch=args.batch, hidden=args.hidden, depth=args.depth, nfes=tuple(args.nfes), repeats=args.repeats,
+        free_repeats=args.free_repeats,
     )
     print(markdown_table(report))
-    for p in write_tables(report):
+    for p in write_tables(report, args.stem):
         print("wrote", p)
 
 

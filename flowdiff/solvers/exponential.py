@@ -137,13 +137,32 @@ class ExponentialSolver(Solver):
         return hist
 
 
-def _first_order(run: Run, x: Tensor, i: int, m0: Tensor, form: str) -> Tensor:
-    """DDIM / DPM-Solver-1 from node ``i`` to ``i + 1`` with prediction ``m0`` of type ``form``."""
-    h = run.h(i)
-    a0, s0, a1, s1 = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
-    if form == "data":
-        return (s1 / s0) * x - (a1 * math.expm1(-h)) * m0
-    return (a1 / a0) * x - (s1 * math.expm1(h)) * m0
+class _Form:
+    r"""The coefficients of one prediction form. The noise-prediction integrators are the
+    data-prediction ones with α and σ exchanged and λ negated (the two exact solutions in the
+    module docstring map onto each other so, exactly in floating point too), so every update
+    below is written once, in data form, on this view: ``a, s, lam`` are (α, σ, λ) at the grid
+    nodes for ``"data"`` and (σ, α, −λ) for ``"noise"``."""
+
+    def __init__(self, run: Run, form: str):
+        self.data = form == "data"
+        self.a, self.s = (run.alpha, run.sigma) if self.data else (run.sigma, run.alpha)
+        self.lam = run.log_snr if self.data else [-v for v in run.log_snr]
+        self.alpha = run.alpha  # for the σ = 0 limit x = α x̂
+
+    def h(self, i: int) -> float:
+        return self.lam[i + 1] - self.lam[i]
+
+    def pick(self, data: Tensor, noise: Tensor) -> Tensor:
+        return data if self.data else noise
+
+    def inner(self, coeff: tuple[float, float, float, float], h1: float) -> tuple[float, float, float]:
+        """``(a, s, h1)`` of an intermediate point with coefficients (α, σ, α̇, σ̇) and log-SNR step ``h1``."""
+        return (coeff[0], coeff[1], h1) if self.data else (coeff[1], coeff[0], -h1)
+
+    def first_order(self, x: Tensor, i: int, m0: Tensor) -> Tensor:
+        """DDIM / DPM-Solver-1 from node ``i`` to ``i + 1``."""
+        return (self.s[i + 1] / self.s[i]) * x - (self.a[i + 1] * math.expm1(-self.h(i))) * m0
 
 
 def _intermediate(run: Run, i: int, r: float) -> tuple[float, tuple[float, float, float, float], float]:
@@ -256,80 +275,43 @@ def _orders_for_steps(steps: int, budget: int, order: int) -> list[int]:
     return orders
 
 
-def _singlestep_update(
-    run: Run, x: Tensor, i: int, order: int, form: str, solver_type: str, data0: Tensor, noise0: Tensor
-) -> Tensor:
-    """One singlestep DPM-Solver(++) step of ``order`` from node ``i`` (official update formulas)."""
-    m0 = data0 if form == "data" else noise0
-    h = run.h(i)
-    if order == 1 or not math.isfinite(h):
-        if not math.isfinite(h):
-            return run.alpha[i + 1] * data0  # σ_{i+1} = 0: the exact first-order limit
-        return _first_order(run, x, i, m0, form)
-    a_s, s_s, a_t, s_t = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
-
-    def pick(d: Tensor, n: Tensor) -> Tensor:
-        return d if form == "data" else n
-
+def _singlestep_update(run: Run, f: _Form, x: Tensor, i: int, order: int, solver_type: str, data0: Tensor,
+                       m0: Tensor) -> Tensor:
+    """One singlestep DPM-Solver(++) step of ``order`` from node ``i`` (official update formulas, data form on ``f``)."""
+    if not math.isfinite(run.h(i)):
+        return run.alpha[i + 1] * data0  # σ_{i+1} = 0: the exact first-order limit
+    if order == 1:
+        return f.first_order(x, i, m0)
+    h, s_s, a_t, s_t = f.h(i), f.s[i], f.a[i + 1], f.s[i + 1]
+    phi_1 = math.expm1(-h)
+    base = (s_t / s_s) * x - (a_t * phi_1) * m0
     if order == 2:
         t1, c1, h1 = _intermediate(run, i, 0.5)
-        a_1, s_1 = c1[0], c1[1]
+        a_1, s_1, h1 = f.inner(c1, h1)
         r1 = h1 / h
-        # intermediate point u = x_{s1} by a first-order step
-        if form == "data":
-            u = (s_1 / s_s) * x - (a_1 * math.expm1(-h1)) * m0
-        else:
-            u = (a_1 / a_s) * x - (s_1 * math.expm1(h1)) * m0
-        m1 = pick(*run.evaluate_at(u, t1, c1))
-        if form == "data":
-            phi_1 = math.expm1(-h)
-            base = (s_t / s_s) * x - (a_t * phi_1) * m0
-            if solver_type == "dpmsolver":
-                return base - (0.5 / r1 * a_t * phi_1) * (m1 - m0)
-            return base + (a_t * (phi_1 / h + 1.0) / r1) * (m1 - m0)
-        phi_1 = math.expm1(h)
-        base = (a_t / a_s) * x - (s_t * phi_1) * m0
+        u = (s_1 / s_s) * x - (a_1 * math.expm1(-h1)) * m0  # the intermediate point by a first-order step
+        m1 = f.pick(*run.evaluate_at(u, t1, c1))
         if solver_type == "dpmsolver":
-            return base - (0.5 / r1 * s_t * phi_1) * (m1 - m0)
-        return base - (s_t * (phi_1 / h - 1.0) / r1) * (m1 - m0)
-
+            return base - (0.5 / r1 * a_t * phi_1) * (m1 - m0)
+        return base + (a_t * (phi_1 / h + 1.0) / r1) * (m1 - m0)
     # order 3 at r1 = 1/3, r2 = 2/3 (the λ of the points actually evaluated, exact after the time inverse)
     t1, c1, h1 = _intermediate(run, i, 1.0 / 3.0)
     t2, c2, h2 = _intermediate(run, i, 2.0 / 3.0)
-    a_1, s_1 = c1[0], c1[1]
-    a_2, s_2 = c2[0], c2[1]
+    a_1, s_1, h1 = f.inner(c1, h1)
+    a_2, s_2, h2 = f.inner(c2, h2)
     r1, r2 = h1 / h, h2 / h
-    if form == "data":
-        phi_11, phi_12, phi_1 = math.expm1(-h1), math.expm1(-h2), math.expm1(-h)
-        phi_22 = math.expm1(-h2) / h2 + 1.0
-        phi_2 = phi_1 / h + 1.0
-        phi_3 = phi_2 / h - 0.5
-        u1 = (s_1 / s_s) * x - (a_1 * phi_11) * m0
-        m1 = pick(*run.evaluate_at(u1, t1, c1))
-        u2 = (s_2 / s_s) * x - (a_2 * phi_12) * m0 + (r2 / r1 * a_2 * phi_22) * (m1 - m0)
-        m2 = pick(*run.evaluate_at(u2, t2, c2))
-        base = (s_t / s_s) * x - (a_t * phi_1) * m0
-        if solver_type == "dpmsolver":
-            return base + (a_t * phi_2 / r2) * (m2 - m0)
-        d1_0, d1_1 = (m1 - m0) / r1, (m2 - m0) / r2
-        d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
-        d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
-        return base + (a_t * phi_2) * d1 - (a_t * phi_3) * d2
-    phi_11, phi_12, phi_1 = math.expm1(h1), math.expm1(h2), math.expm1(h)
-    phi_22 = math.expm1(h2) / h2 - 1.0
-    phi_2 = phi_1 / h - 1.0
+    phi_22 = math.expm1(-h2) / h2 + 1.0
+    phi_2 = phi_1 / h + 1.0
     phi_3 = phi_2 / h - 0.5
-    u1 = (a_1 / a_s) * x - (s_1 * phi_11) * m0
-    m1 = pick(*run.evaluate_at(u1, t1, c1))
-    u2 = (a_2 / a_s) * x - (s_2 * phi_12) * m0 - (r2 / r1 * s_2 * phi_22) * (m1 - m0)
-    m2 = pick(*run.evaluate_at(u2, t2, c2))
-    base = (a_t / a_s) * x - (s_t * phi_1) * m0
+    m1 = f.pick(*run.evaluate_at((s_1 / s_s) * x - (a_1 * math.expm1(-h1)) * m0, t1, c1))
+    u2 = (s_2 / s_s) * x - (a_2 * math.expm1(-h2)) * m0 + (r2 / r1 * a_2 * phi_22) * (m1 - m0)
+    m2 = f.pick(*run.evaluate_at(u2, t2, c2))
     if solver_type == "dpmsolver":
-        return base - (s_t * phi_2 / r2) * (m2 - m0)
+        return base + (a_t * phi_2 / r2) * (m2 - m0)
     d1_0, d1_1 = (m1 - m0) / r1, (m2 - m0) / r2
     d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
     d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
-    return base - (s_t * phi_2) * d1 - (s_t * phi_3) * d2
+    return base + (a_t * phi_2) * d1 - (a_t * phi_3) * d2
 
 
 class DPMSolverSinglestep(ExponentialSolver):
@@ -354,44 +336,35 @@ class DPMSolverSinglestep(ExponentialSolver):
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
         order = self.order_option(3)
-        self.form = self.prediction_option()
+        self.form = _Form(run, self.prediction_option())
         self.solver_type = check_choice(self.name, "solver_type", self.opts["solver_type"], SOLVER_TYPES)
         self.orders = _orders_for_steps(run.steps, run.steps * order if run.budget is None else run.budget, order)
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
         data, noise = self.run.evaluate(x, i)
-        return _singlestep_update(self.run, x, i, self.orders[i], self.form, self.solver_type, data, noise), data
+        m0 = self.form.pick(data, noise)
+        return _singlestep_update(self.run, self.form, x, i, self.orders[i], self.solver_type, data, m0), data
 
 
-def _multistep_update(
-    run: Run, x: Tensor, i: int, order: int, form: str, solver_type: str, hist: list[Tensor], data0: Tensor
-) -> Tensor:
-    """One multistep step of ``order`` from node ``i``; ``hist[-1]`` is the prediction at node ``i``."""
-    h = run.h(i)
+def _multistep_update(f: _Form, x: Tensor, i: int, order: int, solver_type: str, hist: list[Tensor], data0: Tensor) -> Tensor:
+    """One multistep step of ``order`` from node ``i`` (data form on ``f``); ``hist[-1]`` is the prediction at node ``i``."""
+    h = f.h(i)
     if not math.isfinite(h):
-        return run.alpha[i + 1] * data0
+        return f.alpha[i + 1] * data0  # σ_{i+1} = 0: the exact first-order limit
     m0 = hist[-1]
     if order == 1:
-        return _first_order(run, x, i, m0, form)
-    a_s, s_s, a_t, s_t = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
-    h0 = run.log_snr[i] - run.log_snr[i - 1]
-    r0 = h0 / h
+        return f.first_order(x, i, m0)
+    s_s, a_t, s_t = f.s[i], f.a[i + 1], f.s[i + 1]
+    r0 = (f.lam[i] - f.lam[i - 1]) / h
     d1_0 = (m0 - hist[-2]) / r0
-    if form == "data":
-        phi_1 = math.expm1(-h)
-        base = (s_t / s_s) * x - (a_t * phi_1) * m0
-    else:
-        phi_1 = math.expm1(h)
-        base = (a_t / a_s) * x - (s_t * phi_1) * m0
-    sign = 1.0 if form == "data" else -1.0
-    coef = a_t if form == "data" else s_t
-    phi_2 = phi_1 / h + sign  # (e^{-h}-1)/h + 1  or  (e^h-1)/h - 1
+    phi_1 = math.expm1(-h)
+    base = (s_t / s_s) * x - (a_t * phi_1) * m0
+    phi_2 = phi_1 / h + 1.0
     if order == 2:
         if solver_type == "dpmsolver":
-            return base - (0.5 * coef * phi_1) * d1_0
-        return base + (sign * coef * phi_2) * d1_0
-    h1 = run.log_snr[i - 1] - run.log_snr[i - 2]
-    r1 = h1 / h
+            return base - (0.5 * a_t * phi_1) * d1_0
+        return base + (a_t * phi_2) * d1_0
+    r1 = (f.lam[i - 1] - f.lam[i - 2]) / h
     d1_1 = (hist[-2] - hist[-3]) / r1
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) / (r0 + r1)
@@ -400,7 +373,7 @@ def _multistep_update(
     # through the three predictions: the exact (Taylor) weight is 2φ₃. Their 3M is therefore
     # formally second order (measured slope 2.0); "taylor" gives the third-order method.
     w2 = 2.0 * phi_3 if solver_type == "taylor" else phi_3
-    return base + (sign * coef * phi_2) * d1 - (coef * w2) * d2
+    return base + (a_t * phi_2) * d1 - (a_t * w2) * d2
 
 
 # ---------------------------------------------------------------------------------------
@@ -423,14 +396,14 @@ class DPMSolverMultistep(ExponentialSolver):
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
         self.order = self.order_option(3)
-        self.form = self.prediction_option()
+        self.form = _Form(run, self.prediction_option())
         self.solver_type = check_choice(self.name, "solver_type", self.opts["solver_type"], SOLVER_TYPES)
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
         data, noise = self.run.evaluate(x, i)
-        hist = self.history(data if self.form == "data" else noise, 3)
+        hist = self.history(self.form.pick(data, noise), 3)
         k = min(self.order, i + 1, lower_order_final(self.opts["lower_order_final"], self.run.steps, i, self.order, self.name))
-        return _multistep_update(self.run, x, i, k, self.form, self.solver_type, hist, data), data
+        return _multistep_update(self.form, x, i, k, self.solver_type, hist, data), data
 
 
 def _unipc_coefficients(rks: list[float], hh: float, variant: str, order: int) -> tuple[list[list[float]], list[float], float, float]:
@@ -453,24 +426,14 @@ def _solve(rows: list[list[float]], b: list[float]) -> list[float]:
     return torch.linalg.solve(a, torch.tensor(b, dtype=torch.float64)).tolist()
 
 
-def _unipc_step(
-    run: Run,
-    x: Tensor,
-    i: int,
-    order: int,
-    form: str,
-    variant: str,
-    hist: list[Tensor],
-    lams: list[float],
-    model_t: Tensor | None,
-) -> Tensor:
+def _unipc_step(f: _Form, x: Tensor, i: int, order: int, variant: str, hist: list[Tensor], lams: list[float],
+                model_t: Tensor | None) -> Tensor:
     """UniP-``order`` from node ``i`` (``model_t is None``) or UniC-``order`` of that step,
-    given the prediction ``model_t`` at the predicted point of node ``i + 1``.
+    given the prediction ``model_t`` at the predicted point of node ``i + 1`` (data form on ``f``).
 
     ``hist[-1]`` is the prediction at node ``i`` (λ = ``lams[-1]``), older ones before it.
     """
-    h = run.h(i)
-    a_s, s_s, a_t, s_t = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
+    h = f.h(i)
     m0 = hist[-1]
     rks, d1s = [], []
     for k in range(1, order):
@@ -478,14 +441,9 @@ def _unipc_step(
         rks.append(rk)
         d1s.append((hist[-(k + 1)] - m0) / rk)
     rks.append(1.0)
-    hh = -h if form == "data" else h
-    rows, b, h_phi_1, b_h = _unipc_coefficients(rks, hh, variant, order)
-    if form == "data":
-        x_lin = (s_t / s_s) * x - (a_t * h_phi_1) * m0
-        coef = a_t * b_h
-    else:
-        x_lin = (a_t / a_s) * x - (s_t * h_phi_1) * m0
-        coef = s_t * b_h
+    rows, b, h_phi_1, b_h = _unipc_coefficients(rks, -h, variant, order)
+    x_lin = (f.s[i + 1] / f.s[i]) * x - (f.a[i + 1] * h_phi_1) * m0
+    coef = f.a[i + 1] * b_h
     if model_t is None:  # predictor
         if not d1s:
             return x_lin
@@ -545,8 +503,8 @@ class UniPC(ExponentialSolver):
         super().__init__(run, options)
         steps, o = run.steps, self.opts
         self.order = check_int("order", (3 if steps >= UNIPC_ORDER3_STEPS else 2) if o["order"] is None else o["order"], 1, 3)
-        self.form = check_choice(self.name, "prediction", ("data" if steps < UNIPC_DATA_STEPS else "noise")
-                                 if o["prediction"] is None else o["prediction"], PREDICTION_FORMS)
+        self.form = _Form(run, check_choice(self.name, "prediction", ("data" if steps < UNIPC_DATA_STEPS else "noise")
+                                            if o["prediction"] is None else o["prediction"], PREDICTION_FORMS))
         self.variant = check_choice(self.name, "variant", ("bh2" if steps < UNIPC_DATA_STEPS else "bh1")
                                     if o["variant"] is None else o["variant"], UNIPC_VARIANTS)
         self.disabled = {int(j) for j in o["disable_corrector"]}
@@ -555,14 +513,14 @@ class UniPC(ExponentialSolver):
 
     def _evaluate(self, x: Tensor, i: int) -> None:
         data, noise = self.run.evaluate(x, i)
-        self.memory["now"] = (data, data if self.form == "data" else noise)
+        self.memory["now"] = (data, self.form.pick(data, noise))
 
     def revise(self, i: int, x: Tensor) -> Tensor:
         self._evaluate(x, i)
         run = self.run
         if self.opts["corrector"] and (i - 1) not in self.disabled and math.isfinite(run.h(i - 1)):
-            x = _unipc_step(run, self.memory["x_prev"], i - 1, self.prev_order, self.form, self.variant,
-                            self.memory["hist"], self.lams, self.memory["now"][1])
+            x = _unipc_step(self.form, self.memory["x_prev"], i - 1, self.prev_order, self.variant, self.memory["hist"],
+                            self.lams, self.memory["now"][1])
         return x
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -571,12 +529,12 @@ class UniPC(ExponentialSolver):
             self._evaluate(x, 0)
         data, m = self.memory.pop("now")
         hist = self.history(m, self.order)
-        self.lams = (self.lams + [run.log_snr[i]])[-self.order:]
+        self.lams = (self.lams + [self.form.lam[i]])[-self.order:]
         k = min(self.order, i + 1, lower_order_final(self.opts["lower_order_final"], run.steps, i, self.order, self.name))
         self.memory["x_prev"], self.prev_order = x, k
         if not math.isfinite(run.h(i)):
             return run.alpha[i + 1] * data, data  # step to σ = 0: exact first-order limit, no −∞·0
-        return _unipc_step(run, x, i, k, self.form, self.variant, hist, self.lams, None), data
+        return _unipc_step(self.form, x, i, k, self.variant, hist, self.lams, None), data
 
 
 # ---------------------------------------------------------------------------------------
@@ -637,25 +595,19 @@ class DEISSolver(ExponentialSolver):
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
         self.order = self.order_option(4)
-        self.form = self.prediction_option()
+        self.form = _Form(run, self.prediction_option())
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        run = self.run
+        run, f = self.run, self.form
         data, noise = run.evaluate(x, i)
-        hist = self.history(data if self.form == "data" else noise, self.order)
+        hist = self.history(f.pick(data, noise), self.order)
         k = min(self.order, i + 1, lower_order_final(self.opts["lower_order_final"], run.steps, i, self.order, self.name))
-        h = run.h(i)
-        if not math.isfinite(h):
+        if not math.isfinite(run.h(i)):
             return run.alpha[i + 1] * data, data
-        lam = run.log_snr
-        if self.form == "data":
-            w = lagrange_exp_weights([lam[i - j] - lam[i] for j in range(k)], h)
-            acc = sum(wj * hist[-(j + 1)] for j, wj in enumerate(w))
-            return (run.sigma[i + 1] / run.sigma[i]) * x + (run.sigma[i + 1] * math.exp(lam[i])) * acc, data
-        w = lagrange_exp_weights([lam[i] - lam[i - j] for j in range(k)], -h)
+        lam = f.lam
+        w = lagrange_exp_weights([lam[i - j] - lam[i] for j in range(k)], f.h(i))
         acc = sum(wj * hist[-(j + 1)] for j, wj in enumerate(w))
-        a1 = run.alpha[i + 1]
-        return (a1 / run.alpha[i]) * x + (a1 * math.exp(-lam[i])) * acc, data
+        return (f.s[i + 1] / f.s[i]) * x + (f.s[i + 1] * math.exp(lam[i])) * acc, data
 
 
 # ---------------------------------------------------------------------------------------
