@@ -135,14 +135,7 @@ def increment(h: Step, coeffs: Sequence[float], ks: Sequence[State]) -> State:
         return tuple(increment(h, coeffs, [k[i] for k in ks]) for i in range(len(ks[0])))  # type: ignore[index]
     if isinstance(h, Tensor):
         return _coef(h, 1.0, ks[0]) * sum(c * k for c, k in zip(coeffs, ks) if c != 0.0)  # type: ignore[operator]
-    out = None
-    for c, k in zip(coeffs, ks):
-        if c != 0.0:
-            term = _coef(h, c, k) * k  # type: ignore[operator]
-            out = term if out is None else out + term
-    if out is None:
-        raise ValueError("increment needs a non-zero coefficient")
-    return out
+    return sum(_coef(h, c, k) * k for c, k in zip(coeffs, ks) if c != 0.0)  # type: ignore[operator,return-value]
 
 
 def combine(y: State, h: Step, coeffs: Sequence[float], ks: Sequence[State]) -> State:

@@ -33,31 +33,24 @@ and :math:`\log p_X(x) = \log p_Y(y) - D\log S`. The velocity is smooth and boun
 path (VP's exponential ends and VE's σ up to 80 become the same straight-line problem), so one
 grid works for all of them; for a stochastic interpolant τ = t and S = 1.
 
-**Solvers** (:data:`LIKELIHOOD_SOLVERS`, integrators of :mod:`flowdiff.solvers.integrators` on
-the augmented state :math:`(y, \ell)`):
+**Solvers** (:data:`LIKELIHOOD_SOLVERS`; integrators of :mod:`flowdiff.solvers.integrators` on the
+augmented state :math:`(y, \ell)`): ``"adams"`` (default) — Adams–Bashforth(3)/Adams–Moulton(4) PEC,
+ONE model evaluation per node on a grid uniform in τ with two start-up nodes at 1/4 and 1/2 of the
+first step, the divergences integrated by 6-point Lagrange quadrature: ``nfe`` distinct times
+resolve the sharp, sample-specific bump of :math:`\nabla\cdot u` where a trajectory decides between
+mixture components far better than a 4-stage Runge–Kutta method with the same budget; Milne's
+device (the largest predictor–corrector gap, relative to ``1 + |y|``) flags samples crossing a short
+stiff stretch, and with ``refine_tol`` those are solved again, alone, by per-sample ``dopri5``.
+``"rk4"``, ``"heun"``, ``"midpoint"``, ``"euler"``: fixed-step Runge–Kutta on the same grid.
+``"dopri5"``: Dormand–Prince 5(4) with a time and a step per sample (PI controller; error: RMS over
+the state, largest log-determinant entry, ``atol + rtol·|·|``). The model is never called outside
+the interval: every stage time is clamped to it in the model's dtype.
 
-* ``"adams"`` (default): Adams–Bashforth(3) / Adams–Moulton(4) PEC, ONE model evaluation per
-  node, on a grid uniform in τ with two start-up nodes at 1/4 and 1/2 of the first step; the
-  divergences at the nodes are integrated by composite 6-point Lagrange quadrature. Evaluating at
-  ``nfe`` distinct times resolves the sharp, sample-specific bump of :math:`\nabla\cdot u` where a
-  trajectory decides between mixture components far better than a 4-stage Runge–Kutta method with
-  the same budget. Milne's device (the largest predictor–corrector gap of a step, relative to
-  ``1 + |y|``) flags the samples that cross a short stiff stretch; with ``refine_tol`` those are
-  solved again, alone, by per-sample ``dopri5``.
-* ``"rk4"``, ``"heun"``, ``"midpoint"``, ``"euler"``: fixed-step Runge–Kutta on the same grid,
-  the log-determinant integrated by the method's own weights.
-* ``"dopri5"``: Dormand–Prince 5(4) with a time and a step per sample and a PI controller; error
-  norm: RMS over the state, the largest log-determinant entry, with ``atol + rtol·|·|``.
-
-The model is never called outside the interval; every stage time is clamped to it in the model's
-dtype.
-
-**Divergence** (``divergence=``): ``"exact"`` — the trace of the Jacobian from one forward pass and
-batched vector–Jacobian products against the basis vectors (``torch.autograd.grad`` with
-``is_grads_batched``, chunked; any input shape); ``"hutchinson"`` (Hutchinson 1989; Grathwohl et
-al. 2019) — :math:`z^\top (\partial u/\partial x) z` with ``probes`` Rademacher or Gaussian probes
-drawn ONCE per solve, each probe's log-determinant integrated separately (so the per-sample standard
-error can be reported). The trajectory does not depend on the probes.
+**Divergence**: ``"exact"`` — the trace of the Jacobian from one forward pass and batched
+vector–Jacobian products against the basis vectors (``is_grads_batched``, chunked; any input shape);
+``"hutchinson"`` (Hutchinson 1989; Grathwohl et al. 2019) — :math:`z^\top (\partial u/\partial x) z`
+with ``probes`` Rademacher or Gaussian probes drawn ONCE per solve, each probe's log-determinant
+integrated separately (hence a per-sample standard error); the trajectory does not depend on them.
 """
 
 from __future__ import annotations
@@ -396,12 +389,10 @@ def check_interval(path: Any, t_start: float | None, t_end: float | None, what: 
 
 def check_options(solver: str, divergence_: str, probes: int, probe_dist: str, rtol: float, atol: float,
                   nfe: int | None) -> None:
-    if solver not in LIKELIHOOD_SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(LIKELIHOOD_SOLVERS)}")
-    if divergence_ not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence_!r}; valid: {', '.join(DIVERGENCES)}")
-    if probe_dist not in PROBE_DISTRIBUTIONS:
-        raise ValueError(f"unknown probe_dist {probe_dist!r}; valid: {', '.join(PROBE_DISTRIBUTIONS)}")
+    for label, value, allowed in (("solver", solver, LIKELIHOOD_SOLVERS), ("divergence", divergence_, DIVERGENCES),
+                                  ("probe_dist", probe_dist, PROBE_DISTRIBUTIONS)):
+        if value not in allowed:
+            raise ValueError(f"unknown {label} {value!r}; valid: {', '.join(allowed)}")
     check_int("probes", probes, 1)
     check_float("rtol", rtol, 0.0, low_open=True)
     check_float("atol", atol, 0.0, low_open=True)
@@ -452,30 +443,29 @@ def apply_prior(prior_fn: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
 # =========================================================================================
 
 
-def _grid(coords: FlowCoordinates, kind: Any, steps: int, t_lo: float, t_hi: float) -> tuple[Tensor, bool]:
-    """Increasing times from ``t_lo`` to ``t_hi`` and whether they are uniform in τ (else in t)."""
+def _nodes(coords: FlowCoordinates, kind: Any, steps: int, t_a: float, t_b: float, startup: bool) -> tuple[Tensor, list[float]]:
+    """The nodes from ``t_a`` (start of the solve) to ``t_b`` and their τ: a kind of
+    :data:`LIKELIHOOD_GRIDS` with ``steps`` steps or an increasing explicit grid; with ``startup`` two
+    nodes at 1/4 and 1/2 of the first step (in τ unless the grid is uniform in t) for the Adams start."""
+    lo, hi = min(t_a, t_b), max(t_a, t_b)
+    in_tau = isinstance(kind, str) and kind in ("flow", "logsnr")
     if not isinstance(kind, str):
-        return validate_grid(kind, t_lo, t_hi), False
-    if kind not in LIKELIHOOD_GRIDS:
+        t = validate_grid(kind, lo, hi)
+    elif kind == "flow":
+        ends = coords.tau(torch.tensor([lo, hi], dtype=torch.float64))
+        t = coords.t_of_tau(torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64))
+    elif kind not in LIKELIHOOD_GRIDS:
         raise ValueError(f"unknown grid {kind!r}; valid: {', '.join(LIKELIHOOD_GRIDS)} or an array of times")
-    if kind == "flow":
-        ends = coords.tau(torch.tensor([t_lo, t_hi], dtype=torch.float64))
-        return coords.t_of_tau(torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64)), True
-    if kind == "logsnr" and not coords.gaussian:
+    elif kind == "logsnr" and not coords.gaussian:
         raise TypeError(f"grid='logsnr' needs a Gaussian path, got {type(coords.path).__name__}; use 'flow' or 'uniform'")
-    return make_grid(coords.path, kind, steps, t_lo, t_hi), kind == "logsnr"
-
-
-def _nodes(coords: FlowCoordinates, t: Tensor, in_tau: bool, startup: bool, t_a: float, t_b: float) -> tuple[Tensor, list[float]]:
-    """Orient the grid from ``t_a`` (start of the solve) to ``t_b``; with ``startup`` two nodes at 1/4
-    and 1/2 of the first step (in τ when the grid is uniform there, else in t) for the multistep start."""
-    if t_a > t_b:
-        t = t.flip(0)
+    else:
+        t = make_grid(coords.path, kind, steps, lo, hi)
+    t = t.flip(0) if t_a > t_b else t
     if startup:
         v = coords.tau(t) if in_tau else t
         first = torch.tensor([float(v[0]) + f * float(v[1] - v[0]) for f in (0.25, 0.5)], dtype=torch.float64)
         t = torch.cat([t[:1], coords.t_of_tau(first) if in_tau else first, t[1:]])
-    t = t.clamp(min(t_a, t_b), max(t_a, t_b))
+    t = t.clamp(lo, hi)
     t[0], t[-1] = t_a, t_b
     return t, coords.tau(t).tolist()  # τ from the times the model sees, so the quadrature matches them
 
@@ -548,16 +538,12 @@ def integrate_logp(
         y, ell, steps_taken = _dopri5(ev, y, t_a, t_b, rtol, atol, cap, num_probes, check)
     else:
         stages = 1 if solver == "adams" else ig.TABLEAUS[solver].stages
-        if isinstance(grid, str):
-            budget = DEFAULT_LIKELIHOOD_NFE if nfe is None else nfe
-            steps = budget - 3 if solver == "adams" else budget // stages  # adams: 2 start-up nodes + the first
-            if steps < 1:
-                raise ValueError(f"nfe={budget} is too small for solver {solver!r}; it needs nfe >= {4 if solver == 'adams' else stages}")
-            base, in_tau = _grid(coords, grid, steps, lo, hi)
-            t, taus = _nodes(coords, base, in_tau, solver == "adams", t_a, t_b)
-        else:
-            base, in_tau = _grid(coords, grid, 1, lo, hi)
-            t, taus = _nodes(coords, base, in_tau, False, t_a, t_b)
+        budget = DEFAULT_LIKELIHOOD_NFE if nfe is None else nfe
+        steps = budget - 3 if solver == "adams" else budget // stages  # adams: 2 start-up nodes + the first
+        if isinstance(grid, str) and steps < 1:
+            raise ValueError(f"nfe={budget} is too small for solver {solver!r}; it needs nfe >= {4 if solver == 'adams' else stages}")
+        t, taus = _nodes(coords, grid, steps, t_a, t_b, startup=solver == "adams" and isinstance(grid, str))
+        if not isinstance(grid, str):
             needed = len(t) if solver == "adams" else (len(t) - 1) * stages
             if nfe is not None and needed > nfe:
                 raise ValueError(f"the explicit grid needs {needed} model evaluations with solver {solver!r}, more than nfe={nfe}")
