@@ -23,9 +23,8 @@ writes ``benchmarks/results/sde_solvers.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,11 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import metadata_line, run_metadata, write_results  # noqa: E402
+
 import flowdiff as fd
 from flowdiff.metrics import sliced_wasserstein
 from flowdiff.solvers import sample
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NFES = (10, 20, 50, 100, 200)
 
 #: flowdiff configurations: label -> (solver, options, grid or None for the solver's default)
@@ -194,13 +195,6 @@ def run_sde_benchmark(
         if verbose:
             print(f"{label:50s} " + " ".join(f"{results[label][n]:.4f}" for n in nfes))
 
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import diffusers
-
-        versions["diffusers"] = diffusers.__version__
-    except ImportError:
-        pass
     return {
         "config": {
             "dim": dim,
@@ -214,7 +208,7 @@ def run_sde_benchmark(
                 math.exp(-float(path.log_snr(path.t_max))),
                 math.exp(-float(path.log_snr(path.t_min))),
             ],
-            "versions": versions,
+            "run": run_metadata(),
         },
         "floor": {"mean": floor_mean, "std": floor_std, "values": floors},
         "results": results,
@@ -224,9 +218,6 @@ def run_sde_benchmark(
 
 def write_tables(report: dict[str, Any], stem: str = "sde_solvers") -> tuple[Path, Path]:
     """Write ``results/<stem>.json`` and a Markdown table ``results/<stem>.md``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
-    json_path.write_text(json.dumps(report, indent=2))
     cfg, floor = report["config"], report["floor"]
     nfes = cfg["nfes"]
     lines = [
@@ -235,9 +226,7 @@ def write_tables(report: dict[str, Any], stem: str = "sde_solvers") -> tuple[Pat
         f"d = {cfg['dim']} diagonal Gaussian mixture ({cfg['num_components']} anisotropic components), "
         f"path {cfg['path']} (σ/α from {cfg['sigma_tilde_range'][0]:.3g} to {cfg['sigma_tilde_range'][1]:.3g}), "
         f"exact noise-prediction field; {cfg['num_samples']} samples, {cfg['num_projections']} projections, seed {cfg['seed']}. "
-        f"NFE counts every model call, the final denoise included. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in cfg["versions"].items())
-        + ".",
+        f"NFE counts every model call, the final denoise included. Run on {metadata_line(cfg['run'])}",
         "",
         (
             f"**Floor** (two independent exact samples of the same size): {floor['mean']:.4f} ± {floor['std']:.4f}. "
@@ -254,7 +243,7 @@ def write_tables(report: dict[str, Any], stem: str = "sde_solvers") -> tuple[Pat
             v = row[n] if n in row else row[str(n)]
             cells.append(f"**{v:.4f}**" if v == best[n] else f"{v:.4f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    md_path.write_text("\n".join(lines) + "\n")
+    md_path, json_path = write_results(stem, lines, report, indent=2)
     return json_path, md_path
 
 

@@ -34,26 +34,34 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
-import json
 import math
-import platform
 import sys
 import time
-import types
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402 - the benchmarks folder first
+    RESULTS,
+    SigmaInterface,
+    diffusers_configs,
+    kdiff_configs,
+    load_k_sampling,
+    metadata_line,
+    run_diffusers,
+    run_kdiff,
+    run_metadata,
+    sigma_range,
+    write_results,
+)
+
 import flowdiff as fd
 from flowdiff.solvers import available, get_solver, sample
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NFES = (5, 6, 8, 10, 12, 15, 20, 25, 50)
 GRIDS = ("logsnr", "quadratic", "karras", "uniform")  # "shifted" is for flow paths: off here
 
@@ -61,48 +69,6 @@ GRIDS = ("logsnr", "quadratic", "karras", "uniform")  # "shifted" is for flow pa
 # ---------------------------------------------------------------------------------------
 # Problem
 # ---------------------------------------------------------------------------------------
-
-
-class SigmaInterface:
-    """What the peer drivers call: a denoiser and a noise predictor at a noise level σ̃ = σ/α,
-    counting calls, and the error to ``self.reference``. Subclasses set ``path``, ``t0``, ``t1``,
-    ``reference`` and define ``_denoise(x, t)`` / ``_noise(x, t)`` on VP states."""
-
-    path: Any
-    t0: float
-    t1: float
-    reference: Tensor
-    calls: int = 0
-
-    def _denoise(self, x: Tensor, t: float) -> Tensor:
-        raise NotImplementedError
-
-    def _noise(self, x: Tensor, t: float) -> Tensor:
-        raise NotImplementedError
-
-    def t_of_sigma(self, sigma_tilde: float) -> float:
-        t = float(self.path._t_of_log_snr(torch.tensor([-math.log(sigma_tilde)], dtype=torch.float64)))
-        return min(max(t, self.t0), self.t1)
-
-    def denoise_tilde(self, x_tilde: Tensor, sigma_tilde: float) -> Tensor:
-        """D(x̃, σ̃) = E[x1 | x_t = α x̃] at the t with σ/α = σ̃ (one call)."""
-        self.calls += 1
-        t = self.t_of_sigma(sigma_tilde)
-        a = float(self.path._alpha(torch.tensor([t], dtype=torch.float64)))
-        return self._denoise(x_tilde * a, t)
-
-    def noise_vp(self, x_vp: Tensor, sigma_tilde: float) -> Tensor:
-        """ε̂(x, σ̃) for a VP-state input (one call)."""
-        self.calls += 1
-        return self._noise(x_vp, self.t_of_sigma(sigma_tilde))
-
-    def error(self, x: Tensor) -> float:
-        """Median over samples of the per-sample RMS distance to the reference."""
-        x = x.to(torch.float64)
-        if not torch.isfinite(x).all():
-            return float("nan")
-        rms = ((x - self.reference.to(torch.float64)) ** 2).flatten(1).mean(dim=1).sqrt()
-        return float(rms.median())
 
 
 class Problem(SigmaInterface):
@@ -114,10 +80,8 @@ class Problem(SigmaInterface):
         g = torch.Generator().manual_seed(seed + 1)
         z = torch.randn(n, dim, generator=g, dtype=torch.float64)
         self.t0, self.t1 = self.path.t_min, self.path.t_max
-        ends = torch.tensor([self.t0, self.t1], dtype=torch.float64)
-        self.alpha0, self.alpha1 = self.path._alpha(ends).tolist()
-        self.sigma_max, self.sigma_min = torch.exp(-self.path._log_snr(ends)).tolist()
-        self.x_vp = self.path._sigma(torch.tensor(self.t0, dtype=torch.float64)) * z  # VP state at t0
+        self.alpha0, self.alpha1, self.sigma_max, self.sigma_min = sigma_range(self.path)
+        self.x_vp = self.path.sigma(torch.tensor(self.t0, dtype=torch.float64)) * z  # VP state at t0
         self.x_tilde = self.x_vp / self.alpha0  # sigma~-space state (k-diffusion, Karras-type)
         self.calls = 0
         self.reference = self._reference()
@@ -134,12 +98,12 @@ class Problem(SigmaInterface):
 
         path, mix = self.path, self.mix
         shape = self.x_tilde.shape
-        lam0, lam1 = (float(v) for v in path._log_snr(torch.tensor([self.t0, self.t1], dtype=torch.float64)))
+        lam0, lam1 = path.table([self.t0, self.t1]).log_snr.tolist()
 
         def rhs(lam: float, y: np.ndarray) -> np.ndarray:
-            t = float(path._t_of_log_snr(torch.tensor([lam], dtype=torch.float64)))
+            t = float(path.t_of_log_snr(torch.tensor([lam], dtype=torch.float64)))
             t = min(max(t, self.t0), self.t1)
-            a = float(path._alpha(torch.tensor([t], dtype=torch.float64)))
+            a = float(path.alpha(torch.tensor([t], dtype=torch.float64)))
             xt = torch.from_numpy(y).reshape(shape)
             return (mix.denoise(xt * a, t) - xt).reshape(-1).numpy()
 
@@ -201,152 +165,6 @@ def run_flowdiff(problem: Problem, solver: str | None, options: dict, grid: str 
 
 
 # ---------------------------------------------------------------------------------------
-# diffusers
-# ---------------------------------------------------------------------------------------
-
-DIFFUSERS_BASE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
-
-
-def diffusers_configs() -> list[tuple[str, str, dict, str]]:
-    """(label, class name, config overrides, how the run ends)."""
-    out = []
-    for order in (2, 3):
-        for extra, tag in (({}, ""), ({"use_karras_sigmas": True}, " karras"), ({"use_lu_lambdas": True}, " lu")):
-            out.append((f"DPMSolverMultistep {order}M{tag}", "DPMSolverMultistepScheduler",
-                        {"solver_order": order, **extra}, "zero"))
-    for order in (2, 3):
-        for variant in ("bh1", "bh2"):
-            for extra, tag in (({}, ""), ({"use_karras_sigmas": True}, " karras")):
-                final = "sigma_min" if variant == "bh1" else "zero"  # bh1 + zero returns NaN (notes §5)
-                out.append((f"UniPC p={order} {variant}{tag}", "UniPCMultistepScheduler",
-                            {"solver_order": order, "solver_type": variant, "final_sigmas_type": final, **extra}, final))
-    for order in (2, 3):
-        for extra, tag in (({}, ""), ({"use_karras_sigmas": True}, " karras")):
-            out.append((f"DEIS p={order}{tag}", "DEISMultistepScheduler", {"solver_order": order, **extra}, "sigma_min"))
-    for extra, tag in (({}, ""), ({"use_karras_sigmas": True}, " karras")):
-        out.append((f"Euler{tag}", "EulerDiscreteScheduler", {**extra}, "zero"))
-        out.append((f"Heun{tag}", "HeunDiscreteScheduler", {**extra}, "zero"))
-    # Other step placements diffusers offers: "trailing" spacing (Lin et al. 2024, recommended for
-    # few steps) and exponential σ; the multistep solvers that are best above.
-    for extra, tag in (({"timestep_spacing": "trailing"}, " trailing"), ({"use_exponential_sigmas": True}, " exponential")):
-        for order in (2, 3):
-            out.append((f"DPMSolverMultistep {order}M{tag}", "DPMSolverMultistepScheduler",
-                        {"solver_order": order, **extra}, "zero"))
-            out.append((f"UniPC p={order} bh2{tag}", "UniPCMultistepScheduler",
-                        {"solver_order": order, "solver_type": "bh2", "final_sigmas_type": "zero", **extra}, "zero"))
-            out.append((f"DEIS p={order}{tag}", "DEISMultistepScheduler", {"solver_order": order, **extra}, "sigma_min"))
-    return out
-
-
-def run_diffusers(problem: Problem, cls_name: str, overrides: dict, ending: str, nfe: int) -> tuple[float, int]:
-    import diffusers
-
-    cls = getattr(diffusers, cls_name)
-    two_evals = cls_name == "HeunDiscreteScheduler"
-    denoise_after = ending == "sigma_min"  # the sampler stops at sigma_min: one explicit denoise
-    budget = nfe - (1 if denoise_after else 0)
-    steps = (budget + 1) // 2 if two_evals else budget
-    if steps < 1:
-        return float("nan"), 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sched = cls(**DIFFUSERS_BASE, **overrides)
-        sched.set_timesteps(steps)
-    karras_state = sched.init_noise_sigma > 1.5  # sigma~-space state (Euler, Heun)
-    x = (problem.x_tilde if karras_state else problem.x_vp).clone()
-    problem.calls = 0
-    for t in sched.timesteps:
-        if sched.step_index is None:
-            sched._init_step_index(t)
-        sigma = float(sched.sigmas[sched.step_index])
-        inp = sched.scale_model_input(x, t)
-        # VP-state input for the oracle: Karras-type schedulers scale x~ by 1/sqrt(sigma~^2 + 1) = alpha
-        eps = problem.noise_vp(inp, sigma)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            x = sched.step(eps, t, x).prev_sample
-    if denoise_after:
-        sigma_last = float(sched.sigmas[-1])
-        x_tilde = x if karras_state else x * math.sqrt(1.0 + sigma_last**2)
-        x = problem.denoise_tilde(x_tilde, sigma_last)
-    return problem.error(x), problem.calls
-
-
-# ---------------------------------------------------------------------------------------
-# k-diffusion (k_diffusion/sampling.py only)
-# ---------------------------------------------------------------------------------------
-
-
-def load_k_sampling() -> types.ModuleType | None:
-    """Import ``k_diffusion.sampling`` without the package ``__init__`` (torchvision, CLIP, …)."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = [str(folder)]
-    utils = types.ModuleType("k_diffusion.utils")
-
-    def append_dims(x: Tensor, target_dims: int) -> Tensor:
-        return x[(...,) + (None,) * (target_dims - x.ndim)]
-
-    utils.append_dims = append_dims
-    pkg.utils = utils
-    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils", "torchsde")}
-    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
-    if importlib.util.find_spec("torchsde") is None:  # only the SDE samplers' Brownian trees need it
-        sys.modules["torchsde"] = types.ModuleType("torchsde")
-    try:
-        mspec = importlib.util.spec_from_file_location("k_diffusion.sampling", folder / "sampling.py")
-        module = importlib.util.module_from_spec(mspec)
-        mspec.loader.exec_module(module)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return module
-
-
-def kdiff_configs() -> list[tuple[str, str, str]]:
-    out = []
-    for fn in ("euler", "heun", "lms", "dpmpp_2m"):
-        for sig in ("karras", "exponential"):
-            out.append((f"k-diff {fn} {sig}", fn, sig))
-    out.append(("k-diff dpm_fast", "dpm_fast", ""))
-    return out
-
-
-def run_kdiff(problem: Problem, kds: types.ModuleType, fn: str, sigmas_kind: str, nfe: int) -> tuple[float, int]:
-    def model(x: Tensor, sigma: Tensor, **_: Any) -> Tensor:
-        return problem.denoise_tilde(x, float(sigma.flatten()[0]))
-
-    x = problem.x_tilde.clone()
-    problem.calls = 0
-    smin, smax = problem.sigma_min, problem.sigma_max
-    if fn == "dpm_fast":  # ends at sigma_min: one explicit denoise
-        if nfe - 1 < 1:
-            return float("nan"), 0
-        x = kds.sample_dpm_fast(model, x, smin, smax, nfe - 1, disable=True)
-        x = problem.denoise_tilde(x, smin)
-        return problem.error(x), problem.calls
-    n = (nfe + 1) // 2 if fn == "heun" else nfe  # heun: 2(n-1) + 1 calls
-    if n < 2 and fn != "euler":
-        n = max(n, 1)
-    getter = kds.get_sigmas_karras if sigmas_kind == "karras" else kds.get_sigmas_exponential
-    if n == 1:
-        sigmas = torch.tensor([smax, 0.0], dtype=torch.float64)
-    else:
-        sigmas = getter(n, smin, smax, device="cpu").to(torch.float64)
-    sampler = getattr(kds, f"sample_{fn}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        x = sampler(model, x, sigmas, disable=True)
-    return problem.error(x), problem.calls
-
-
-# ---------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------
 
@@ -405,17 +223,15 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.time() - start
 
     summary = summarize(rows, nfes)
-    meta = {
-        "problem": f"random_mixture(dim={args.dim}, components={args.components}, seed={args.seed}, anisotropic) "
+    meta = run_metadata(
+        problem=f"random_mixture(dim={args.dim}, components={args.components}, seed={args.seed}, anisotropic) "
         f"on Discrete.linear() (sigma~ {problem.sigma_max:.4g} -> {problem.sigma_min:.4g}), exact noise prediction, float64",
-        "samples": n,
-        "metric": "median over samples of the per-sample RMS distance to a DOP853 (rtol=atol=1e-10) reference + denoise",
-        "nfe": list(nfes),
-        "peers": peers_note,
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "seconds": round(elapsed, 1),
-    }
+        samples=n,
+        metric="median over samples of the per-sample RMS distance to a DOP853 (rtol=atol=1e-10) reference + denoise",
+        nfe=list(nfes),
+        peers=peers_note,
+        seconds=round(elapsed, 1),
+    )
     write_outputs(args.out, rows, summary, meta, nfes, plot=not args.no_plot)
     print(render_summary(summary, nfes))
     print(f"done in {elapsed:.0f}s; wrote {args.out}/solvers.*")
@@ -458,7 +274,6 @@ def write_outputs(out: Path, rows: list[dict], summary: dict, meta: dict, nfes: 
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "rows": rows,
                "best": {lib: {str(k): v for k, v in d.items()} for lib, d in summary.items()}}
-    (out / "solvers.json").write_text(json.dumps(payload, indent=1, default=float))
     with open(out / "solvers.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["library", "config", *[f"nfe_{k}" for k in nfes]])
@@ -466,14 +281,14 @@ def write_outputs(out: Path, rows: list[dict], summary: dict, meta: dict, nfes: 
             w.writerow([row["library"], row["config"], *[f"{row['errors'][k]:.6g}" for k in nfes]])
     md = ["# Deterministic solvers: median RMS error to the exact ODE solution", "",
           f"Problem: {meta['problem']}; {meta['samples']} samples. Metric: {meta['metric']}.",
-          f"Peers: {', '.join(meta['peers'])}. torch {meta['torch']}, {meta['platform']}, {meta['seconds']} s.", "",
+          f"Peers: {', '.join(meta['peers'])}. {meta['seconds']} s on {metadata_line(meta)}", "",
           "## Best configuration per library", "", render_summary(summary, nfes), "",
           "## Every configuration", "",
           "| library | configuration | " + " | ".join(str(k) for k in nfes) + " |",
           "|---|---|" + "---|" * len(nfes)]
     for row in sorted(rows, key=lambda r: (r["library"] != "flowdiff", r["errors"][nfes[len(nfes) // 2]] if math.isfinite(r["errors"][nfes[len(nfes) // 2]]) else math.inf)):
         md.append(f"| {row['library']} | {row['config']} | " + " | ".join(f"{row['errors'][k]:.3g}" for k in nfes) + " |")
-    (out / "solvers.md").write_text("\n".join(md) + "\n")
+    write_results("solvers", md, payload, out)
     if plot:
         write_plot(out / "solvers.png", rows, summary, nfes)
 
