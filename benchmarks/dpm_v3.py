@@ -34,11 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +44,26 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import solvers as peer_bench
+import solvers as peer_bench  # noqa: E402 - the GMM problem of benchmarks/solvers.py
+from _common import (  # noqa: E402
+    RESULTS,
+    SigmaInterface,
+    diffusers_configs,
+    kdiff_configs,
+    load_k_sampling,
+    metadata_line,
+    run_diffusers,
+    run_kdiff,
+    run_metadata,
+    sigma_range,
+    write_results,
+)
 
 import flowdiff as fd
 from flowdiff.solvers import sample
 from flowdiff.solvers.dpm_v3 import EMS, estimate_ems
 from flowdiff.solvers.tuning import tune_grid
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LOW = (5, 6, 8, 10)
 HIGH = (12, 15, 20)
 #: Figures quoted in issue 5 for the same GMM (official code, EMS by the authors' procedure).
@@ -72,10 +82,10 @@ DIGITS_NETWORK = {"channels": (32, 64), "num_res_blocks": 1, "attention": False,
 # ---------------------------------------------------------------------------------------
 
 
-class DigitsProblem(peer_bench.SigmaInterface):
+class DigitsProblem(SigmaInterface):
     """A trained digits field, shared starting noise and a 500-call reference.
 
-    Provides what ``peer_bench.run_diffusers``/``run_kdiff`` use: ``x_vp``, ``x_tilde``,
+    Provides what ``_common.run_diffusers``/``run_kdiff`` use: ``x_vp``, ``x_tilde``,
     ``sigma_min``/``sigma_max``, ``denoise_tilde``, ``noise_vp``, ``calls`` and ``error``.
     """
 
@@ -83,9 +93,7 @@ class DigitsProblem(peer_bench.SigmaInterface):
         self.field = field
         self.path = field.path
         self.t0, self.t1 = self.path.t_min, self.path.t_max
-        ends = torch.tensor([self.t0, self.t1], dtype=torch.float64)
-        self.alpha0, self.alpha1 = self.path._alpha(ends).tolist()
-        self.sigma_max, self.sigma_min = torch.exp(-self.path._log_snr(ends)).tolist()
+        self.alpha0, self.alpha1, self.sigma_max, self.sigma_min = sigma_range(self.path)
         g = torch.Generator().manual_seed(seed)
         self.x_vp = self.path.prior_sample((n, 1, 8, 8), generator=g)
         self.x_tilde = self.x_vp / self.alpha0
@@ -116,20 +124,9 @@ def vp_trained_betas(path: fd.GaussianPath, steps: int = 1000) -> list[float]:
     ``t_max``): the peers sample exactly the model's noise levels.
     """
     t = 1.0 - torch.arange(1, steps + 1, dtype=torch.float64) / steps
-    abar = path._alpha(t) ** 2
+    abar = path.alpha(t) ** 2
     prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     return (1.0 - abar / prev).tolist()
-
-
-@contextmanager
-def diffusers_base(base: dict) -> Iterator[None]:
-    """Drive ``peer_bench.run_diffusers`` with another β table (it reads the module's constant)."""
-    saved = peer_bench.DIFFUSERS_BASE
-    peer_bench.DIFFUSERS_BASE = base
-    try:
-        yield
-    finally:
-        peer_bench.DIFFUSERS_BASE = saved
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,7 +194,8 @@ def tune_all(field: Any, ems: EMS, noise: Tensor, nfes: tuple[int, ...], solvers
     return tuned, log
 
 
-def peer_rows(problem: Any, nfes: tuple[int, ...]) -> tuple[list[dict], list[str]]:
+def peer_rows(problem: Any, nfes: tuple[int, ...], base: dict | None = None) -> tuple[list[dict], list[str]]:
+    """diffusers and k-diffusion on ``problem`` (``base``: diffusers' β table, default DDPM's linear one)."""
     rows, notes = [], []
 
     def record(library: str, label: str, fn: Callable[[int], tuple[float, int]]) -> None:
@@ -216,16 +214,16 @@ def peer_rows(problem: Any, nfes: tuple[int, ...]) -> tuple[list[dict], list[str
     try:
         import diffusers
 
-        for label, cls_name, overrides, ending in peer_bench.diffusers_configs():
+        for label, cls_name, overrides, ending in diffusers_configs():
             record("diffusers", f"diffusers {label}",
-                   lambda nfe, c=cls_name, o=overrides, e=ending: peer_bench.run_diffusers(problem, c, o, e, nfe))
+                   lambda nfe, c=cls_name, o=overrides, e=ending: run_diffusers(problem, c, o, e, nfe, base=base))
         notes.append(f"diffusers {diffusers.__version__}")
     except ImportError:
         notes.append("diffusers not installed: skipped")
-    kds = peer_bench.load_k_sampling()
+    kds = load_k_sampling()
     if kds is not None:
-        for label, fn, sig in peer_bench.kdiff_configs():
-            record("k-diffusion", label, lambda nfe, f=fn, s=sig: peer_bench.run_kdiff(problem, kds, f, s, nfe))
+        for label, fn, sig in kdiff_configs():
+            record("k-diffusion", label, lambda nfe, f=fn, s=sig: run_kdiff(problem, kds, f, s, nfe))
         notes.append("k-diffusion sampling.py")
     else:
         notes.append("k-diffusion not installed: skipped")
@@ -391,8 +389,7 @@ def run_digits(args: argparse.Namespace, nfes: tuple[int, ...]) -> dict:
                                time_budget=30 if args.quick else 120, reference_nfe=200)
     rows = flowdiff_rows(problem, field, ems, nfes, tuned)
     base = {"num_train_timesteps": 1000, "trained_betas": vp_trained_betas(field.path)}
-    with diffusers_base(base):
-        peers, notes = peer_rows(problem, nfes)
+    peers, notes = peer_rows(problem, nfes, base=base)
     rows += peers
     chk = checks(rows, nfes, official=False)
     meta = {
@@ -526,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, res in load_previous(args.out / "dpm_v3.json").items():
         results.setdefault(name, res)  # a part skipped in this run keeps its last results
     md = ["# DPM-Solver-v3 and tuned grids (issue 5)", "",
-          f"torch {torch.__version__}, {platform.platform()}, CPU. Quoted for reference (issue 5, same GMM, official "
+          f"Run on {metadata_line(run_metadata())} Quoted for reference (issue 5, same GMM, official "
           "code): " + "; ".join(f"{k}: " + ", ".join(f"{v:.3g} @ {n}" for n, v in d.items()) for k, d in OFFICIAL.items()),
           ""]
     for name, res in results.items():
@@ -535,9 +532,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "images" in res:
             for nfe, panels in res["images"].items():
                 save_digit_grid(args.out / f"dpm_v3_digits_nfe{nfe}.png", panels, nfe)
-    (args.out / "dpm_v3.md").write_text("\n".join(md) + "\n")
     payload = {name: {k: v for k, v in res.items() if k != "images"} for name, res in results.items()}
-    (args.out / "dpm_v3.json").write_text(json.dumps(payload, indent=1, default=float))
+    write_results("dpm_v3", md, payload, args.out)
     if results:
         save_plot(args.out / "dpm_v3.png", results)
     print("\n".join(md))
