@@ -32,19 +32,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, metadata_line, run_metadata, write_results  # noqa: E402
+
 import flowdiff as fd
 from flowdiff.data import load_dataset
 from flowdiff.fokker_planck import FokkerPlanckRegularizer, histogram_w2, ode_sde_gap
 from flowdiff.losses import GaussianPathLoss
-
-RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("checkerboard", "rings", "moons")
 
 
@@ -75,6 +75,8 @@ class PotentialNoise(torch.nn.Module):
         with torch.enable_grad():
             xr = x if x.requires_grad else x.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.potential(xr, t).sum(), xr, create_graph=keep_graph)
+        # The unchecked σ(t): t may carry an autograd graph here (the Fokker–Planck residual
+        # differentiates in t), which the public method's range check would read back.
         return -self.path._sigma(t.to(x.dtype)).reshape(-1, 1) * grad
 
 
@@ -220,10 +222,8 @@ def main() -> None:
 
 
 def write(results: dict, cfg: dict, panels: dict, elapsed: float, quick: bool) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"ode_sde_gap.{cfg['model']}" + ("-quick" if quick else "")
-    meta = {"config": cfg, "torch": torch.__version__, "platform": platform.platform(), "seconds": elapsed}
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    meta = run_metadata(config=cfg, seconds=elapsed)
     lines = [
         "# ODE–SDE gap with and without the Fokker–Planck regulariser",
         "",
@@ -264,7 +264,8 @@ def write(results: dict, cfg: dict, panels: dict, elapsed: float, quick: bool) -
                 f"{'not worse' if v['ode_quality_not_worse'] else 'worse'} → {'meets' if v['passes'] else 'does NOT meet'} the 3× bar."
             )
         lines.append("")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
+    lines += [f"Run on {metadata_line(meta)}", ""]
+    write_results(stem, lines, {"meta": meta, "results": results})
     if not panels:
         return
     try:
