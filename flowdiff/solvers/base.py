@@ -290,6 +290,10 @@ class SolverSpec:
         """The options this name accepts, with their defaults."""
         return {k: v for k, v in {**self.cls.options, **self.defaults}.items() if k not in self.fixed}
 
+    def steps(self, budget: int, options: Mapping[str, Any] | None = None) -> int:
+        """Number of grid steps this solver takes with ``budget`` evaluations (its ``steps_for`` rule)."""
+        return int(self.cls.steps_for(budget, self.resolve(options or {})))
+
     @property
     def evals_per_step(self) -> int:
         return self.cls.evals_per_step({**self.cls.options, **self.defaults, **self.fixed})
@@ -310,38 +314,16 @@ class SolverSpec:
             raise ValueError(f"solver {self.name!r} needs the option(s) {', '.join(missing)}; see its docstring")
         return {**self.cls.options, **self.defaults, **options, **self.fixed}
 
-    def steps(self, budget: int, options: Mapping[str, Any] | None = None) -> int:
-        """Number of grid steps this solver takes with ``budget`` evaluations."""
-        return int(self.cls.steps_for(budget, self.resolve(options or {})))
-
-    def model_calls_per_eval(self, field: Any, options: Mapping[str, Any] | None = None) -> int:
-        """Model calls one evaluation costs on ``field``."""
-        return int(self.cls.calls_per_eval(field, self.resolve(options or {})))
-
 
 _REGISTRY: dict[str, SolverSpec] = {}
 
 
-def register_solver(
-    name: str,
-    cls: type,
-    *,
-    kind: str = "ode",
-    requires_gaussian_path: bool = False,
-    stochastic: bool = False,
-    adaptive: bool = False,
-    default_grid: str = "uniform",
-    fixed: Mapping[str, Any] | None = None,
-    defaults: Mapping[str, Any] | None = None,
-    required_options: Sequence[str] = (),
-    description: str = "",
-    aliases: Sequence[str] = (),
-    overwrite: bool = False,
-    final_denoise: bool = False,
-) -> SolverSpec:
+def register_solver(name: str, cls: type, *, aliases: Sequence[str] = (), overwrite: bool = False, **spec: Any) -> SolverSpec:
     """Add a :class:`Solver` subclass to the registry behind :func:`sample` under ``name`` (and ``aliases``).
 
-    Arguments: see :class:`SolverSpec`. ``overwrite=False`` refuses to replace an existing name.
+    Arguments: ``spec`` are the fields of :class:`SolverSpec` (``kind``, ``requires_gaussian_path``,
+    ``stochastic``, ``adaptive``, ``default_grid``, ``fixed``, ``defaults``, ``required_options``,
+    ``description``, ``final_denoise``). ``overwrite=False`` refuses to replace an existing name.
 
     Returns:
         The :class:`SolverSpec` stored under ``name``.
@@ -350,24 +332,21 @@ def register_solver(
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"solver name must be a non-empty string, got {name!r}")
+    kind, grid = spec.setdefault("kind", "ode"), spec.get("default_grid", "uniform")
     if kind not in SOLVER_KINDS:
         raise ValueError(f"unknown solver kind {kind!r}; valid: {', '.join(SOLVER_KINDS)}")
-    if default_grid not in GRID_KINDS:
-        raise ValueError(f"unknown default_grid {default_grid!r}; valid: {', '.join(GRID_KINDS)}")
+    if grid not in GRID_KINDS:
+        raise ValueError(f"unknown default_grid {grid!r}; valid: {', '.join(GRID_KINDS)}")
     for n in (name, *aliases):
         if n in _REGISTRY and not overwrite:
             raise ValueError(f"a solver named {n!r} is already registered (pass overwrite=True to replace it)")
     if not (isinstance(cls, type) and issubclass(cls, Solver)):
         raise TypeError(f"a solver must be a subclass of fd.solvers.Solver, got {cls!r}")
-    spec = SolverSpec(
-        name=name, cls=cls, kind=kind, requires_gaussian_path=requires_gaussian_path, stochastic=stochastic,
-        adaptive=adaptive, default_grid=default_grid, fixed=dict(fixed or {}), defaults=dict(defaults or {}),
-        required_options=tuple(required_options), description=description, final_denoise=bool(final_denoise),
-    )
-    _REGISTRY[name] = spec
+    spec["required_options"] = tuple(spec.get("required_options", ()))
+    _REGISTRY[name] = entry = SolverSpec(name=name, cls=cls, **spec)
     for alias in aliases:
-        _REGISTRY[alias] = SolverSpec(**{**spec.__dict__, "name": alias, "alias_of": name})
-    return spec
+        _REGISTRY[alias] = SolverSpec(**{**entry.__dict__, "name": alias, "alias_of": name})
+    return entry
 
 
 def available(kind: str | None = None, *, stochastic: bool | None = None) -> list[str]:

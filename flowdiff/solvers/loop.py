@@ -160,15 +160,13 @@ class Run:
     the model evaluations (with the denoiser hook) and the Gaussian draws (with the transition hook)."""
 
     def __init__(self, name: str, field: Any, times: list[float], budget: int | None, cond: dict,
-                 generator: torch.Generator | None, hooks: Hooks, gaussian: bool, like: Tensor):
+                 generator: torch.Generator | None, hooks: Hooks, like: Tensor):
         self.name, self.field, self.times, self.budget, self.cond = name, field, times, budget, cond
         self.like = like  # x_init: the shape, dtype and device of the run
         self.steps = len(times) - 1
         self.generator, self.hooks = generator, hooks
         self.transitions: list[Transition] | None = [] if hooks.record_transitions else None
         self.path: GaussianPath | None = field.path if isinstance(field.path, GaussianPath) else None
-        if gaussian:
-            require_gaussian_path(field, name)
         if self.path is not None:
             tab = self.path.table(times)
             self.alpha, self.sigma = tab.alpha.tolist(), tab.sigma.tolist()
@@ -419,8 +417,7 @@ def sample(
     t0, t1 = interval(field, grid, t_start, t_end)
     planned = plan(spec, opts, field, nfe, grid, t0, t1, denoise_final, grid_options)
     cond = dict(cond or {})
-    run = Run(name, field, planned.times.tolist(), planned.budget, cond, generator, hooks, spec.requires_gaussian_path,
-              x_init)
+    run = Run(name, field, planned.times.tolist(), planned.budget, cond, generator, hooks, x_init)
     stepper: Solver = spec.cls(run, opts)
 
     start_nfe = field.nfe

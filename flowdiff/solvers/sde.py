@@ -125,11 +125,9 @@ class _EpsOnGrid:
         self.fn = diffusion_schedule(eps, path)
         self.table: list[float] | None = None
         if isinstance(eps, str) or not callable(eps):
-            values = self.fn(torch.tensor(times, dtype=torch.float64)).tolist()
-            for t, e in zip(times, values):
-                if not math.isfinite(e) or e < 0:
-                    raise ValueError(f"eps(t) must be finite and >= 0, got eps({t:.6g})={e!r}")
-            self.table = values
+            self.table = self.fn(torch.tensor(times, dtype=torch.float64)).tolist()
+            for t, e in zip(times, self.table):
+                _check_eps(e, t)
 
     def __call__(self, i: int, t: float, x: Tensor) -> Tensor | float:
         """ε at ``t`` for every sample: a Python float when constant over the batch, else ``(B, 1, …)``."""
@@ -138,17 +136,18 @@ class _EpsOnGrid:
         tb = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
         val = torch.as_tensor(self.fn(tb), dtype=x.dtype, device=x.device)
         if val.ndim == 0 or val.numel() == 1:
-            e = float(val.reshape(()))
-            if not math.isfinite(e) or e < 0:
-                raise ValueError(f"eps(t) must be finite and >= 0, got eps({t:.6g})={e!r}")
-            return e
+            return _check_eps(float(val.reshape(())), t)
         if val.shape != (x.shape[0],):
             raise ValueError(f"eps(t) must return a scalar or shape (B,) = ({x.shape[0]},), got {tuple(val.shape)}")
-        if not bool(torch.isfinite(val).all()) or bool((val < 0).any()):
-            raise ValueError(
-                f"eps(t) must be finite and >= 0, got values in [{float(val.min())!r}, {float(val.max())!r}] at t={t:.6g}"
-            )
+        _check_eps(float(val.min()), t)
+        _check_eps(float(val.max()), t)
         return expand_like(val, x)
+
+
+def _check_eps(e: float, t: float) -> float:
+    if not math.isfinite(e) or e < 0:
+        raise ValueError(f"eps(t) must be finite and >= 0, got eps({t:.6g})={e!r}")
+    return e
 
 
 def _is_zero(e: Tensor | float) -> bool:

@@ -114,12 +114,12 @@ class TunedGrid:
             f"grid={[round(v, 5) for v in self.grid.tolist()]})"
         )
 
-    def check(self, field: Any, solver: str | None = None, nfe: int | None = None) -> None:
-        """Raise ValueError unless this grid was tuned for ``field``'s path, ``solver`` and ``nfe``."""
+    def check(self, field: Any = None, solver: str | None = None, nfe: int | None = None) -> None:
+        """Raise ValueError unless this grid was tuned for ``field``'s path, ``solver`` and ``nfe`` (those given)."""
         path = getattr(field, "path", None)
-        if path is None or not hasattr(path, "config"):
+        if field is not None and (path is None or not hasattr(path, "config")):
             raise TypeError(f"field must have a path with config(), got {type(field).__name__}")
-        cfg = path.config()
+        cfg = path.config() if field is not None else self.settings["path"]
         if not same_path_config(cfg, self.settings["path"]):
             raise ValueError(
                 f"this grid was tuned on the path {_describe(self.settings['path'])}, the field's path is {_describe(cfg)}"
@@ -166,13 +166,7 @@ def save_grid(tuned: TunedGrid, path: str | Path) -> Path:
 def load_grid(path: str | Path, field: Any = None, solver: str | None = None, nfe: int | None = None) -> TunedGrid:
     """Load a :class:`TunedGrid`; with ``field``/``solver``/``nfe`` also :meth:`~TunedGrid.check` it."""
     tuned = TunedGrid.load(path)
-    if field is not None:
-        tuned.check(field, solver, nfe)
-    elif solver is not None or nfe is not None:
-        if solver is not None and solver != tuned.solver:
-            raise ValueError(f"this grid was tuned for solver {tuned.solver!r}, not {solver!r}")
-        if nfe is not None and int(nfe) != tuned.nfe:
-            raise ValueError(f"this grid was tuned for nfe={tuned.nfe}, not nfe={nfe}")
+    tuned.check(field, solver, nfe)
     return tuned
 
 
