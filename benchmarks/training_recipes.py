@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,12 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import metadata_line, run_metadata, write_results  # noqa: E402
+
 import flowdiff as fd
 from flowdiff import metrics as fdm
 from flowdiff.data import load_dataset
 from flowdiff.pipeline import evaluate_samples, generate, load_field, train_run
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NFE = 20
 
 
@@ -258,15 +259,16 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                           if k not in ("network_kwargs",)}), flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        meta = {"budget_cpu_s": {"toys": toy_budget, "digits": digits_budget}, "nfe": NFE, "threads": 1,
-                "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
-        (RESULTS / f"training_recipes{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        (RESULTS / f"training_recipes{suffix}.md").write_text(
+        meta = run_metadata(budget_cpu_s={"toys": toy_budget, "digits": digits_budget}, nfe=NFE)
+        write_results(
+            f"training_recipes{suffix}",
             f"# Training recipes at equal CPU budget ({'quick' if args.quick else 'full'} grid)\n\n"
             f"Budget per recipe: {toy_budget:.0f} CPU s (2-D toys), {digits_budget:.0f} CPU s (digits), one thread; "
             f"`fd.sample` default solver at {NFE} NFE; ratios are to the data-vs-data floor at the same size "
-            f"(1 = as good as fresh real data).\n\n" + _table(rows) + "\n")
+            f"(1 = as good as fresh real data). Run on {metadata_line(meta)}\n\n" + _table(rows) + "\n",
+            {"meta": meta, "rows": rows},
+            indent=2,
+        )
     print(_table(rows))
 
 
