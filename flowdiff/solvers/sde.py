@@ -372,7 +372,8 @@ class EDMHeunChurn(Solver):
                 # The exact σ̃ at the time the model will see (t_of_log_snr is exact up to round-off).
                 sig_hat = math.exp(-float(run.path.table([t_hat]).log_snr))  # type: ignore[union-attr]
                 std = self.S_noise * math.sqrt(max(sig_hat**2 - sig**2, 0.0))
-                x_tilde = run.gaussian(x_tilde + 0.0, std, i, run.times[i], t_hat, x_tilde)
+                # x_tilde is this step's own tensor (fresh or last step's), so the draw may go in place
+                x_tilde = run.gaussian(x_tilde, std, i, run.times[i], t_hat, x_tilde)
             else:
                 sig_hat = sig
         data = self.denoise(x_tilde, t_hat, i if t_hat == run.times[i] else None)
