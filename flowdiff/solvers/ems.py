@@ -25,6 +25,7 @@ from torch import Tensor
 from .._utils import check_int
 from ..paths import GaussianPath
 from .base import require_gaussian_path
+from .loop import interval
 
 __all__ = ["EMS", "HUTCHINSON_CHOICES", "estimate_ems", "jvp", "same_path_config"]
 
@@ -386,13 +387,7 @@ def estimate_ems(
         check_int(label, value, low)
     if hutchinson not in HUTCHINSON_CHOICES:
         raise ValueError(f"hutchinson must be one of {HUTCHINSON_CHOICES}, got {hutchinson!r}")
-    t0 = float(path.t_min if t_start is None else t_start)
-    t1 = float(path.t_max if t_end is None else t_end)
-    if not (path.t_min - 1e-12 <= t0 < t1 <= path.t_max + 1e-12):
-        raise ValueError(
-            f"need path.t_min <= t_start < t_end <= path.t_max = [{path.t_min!r}, {path.t_max!r}], got "
-            f"t_start={t0!r}, t_end={t1!r}"
-        )
+    t0, t1 = interval(field, None, t_start, t_end)
     ends = path.table([t0, t1]).log_snr
     if not torch.isfinite(ends).all():
         raise ValueError(f"the log-SNR must be finite at t_start={t0!r} and t_end={t1!r}, got {ends.tolist()}")

@@ -54,7 +54,7 @@ from .._utils import check_float, check_int
 from .base import get_solver, require_gaussian_path
 from .ems import EMS, _describe, same_path_config
 from .grids import make_grid, validate_grid
-from .loop import plan, sample
+from .loop import interval, plan, sample
 
 __all__ = ["TunedGrid", "grid_steps", "load_grid", "save_grid", "tune_grid"]
 
@@ -347,10 +347,7 @@ def tune_grid(
         require_gaussian_path(field, solver)
     options = dict(options or {})
     cond = dict(cond or {})
-    t0 = float(path.t_min if t_start is None else t_start)
-    t1 = float(path.t_max if t_end is None else t_end)
-    if not (path.t_min - 1e-12 <= t0 < t1 <= path.t_max + 1e-12):
-        raise ValueError(f"need t_min <= t_start < t_end <= t_max = [{path.t_min!r}, {path.t_max!r}], got [{t0!r}, {t1!r}]")
+    t0, t1 = interval(field, None, t_start, t_end)
     steps = grid_steps(field, solver, nfe, denoise_final, options)
     if steps < 1:
         raise ValueError(f"nfe={nfe} is too small for solver {solver!r}")
