@@ -154,20 +154,17 @@ class GaussianEvaluator:
 
     def __call__(self, x: Tensor, t: float, coefficients: tuple[float, float, float, float] | None = None) -> tuple[Tensor, Tensor]:
         """``(x̂, ε̂)`` at ``(x, t)`` from one model call; ``coefficients`` = (α, σ, α̇, σ̇) if known."""
-        a, s, da, ds = coefficients if coefficients is not None else self.coefficients(t)
+        c = PathCoefficients(*(coefficients if coefficients is not None else self.coefficients(t)))
         tt = time_tensor(t, x)
         if self._raw:
             out = self.field.predict(x, tt, **self.cond)
-            c = PathCoefficients(a, s, da, ds)
             source = self.field.prediction
             data, noise = _convert(out, x, c, source, "data"), _convert(out, x, c, source, "noise")
         else:
-            data = self.field.denoise(x, tt, **self.cond)
-            noise = None
+            data, noise = self.field.denoise(x, tt, **self.cond), None
         if self.hook is not None:
-            data = self.hook(x, tt.expand(x.shape[0]), data)
-            noise = None
-        return data, (x - a * data) / s if noise is None else noise
+            data, noise = self.hook(x, tt.expand(x.shape[0]), data), None
+        return data, _convert(data, x, c, "data", "noise") if noise is None else noise
 
 
 # ---------------------------------------------------------------------------------------

@@ -108,7 +108,8 @@ class Transition:
 class LoopState:
     """What a step hook sees after step ``i``: the state ``x`` at time ``t``, the data prediction
     ``denoised`` the step used (or ``None``), per-sample ``log_weights`` ``(B,)``; ``ancestors``
-    is set when the particles were reindexed (by :meth:`resample`)."""
+    is set when the particles were reindexed (by :meth:`resample`). The callback and the
+    trajectory see the state before the hook acts on it."""
 
     i: int
     t: float
