@@ -102,19 +102,23 @@ def test_denoiser_hook_needs_a_gaussian_path() -> None:
     ("dpm-solver++3m", {}), ("unipc", {"order": 3}), ("deis", {"order": 4}), ("dpm-solver-2s", {}),
     ("dpm-solver-v3", {}), ("rk4", {"space": "sigma"}), ("heun", {}), ("edm", {"S_churn": 0.0}), ("ddim", {}),
 ])
-def test_resampling_reindexes_the_multistep_history(solver: str, options: dict) -> None:
-    """Permuting the particles after step 3 (with the solver's history) gives the permuted plain run."""
+@pytest.mark.parametrize("at", [3, -1])
+def test_resampling_reindexes_the_multistep_history(solver: str, options: dict, at: int) -> None:
+    """Permuting the particles after step 3, or after the last step (with the solver's history,
+    and DPM-Solver-v3's own final denoise), gives the permuted plain run."""
     if solver == "dpm-solver-v3":
         options = {"ems": fd.solvers.EMS.degenerate(VP, (2,))}
     x = x_init(8, 5)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    plain = sample(field(), x, solver=solver, nfe=16, **options)
+    step = at % plain.steps
 
     def permute(state: LoopState) -> LoopState | None:
-        return state.resample(perm) if state.i == 3 else None
+        return state.resample(perm) if state.i == step else None
 
-    plain = sample(field(), x, solver=solver, nfe=16, **options)
     moved = sample(field(), x, solver=solver, nfe=16, hooks=Hooks(step=permute), **options)
     torch.testing.assert_close(moved.x, plain.x[perm], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(moved.state, plain.state[perm], rtol=1e-10, atol=1e-10)
     assert torch.equal(moved.log_weights, torch.zeros(8, dtype=torch.float64))
 
 

@@ -201,8 +201,12 @@ class Solver:
         self.name = run.name
         self.opts = {**self.options, **options}
         self.memory: dict[str, Any] = {}
-        #: With ``final_denoise``: the data prediction the solver made at ``t_end`` itself.
-        self.final_denoised: Tensor | None = None
+
+    @property
+    def final_denoised(self) -> Tensor | None:
+        """With ``final_denoise``: the data prediction the solver made at ``t_end`` itself (in
+        ``memory``, so that it follows the particles when the last step's hook resamples them)."""
+        return self.memory.get("final_denoised")
 
     # ----- budget rules (class methods: they run before the grid exists) ------------------
     @classmethod

@@ -406,7 +406,7 @@ class DPMSolverV3(Solver):
                 data = data + (1.0 - l_i) * (x_c - x) / run.alpha[i]
             x = x_c
         if final:
-            self.final_denoised = data
+            self.memory["final_denoised"] = data
         self.memory["now"] = data
         return x
 
