@@ -65,6 +65,7 @@ __all__ = [
     "SolverSpec",
     "available",
     "default_solver",
+    "final_calls",
     "get_solver",
     "register_solver",
     "require_gaussian_path",
@@ -106,6 +107,14 @@ def velocity_calls(field: Any) -> int:
         and field.interpolant.gamma_fn.name != "zero"
     )
     return 2 if two_sided_velocity else 1
+
+
+def final_calls(field: Any, denoise_final: bool) -> int:
+    """Model calls of the final denoise (the one place the budget counts it): one data prediction
+    on a Gaussian path, one velocity (an Euler step to t = 1) on an interpolant; 0 without it."""
+    if not denoise_final:
+        return 0
+    return 1 if isinstance(field.path, GaussianPath) else velocity_calls(field)
 
 
 def time_tensor(t: float, like: Tensor) -> Tensor:

@@ -57,10 +57,10 @@ from .base import (
     Solver,
     SolverSpec,
     default_solver,
+    final_calls,
     get_solver,
     require_gaussian_path,
     time_tensor,
-    velocity_calls,
 )
 from .grids import GRID_KINDS, make_grid, validate_grid
 
@@ -243,14 +243,6 @@ class Run:
 # ---------------------------------------------------------------------------------------
 # Budget planning
 # ---------------------------------------------------------------------------------------
-
-
-def final_calls(field: Any, denoise_final: bool) -> int:
-    """Model calls of the final denoise: one data prediction on a Gaussian path, one velocity
-    (Euler step to t = 1) on an interpolant; 0 without it."""
-    if not denoise_final:
-        return 0
-    return 1 if isinstance(field.path, GaussianPath) else velocity_calls(field)
 
 
 @dataclass
