@@ -405,19 +405,15 @@ def tune_grid(
         kinds.remove(default_kind)
         kinds.insert(0, default_kind)
     candidates: dict[str, Tensor] = {}
-    for kind in kinds:
-        try:
-            candidates[kind] = make_grid(path, kind, steps, t0, t1)
-        except ValueError:
-            continue
-    if free_end:
-        # The same kinds with one more interval, the last dropped: the final denoise jumps it
-        # (k-diffusion's and diffusers' last step to sigma = 0).
+    # With free_end also the same kinds with one more interval, the last dropped: the final
+    # denoise jumps it (k-diffusion's and diffusers' last step to sigma = 0).
+    for jump in (0, 1)[: 1 + int(free_end)]:
         for kind in kinds:
             try:
-                candidates[f"{kind}+jump"] = make_grid(path, kind, steps + 1, t0, t1)[:-1]
+                g = make_grid(path, kind, steps + jump, t0, t1)
             except ValueError:
                 continue
+            candidates[kind + "+jump" * jump] = g[:-1] if jump else g
     tried: dict[str, float] = {}
 
     def trial(name: str, grid: Tensor) -> float:
