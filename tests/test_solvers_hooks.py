@@ -254,3 +254,31 @@ def test_unknown_and_fixed_options_are_named() -> None:
     assert set(fd.solvers.get_solver("ddpm").options) == {"eta"}
     with pytest.raises(TypeError, match="hooks must be a fd.solvers.Hooks"):
         sample(field(), x_init(4), solver="ddim", nfe=8, hooks=lambda *a: None)
+
+
+def test_a_new_solver_is_one_step() -> None:
+    """The extension point: a Solver subclass with a step and its options, registered under a name,
+    runs in the loop with its budget, options check and hooks (here DDIM written as x̂/ε̂ recombination)."""
+    from flowdiff.solvers import Solver, base, register_solver
+
+    class Recombine(Solver):
+        options = {"scale": 1.0}
+
+        def step(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            data, noise = self.run.evaluate(x, i)
+            return self.run.alpha[i + 1] * data + self.opts["scale"] * self.run.sigma[i + 1] * noise, data
+
+    register_solver("test-recombine", Recombine, kind="exponential", requires_gaussian_path=True, default_grid="logsnr")
+    try:
+        x = x_init(8, 9)
+        mine = sample(field(), x, solver="test-recombine", nfe=9)
+        ddim = sample(field(), x, solver="ddim", nfe=9)
+        assert mine.nfe == ddim.nfe == 9
+        torch.testing.assert_close(mine.x, ddim.x, rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="unknown option 'scal' for solver 'test-recombine'; valid: scale"):
+            sample(field(), x, solver="test-recombine", nfe=9, scal=2.0)
+        guided = sample(field(), x, solver="test-recombine", nfe=9, hooks=Hooks(denoiser=likelihood_guidance))
+        exact = sample(field(POSTERIOR), x, solver="test-recombine", nfe=9)
+        torch.testing.assert_close(guided.x, exact.x, rtol=1e-7, atol=1e-7)
+    finally:
+        del base._REGISTRY["test-recombine"]
