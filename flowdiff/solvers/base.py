@@ -135,9 +135,7 @@ def check_flag(solver: str, label: str, value: Any) -> bool:
     return value
 
 
-# ---------------------------------------------------------------------------------------
-# One model call -> (x̂, ε̂)
-# ---------------------------------------------------------------------------------------
+# ----- One model call -> (x̂, ε̂) -------------------------------------------------------
 
 
 class GaussianEvaluator:
@@ -176,9 +174,7 @@ class GaussianEvaluator:
         return data, _convert(data, x, c, "data", "noise") if noise is None else noise
 
 
-# ---------------------------------------------------------------------------------------
-# The solver base class and the registry
-# ---------------------------------------------------------------------------------------
+# ----- The solver base class and the registry -------------------------------------------
 
 
 def _reindex(value: Any, index: Tensor, batch: int) -> Any:
@@ -397,9 +393,7 @@ def default_solver(field: Any, nfe: int | None = None) -> str:
     return LOW_NFE_SOLVER if nfe is not None and nfe <= LOW_NFE else DEFAULT_SOLVER
 
 
-# ---------------------------------------------------------------------------------------
-# The result
-# ---------------------------------------------------------------------------------------
+# ----- The result -----------------------------------------------------------------------
 
 
 @dataclass

@@ -172,9 +172,7 @@ def _intermediate(run: Run, i: int, r: float) -> tuple[float, tuple[float, float
     return t, coeff, math.log(coeff[0] / coeff[1]) - run.log_snr[i]
 
 
-# ---------------------------------------------------------------------------------------
-# The η family: DDIM, DDPM / DDIM-η, SDE-DPM-Solver++(1) and (2M)
-# ---------------------------------------------------------------------------------------
+# ----- The η family: DDIM, DDPM / DDIM-η, SDE-DPM-Solver++(1) and (2M) ------------------
 
 
 class EtaStep(ExponentialSolver):
@@ -238,9 +236,7 @@ class SDEDPMSolverPP2(EtaStep):
         return mean
 
 
-# ---------------------------------------------------------------------------------------
-# Singlestep DPM-Solver(-2/3) and DPM-Solver++(2S/3S)
-# ---------------------------------------------------------------------------------------
+# ----- Singlestep DPM-Solver(-2/3) and DPM-Solver++(2S/3S) ------------------------------
 
 
 def singlestep_orders(budget: int, order: int) -> list[int]:
@@ -376,9 +372,7 @@ def _multistep_update(f: _Form, x: Tensor, i: int, order: int, solver_type: str,
     return base + (a_t * phi_2) * d1 - (a_t * w2) * d2
 
 
-# ---------------------------------------------------------------------------------------
-# Multistep DPM-Solver (noise) and DPM-Solver++ (data)
-# ---------------------------------------------------------------------------------------
+# ----- Multistep DPM-Solver (noise) and DPM-Solver++ (data) -----------------------------
 
 
 class DPMSolverMultistep(ExponentialSolver):
@@ -455,9 +449,7 @@ def _unipc_step(f: _Form, x: Tensor, i: int, order: int, variant: str, hist: lis
     return x_lin - coef * res
 
 
-# ---------------------------------------------------------------------------------------
-# UniPC
-# ---------------------------------------------------------------------------------------
+# ----- UniPC ----------------------------------------------------------------------------
 
 
 class UniPC(ExponentialSolver):
@@ -537,9 +529,7 @@ class UniPC(ExponentialSolver):
         return _unipc_step(self.form, x, i, k, self.variant, hist, self.lams, None), data
 
 
-# ---------------------------------------------------------------------------------------
-# DEIS: exact integration of the Lagrange interpolant
-# ---------------------------------------------------------------------------------------
+# ----- DEIS: exact integration of the Lagrange interpolant ------------------------------
 
 
 def _exp_moment(n: int, delta: float) -> float:
@@ -610,9 +600,7 @@ class DEISSolver(ExponentialSolver):
         return (f.s[i + 1] / f.s[i]) * x + (f.s[i + 1] * math.exp(lam[i])) * acc, data
 
 
-# ---------------------------------------------------------------------------------------
-# Registration: names are configurations (fixed options, changed defaults) of the classes
-# ---------------------------------------------------------------------------------------
+# ----- Registration: names are configurations (fixed options, changed defaults) of the classes ---
 
 _EXP: dict[str, Any] = {"kind": "exponential", "requires_gaussian_path": True, "default_grid": "logsnr"}
 # DPM-Solver++ defaults: the time-quadratic grid and a first-order last step at every NFE
