@@ -33,18 +33,17 @@ and :math:`\log p_X(x) = \log p_Y(y) - D\log S`. The velocity is smooth and boun
 path (VP's exponential ends and VE's σ up to 80 become the same straight-line problem), so one
 grid works for all of them; for a stochastic interpolant τ = t and S = 1.
 
-**Solvers** (:data:`LIKELIHOOD_SOLVERS`; integrators of :mod:`flowdiff.solvers.integrators` on the
-augmented state :math:`(y, \ell)`): ``"adams"`` (default) — Adams–Bashforth(3)/Adams–Moulton(4) PEC,
-ONE model evaluation per node on a grid uniform in τ with two start-up nodes at 1/4 and 1/2 of the
-first step, the divergences integrated by 6-point Lagrange quadrature: ``nfe`` distinct times
-resolve the sharp, sample-specific bump of :math:`\nabla\cdot u` where a trajectory decides between
-mixture components far better than a 4-stage Runge–Kutta method with the same budget; Milne's
-device (the largest predictor–corrector gap, relative to ``1 + |y|``) flags samples crossing a short
-stiff stretch, and with ``refine_tol`` those are solved again, alone, by per-sample ``dopri5``.
-``"rk4"``, ``"heun"``, ``"midpoint"``, ``"euler"``: fixed-step Runge–Kutta on the same grid.
-``"dopri5"``: Dormand–Prince 5(4) with a time and a step per sample (PI controller; error: RMS over
-the state, largest log-determinant entry, ``atol + rtol·|·|``). The model is never called outside
-the interval: every stage time is clamped to it in the model's dtype.
+**Solvers** (:data:`LIKELIHOOD_SOLVERS`; :mod:`flowdiff.solvers.integrators` on the augmented state
+:math:`(y, \ell)`): ``"adams"`` (default) — Adams–Bashforth(3)/Adams–Moulton(4) PEC, ONE model
+evaluation per node on a grid uniform in τ with two start-up nodes at 1/4 and 1/2 of the first step,
+the divergences integrated by 6-point Lagrange quadrature: ``nfe`` distinct times resolve the sharp,
+sample-specific bump of :math:`\nabla\cdot u` where a trajectory decides between mixture components
+far better than a 4-stage Runge–Kutta method with the same budget; Milne's device (the largest
+predictor–corrector gap, relative to ``1 + |y|``) flags samples crossing a short stiff stretch, and
+with ``refine_tol`` those are solved again, alone, by per-sample ``dopri5``. ``"rk4"``, ``"heun"``,
+``"midpoint"``, ``"euler"``: fixed-step Runge–Kutta on the same grid. ``"dopri5"``: Dormand–Prince
+5(4) with a time and a step per sample. The model is never called outside the interval: every stage
+time is clamped to it in the model's dtype.
 
 **Divergence**: ``"exact"`` — the trace of the Jacobian from one forward pass and batched
 vector–Jacobian products against the basis vectors (``is_grads_batched``, chunked; any input shape);
@@ -71,29 +70,13 @@ from . import integrators as ig
 from .base import GaussianEvaluator, SampleResult, time_tensor, velocity_calls
 from .grids import make_grid, validate_grid
 
-__all__ = [
-    "DEFAULT_LIKELIHOOD_NFE",
-    "DIVERGENCES",
-    "LIKELIHOOD_GRIDS",
-    "LIKELIHOOD_SOLVERS",
-    "PROBE_DISTRIBUTIONS",
-    "FlowCoordinates",
-    "LogpSolve",
-    "NonFiniteLikelihoodError",
-    "SampleLogpResult",
-    "augmented_velocity",
-    "divergence",
-    "draw_probes",
-    "integrate_logp",
-    "sample_returning_logp",
-    "sample_with_logp",
-]
+__all__ = ["DEFAULT_ADAPTIVE_CAP", "DEFAULT_LIKELIHOOD_NFE", "DIVERGENCES", "LIKELIHOOD_GRIDS", "LIKELIHOOD_SOLVERS",
+           "PROBE_DISTRIBUTIONS", "FlowCoordinates", "LogpSolve", "NonFiniteLikelihoodError", "SampleLogpResult",
+           "augmented_velocity", "divergence", "draw_probes", "integrate_logp", "sample_returning_logp", "sample_with_logp"]
 
 #: Solvers of the augmented ODE (``log_likelihood``, ``sample_with_logp``, ``sample(return_logp=True)``).
 LIKELIHOOD_SOLVERS = ("adams", "rk4", "heun", "midpoint", "euler", "dopri5")
-#: Divergence estimators.
 DIVERGENCES = ("exact", "hutchinson")
-#: Hutchinson probe distributions.
 PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
 #: Built-in grids: uniform in flow time τ = α/(α+σ), uniform in t, uniform in log-SNR.
 LIKELIHOOD_GRIDS = ("flow", "uniform", "logsnr")
@@ -111,91 +94,62 @@ class NonFiniteLikelihoodError(FloatingPointError, ValueError):
     """The augmented ODE produced a NaN/inf state; the message names the time and the solver."""
 
 
-# =========================================================================================
-# Divergence: one model evaluation → (u, ∇·u)
-# =========================================================================================
+def _choice(label: str, value: Any, allowed: tuple[str, ...], more: str = "") -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {label} {value!r}; valid: {', '.join(allowed)}{more}")
 
 
-def draw_probes(
-    x: Tensor, probes: int, probe_dist: str = "rademacher", generator: torch.Generator | None = None
-) -> Tensor:
-    """Hutchinson probes ``(probes, *x.shape)`` in ``x``'s dtype and device.
-
-    Rademacher entries are ±1 (variance-minimal for a fixed Jacobian; Hutchinson 1989), Gaussian
-    entries N(0, 1). Drawn on the generator's device when one is given, then moved.
-    """
-    probes = check_int("probes", probes, 1)
-    if probe_dist not in PROBE_DISTRIBUTIONS:
-        raise ValueError(f"unknown probe_dist {probe_dist!r}; valid: {', '.join(PROBE_DISTRIBUTIONS)}")
-    shape = (probes, *x.shape)
+def draw_probes(x: Tensor, probes: int, probe_dist: str = "rademacher", generator: torch.Generator | None = None) -> Tensor:
+    """Hutchinson probes ``(probes, *x.shape)`` in ``x``'s dtype and device: Rademacher ±1 (variance-minimal
+    for a fixed Jacobian; Hutchinson 1989) or Gaussian N(0, 1), drawn on the generator's device."""
+    shape = (check_int("probes", probes, 1), *x.shape)
+    _choice("probe_dist", probe_dist, PROBE_DISTRIBUTIONS)
     device = generator.device if generator is not None else x.device
     if probe_dist == "gaussian":
-        z = torch.randn(shape, generator=generator, dtype=x.dtype, device=device)
-    else:  # integers first, so the dtype never depends on torch's default (flow_matching's float64 bug)
-        z = torch.randint(0, 2, shape, generator=generator, device=device).to(x.dtype) * 2 - 1
-    return z.to(x.device)
+        return torch.randn(shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+    # integers first, so the dtype never depends on torch's default (flow_matching's float64 bug)
+    return (torch.randint(0, 2, shape, generator=generator, device=device).to(x.dtype) * 2 - 1).to(x.device)
 
 
 def _batched_vjp(out: Tensor, inp: Tensor, vectors: Tensor, create_graph: bool) -> Tensor:
-    """``vectors[k]ᵀ ∂out/∂inp`` for every k: one batched backward pass, or a loop (same numbers)
-    for models whose backward has no batching rule."""
+    """``vectors[k]ᵀ ∂out/∂inp`` for every k: one batched backward pass, or a loop (same numbers) for
+    models whose backward has no batching rule."""
+
+    def vjp(v: Tensor, batched: bool) -> Tensor:
+        return torch.autograd.grad(out, inp, v, retain_graph=True, create_graph=create_graph, is_grads_batched=batched)[0]
+
     try:
-        (g,) = torch.autograd.grad(
-            out, inp, grad_outputs=vectors, retain_graph=True, create_graph=create_graph, is_grads_batched=True
-        )
-        return g
+        return vjp(vectors, True)
     except RuntimeError:
-        rows = []
-        for k in range(vectors.shape[0]):
-            (g,) = torch.autograd.grad(out, inp, grad_outputs=vectors[k], retain_graph=True, create_graph=create_graph)
-            rows.append(g)
-        return torch.stack(rows)
+        return torch.stack([vjp(v, False) for v in vectors])
 
 
-def divergence(
-    out: Tensor,
-    inp: Tensor,
-    *,
-    method: str = "exact",
-    probes: Tensor | None = None,
-    chunk_size: int | None = None,
-    create_graph: bool = False,
-) -> Tensor:
+def divergence(out: Tensor, inp: Tensor, *, method: str = "exact", probes: Tensor | None = None,
+               chunk_size: int | None = None, create_graph: bool = False) -> Tensor:
     """Per-sample divergence :math:`\\sum_i \\partial\\,\\mathrm{out}_i / \\partial\\,\\mathrm{inp}_i` of a batched map.
 
-    Arguments:
-        out: ``f(inp)``, shape ``(B, *S)`` = ``inp.shape``, computed with ``inp`` requiring grad;
-            sample b of ``out`` must depend only on sample b of ``inp``.
-        inp: the input ``(B, *S)``.
-        method: ``"exact"`` (D vector–Jacobian products against the basis, batched in chunks of
-            ``chunk_size`` basis vectors) or ``"hutchinson"`` (``probes`` required).
-        probes: ``(P, B, *S)`` Hutchinson probes (:func:`draw_probes`).
-        chunk_size: basis vectors per batched backward pass (default: as many as fit in
-            ~16M elements).
-        create_graph: keep the graph (for training through the divergence).
-
-    Returns:
-        ``(B,)`` for ``"exact"``, ``(P, B)`` for ``"hutchinson"``.
+    ``out = f(inp)``, both ``(B, *S)``, computed with ``inp`` requiring grad; sample b of ``out``
+    depends only on sample b of ``inp``. ``method="exact"``: D vector–Jacobian products against the
+    basis, ``chunk_size`` basis vectors per batched backward pass (default: as many as fit in ~16M
+    elements); returns ``(B,)``. ``"hutchinson"``: ``probes`` ``(P, B, *S)`` (:func:`draw_probes`);
+    returns ``(P, B)``. ``create_graph``: keep the graph (for training through the divergence).
     """
-    if method not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {method!r}; valid: {', '.join(DIVERGENCES)}")
+    _choice("divergence", method, DIVERGENCES)
     if out.shape != inp.shape:
         raise ValueError(f"divergence needs out.shape == inp.shape, got {tuple(out.shape)} and {tuple(inp.shape)}")
-    batch = inp.shape[0]
-    dims = math.prod(inp.shape[1:])
+    batch, dims = inp.shape[0], math.prod(inp.shape[1:])
     if method == "hutchinson":
-        if probes is None or probes.ndim != inp.ndim + 1 or probes.shape[1:] != inp.shape:
-            shape = None if probes is None else tuple(probes.shape)
-            raise ValueError(f"hutchinson needs probes of shape (P, *{tuple(inp.shape)}), got {shape}")
+        if probes is None or probes.shape[1:] != inp.shape:
+            got = None if probes is None else tuple(probes.shape)
+            raise ValueError(f"hutchinson needs probes of shape (P, *{tuple(inp.shape)}), got {got}")
         g = _batched_vjp(out, inp, probes.to(out.dtype), create_graph)
         return (g * probes).reshape(probes.shape[0], batch, -1).sum(-1)
     if chunk_size is None:
         chunk_size = max(1, min(dims, _VJP_ELEMENTS // max(1, batch * dims)))
     chunk_size = check_int("chunk_size", chunk_size, 1)
     total = out.new_zeros(batch)
-    rows = torch.arange(dims, device=inp.device)
     for start in range(0, dims, chunk_size):
-        idx = rows[start : start + chunk_size]
+        idx = torch.arange(start, min(start + chunk_size, dims), device=inp.device)
         k = torch.arange(len(idx), device=inp.device)
         basis = torch.zeros(len(idx), batch, dims, dtype=out.dtype, device=out.device)
         basis[k, :, idx] = 1
@@ -207,59 +161,33 @@ def divergence(
 _compute_divergence = divergence  # the parameter of augmented_velocity shadows the function's name
 
 
-def augmented_velocity(
-    field: Any,
-    x: Tensor,
-    t: float | Tensor,
-    *,
-    divergence: str = "exact",
-    probes: Tensor | None = None,
-    chunk_size: int | None = None,
-    cond: dict | None = None,
-    create_graph: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """The probability-flow velocity and its divergence from ONE model evaluation.
+def augmented_velocity(field: Any, x: Tensor, t: float | Tensor, *, divergence: str = "exact", probes: Tensor | None = None,
+                       chunk_size: int | None = None, cond: dict | None = None, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    """The probability-flow velocity and its divergence from ONE model evaluation: ``(u, ∇·u)`` at ``(x, t)``.
 
-    :math:`(u, \\nabla\\cdot u)` at ``(x, t)``, with ``u = field.velocity(x, t, **cond)`` (one model
-    call; two for an :class:`~flowdiff.InterpolantField` whose drift needs its score model) and the
-    divergence by :func:`divergence` (backward passes only): the right-hand side of the augmented
-    ODE :math:`\\dot x = u`, :math:`\\tfrac{d}{dt}\\log p_t(x_t) = -\\nabla\\cdot u`.
-
-    Arguments:
-        field: anything with ``velocity(x, t, **cond)``.
-        x: ``(B, *S)``; t: a float, 0-d or ``(B,)`` tensor.
-        divergence: ``"exact"`` or ``"hutchinson"`` (then ``probes`` ``(P, B, *S)`` is required).
-        chunk_size, create_graph: see :func:`divergence`. cond: conditioning keyword arguments.
-
-    Returns:
-        ``(u, div)``: ``u`` like ``x`` (detached unless ``create_graph``), ``div`` ``(B,)``
-        (exact) or ``(P, B)`` (Hutchinson).
+    ``u = field.velocity(x, t, **cond)`` (one model call; two for an :class:`~flowdiff.InterpolantField`
+    whose drift needs its score model) and its divergence by :func:`divergence` (same keywords;
+    backward passes only): the right-hand side of the augmented ODE. ``x``: ``(B, *S)``; ``t``: a
+    float, 0-d or ``(B,)`` tensor. ``u`` comes back detached unless ``create_graph``; ``div`` is
+    ``(B,)`` (exact) or ``(P, B)`` (Hutchinson).
     """
     with torch.enable_grad():
         inp = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
         u = field.velocity(inp, t, **dict(cond or {}))
         if not isinstance(u, Tensor) or u.shape != x.shape:
             raise ValueError(f"field.velocity must return a tensor of shape {tuple(x.shape)}, got {getattr(u, 'shape', u)}")
-        if not u.requires_grad:  # a velocity that does not depend on x has zero divergence
-            num_probes = 0 if probes is None else probes.shape[0]
-            return u, (x.new_zeros(x.shape[0]) if divergence == "exact" else x.new_zeros(num_probes, x.shape[0]))
-        div = _compute_divergence(u, inp, method=divergence, probes=probes, chunk_size=chunk_size, create_graph=create_graph)
-    if not create_graph:
-        u, div = u.detach(), div.detach()
-    return u, div
-
-
-# =========================================================================================
-# Flow coordinates τ = α/(α+σ), y = x/(α+σ), and the augmented right-hand side
-# =========================================================================================
+        if u.requires_grad:
+            div = _compute_divergence(u, inp, method=divergence, probes=probes, chunk_size=chunk_size, create_graph=create_graph)
+        else:  # a velocity that does not depend on x has zero divergence
+            div = x.new_zeros(x.shape[:1] if divergence == "exact" else (0 if probes is None else probes.shape[0], x.shape[0]))
+    return (u, div) if create_graph else (u.detach(), div.detach())
 
 
 class FlowCoordinates:
     """The change of variables of the module docstring, in float64 (identity for interpolants)."""
 
     def __init__(self, path: Any):
-        self.path = path
-        self.gaussian = isinstance(path, GaussianPath)
+        self.path, self.gaussian = path, isinstance(path, GaussianPath)
 
     def tau(self, t: Tensor) -> Tensor:
         if not self.gaussian:
@@ -280,89 +208,58 @@ class FlowCoordinates:
         return scale, 1.0 / ((da * s - a * ds) / scale**2), (da + ds) / scale
 
 
+def _index_cond(cond: dict, index: Tensor | None) -> dict:
+    """Conditioning restricted to the samples ``index`` (batched tensors only)."""
+    if index is None:
+        return cond
+    return {k: (v[index] if isinstance(v, Tensor) and v.ndim >= 1 else v) for k, v in cond.items()}
+
+
 class _Evaluator:
     """The augmented right-hand side ``(dy/dτ, ∇_y·dy/dτ)`` at times in t, with the interval guard."""
 
-    def __init__(self, field: Any, coords: FlowCoordinates, t_lo: float, t_hi: float, method: str,
-                 probes: Tensor | None, chunk_size: int | None, cond: dict, create_graph: bool,
-                 progress: Callable[[], None] | None = None):
+    def __init__(self, field: Any, coords: FlowCoordinates, t_lo: float, t_hi: float, probes: Tensor | None,
+                 cond: dict, options: dict, progress: Callable[[], None] | None = None):
         self.field, self.coords, self.t_lo, self.t_hi = field, coords, t_lo, t_hi
-        self.method, self.probes, self.chunk_size = method, probes, chunk_size
-        self.cond, self.create_graph, self.progress = cond, create_graph, progress
-        self.first = True
+        self.probes, self.cond, self.options, self.progress = probes, cond, options, progress
         self.sample_evals = 0  # Σ over model calls of the number of samples evaluated
 
     def model_time(self, t64: Tensor, like: Tensor) -> Tensor:
         """``t`` clamped into ``[t_lo, t_hi]`` *in the model's dtype* (float32 rounding cannot leave it)."""
         tt = t64.clamp(self.t_lo, self.t_hi).to(like.dtype)
         if tt.dtype != torch.float64:
-            for bound, toward in ((self.t_hi, -math.inf), (self.t_lo, math.inf)):
-                out = tt.double() > bound if toward < 0 else tt.double() < bound
-                if bool(out.any()):
-                    tt = torch.where(out, torch.nextafter(tt, torch.tensor(toward, dtype=tt.dtype)), tt)
+            tt = torch.where(tt.double() > self.t_hi, torch.nextafter(tt, torch.tensor(-math.inf, dtype=tt.dtype)), tt)
+            tt = torch.where(tt.double() < self.t_lo, torch.nextafter(tt, torch.tensor(math.inf, dtype=tt.dtype)), tt)
         return tt.to(like.device)
 
     def __call__(self, y: Tensor, t64: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """At flow state ``y`` and times ``t64`` (0-d or per-sample float64); the divergence term is
-        ``(B,)`` or ``(B, P)`` (batch first)."""
+        """At flow state ``y`` and float64 times ``t64`` (0-d or per-sample); the divergence term batch first."""
         scale, dt_dtau, dlogs = self.coords.factors(t64.clamp(self.t_lo, self.t_hi))
         shape = (-1,) + (1,) * (y.ndim - 1)
         cast = lambda v: (v.reshape(shape) if t64.ndim == 1 else v).to(dtype=y.dtype, device=y.device)  # noqa: E731
-        x = cast(scale) * y
-        tm = self.model_time(t64, y)
+        x, tm = cast(scale) * y, self.model_time(t64, y)
         probes = self.probes if self.probes is None or index is None else self.probes[:, index]
         try:
-            u, div = augmented_velocity(self.field, x, tm, divergence=self.method, probes=probes, chunk_size=self.chunk_size,
-                                        cond=_index_cond(self.cond, index), create_graph=self.create_graph)
+            u, div = augmented_velocity(self.field, x, tm, probes=probes, cond=_index_cond(self.cond, index), **self.options)
         except (ValueError, RuntimeError, TypeError) as error:
-            if self.first:
-                raise ValueError(
-                    f"the field's model failed on the first evaluation with x of shape {tuple(x.shape)} "
-                    f"(dtype {x.dtype}) at t={float(tm.flatten()[0]):.6g}: {error}"
-                ) from error
-            raise
-        self.first = False
+            if self.sample_evals:
+                raise
+            raise ValueError(f"the field's model failed on the first evaluation with x of shape {tuple(x.shape)} "
+                             f"(dtype {x.dtype}) at t={float(tm.flatten()[0]):.6g}: {error}") from error
         self.sample_evals += y.shape[0]
         if self.progress is not None:
             self.progress()
-        dyn = cast(dt_dtau / scale) * (u - cast(dlogs) * x)
         gdiv = dt_dtau.to(dtype=div.dtype, device=div.device) * (div - y[0].numel() * dlogs.to(dtype=div.dtype, device=div.device))
-        return dyn, gdiv.movedim(0, -1)  # batch first for the integrators
-
-
-def _index_cond(cond: dict, index: Tensor | None) -> dict:
-    """Conditioning restricted to the samples ``index`` (batched tensors only)."""
-    if index is None or not cond:
-        return cond
-    return {k: (v[index] if isinstance(v, Tensor) and v.ndim >= 1 else v) for k, v in cond.items()}
-
-
-# =========================================================================================
-# Validation shared by every entry point
-# =========================================================================================
-
-
-def check_field(field: Any) -> Any:
-    """The field's path, after checking it is a field on a Gaussian path or an interpolant."""
-    if not (hasattr(field, "velocity") and hasattr(field, "path") and hasattr(field, "nfe")):
-        raise TypeError(
-            f"field must be a fd.Field or fd.InterpolantField (with .velocity, .path and .nfe), got {type(field).__name__}"
-        )
-    if not isinstance(field.path, (GaussianPath, StochasticInterpolant)):
-        raise TypeError(f"field.path must be a GaussianPath or StochasticInterpolant, got {type(field.path).__name__}")
-    return field.path
+        return cast(dt_dtau / scale) * (u - cast(dlogs) * x), gdiv.movedim(0, -1)  # batch first for the integrators
 
 
 def check_data(x: Any, name: str = "x") -> Tensor:
     """A finite floating-point ``(B, *S)`` tensor with B ≥ 1, or a clear error."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got dtype {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have shape (B, *S) with a batch dimension and data dimensions, got {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)})")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        what = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be a floating-point torch.Tensor (float32 or float64), got {what}")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (B, *S) with B >= 1 and data dimensions, got {tuple(x.shape)}")
     finite = torch.isfinite(x)
     if not bool(finite.all()):
         bad = (~finite).reshape(x.shape[0], -1).any(-1).nonzero().flatten()[:5].tolist()
@@ -370,83 +267,71 @@ def check_data(x: Any, name: str = "x") -> Tensor:
     return x
 
 
-def check_interval(path: Any, t_start: float | None, t_end: float | None, what: str) -> tuple[float, float]:
-    """``(t_start, t_end)``, default the path's ``[t_min, t_max]``, inside it and increasing."""
-    lo, hi = float(path.t_min), float(path.t_max)
-    ts = check_float("t_start", lo if t_start is None else t_start)
-    te = check_float("t_end", hi if t_end is None else t_end)
-    if min(ts, te) < lo - 1e-12 or max(ts, te) > hi + 1e-12:
-        raise ValueError(
-            f"t_start={ts!r} and t_end={te!r} must lie in the path's safe interval [t_min, t_max] = [{lo!r}, {hi!r}]"
-        )
-    if not ts < te:
-        raise ValueError(
-            f"need t_start < t_end (t_start is the noise/prior side, t_end the data side, as in fd.sample; "
-            f"{what}), got t_start={ts!r}, t_end={te!r}"
-        )
-    return min(max(ts, lo), hi), min(max(te, lo), hi)
-
-
-def check_options(solver: str, divergence_: str, probes: int, probe_dist: str, rtol: float, atol: float,
-                  nfe: int | None) -> None:
-    for label, value, allowed in (("solver", solver, LIKELIHOOD_SOLVERS), ("divergence", divergence_, DIVERGENCES),
-                                  ("probe_dist", probe_dist, PROBE_DISTRIBUTIONS)):
-        if value not in allowed:
-            raise ValueError(f"unknown {label} {value!r}; valid: {', '.join(allowed)}")
+def check_solve(field: Any, t_start: float | None, t_end: float | None, what: str, solver: str, divergence_: str,
+                probes: int, probe_dist: str, rtol: float, atol: float, nfe: int | None, refine_tol: float | None) -> tuple[Any, float, float]:
+    """The checks of every entry point: a field on a Gaussian path or an interpolant, the options, and the
+    interval (default the path's ``[t_min, t_max]``, inside it, increasing). Returns ``(path, t_start, t_end)``."""
+    if not (hasattr(field, "velocity") and hasattr(field, "path") and hasattr(field, "nfe")):
+        raise TypeError(f"field must be a fd.Field or fd.InterpolantField (with .velocity, .path and .nfe), got {type(field).__name__}")
+    path = field.path
+    if not isinstance(path, (GaussianPath, StochasticInterpolant)):
+        raise TypeError(f"field.path must be a GaussianPath or StochasticInterpolant, got {type(path).__name__}")
+    _choice("solver", solver, LIKELIHOOD_SOLVERS)
+    _choice("divergence", divergence_, DIVERGENCES)
+    _choice("probe_dist", probe_dist, PROBE_DISTRIBUTIONS)
     check_int("probes", probes, 1)
     check_float("rtol", rtol, 0.0, low_open=True)
     check_float("atol", atol, 0.0, low_open=True)
     if nfe is not None:
         check_int("nfe", nfe, 1)
+    if refine_tol is not None:
+        check_float("refine_tol", refine_tol, 0.0, low_open=True)
+    lo, hi = float(path.t_min), float(path.t_max)
+    ts = check_float("t_start", lo if t_start is None else t_start)
+    te = check_float("t_end", hi if t_end is None else t_end)
+    if min(ts, te) < lo - 1e-12 or max(ts, te) > hi + 1e-12:
+        raise ValueError(f"t_start={ts!r} and t_end={te!r} must lie in the path's safe interval [t_min, t_max] = [{lo!r}, {hi!r}]")
+    if not ts < te:
+        raise ValueError(f"need t_start < t_end (t_start is the noise/prior side, t_end the data side, as in fd.sample; "
+                         f"{what}), got t_start={ts!r}, t_end={te!r}")
+    return path, min(max(ts, lo), hi), min(max(te, lo), hi)
 
 
 def prior_log_prob(prior: Prior, path: Any, t_prior: float) -> Callable[[Tensor], Tensor]:
-    """The log-density at the prior end as a function of the state ``(B, *S) -> (B,)``: ``"gaussian"``
-    (Gaussian path: N(0, σ(t)² I), the law of ``path.prior_sample``; interpolant with a Gaussian x₀:
-    N(0, (a₀² + γ²) I)), ``"standard"`` (N(0, I)) or a callable."""
-    if callable(prior):
-        return prior
-    if prior not in ("gaussian", "standard"):
-        raise ValueError(f"unknown prior {prior!r}; valid: 'gaussian', 'standard' or a callable z -> log pi(z) of shape (B,)")
-    tt = torch.tensor(t_prior, dtype=torch.float64)
-    if prior == "standard":
-        std = 1.0
-    elif isinstance(path, GaussianPath):
-        std = float(path.sigma(tt))
-    else:
-        if path.is_mirror:
-            raise ValueError(
-                "prior='gaussian' needs a Gaussian base; the mirror interpolant has none (x0 = x1): pass prior=callable"
-            )
-        a0, gamma = float(path.coefficients(tt)[0]), float(path.gamma(tt))
-        std = math.sqrt(a0 * a0 + gamma * gamma)  # x_t = a0 x0 + a1 x1 + γz: a1(t_min) x1 ≈ 0 is neglected
-    if std <= 0:
-        raise ValueError(f"prior='gaussian' has zero width at t={t_prior!r}; pass prior=callable")
+    """The log-density at the prior end, ``(B, *S) -> (B,)`` (its shape checked): ``"gaussian"`` (Gaussian
+    path: N(0, σ(t)² I), the law of ``path.prior_sample``; interpolant with a Gaussian x₀: N(0, (a₀² + γ²) I)),
+    ``"standard"`` (N(0, I)) or a callable."""
+    if not callable(prior):
+        _choice("prior", prior, ("gaussian", "standard"), " or a callable z -> log pi(z) of shape (B,)")
+        tt = torch.tensor(t_prior, dtype=torch.float64)
+        if prior == "standard":
+            std = 1.0
+        elif isinstance(path, GaussianPath):
+            std = float(path.sigma(tt))
+        elif path.is_mirror:
+            raise ValueError("prior='gaussian' needs a Gaussian base; the mirror interpolant has none (x0 = x1): pass prior=callable")
+        else:  # x_t = a0 x0 + a1 x1 + γz: a1(t_min) x1 ≈ 0 is neglected
+            a0, gamma = float(path.coefficients(tt)[0]), float(path.gamma(tt))
+            std = math.sqrt(a0 * a0 + gamma * gamma)
+        if std <= 0:
+            raise ValueError(f"prior='gaussian' has zero width at t={t_prior!r}; pass prior=callable")
 
-    def gaussian_log_prob(z: Tensor) -> Tensor:
-        d = z[0].numel()
-        sq = z.reshape(z.shape[0], -1).pow(2).sum(-1)
+    def log_prob(z: Tensor) -> Tensor:
+        if callable(prior):
+            out = prior(z)
+            if not isinstance(out, Tensor) or out.shape != (z.shape[0],):
+                raise ValueError(f"prior must return a tensor of shape (B,) = ({z.shape[0]},), got {getattr(out, 'shape', out)}")
+            return out
+        d, sq = z[0].numel(), z.reshape(z.shape[0], -1).pow(2).sum(-1)
         return -0.5 * sq / std**2 - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
 
-    return gaussian_log_prob
-
-
-def apply_prior(prior_fn: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
-    out = prior_fn(z)
-    if not isinstance(out, Tensor) or out.shape != (z.shape[0],):
-        raise ValueError(f"prior must return a tensor of shape (B,) = ({z.shape[0]},), got {getattr(out, 'shape', out)}")
-    return out
-
-
-# =========================================================================================
-# Grids (increasing, from the sampling layer's make_grid) and the solve
-# =========================================================================================
+    return log_prob
 
 
 def _nodes(coords: FlowCoordinates, kind: Any, steps: int, t_a: float, t_b: float, startup: bool) -> tuple[Tensor, list[float]]:
-    """The nodes from ``t_a`` (start of the solve) to ``t_b`` and their τ: a kind of
-    :data:`LIKELIHOOD_GRIDS` with ``steps`` steps or an increasing explicit grid; with ``startup`` two
-    nodes at 1/4 and 1/2 of the first step (in τ unless the grid is uniform in t) for the Adams start."""
+    """The nodes from ``t_a`` (start of the solve) to ``t_b`` and their τ: a kind of :data:`LIKELIHOOD_GRIDS`
+    with ``steps`` steps or an increasing explicit grid; with ``startup`` two nodes at 1/4 and 1/2 of
+    the first step (in τ unless the grid is uniform in t) for the Adams start."""
     lo, hi = min(t_a, t_b), max(t_a, t_b)
     in_tau = isinstance(kind, str) and kind in ("flow", "logsnr")
     if not isinstance(kind, str):
@@ -454,11 +339,10 @@ def _nodes(coords: FlowCoordinates, kind: Any, steps: int, t_a: float, t_b: floa
     elif kind == "flow":
         ends = coords.tau(torch.tensor([lo, hi], dtype=torch.float64))
         t = coords.t_of_tau(torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64))
-    elif kind not in LIKELIHOOD_GRIDS:
-        raise ValueError(f"unknown grid {kind!r}; valid: {', '.join(LIKELIHOOD_GRIDS)} or an array of times")
-    elif kind == "logsnr" and not coords.gaussian:
-        raise TypeError(f"grid='logsnr' needs a Gaussian path, got {type(coords.path).__name__}; use 'flow' or 'uniform'")
     else:
+        _choice("grid", kind, LIKELIHOOD_GRIDS, " or an array of times")
+        if kind == "logsnr" and not coords.gaussian:
+            raise TypeError(f"grid='logsnr' needs a Gaussian path, got {type(coords.path).__name__}; use 'flow' or 'uniform'")
         t = make_grid(coords.path, kind, steps, lo, hi)
     t = t.flip(0) if t_a > t_b else t
     if startup:
@@ -486,30 +370,23 @@ class LogpSolve:
 def _check_state(y: Tensor, ell: Tensor, solver: str, t: float | Tensor) -> None:
     if not (bool(torch.isfinite(y).all()) and bool(torch.isfinite(ell).all())):
         where = float(t) if not isinstance(t, Tensor) or t.numel() == 1 else float(t.min())
-        raise NonFiniteLikelihoodError(
-            f"solver {solver!r}: the augmented state became non-finite near t={where:.6g}; the model may output "
-            "NaN/inf there, or the step is unstable (raise nfe or use solver='dopri5')"
-        )
+        raise NonFiniteLikelihoodError(f"solver {solver!r}: the augmented state became non-finite near t={where:.6g}; the model "
+                                       "may output NaN/inf there, or the step is unstable (raise nfe or use solver='dopri5')")
 
 
-def _dopri5(ev: _Evaluator, y0: Tensor, t_a: float, t_b: float, rtol: float, atol: float, cap: int,
-            num_probes: int, check: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _dopri5(ev: _Evaluator, state: tuple[Tensor, Tensor], t_a: float, t_b: float, rtol: float, atol: float, cap: int,
+            check: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample dopri5 in τ; the times of the ends are exact."""
     coords = ev.coords
     tau_a, tau_b = coords.tau(torch.tensor([t_a, t_b], dtype=torch.float64)).tolist()
 
     def time_of(s: Tensor) -> Tensor:
         return torch.where(s == tau_b, t_b, torch.where(s == tau_a, t_a, coords.t_of_tau(s)))
 
-    def check_step(s: Tensor, idx: Tensor, y: Any) -> None:
-        if check:
-            _check_state(y[0], y[1], "dopri5", coords.t_of_tau(s))
-
-    ell = y0.new_zeros((y0.shape[0], num_probes) if num_probes else (y0.shape[0],))
+    check_step = (lambda s, idx, y: _check_state(y[0], y[1], "dopri5", coords.t_of_tau(s))) if check else None
     try:
-        (y, ell), steps = ig.dopri5_per_sample(
-            lambda s, y, idx: ev(y[0], time_of(s), idx), tau_a, tau_b, (y0, ell), rtol=rtol, atol=atol,
-            max_calls=cap, on_step=check_step, time_of=coords.t_of_tau,
-        )
+        (y, ell), steps = ig.dopri5_per_sample(lambda s, y, idx: ev(y[0], time_of(s), idx), tau_a, tau_b, state, rtol=rtol,
+                                               atol=atol, max_calls=cap, on_step=check_step, time_of=coords.t_of_tau)
     except ig.StepSizeUnderflowError as error:
         raise NonFiniteLikelihoodError(str(error)) from error
     return y, ell, steps
@@ -527,15 +404,14 @@ def integrate_logp(
     """
     coords = FlowCoordinates(field.path)
     lo, hi = min(t_a, t_b), max(t_a, t_b)
-    ev = _Evaluator(field, coords, lo, hi, method, probes, chunk_size, cond, create_graph, progress)
-    num_probes = 0 if probes is None else probes.shape[0]
+    options = {"divergence": method, "chunk_size": chunk_size, "create_graph": create_graph}
+    ev = _Evaluator(field, coords, lo, hi, probes, cond, options, progress)
     scale_a, scale_b = coords.factors(torch.tensor([t_a, t_b], dtype=torch.float64))[0].tolist()
     y = x / scale_a
-    start_nfe = field.nfe
-    t = steps_taken = refined = None
+    ell = y.new_zeros((y.shape[0],) if probes is None else (y.shape[0], probes.shape[0]))
+    start_nfe, t, steps_taken, refined = field.nfe, None, None, None
     if solver == "dopri5":
-        cap = DEFAULT_ADAPTIVE_CAP if nfe is None else nfe
-        y, ell, steps_taken = _dopri5(ev, y, t_a, t_b, rtol, atol, cap, num_probes, check)
+        y, ell, steps_taken = _dopri5(ev, (y, ell), t_a, t_b, rtol, atol, DEFAULT_ADAPTIVE_CAP if nfe is None else nfe, check)
     else:
         stages = 1 if solver == "adams" else ig.TABLEAUS[solver].stages
         budget = DEFAULT_LIKELIHOOD_NFE if nfe is None else nfe
@@ -543,10 +419,9 @@ def integrate_logp(
         if isinstance(grid, str) and steps < 1:
             raise ValueError(f"nfe={budget} is too small for solver {solver!r}; it needs nfe >= {4 if solver == 'adams' else stages}")
         t, taus = _nodes(coords, grid, steps, t_a, t_b, startup=solver == "adams" and isinstance(grid, str))
-        if not isinstance(grid, str):
-            needed = len(t) if solver == "adams" else (len(t) - 1) * stages
-            if nfe is not None and needed > nfe:
-                raise ValueError(f"the explicit grid needs {needed} model evaluations with solver {solver!r}, more than nfe={nfe}")
+        needed = len(t) if solver == "adams" else (len(t) - 1) * stages
+        if not isinstance(grid, str) and nfe is not None and needed > nfe:
+            raise ValueError(f"the explicit grid needs {needed} model evaluations with solver {solver!r}, more than nfe={nfe}")
         times = t.tolist()
         if solver == "adams":
             indicator = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
@@ -563,31 +438,22 @@ def integrate_logp(
                 refined = (indicator > refine_tol).cpu()
                 if bool(refined.any()):
                     idx = refined.nonzero().flatten().to(x.device)
-                    sub = _Evaluator(field, coords, lo, hi, method, None if probes is None else probes[:, idx],
-                                     chunk_size, _index_cond(cond, idx), create_graph)
+                    sub = _Evaluator(field, coords, lo, hi, None if probes is None else probes[:, idx], _index_cond(cond, idx), options)
                     cap = DEFAULT_ADAPTIVE_CAP if nfe is None or not isinstance(grid, str) else max(DEFAULT_ADAPTIVE_CAP, nfe)
-                    y_sub, ell_sub, _ = _dopri5(sub, x[idx] / scale_a, t_a, t_b, rtol, atol, cap, num_probes, check)
                     y, ell = y.clone(), ell.clone()
-                    y[idx], ell[idx] = y_sub, ell_sub
+                    y[idx], ell[idx], _ = _dopri5(sub, (x[idx] / scale_a, torch.zeros_like(ell[idx])), t_a, t_b, rtol, atol, cap, check)
                     ev.sample_evals += sub.sample_evals
         else:
             node_t = dict(zip(taus, t))
             rhs = lambda s, yy: ev(yy[0], node_t[s] if s in node_t else coords.t_of_tau(torch.tensor(s, dtype=torch.float64)))  # noqa: E731
-            state = (y, y.new_zeros((y.shape[0], num_probes) if num_probes else (y.shape[0],)))
             for i in range(len(taus) - 1):
-                state, _ = ig.rk_step(rhs, taus[i], state, taus[i + 1] - taus[i], ig.TABLEAUS[solver], s_next=taus[i + 1])
+                (y, ell), _ = ig.rk_step(rhs, taus[i], (y, ell), taus[i + 1] - taus[i], ig.TABLEAUS[solver], s_next=taus[i + 1])
                 if check:
-                    _check_state(state[0], state[1], solver, times[i + 1])
-            y, ell = state
+                    _check_state(y, ell, solver, times[i + 1])
         t = t if t_a < t_b else t.flip(0)
     # log p_Y(y_b) = log p_Y(y_a) − ℓ and log p_X = log p_Y − D log S.
     change = ell.movedim(-1, 0) + x[0].numel() * (math.log(scale_b) - math.log(scale_a))
     return LogpSolve(y * scale_b, change, field.nfe - start_nfe, t, steps_taken, refined, ev.sample_evals)
-
-
-# =========================================================================================
-# Generation with the log-density: sample_with_logp and sample(return_logp=True)
-# =========================================================================================
 
 
 def probe_std_error(per_probe: Tensor) -> Tensor:
@@ -598,20 +464,12 @@ def probe_std_error(per_probe: Tensor) -> Tensor:
 
 @dataclass
 class SampleLogpResult:
-    """What :func:`sample_with_logp` returns.
-
-    Attributes:
-        x: the state at ``t_end`` (data side), shape of ``x_init``.
-        log_prob: ``(B,)`` log-density of ``x`` under the model (prior at ``t_start`` pushed
-            forward by the ODE); Hutchinson: mean over probes.
-        prior_term: ``(B,)`` :math:`\\log\\pi(x_{init})`.
-        delta_logdet: ``log_prob - prior_term``.
-        nfe: model calls really made.
-        grid: times visited (fixed-step solvers), float64, increasing from ``t_start`` to ``t_end``.
-        std_error: Hutchinson standard error, else ``None``.
-        steps: accepted steps per sample (``dopri5``).
-        refined: samples re-solved by ``dopri5`` after the Adams check (see ``log_likelihood``).
-    """
+    """What :func:`sample_with_logp` returns: ``x`` at ``t_end``; ``log_prob`` ``(B,)`` its log-density
+    (the prior at ``t_start`` pushed forward by the ODE; Hutchinson: mean over probes) = ``prior_term``
+    :math:`\\log\\pi(x_{init})` + ``delta_logdet``; ``nfe``: model calls really made; ``grid``: the
+    times visited (fixed-step solvers), increasing; ``std_error``: Hutchinson standard error;
+    ``steps``: accepted steps per sample (``dopri5``); ``refined``: samples re-solved by ``dopri5``
+    after the Adams check (see ``log_likelihood``)."""
 
     x: Tensor
     log_prob: Tensor
@@ -627,59 +485,37 @@ class SampleLogpResult:
 
 
 def sample_with_logp(
-    field: Any,
-    x_init: Tensor,
-    *,
-    solver: str = "adams",
-    nfe: int | None = None,
-    grid: Any = "flow",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    divergence: str = "exact",
-    probes: int = 8,
-    probe_dist: str = "rademacher",
-    generator: torch.Generator | None = None,
-    t_start: float | None = None,
-    t_end: float | None = None,
-    prior: Prior = "gaussian",
-    cond: dict | None = None,
-    chunk_size: int | None = None,
-    check_finite: bool = True,
+    field: Any, x_init: Tensor, *, solver: str = "adams", nfe: int | None = None, grid: Any = "flow", rtol: float = 1e-5,
+    atol: float = 1e-5, divergence: str = "exact", probes: int = 8, probe_dist: str = "rademacher",
+    generator: torch.Generator | None = None, t_start: float | None = None, t_end: float | None = None,
+    prior: Prior = "gaussian", cond: dict | None = None, chunk_size: int | None = None, check_finite: bool = True,
     refine_tol: float | None = 5e-3,
 ) -> SampleLogpResult:
     r"""Generate with the probability-flow ODE and the log-density of every sample, in one pass.
 
-    Integrates :math:`\dot x = u`, :math:`\tfrac{d}{dt}\log p_t = -\nabla\cdot u` forwards from
-    ``x_init`` at ``t_start`` (default ``t_min``; noise side) to ``t_end`` (default ``t_max``):
-    :math:`\log p(x(t_{end})) = \log\pi(x_{init}) - \int \nabla\cdot u\,dt`. Each model
-    evaluation gives the velocity and its divergence (:func:`augmented_velocity`), so the
-    log-density costs no model evaluation beyond sampling (only backward passes: D of them per
-    evaluation for the exact divergence, ``probes`` for Hutchinson). Solvers, grids and options
-    are those of :func:`flowdiff.likelihood.log_likelihood` (same ``t_start < t_end``);
-    ``fd.sample(..., return_logp=True)`` runs this function.
-
-    The log-density is that of the *state* at ``t_end``; a final denoising step
-    (:math:`E[x_1|x_t]`) is not invertible and has no density.
+    Integrates the augmented ODE forwards from ``x_init`` at ``t_start`` (default ``t_min``; noise
+    side) to ``t_end`` (default ``t_max``): :math:`\log p(x(t_{end})) = \log\pi(x_{init}) - \int
+    \nabla\cdot u\,dt`. The log-density costs no model evaluation beyond sampling (backward passes
+    only: D per evaluation for the exact divergence, ``probes`` for Hutchinson). Solvers, grids and
+    options are those of :func:`flowdiff.likelihood.log_likelihood`; ``fd.sample(...,
+    return_logp=True)`` runs this function. The density is that of the *state* at ``t_end``; a final
+    denoising step (:math:`E[x_1|x_t]`) is not invertible and has no density.
     """
-    path = check_field(field)
     x_init = check_data(x_init, "x_init")
-    check_options(solver, divergence, probes, probe_dist, rtol, atol, nfe)
-    ts, te = check_interval(path, t_start, t_end, "generation runs forward in t")
-    prior_term = apply_prior(prior_log_prob(prior, path, ts), x_init)
+    path, ts, te = check_solve(field, t_start, t_end, "generation runs forward in t", solver, divergence, probes, probe_dist,
+                               rtol, atol, nfe, refine_tol)
+    prior_term = prior_log_prob(prior, path, ts)(x_init)
     z = draw_probes(x_init, probes, probe_dist, generator) if divergence == "hutchinson" else None
-    sol = integrate_logp(
-        field, x_init, ts, te, solver=solver, nfe=nfe, grid=grid, rtol=rtol, atol=atol, method=divergence, probes=z,
-        chunk_size=chunk_size, cond=dict(cond or {}), create_graph=False, check=check_finite, progress=None,
-        refine_tol=refine_tol,
-    )
+    sol = integrate_logp(field, x_init, ts, te, solver=solver, nfe=nfe, grid=grid, rtol=rtol, atol=atol, method=divergence,
+                         probes=z, chunk_size=chunk_size, cond=dict(cond or {}), create_graph=False, check=check_finite,
+                         progress=None, refine_tol=refine_tol)
     per_probe = prior_term.to(x_init.dtype) - sol.change  # log p(x_b) = log p(x_a) − Δ
-    hutchinson = z is not None
+    mean = (lambda v: v.mean(0)) if z is not None else (lambda v: v)  # noqa: E731
     return SampleLogpResult(
-        x=sol.state.detach(), log_prob=(per_probe.mean(0) if hutchinson else per_probe).detach(),
-        prior_term=prior_term.detach(), delta_logdet=(-sol.change.mean(0) if hutchinson else -sol.change).detach(),
-        nfe=sol.nfe, grid=sol.grid, std_error=probe_std_error(per_probe).detach() if hutchinson else None,
-        steps=sol.steps, solver=solver, options={"divergence": divergence, "probes": probes if hutchinson else 0},
-        refined=sol.refined,
+        x=sol.state.detach(), log_prob=mean(per_probe).detach(), prior_term=prior_term.detach(),
+        delta_logdet=-mean(sol.change).detach(), nfe=sol.nfe, grid=sol.grid, steps=sol.steps, solver=solver,
+        std_error=None if z is None else probe_std_error(per_probe).detach(), refined=sol.refined,
+        options={"divergence": divergence, "probes": 0 if z is None else probes},
     )
 
 
@@ -688,9 +524,8 @@ def sample_returning_logp(
     t_end: float | None, denoise_final: bool, generator: torch.Generator | None, cond: dict | None,
     check_finite: bool, options: dict,
 ) -> SampleResult:
-    """``fd.sample(..., return_logp=True)``: :func:`sample_with_logp` (``options`` are its keywords),
-    then the final denoise; ``nfe`` includes the final call. ``SampleResult.log_prob`` is the density
-    of ``state``."""
+    """``fd.sample(..., return_logp=True)``: :func:`sample_with_logp` (``options`` are its keywords), then
+    the final denoise; ``nfe`` includes the final call. ``SampleResult.log_prob`` is the density of ``state``."""
     name = solver or "adams"
     if name not in LIKELIHOOD_SOLVERS:
         raise ValueError(f"return_logp=True needs a solver from {', '.join(LIKELIHOOD_SOLVERS)}, got solver={name!r}")
@@ -699,6 +534,7 @@ def sample_returning_logp(
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for return_logp=True; valid: {', '.join(valid)}")
+    # loop.final_calls, written here again: loop.py imports this module, importing it back would close a circle
     final_calls = (1 if isinstance(field.path, GaussianPath) else velocity_calls(field)) if denoise_final else 0
     if nfe is not None:
         nfe = check_int("nfe", nfe, 1)
@@ -710,11 +546,10 @@ def sample_returning_logp(
                            t_end=t_end, cond=cond, generator=generator, check_finite=check_finite, **kwargs)
     state, denoised, cc = out.x, None, dict(cond or {})
     t0, t1 = (float(field.path.t_min if t_start is None else t_start), float(field.path.t_max if t_end is None else t_end))
-    if denoise_final:  # E[x_1|x_t] (Gaussian path) or one Euler step of the ODE to t = 1 (interpolant)
-        if isinstance(field.path, GaussianPath):
-            denoised = GaussianEvaluator(field, field.path, cc)(state, t1)[0]
-        else:
-            denoised = state + (1.0 - t1) * field.velocity(state, time_tensor(t1, state), **cc)
+    if denoise_final and isinstance(field.path, GaussianPath):  # E[x_1|x_t]
+        denoised = GaussianEvaluator(field, field.path, cc)(state, t1)[0]
+    elif denoise_final:  # one Euler step of the ODE to t = 1 (interpolant)
+        denoised = state + (1.0 - t1) * field.velocity(state, time_tensor(t1, state), **cc)
     return SampleResult(
         x=state if denoised is None else denoised, nfe=field.nfe - start_nfe, solver=name, state=state,
         grid=out.grid if out.grid is not None else torch.tensor([t0, t1], dtype=torch.float64), denoised=denoised,
