@@ -11,11 +11,9 @@ Passing ``prior=callable`` uses any other log-density at ``t_start``: with the e
 :math:`\log p_{t_{min}}` of an analytic oracle the result *is* :math:`\log p_{t_{max}}(x)` of the
 path, which is how the tests check it.
 
-The augmented ODE :math:`\dot x = u`, :math:`\tfrac{d}{dt}\log p_t = -\nabla\cdot u`, its flow
-coordinates, solvers (``"adams"`` default, fixed-step Runge–Kutta, per-sample ``"dopri5"``) and
-divergence estimators (exact, Hutchinson) live in the solvers layer, :mod:`flowdiff.solvers.logp`,
-on the integrators of :mod:`flowdiff.solvers.integrators`; ``fd.sample(..., return_logp=True)``
-uses them directly. This package adds the prior term, batching, progress, standard errors and:
+The augmented ODE, its flow coordinates, solvers and divergence estimators are
+:mod:`flowdiff.solvers.logp` (also behind ``fd.sample(..., return_logp=True)``); :mod:`.api` adds the
+prior term, batching, progress, standard errors and:
 
 **Bits per dimension** (:func:`bits_per_dim`): data on a lattice of ``levels`` values in
 ``data_range = (lo, hi)`` (spacing :math:`\Delta = (hi - lo)/(levels - 1)`) is dequantised as

@@ -20,27 +20,22 @@ __all__ = ["BitsPerDimResult", "LikelihoodResult", "bits_per_dim", "log_likeliho
 
 @dataclass
 class LikelihoodResult:
-    """What :func:`log_likelihood` returns (per-sample tensors have shape ``(B,)``; log-densities in nats).
+    """What :func:`log_likelihood` returns (per-sample tensors ``(B,)``, log-densities in nats).
 
     Attributes:
-        log_prob: :math:`\\log p(x)`, the model's density at ``t_end`` (the data side); for
-            Hutchinson the mean over probes.
-        prior_term: :math:`\\log\\pi(x(t_{start}))`, the prior at the end of the backward solve.
-        delta_logdet: ``log_prob - prior_term`` (the integrated log-determinant, flow-coordinate
-            scaling included).
-        nfe: model calls really made (the field's counter; summed over ``batch_size`` chunks).
-        std_error: Hutchinson only: the standard error of ``log_prob`` over the probes
-            (``std/sqrt(probes)``; NaN with one probe).
+        log_prob: :math:`\\log p(x)` at ``t_end`` (the data side); Hutchinson: the mean over probes.
+        prior_term: :math:`\\log\\pi(x(t_{start}))`; ``delta_logdet = log_prob - prior_term`` (the
+            integrated log-determinant, flow-coordinate scaling included).
+        nfe: model calls really made (summed over ``batch_size`` chunks).
+        std_error: Hutchinson only: standard error of ``log_prob`` over the probes (NaN with one).
         x_prior: the state at ``t_start`` (the latent code of ``x``).
-        solver, divergence, probes: what was used (``probes`` = 0 for the exact divergence).
-        t_start, t_end: the interval, ``t_start < t_end`` as in :func:`flowdiff.sample`.
-        grid: the nodes of the fixed-step grid, increasing (float64; the solve walks it backwards).
+        solver, divergence, probes, t_start, t_end: what was used (``probes`` = 0 for the exact divergence).
+        grid: the fixed-step nodes, increasing (float64; the solve walks it backwards).
         steps: accepted steps per sample (``dopri5``).
         log_prob_probes: Hutchinson only: the ``(probes, B)`` per-probe estimates.
-        refined: ``adams`` with ``refine_tol``: ``(B,)`` bool, the samples whose Milne indicator
-            exceeded it and that were solved again by per-sample ``dopri5``.
+        refined: ``adams`` with ``refine_tol``: ``(B,)`` bool, the samples re-solved by ``dopri5``.
         evals_per_sample: model evaluations per sample, averaged over the batch (a call on k samples
-            counts k): ``nfe`` for fixed steps without refinement, the fair cost of per-sample solves.
+            counts k): the fair cost of per-sample solves, whose later calls hold fewer samples.
     """
 
     log_prob: Tensor
@@ -111,45 +106,38 @@ def log_likelihood(
     prior: Prior = "gaussian", cond: dict | None = None, batch_size: int | None = None, chunk_size: int | None = None,
     differentiable: bool = False, progress: bool = False, check_finite: bool = True, refine_tol: float | None = 5e-3,
 ) -> LikelihoodResult:
-    r"""Log-likelihood of ``x`` (nats) under a field's probability-flow ODE.
+    r"""Log-likelihood of ``x`` (nats) under a field's probability-flow ODE (formulas: :mod:`flowdiff.likelihood`).
 
     Solves the augmented ODE backwards from ``x`` at ``t_end`` to ``t_start`` and adds the prior
-    log-density there (:mod:`flowdiff.likelihood`). Each sample's result depends only on that sample.
+    log-density there. Each sample's result depends only on that sample.
 
     Arguments:
         field: a :class:`~flowdiff.Field` or :class:`~flowdiff.InterpolantField`.
         x: data ``(B, *S)`` (any shape; images too), float32 or float64, finite.
-        solver: ``"adams"`` (default; ``nfe`` model evaluations at ``nfe`` distinct times),
-            ``"rk4"``, ``"heun"``, ``"midpoint"``, ``"euler"`` (fixed steps) or ``"dopri5"``
-            (per-sample adaptive; ``nfe`` is then a cap).
-        nfe: model evaluations (fixed-step; default 48) or the cap (``dopri5``; default 10 000).
-            Per ``batch_size`` chunk.
-        grid: ``"flow"`` (uniform in τ = α/(α+σ); default), ``"uniform"`` (in t), ``"logsnr"``,
-            or an explicit increasing sequence of times from ``t_start`` to ``t_end`` (then ``nfe``
-            may be omitted).
+        solver: ``"adams"`` (default; ``nfe`` model evaluations at ``nfe`` distinct times), ``"rk4"``,
+            ``"heun"``, ``"midpoint"``, ``"euler"`` (fixed steps) or ``"dopri5"`` (per-sample adaptive).
+        nfe: model evaluations per ``batch_size`` chunk (default 48), for ``dopri5`` a cap (default 10 000).
+        grid: ``"flow"`` (uniform in τ = α/(α+σ); default), ``"uniform"`` (in t), ``"logsnr"``, or an
+            increasing sequence of times from ``t_start`` to ``t_end`` (then ``nfe`` may be omitted).
         rtol, atol: ``dopri5`` tolerances (relative/absolute, on the flow state and the log-det).
-        divergence: ``"exact"`` or ``"hutchinson"``.
-        probes: Hutchinson probes per sample (drawn once per solve; ≥ 2 for a standard error).
-        probe_dist: ``"rademacher"`` or ``"gaussian"``.
-        generator: for the probes.
-        t_start, t_end: the prior-side and data-side times (default ``t_min``, ``t_max``),
-            ``t_start < t_end`` as in :func:`flowdiff.sample` (before issue 10 this function took
-            them the other way round). The model is only evaluated inside.
-        prior: log-density at ``t_start``: ``"gaussian"`` (Gaussian path: N(0, σ(t_start)² I), the
-            law of ``path.prior_sample``; one-sided/two-sided interpolant with a Gaussian x₀:
-            N(0, (a₀² + γ²) I)), ``"standard"`` (N(0, I)) or a callable ``z -> (B,)``.
+        divergence: ``"exact"`` or ``"hutchinson"`` with ``probes`` per sample (drawn once per solve
+            from ``generator``; ≥ 2 for a standard error) of ``probe_dist`` ``"rademacher"`` or ``"gaussian"``.
+        t_start, t_end: the prior-side and data-side times (default ``t_min``, ``t_max``), ``t_start <
+            t_end`` as in :func:`flowdiff.sample` (before issue 10 the other way round). The model is
+            only evaluated inside.
+        prior: log-density at ``t_start``: ``"gaussian"`` (Gaussian path: N(0, σ(t_start)² I), the law
+            of ``path.prior_sample``; interpolant with a Gaussian x₀: N(0, (a₀² + γ²) I)),
+            ``"standard"`` (N(0, I)) or a callable ``z -> (B,)``.
         cond: conditioning keyword arguments (batched tensors are split with the batch).
-        batch_size: solve ``x`` in chunks of this many samples (memory); each chunk has its own
-            probes, grid and steps.
-        chunk_size: basis vectors per batched backward pass of the exact divergence.
+        batch_size: solve ``x`` in chunks of this many samples (memory); each chunk has its own probes,
+            grid and steps. chunk_size: basis vectors per batched backward pass of the exact divergence.
         differentiable: keep the graph so that ``log_prob`` can be back-propagated to the model's
             parameters (maximum-likelihood training); memory grows with ``nfe``.
         progress: show a progress bar (needs ``rich``).
         check_finite: raise :class:`NonFiniteLikelihoodError` as soon as the state is not finite.
-        refine_tol: ``adams`` only: samples whose Milne predictor–corrector indicator (the largest
-            per-step gap, relative to ``1 + |y|``) exceeds this are solved again, each on its own
-            steps, by ``dopri5`` with ``rtol``/``atol`` (``None``: never). Costs extra model
-            calls on those samples only; ``result.refined`` says which.
+        refine_tol: ``adams`` only: samples whose Milne indicator (the largest predictor–corrector gap,
+            relative to ``1 + |y|``) exceeds this are solved again, each on its own steps, by
+            ``dopri5`` with ``rtol``/``atol`` (``None``: never); ``result.refined`` says which.
 
     Example::
 
@@ -202,26 +190,20 @@ def bits_per_dim(
     field: Any, x: Tensor, *, levels: int = 256, data_range: tuple[float, float] = (-1.0, 1.0), draws: int = 1,
     generator: torch.Generator | None = None, confidence: float = 0.95, lattice_tol: float = 1e-4, **likelihood_kwargs: Any,
 ) -> BitsPerDimResult:
-    r"""Bits per dimension of quantised data with uniform dequantisation (formula and bound in
-    :mod:`flowdiff.likelihood`), and the confidence interval :math:`\overline{\mathrm{bpd}} \pm z\,s/\sqrt{B}`.
+    r"""Bits per dimension of quantised data with uniform dequantisation (formula and bound: :mod:`flowdiff.likelihood`)
+    and its normal confidence interval :math:`\overline{\mathrm{bpd}} \pm z\,s/\sqrt{B}` over the data.
 
     Arguments:
-        field, x: as :func:`log_likelihood`; ``x`` must lie on the lattice :math:`lo + k\Delta`,
-            :math:`k = 0..levels-1`, :math:`\Delta = (hi - lo)/(levels - 1)` (8-bit images in
-            [-1, 1]: ``levels=256``; the 8×8 digits scaled by ``x/8 - 1``: ``levels=17``).
-        levels: number of quantisation levels (≥ 2).
-        data_range: ``(lo, hi)`` of the lattice in model space.
-        draws: dequantisation draws per datum (averaged).
+        field, x: as :func:`log_likelihood`; ``x`` on the lattice :math:`lo + k\Delta`, :math:`k = 0..levels-1`,
+            :math:`\Delta = (hi - lo)/(levels - 1)` (8-bit images in [-1, 1]: ``levels=256``; digits
+            ``x/8 - 1``: ``levels=17``), ``(lo, hi) = data_range``, up to ``lattice_tol`` (units of Δ).
+        levels: number of quantisation levels (≥ 2). draws: dequantisation draws per datum (averaged).
         generator: for the dequantisation noise (and Hutchinson probes).
         confidence: level of the interval, in (0, 1).
-        lattice_tol: how far (in units of Δ) ``x`` may sit from the lattice.
-        **likelihood_kwargs: passed to :func:`log_likelihood` (``solver``, ``nfe``,
-            ``divergence``, ``probes``, ``batch_size``, ``progress``, …).
+        **likelihood_kwargs: passed to :func:`log_likelihood` (``solver``, ``nfe``, ``divergence``, …).
     """
     x = check_data(x)
     levels, draws = check_int("levels", levels, 2), check_int("draws", draws, 1)
-    if not isinstance(confidence, float):
-        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
     check_float("confidence", confidence, 0.0, 1.0, low_open=True, high_open=True)
     if not (isinstance(data_range, (tuple, list)) and len(data_range) == 2
             and all(isinstance(v, (int, float)) and math.isfinite(v) for v in data_range) and data_range[0] < data_range[1]):

@@ -3,24 +3,21 @@ r"""Generic explicit integrators of :math:`\frac{dy}{ds} = f(s, y)`, shared by t
 Nothing here knows about paths or fields: ``s`` is whatever variable the caller integrates in
 (``t``, :math:`\tilde\sigma`, the flow time τ) and ``f(s, y)`` its right-hand side. The state ``y``
 is a tensor or a tuple of tensors, **batch first** in every component (the likelihood's ``(x, ℓ)``:
-``x`` of shape ``(B, *S)``, ``ℓ`` of shape ``(B,)`` or ``(B, P)``); ``f`` returns the same
-structure. A step size is a float, or a per-sample ``(B,)`` tensor broadcast over each component.
+``x`` ``(B, *S)``, ``ℓ`` ``(B,)`` or ``(B, P)``). A step size is a float, or a per-sample ``(B,)`` tensor.
 
 **Runge–Kutta** (Butcher 2016, "Numerical Methods for Ordinary Differential Equations"): the
 tableaus :data:`EULER`, :data:`MIDPOINT`, :data:`HEUN`, :data:`KUTTA3`, :data:`RK4` and the
 embedded pair :data:`DOPRI5` (Dormand & Prince 1980, 5(4), first-same-as-last, error weights
 ``e = b − b̂``); :func:`rk_step` takes one step with any of them.
 
-**Adaptive Dormand–Prince 5(4)**; the error ratio is :math:`|e| / (\mathrm{atol} + \mathrm{rtol}\max(|y|, |y'|))`:
-
-* :func:`dopri5_global`: one step size for the batch, error = RMS over every entry, Hairer's
-  initial step (Hairer, Nørsett & Wanner 1993, "Solving ODEs I", II.4) and the standard controller
-  :math:`h \leftarrow h\min(10, \max(0.2, 0.9\,\mathrm{err}^{-1/5}))`.
-* :func:`dopri5_per_sample`: each sample has its own time and step, so one stiff sample never
-  shrinks the steps of the others; error = RMS over the first component (the state) and largest
-  entry of the others (scalar integrals such as log-determinants), a PI controller (Gustafsson 1991;
-  Hairer & Wanner 1996, "Solving ODEs II", IV.2) and steps that never pass the end nor leave a
-  sliver (when less than two steps remain the rest is split evenly).
+**Adaptive Dormand–Prince 5(4)**, error ratio :math:`|e| / (\mathrm{atol} + \mathrm{rtol}\max(|y|, |y'|))`.
+:func:`dopri5_global`: one step size for the batch, error = RMS over every entry, Hairer's initial
+step (Hairer, Nørsett & Wanner 1993, "Solving ODEs I", II.4), controller
+:math:`h \leftarrow h\min(10, \max(0.2, 0.9\,\mathrm{err}^{-1/5}))`. :func:`dopri5_per_sample`: a
+time and a step per sample, so one stiff sample never shrinks the steps of the others; error = RMS
+over the first component (the state) and largest entry of the others (log-determinants), a PI
+controller (Gustafsson 1991; Hairer & Wanner 1996, "Solving ODEs II", IV.2), steps that never pass
+the end nor leave a sliver (when less than two steps remain the rest is split evenly).
 
 **Adams predictor–corrector** (:func:`adams_pec`; "Solving ODEs I", §III.1): variable-step
 Adams–Bashforth(3) predictor and Adams–Moulton(4) corrector in PEC mode, ONE evaluation per node,
@@ -102,15 +99,11 @@ def _h(h: Step, c: float, like: Tensor) -> float | Tensor:
 
 
 def _combine(y: State | None, h: Step, coeffs: Sequence[float], ks: Sequence[State]) -> State:
-    """:math:`y + \\sum_j (h\\,c_j)\\,k_j` over the non-zero ``c_j`` (``y=None``: the sum alone).
-
-    Two rounding orders, kept so that the samplers and the likelihood reproduce their results from
-    before the integrators were shared: a float step adds term by term; per-sample steps sum the
-    terms first, and the sum alone is :math:`h\\sum_j c_j k_j`.
-    """
-    if isinstance(ks[0] if y is None else y, tuple):
-        n = len(ks[0] if y is None else y)  # type: ignore[arg-type]
-        return tuple(_combine(None if y is None else y[i], h, coeffs, [k[i] for k in ks]) for i in range(n))  # type: ignore
+    """:math:`y + \\sum_j (h\\,c_j)\\,k_j` over the non-zero ``c_j`` (``y=None``: the sum alone). Float
+    steps add term by term, per-sample steps sum first (the sum alone: :math:`h\\sum_j c_j k_j`): the
+    samplers' and the likelihood's rounding orders from before the integrators were shared."""
+    if isinstance(first := ks[0] if y is None else y, tuple):
+        return tuple(_combine(None if y is None else y[i], h, coeffs, [k[i] for k in ks]) for i in range(len(first)))
     if isinstance(h, Tensor):
         if y is None:
             return _h(h, 1.0, ks[0]) * sum(c * k for c, k in zip(coeffs, ks) if c != 0.0)  # type: ignore

@@ -33,17 +33,14 @@ and :math:`\log p_X(x) = \log p_Y(y) - D\log S`. The velocity is smooth and boun
 path (VP's exponential ends and VE's σ up to 80 become the same straight-line problem), so one
 grid works for all of them; for a stochastic interpolant τ = t and S = 1.
 
-**Solvers** (:data:`LIKELIHOOD_SOLVERS`; :mod:`flowdiff.solvers.integrators` on the augmented state
-:math:`(y, \ell)`): ``"adams"`` (default) — Adams–Bashforth(3)/Adams–Moulton(4) PEC, ONE model
-evaluation per node on a grid uniform in τ with two start-up nodes at 1/4 and 1/2 of the first step,
-the divergences integrated by 6-point Lagrange quadrature: ``nfe`` distinct times resolve the sharp,
-sample-specific bump of :math:`\nabla\cdot u` where a trajectory decides between mixture components
-far better than a 4-stage Runge–Kutta method with the same budget; Milne's device (the largest
-predictor–corrector gap, relative to ``1 + |y|``) flags samples crossing a short stiff stretch, and
-with ``refine_tol`` those are solved again, alone, by per-sample ``dopri5``. ``"rk4"``, ``"heun"``,
-``"midpoint"``, ``"euler"``: fixed-step Runge–Kutta on the same grid. ``"dopri5"``: Dormand–Prince
-5(4) with a time and a step per sample. The model is never called outside the interval: every stage
-time is clamped to it in the model's dtype.
+**Solvers** (:data:`LIKELIHOOD_SOLVERS`, on :mod:`flowdiff.solvers.integrators`): ``"adams"`` (default;
+one model evaluation per node) on a grid uniform in τ with two start-up nodes at 1/4 and 1/2 of the
+first step: ``nfe`` distinct times resolve the sharp, sample-specific bump of :math:`\nabla\cdot u`
+where a trajectory decides between mixture components far better than a 4-stage Runge–Kutta method
+with the same budget; Milne's device (the largest predictor–corrector gap, relative to ``1 + |y|``)
+flags samples crossing a short stiff stretch, and with ``refine_tol`` those are solved again, alone,
+by per-sample ``"dopri5"``. ``"rk4"``, ``"heun"``, ``"midpoint"``, ``"euler"``: fixed steps on the
+same grid. The model is never called outside the interval: stage times are clamped in its dtype.
 
 **Divergence**: ``"exact"`` — the trace of the Jacobian from one forward pass and batched
 vector–Jacobian products against the basis vectors (``is_grads_batched``, chunked; any input shape);
@@ -224,20 +221,16 @@ class _Evaluator:
         self.probes, self.cond, self.options, self.progress = probes, cond, options, progress
         self.sample_evals = 0  # Σ over model calls of the number of samples evaluated
 
-    def model_time(self, t64: Tensor, like: Tensor) -> Tensor:
-        """``t`` clamped into ``[t_lo, t_hi]`` *in the model's dtype* (float32 rounding cannot leave it)."""
-        tt = t64.clamp(self.t_lo, self.t_hi).to(like.dtype)
-        if tt.dtype != torch.float64:
-            tt = torch.where(tt.double() > self.t_hi, torch.nextafter(tt, torch.tensor(-math.inf, dtype=tt.dtype)), tt)
-            tt = torch.where(tt.double() < self.t_lo, torch.nextafter(tt, torch.tensor(math.inf, dtype=tt.dtype)), tt)
-        return tt.to(like.device)
-
     def __call__(self, y: Tensor, t64: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """At flow state ``y`` and float64 times ``t64`` (0-d or per-sample); the divergence term batch first."""
         scale, dt_dtau, dlogs = self.coords.factors(t64.clamp(self.t_lo, self.t_hi))
         shape = (-1,) + (1,) * (y.ndim - 1)
         cast = lambda v: (v.reshape(shape) if t64.ndim == 1 else v).to(dtype=y.dtype, device=y.device)  # noqa: E731
-        x, tm = cast(scale) * y, self.model_time(t64, y)
+        tm = t64.clamp(self.t_lo, self.t_hi).to(y.dtype)  # clamped in the model's dtype: float32 rounding cannot leave
+        if tm.dtype != torch.float64:
+            tm = torch.where(tm.double() > self.t_hi, torch.nextafter(tm, torch.tensor(-math.inf, dtype=tm.dtype)), tm)
+            tm = torch.where(tm.double() < self.t_lo, torch.nextafter(tm, torch.tensor(math.inf, dtype=tm.dtype)), tm)
+        x, tm = cast(scale) * y, tm.to(y.device)
         probes = self.probes if self.probes is None or index is None else self.probes[:, index]
         try:
             u, div = augmented_velocity(self.field, x, tm, probes=probes, cond=_index_cond(self.cond, index), **self.options)
@@ -298,9 +291,7 @@ def check_solve(field: Any, t_start: float | None, t_end: float | None, what: st
 
 
 def prior_log_prob(prior: Prior, path: Any, t_prior: float) -> Callable[[Tensor], Tensor]:
-    """The log-density at the prior end, ``(B, *S) -> (B,)`` (its shape checked): ``"gaussian"`` (Gaussian
-    path: N(0, σ(t)² I), the law of ``path.prior_sample``; interpolant with a Gaussian x₀: N(0, (a₀² + γ²) I)),
-    ``"standard"`` (N(0, I)) or a callable."""
+    """The log-density ``(B, *S) -> (B,)`` at the prior end (``prior`` of ``log_likelihood``), its shape checked."""
     if not callable(prior):
         _choice("prior", prior, ("gaussian", "standard"), " or a callable z -> log pi(z) of shape (B,)")
         tt = torch.tensor(t_prior, dtype=torch.float64)
@@ -422,7 +413,6 @@ def integrate_logp(
         needed = len(t) if solver == "adams" else (len(t) - 1) * stages
         if not isinstance(grid, str) and nfe is not None and needed > nfe:
             raise ValueError(f"the explicit grid needs {needed} model evaluations with solver {solver!r}, more than nfe={nfe}")
-        times = t.tolist()
         if solver == "adams":
             indicator = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
 
@@ -431,7 +421,7 @@ def integrate_logp(
                 gap = ((y_new - pred).detach() / (1 + y_new.detach().abs())).reshape(y_new.shape[0], -1)
                 indicator = torch.maximum(indicator, gap.double().pow(2).mean(-1).sqrt())
                 if check:
-                    _check_state(y_new, total, "adams", times[i + 1])
+                    _check_state(y_new, total, "adams", t[i + 1])
 
             y, ell = ig.adams_pec(lambda i, yy: ev(yy, t[i]), taus, y, on_step=monitor)
             if refine_tol is not None:
@@ -449,7 +439,7 @@ def integrate_logp(
             for i in range(len(taus) - 1):
                 (y, ell), _ = ig.rk_step(rhs, taus[i], (y, ell), taus[i + 1] - taus[i], ig.TABLEAUS[solver], s_next=taus[i + 1])
                 if check:
-                    _check_state(y, ell, solver, times[i + 1])
+                    _check_state(y, ell, solver, t[i + 1])
         t = t if t_a < t_b else t.flip(0)
     # log p_Y(y_b) = log p_Y(y_a) − ℓ and log p_X = log p_Y − D log S.
     change = ell.movedim(-1, 0) + x[0].numel() * (math.log(scale_b) - math.log(scale_a))
@@ -531,27 +521,23 @@ def sample_returning_logp(
         raise ValueError(f"return_logp=True needs a solver from {', '.join(LIKELIHOOD_SOLVERS)}, got solver={name!r}")
     own = {"solver", "nfe", "grid", "t_start", "t_end", "generator", "cond", "check_finite"}  # sample()'s arguments
     valid = [k for k, p in inspect.signature(sample_with_logp).parameters.items() if p.kind == p.KEYWORD_ONLY and k not in own]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
+    if unknown := sorted(set(options) - set(valid)):
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for return_logp=True; valid: {', '.join(valid)}")
     # loop.final_calls, written here again: loop.py imports this module, importing it back would close a circle
     final_calls = (1 if isinstance(field.path, GaussianPath) else velocity_calls(field)) if denoise_final else 0
-    if nfe is not None:
-        nfe = check_int("nfe", nfe, 1)
-        if nfe - final_calls < 1:
-            raise ValueError(f"nfe={nfe} leaves no evaluation for sampling after the final denoise")
-    start_nfe = field.nfe
-    kwargs = dict(options, **({} if grid is None else {"grid": grid}))
+    if nfe is not None and (nfe := check_int("nfe", nfe, 1)) - final_calls < 1:
+        raise ValueError(f"nfe={nfe} leaves no evaluation for sampling after the final denoise")
+    start_nfe, cc, kwargs = field.nfe, dict(cond or {}), dict(options, **({} if grid is None else {"grid": grid}))
     out = sample_with_logp(field, x_init, solver=name, nfe=None if nfe is None else nfe - final_calls, t_start=t_start,
                            t_end=t_end, cond=cond, generator=generator, check_finite=check_finite, **kwargs)
-    state, denoised, cc = out.x, None, dict(cond or {})
-    t0, t1 = (float(field.path.t_min if t_start is None else t_start), float(field.path.t_max if t_end is None else t_end))
-    if denoise_final and isinstance(field.path, GaussianPath):  # E[x_1|x_t]
-        denoised = GaussianEvaluator(field, field.path, cc)(state, t1)[0]
-    elif denoise_final:  # one Euler step of the ODE to t = 1 (interpolant)
-        denoised = state + (1.0 - t1) * field.velocity(state, time_tensor(t1, state), **cc)
+    t0, t1 = float(field.path.t_min if t_start is None else t_start), float(field.path.t_max if t_end is None else t_end)
+    denoised = None  # E[x_1|x_t] on a Gaussian path, one Euler step of the ODE to t = 1 on an interpolant
+    if denoise_final and isinstance(field.path, GaussianPath):
+        denoised = GaussianEvaluator(field, field.path, cc)(out.x, t1)[0]
+    elif denoise_final:
+        denoised = out.x + (1.0 - t1) * field.velocity(out.x, time_tensor(t1, out.x), **cc)
     return SampleResult(
-        x=state if denoised is None else denoised, nfe=field.nfe - start_nfe, solver=name, state=state,
+        x=out.x if denoised is None else denoised, nfe=field.nfe - start_nfe, solver=name, state=out.x,
         grid=out.grid if out.grid is not None else torch.tensor([t0, t1], dtype=torch.float64), denoised=denoised,
         nfe_budget=nfe, options=kwargs, log_prob=out.log_prob, log_prob_std_error=out.std_error,
     )
