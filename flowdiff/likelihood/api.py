@@ -3,7 +3,9 @@ their result types; the formulas are in the docstring of :mod:`flowdiff.likeliho
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,19 +86,18 @@ class BitsPerDimResult:
                 f"{self.ci_high:.4f}], B={len(self.bpd)}, nfe={self.nfe})")
 
 
+@contextlib.contextmanager
 def _progress_bar(total: int):
-    """A rich progress bar and its tick, or ``(None, None)`` without rich (with a warning)."""
+    """The tick of a rich progress bar (``None`` without rich, with a warning)."""
     try:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     except ImportError:  # pragma: no cover - rich is an optional extra
-        import warnings
-
-        warnings.warn("progress=True needs the 'rich' package (pip install rich); continuing without a bar", stacklevel=3)
-        return None, None
-    bar = Progress(TextColumn("log-likelihood"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-    task = bar.add_task("log-likelihood", total=total)
-    bar.start()
-    return bar, (lambda: bar.advance(task))
+        warnings.warn("progress=True needs the 'rich' package (pip install rich); continuing without a bar", stacklevel=4)
+        yield None
+        return
+    with Progress(TextColumn("log-likelihood"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("log-likelihood", total=total)
+        yield lambda: bar.advance(task)
 
 
 def log_likelihood(
@@ -153,9 +154,9 @@ def log_likelihood(
     size = batch if batch_size is None else check_int("batch_size", batch_size, 1)
     cond, hutchinson = dict(cond or {}), divergence == "hutchinson"
     chunks = list(range(0, batch, size))
-    bar, tick = _progress_bar(len(chunks) * (nfe or DEFAULT_LIKELIHOOD_NFE)) if progress and solver != "dopri5" else (None, None)
     sols = []
-    try:
+    bar = _progress_bar(len(chunks) * (nfe or DEFAULT_LIKELIHOOD_NFE)) if progress and solver != "dopri5" else contextlib.nullcontext()
+    with bar as tick:
         for start in chunks:
             sl = slice(start, start + size)
             cc = {k: (v[sl] if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == batch else v) for k, v in cond.items()}
@@ -165,9 +166,6 @@ def log_likelihood(
                     probes=draw_probes(x[sl], probes, probe_dist, generator) if hutchinson else None, chunk_size=chunk_size,
                     cond=cc, create_graph=differentiable, check=check_finite, progress=tick, refine_tol=refine_tol,
                 ))
-    finally:
-        if bar is not None:
-            bar.stop()
     state = torch.cat([s.state for s in sols])
     prior_term = torch.cat([prior_fn(s.state) for s in sols]).to(x.dtype)
     change = torch.cat([s.change for s in sols], dim=-1)
