@@ -19,8 +19,8 @@ held-out data:
 A ratio of 1 is the floor: a generator as good as fresh real data.
 
 Run: ``.venv/bin/python benchmarks/training_recipes.py --quick`` (a small grid, short budgets;
-about 15 CPU minutes) or without ``--quick`` (the full grid; hours on one core). ``--only NAME``
-runs the recipes whose name contains NAME. Writes ``benchmarks/results/training_recipes[_quick].{json,md}``.
+about 15 CPU minutes) or without ``--quick`` (the full grid; hours on one core). ``--only A,B``
+runs the recipes whose name contains A or B. Writes ``benchmarks/results/training_recipes[_quick].{json,md}``.
 """
 
 from __future__ import annotations
@@ -244,12 +244,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small grid, short budgets")
     parser.add_argument("--toy-budget", type=float, default=None, help="CPU seconds of training per 2-D toy recipe")
     parser.add_argument("--digits-budget", type=float, default=None, help="CPU seconds of training per digits recipe")
-    parser.add_argument("--only", default=None, help="run only the recipes whose name contains this string")
+    parser.add_argument("--only", default=None, help="run only the recipes whose name contains one of these comma-separated strings")
     args = parser.parse_args()
     torch.set_num_threads(1)
     toy_budget = args.toy_budget or (20.0 if args.quick else 60.0)
     digits_budget = args.digits_budget or (120.0 if args.quick else 600.0)
-    recipes = [r for r in _grid(args.quick) if args.only is None or args.only in r.name]
+    wanted = None if args.only is None else [w for w in args.only.split(",") if w]
+    recipes = [r for r in _grid(args.quick) if wanted is None or any(w in r.name for w in wanted)]
     classifier = IndependentClassifier.trained() if any(r.data == "digits" for r in recipes) else None
     suffix = "_quick" if args.quick else ""
     rows: list[dict[str, Any]] = []
