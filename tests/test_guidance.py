@@ -98,3 +98,32 @@ def test_guidance_errors():
         check_class_label(0, None)
     assert check_class_label(2, 3) == 2
     assert isinstance(guided.model, GuidedModel)
+
+
+def test_cli_class_and_guidance_errors(tmp_path):
+    # One line and exit status 2 for each bad input of issue 13; a good request samples.
+    from typer.testing import CliRunner
+
+    from flowdiff.cli import app
+
+    runner = CliRunner()
+    common = ["--data", "digits", "--network", "mlp", "--steps", "3", "--batch", "16", "--checkpoint-every", "3"]
+    cond, uncond = tmp_path / "cond", tmp_path / "uncond"
+    assert runner.invoke(app, ["train", *common, "--label-dropout", "0.1", "--precondition", "--prediction", "data",
+                               "-o", str(cond)]).exit_code == 0
+    assert runner.invoke(app, ["train", *common, "-o", str(uncond)]).exit_code == 0
+    good = runner.invoke(app, ["sample", "-c", str(cond), "-n", "4", "--nfe", "4", "--class", "3",
+                               "--guidance-scale", "2", "-o", str(tmp_path / "s")])
+    assert good.exit_code == 0, good.output
+    cases = [
+        (["sample", "-c", str(cond), "-n", "4", "--nfe", "4", "--class", "10"], "outside the trained classes"),
+        (["sample", "-c", str(uncond), "-n", "4", "--nfe", "4", "--class", "1", "--guidance-scale", "2"], "unconditional"),
+    ]
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("data: digits\nlearning_rate: 0.1\n")
+    cases.append((["train", "--config", str(bad_config), "-o", str(tmp_path / "x")], "unknown keys"))
+    for args, message in cases:
+        result = runner.invoke(app, args if args[0] == "train" else [*args, "-o", str(tmp_path / "s2")])
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert len([line for line in result.output.splitlines() if line.startswith("error")]) == 1
