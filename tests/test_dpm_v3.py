@@ -274,7 +274,7 @@ def test_estimate_ems_rejects_bad_input():
         estimate_ems(field, gauss, t_start=0.9, t_end=0.5, progress=False)
     with pytest.raises(TypeError, match="data must be"):
         estimate_ems(field, 3.0, progress=False)
-    interp = fd.InterpolantField(fd.paths.StochasticInterpolant("linear"), lambda x, t: x, prediction="velocity")
+    interp = fd.InterpolantField(lambda x, t: x, fd.paths.StochasticInterpolant("linear"), prediction="velocity")
     with pytest.raises(TypeError, match="Gaussian path"):
         estimate_ems(interp, gauss, progress=False)
 

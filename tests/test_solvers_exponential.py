@@ -202,7 +202,7 @@ def test_exponential_on_interpolant_raises(solver: str) -> None:
     si = fd.paths.StochasticInterpolant("linear", "brownian")
     target = fd.testing.GaussianMixture(torch.zeros(1, 2), scales=torch.ones(1, 2))
     oracle = fd.testing.InterpolantOracle(si, target, target)
-    f = fd.InterpolantField(si, oracle.model("drift"))
+    f = fd.InterpolantField(oracle.model("drift"), si)
     with pytest.raises(TypeError, match="needs a Gaussian path"):
         sample(f, torch.randn(4, 2), solver=solver, nfe=6)
 

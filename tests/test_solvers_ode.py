@@ -80,7 +80,7 @@ def test_one_sided_linear_interpolant_flow_map() -> None:
     si = fd.paths.StochasticInterpolant("one-sided-linear", "zero")
     target = fd.testing.GaussianMixture(MEAN[None], scales=SCALES[None])
     oracle = fd.testing.InterpolantOracle(si, None, target)
-    field = fd.InterpolantField(si, oracle.model("velocity"), prediction="velocity")
+    field = fd.InterpolantField(oracle.model("velocity"), si, prediction="velocity")
     x = torch.randn(32, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * (1 - si.t_min)
     for solver, n, tol in (("rk4", 160, 1e-6), ("heun", 160, 5e-4), ("midpoint", 160, 1e-5)):
         res = sample(field, x, solver=solver, nfe=n, denoise_final=False)
@@ -97,7 +97,7 @@ def test_two_sided_interpolant_reaches_the_target() -> None:
     base = fd.testing.GaussianMixture(torch.tensor([[2.0, -1.0]]), scales=torch.tensor([[0.5, 1.0]]))
     target = fd.testing.GaussianMixture(torch.tensor([[-1.0, 1.5]]), scales=torch.tensor([[0.3, 0.8]]))
     oracle = fd.testing.InterpolantOracle(si, base, target)
-    field = fd.InterpolantField(si, oracle.model("drift"))
+    field = fd.InterpolantField(oracle.model("drift"), si)
     n = 4000
     g = torch.Generator().manual_seed(2)
     x0, x1 = base.sample(n, generator=g), target.sample(n, generator=g)
@@ -113,7 +113,7 @@ def test_velocity_prediction_with_score_counts_two_calls() -> None:
     si = fd.paths.StochasticInterpolant("linear", "brownian")
     gm = fd.testing.GaussianMixture(torch.zeros(1, 2), scales=torch.ones(1, 2))
     oracle = fd.testing.InterpolantOracle(si, gm, gm)
-    field = fd.InterpolantField(si, oracle.model("velocity"), "velocity", oracle.model("score"), "score")
+    field = fd.InterpolantField(oracle.model("velocity"), si, "velocity", oracle.model("score"), "score")
     res = sample(field, torch.randn(8, 2, dtype=torch.float64), solver="heun", nfe=12)
     # (12 − 2 calls for the final step) / 2 calls = 5 evaluations: one Euler + two Heun steps
     assert res.nfe == 12 and res.steps == 3
@@ -190,7 +190,7 @@ def test_default_solver_depends_on_budget() -> None:
     assert sample(FIELD, X0, nfe=16).solver == "unipc"
     si = fd.paths.StochasticInterpolant("linear", "brownian")
     gm = fd.testing.GaussianMixture(torch.zeros(1, 3), scales=torch.ones(1, 3))
-    f = fd.InterpolantField(si, fd.testing.InterpolantOracle(si, gm, gm).model("drift"))
+    f = fd.InterpolantField(fd.testing.InterpolantOracle(si, gm, gm).model("drift"), si)
     assert sample(f, torch.randn(4, 3, dtype=torch.float64), nfe=9).solver == "heun"
 
 

@@ -204,7 +204,7 @@ def test_interpolant_euler_maruyama_same_marginals_for_every_eps():
     target = fd.testing.random_mixture(2, 2, seed=4)
     oracle = fd.testing.InterpolantOracle(si, base, target)
     field = fd.InterpolantField(
-        si, oracle.model("drift"), "drift", score_model=oracle.model("score"), score_prediction="score"
+        oracle.model("drift"), si, "drift", score_model=oracle.model("score"), score_prediction="score"
     )
     n = 2500
     g = _gen(5)
@@ -307,7 +307,7 @@ def test_gaussian_only_solvers_reject_interpolants():
     mix = fd.testing.random_mixture(2, 1, seed=0)
     oracle = fd.testing.InterpolantOracle(si, mix, mix)
     field = fd.InterpolantField(
-        si, oracle.model("drift"), "drift", score_model=oracle.model("score"), score_prediction="score"
+        oracle.model("drift"), si, "drift", score_model=oracle.model("score"), score_prediction="score"
     )
     x0 = torch.randn(8, 2, dtype=torch.float64)
     for solver in ("ddpm", "sde-dpm-solver++1", "sde-dpm-solver++2", "edm"):

@@ -104,7 +104,7 @@ def test_other_solvers_and_fields():
     target = fd.testing.random_mixture(2, 2, seed=0, path=fd.paths.VP())
     interp = fd.paths.StochasticInterpolant("one-sided-linear", gamma="zero")
     oracle = fd.testing.InterpolantOracle(interp, None, target)
-    ifield = fd.InterpolantField(interp, oracle.model("velocity"), prediction="velocity")
+    ifield = fd.InterpolantField(oracle.model("velocity"), interp, prediction="velocity")
     x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     tg = tune_grid(ifield, "euler", 6, x0, max_evals=20, reference_nfe=64)
     g = tg.grid
