@@ -135,9 +135,6 @@ def check_flag(solver: str, label: str, value: Any) -> bool:
     return value
 
 
-# ----- One model call -> (x̂, ε̂) -------------------------------------------------------
-
-
 class GaussianEvaluator:
     r"""One model call at ``(x, t)`` → the data prediction x̂ and the noise prediction ε̂.
 
@@ -172,9 +169,6 @@ class GaussianEvaluator:
         if self.hook is not None:
             data, noise = self.hook(x, tt.expand(x.shape[0]), data), None
         return data, _convert(data, x, c, "data", "noise") if noise is None else noise
-
-
-# ----- The solver base class and the registry -------------------------------------------
 
 
 def _reindex(value: Any, index: Tensor, batch: int) -> Any:
@@ -213,7 +207,6 @@ class Solver:
         ``memory``, so that it follows the particles when the last step's hook resamples them)."""
         return self.memory.get("final_denoised")
 
-    # ----- budget rules (class methods: they run before the grid exists) ------------------
     @classmethod
     def evals_per_step(cls, options: Mapping[str, Any]) -> int:
         return cls.evals
@@ -233,7 +226,6 @@ class Solver:
         """Model calls one evaluation costs on ``field``."""
         return velocity_calls(field)
 
-    # ----- the step ---------------------------------------------------------------------
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The state at node ``i + 1`` from the state ``x`` at node ``i``, and the data
         prediction the step used (``None`` if it has none)."""
@@ -391,9 +383,6 @@ def default_solver(field: Any, nfe: int | None = None) -> str:
     if not isinstance(getattr(field, "path", None), GaussianPath):
         return DEFAULT_INTERPOLANT_SOLVER
     return LOW_NFE_SOLVER if nfe is not None and nfe <= LOW_NFE else DEFAULT_SOLVER
-
-
-# ----- The result -----------------------------------------------------------------------
 
 
 @dataclass

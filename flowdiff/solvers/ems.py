@@ -36,9 +36,6 @@ EXACT_DIAGONAL_MAX_DIM = 32
 _FORMAT = "flowdiff-ems/1"
 
 
-# ----- Path configurations --------------------------------------------------------------
-
-
 def _close(a: Any, b: Any, rtol: float = 1e-9) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a == b
@@ -68,9 +65,6 @@ def _describe(config: Mapping[str, Any]) -> str:
             v = f"[{len(v)} values]"
         parts.append(f"{k}={v}")
     return f"{config.get('name', '?')}({', '.join(parts)})"
-
-
-# ----- EMS container --------------------------------------------------------------------
 
 
 class EMS:
@@ -114,7 +108,6 @@ class EMS:
         self.settings: dict[str, Any] = json.loads(json.dumps(dict(settings)))  # a JSON-clean copy
         self.settings["shape"] = list(self.shape)
 
-    # ----- facts ------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
         """The data shape (without the batch dimension) the statistics belong to."""
@@ -151,7 +144,6 @@ class EMS:
             f"path={_describe(self.path_config)}, guidance_scale={self.guidance_scale}{spent})"
         )
 
-    # ----- constructors -----------------------------------------------------------------
     @classmethod
     def degenerate(
         cls,
@@ -175,7 +167,6 @@ class EMS:
                     "guidance_scale": None, "cost": {"seconds": 0.0, "model_calls": 0, "jvp_calls": 0}}
         return cls(lam, ones, zeros, zeros, settings)
 
-    # ----- storage ----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the statistics to ``path`` (safetensors; the settings as JSON metadata). Returns the path."""
         from ._files import save_tensors
@@ -191,7 +182,6 @@ class EMS:
         tensors, settings = load_tensors(path, _FORMAT, {"lambdas", "l", "s", "b"}, "EMS")
         return cls(tensors["lambdas"], tensors["l"], tensors["s"], tensors["b"], settings)
 
-    # ----- validation -------------------------------------------------------------------
     def check(
         self,
         path: GaussianPath,
@@ -224,9 +214,6 @@ class EMS:
                     f"(t in [{self.settings.get('t_start')}, {self.settings.get('t_end')}]); recompute the EMS with a "
                     f"t_start/t_end that covers the sampling interval"
                 )
-
-
-# ----- Estimating the statistics --------------------------------------------------------
 
 
 def _draw_data(data: Any, n: int, generator: torch.Generator) -> Tensor:

@@ -172,9 +172,6 @@ def _intermediate(run: Run, i: int, r: float) -> tuple[float, tuple[float, float
     return t, coeff, math.log(coeff[0] / coeff[1]) - run.log_snr[i]
 
 
-# ----- The η family: DDIM, DDPM / DDIM-η, SDE-DPM-Solver++(1) and (2M) ------------------
-
-
 class EtaStep(ExponentialSolver):
     r"""One step of the DDIM-η family (module docstring), one evaluation.
 
@@ -234,9 +231,6 @@ class SDEDPMSolverPP2(EtaStep):
             mean.add_(data - prev, alpha=self.run.alpha[i + 1] * weight / (self.prev_h / h))
         self.memory["prev"], self.prev_h = data, h
         return mean
-
-
-# ----- Singlestep DPM-Solver(-2/3) and DPM-Solver++(2S/3S) ------------------------------
 
 
 def singlestep_orders(budget: int, order: int) -> list[int]:
@@ -372,9 +366,6 @@ def _multistep_update(f: _Form, x: Tensor, i: int, order: int, solver_type: str,
     return base + (a_t * phi_2) * d1 - (a_t * w2) * d2
 
 
-# ----- Multistep DPM-Solver (noise) and DPM-Solver++ (data) -----------------------------
-
-
 class DPMSolverMultistep(ExponentialSolver):
     r"""Multistep DPM-Solver (``prediction="noise"``) or DPM-Solver++ (``"data"``), orders 1–3.
 
@@ -447,9 +438,6 @@ def _unipc_step(f: _Form, x: Tensor, i: int, order: int, variant: str, hist: lis
     rhos = [0.5] if order == 1 else _solve(rows, b)  # corrector
     res = sum((r * d for r, d in zip(rhos[:-1], d1s)), torch.zeros_like(x)) + rhos[-1] * (model_t - m0)
     return x_lin - coef * res
-
-
-# ----- UniPC ----------------------------------------------------------------------------
 
 
 class UniPC(ExponentialSolver):
@@ -529,9 +517,6 @@ class UniPC(ExponentialSolver):
         return _unipc_step(self.form, x, i, k, self.variant, hist, self.lams, None), data
 
 
-# ----- DEIS: exact integration of the Lagrange interpolant ------------------------------
-
-
 def _exp_moment(n: int, delta: float) -> float:
     r""":math:`\int_0^\delta v^n e^v\,dv` (series for small |δ|, recurrence otherwise)."""
     if abs(delta) < 1.0:
@@ -600,7 +585,7 @@ class DEISSolver(ExponentialSolver):
         return (f.s[i + 1] / f.s[i]) * x + (f.s[i + 1] * math.exp(lam[i])) * acc, data
 
 
-# ----- Registration: names are configurations (fixed options, changed defaults) of the classes ---
+# Registration: names are configurations (fixed options, changed defaults) of the classes.
 
 _EXP: dict[str, Any] = {"kind": "exponential", "requires_gaussian_path": True, "default_grid": "logsnr"}
 # DPM-Solver++ defaults: the time-quadratic grid and a first-order last step at every NFE

@@ -72,9 +72,6 @@ DEFAULT_NFE = 20
 DEFAULT_ADAPTIVE_CAP = 10_000
 
 
-# ----- Hooks ----------------------------------------------------------------------------
-
-
 @dataclass
 class Transition:
     r"""One Gaussian transition :math:`x_{\text{next}} = \mu + \sigma z` drawn in step ``i``.
@@ -149,9 +146,6 @@ class Hooks:
                 raise TypeError(f"Hooks.{label} must be callable or None, got {type(value).__name__}")
 
 
-# ----- The run context a solver's step works with ---------------------------------------
-
-
 class Run:
     """One run: the grid, α, σ, α̇, σ̇, λ at its nodes (float64 Python floats, Gaussian paths),
     the model evaluations (with the denoiser hook) and the Gaussian draws (with the transition hook)."""
@@ -173,7 +167,6 @@ class Run:
             raise ValueError(f"a denoiser hook needs a Gaussian path (a data prediction); the field is on "
                              f"{type(field.path).__name__}")
 
-    # ----- coefficients -------------------------------------------------------------------
     def coefficients(self, i: int) -> tuple[float, float, float, float]:
         """(α, σ, α̇, σ̇) at node ``i``."""
         return self.alpha[i], self.sigma[i], self.d_alpha[i], self.d_sigma[i]
@@ -189,7 +182,6 @@ class Run:
     def t_of_log_snr(self, lam: float) -> float:
         return float(self.path.t_of_log_snr(torch.tensor(lam, dtype=torch.float64)))  # type: ignore[union-attr]
 
-    # ----- model evaluations --------------------------------------------------------------
     def evaluate(self, x: Tensor, i: int) -> tuple[Tensor, Tensor]:
         """(x̂, ε̂) at node ``i``: one model call."""
         return self.evaluator(x, self.times[i], self.coefficients(i))
@@ -210,7 +202,6 @@ class Run:
     def score(self, x: Tensor, t: float) -> Tensor:
         return self.field.score(x, time_tensor(t, x), **self.cond)
 
-    # ----- noise ----------------------------------------------------------------------------
     def randn(self, x: Tensor) -> Tensor:
         """Standard normal noise of ``x``'s shape, dtype and device (seed-stable with ``generator``)."""
         return torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
@@ -234,9 +225,6 @@ class Run:
             if self.hooks.transition is not None:
                 self.hooks.transition(tr)
         return out
-
-
-# ----- Budget planning ------------------------------------------------------------------
 
 
 @dataclass
@@ -279,9 +267,6 @@ def plan(spec: SolverSpec, options: dict, field: Any, nfe: int | None, grid: Any
         )
     kind = grid if isinstance(grid, str) else (spec.default_grid if isinstance(field.path, GaussianPath) else "uniform")
     return Plan(make_grid(field.path, kind, steps, t0, t1, **(grid_options or {})), budget)
-
-
-# ----- sample() -------------------------------------------------------------------------
 
 
 def _check_field(field: Any, x_init: Tensor) -> None:

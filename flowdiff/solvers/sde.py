@@ -64,9 +64,6 @@ EPS_OPTIONS = ("reverse-diffusion", "zero")
 Diffusion = float | int | str | Callable[[Tensor], Tensor]
 
 
-# ----- ε(t) -----------------------------------------------------------------------------
-
-
 def diffusion_schedule(eps: Diffusion, path: Any = None) -> Callable[[Tensor], Tensor]:
     r"""Resolve a user's ε(t) into a callable ``t -> ε(t)`` (``t`` a tensor, result of its shape).
 
@@ -196,9 +193,6 @@ class _SDESolver(Solver):
         return run.gaussian(torch.add(x, drift, alpha=h), std, i, t, run.times[i + 1], x), data
 
 
-# ----- Euler–Maruyama -------------------------------------------------------------------
-
-
 class EulerMaruyama(_SDESolver):
     r"""Euler–Maruyama on :math:`dX = [b + \varepsilon s]dt + \sqrt{2\varepsilon}\,dW` (Maruyama 1955).
 
@@ -219,9 +213,6 @@ class EulerMaruyama(_SDESolver):
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor | None]:
         return self.em_step(i, x)
-
-
-# ----- Predictor–corrector --------------------------------------------------------------
 
 
 class PredictorCorrector(_SDESolver):
@@ -282,9 +273,6 @@ class PredictorCorrector(_SDESolver):
             delta = 2 * (self.snr * noise_norm / score_norm) ** 2
             x = run.gaussian(x + delta * score, math.sqrt(2 * delta), i, t_next, t_next, x, z=z)
         return x, data
-
-
-# ----- EDM stochastic Heun --------------------------------------------------------------
 
 
 class EDMHeunChurn(Solver):

@@ -62,9 +62,6 @@ _FORMAT = "flowdiff-tuned-grid/1"
 SOURCES = ("noise", "data")
 
 
-# ----- The tuned grid -------------------------------------------------------------------
-
-
 class TunedGrid:
     """A time grid tuned for one field, solver and NFE (see the module docstring).
 
@@ -166,9 +163,6 @@ def load_grid(path: str | Path, field: Any = None, solver: str | None = None, nf
     tuned = TunedGrid.load(path)
     tuned.check(field, solver, nfe)
     return tuned
-
-
-# ----- Tuning ---------------------------------------------------------------------------
 
 
 def grid_steps(field: Any, solver: str, nfe: int, denoise_final: bool = True, options: Mapping[str, Any] | None = None) -> int:
@@ -367,7 +361,7 @@ def tune_grid(
     n_hold = round(holdout * n) if n >= 4 else 0
     x_tune, x_hold = x[: n - n_hold], x[n - n_hold :]
 
-    # ----- the reference ------------------------------------------------------------------
+    # the reference
     if reference_solver is None:
         reference_solver = "dpm-solver++3m" if isinstance(path, GaussianPath) else "rk4"
     ref_opts: dict[str, Any] = {"solver_type": "taylor"} if reference_solver in ("dpm-solver++3m", "dpm-solver-3m") else {}
@@ -394,7 +388,7 @@ def tune_grid(
             return math.inf
         return _aggregate(_rms(out, ref), metric)
 
-    # ----- stage 1: the standard grids and Karras' rho ---------------------------------------
+    # stage 1: the standard grids and Karras' rho
     kinds = ["logsnr", "quadratic", "karras", "uniform"] if isinstance(path, GaussianPath) else ["uniform", "quadratic", "shifted"]
     default_kind = spec.default_grid if isinstance(path, GaussianPath) else "uniform"
     if default_kind in kinds:  # the solver's own default first: it is what tuning must beat
@@ -459,7 +453,7 @@ def tune_grid(
     if progress:
         print(f"tune_grid: {solver} nfe={nfe} steps={steps}: best standard grid {initial} ({best.err:.4g})")
 
-    # ----- stage 2: free step locations --------------------------------------------------------
+    # stage 2: free step locations
     def objective(theta: np.ndarray) -> float:
         nonlocal evals
         if evals >= max_evals or time.perf_counter() - start > time_budget:
@@ -483,7 +477,7 @@ def tune_grid(
         except _Stop:
             pass
 
-    # ----- validation on the held-out part ------------------------------------------------------
+    # validation on the held-out part
     tuned_grid = best.grid
     errors: dict[str, dict[str, Any]] = {k: {"tune": v} for k, v in tried.items() if k in kinds}
     errors["tuned"] = {"tune": best.err}
