@@ -40,8 +40,6 @@ def _close(a: Any, b: Any, rtol: float = 1e-9) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        if a is None or b is None:
-            return a is b
         return math.isclose(float(a), float(b), rel_tol=rtol, abs_tol=1e-12)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_close(x, y, rtol) for x, y in zip(a, b))

@@ -85,7 +85,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_float, check_int
-from .base import Solver, check_choice, lower_order_final, register_solver
+from .base import Solver, check_choice, check_flag, lower_order_final, register_solver
 from .loop import Run
 
 __all__ = [
@@ -122,11 +122,11 @@ class ExponentialSolver(Solver):
         if any(not math.isfinite(v) for v in lam[:-1]):
             raise ValueError(f"solver {self.name!r}: the log-SNR must be finite on the grid before t_end, got {lam}")
 
-    def order_option(self, high: int) -> int:
-        return check_int("order", self.opts["order"], 1, high)
-
-    def prediction_option(self) -> str:
-        return check_choice(self.name, "prediction", self.opts["prediction"], PREDICTION_FORMS)
+    def setup(self, high: int) -> int:
+        """Check ``order`` (1 … ``high``) and ``prediction``, set :attr:`form`; returns the order."""
+        order = check_int("order", self.opts["order"], 1, high)
+        self.form = _Form(self.run, check_choice(self.name, "prediction", self.opts["prediction"], PREDICTION_FORMS))
+        return order
 
     def history(self, m: Tensor, keep: int) -> list[Tensor]:
         """Append the prediction ``m`` of this node to the multistep history (the last ``keep``)."""
@@ -219,8 +219,7 @@ class SDEDPMSolverPP2(EtaStep):
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
         check_choice(self.name, "solver_type", self.opts["solver_type"], ("midpoint", "heun"))
-        if not isinstance(self.opts["lower_order_final"], bool):
-            raise TypeError(f"lower_order_final must be a bool, got {self.opts['lower_order_final']!r}")
+        check_flag(self.name, "lower_order_final", self.opts["lower_order_final"])
         self.prev_h = 0.0
 
     def correction(self, i: int, mean: Tensor, data: Tensor, h: float, one_minus: float) -> Tensor:
@@ -325,8 +324,7 @@ class DPMSolverSinglestep(ExponentialSolver):
 
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
-        order = self.order_option(3)
-        self.form = _Form(run, self.prediction_option())
+        order = self.setup(3)
         self.solver_type = check_choice(self.name, "solver_type", self.opts["solver_type"], SOLVER_TYPES)
         self.orders = _orders_for_steps(run.steps, run.steps * order if run.budget is None else run.budget, order)
 
@@ -367,21 +365,15 @@ def _multistep_update(f: _Form, x: Tensor, i: int, order: int, solver_type: str,
 
 
 class DPMSolverMultistep(ExponentialSolver):
-    r"""Multistep DPM-Solver (``prediction="noise"``) or DPM-Solver++ (``"data"``), orders 1–3.
-
-    Lu et al. 2022b ("DPM-Solver++", Alg. 2 and Appendix B): step ``i`` uses the predictions
-    at nodes ``i, i−1, …`` (one new evaluation per step), with the official multistep
-    update formulas (module docstring; order 3 has one form, order 2 ``solver_type``
-    ``"dpmsolver"`` or ``"taylor"``). Warm-up with lower orders; ``lower_order_final`` as in
-    the module docstring (default: below 10 steps, as the official code).
-    """
+    """Multistep DPM-Solver (``prediction="noise"``) or DPM-Solver++ (``"data"``), orders 1–3
+    (Lu et al. 2022b, Alg. 2 and App. B; module docstring): one evaluation per step; warm-up with
+    lower orders; ``lower_order_final`` default: below 10 steps, as the official code."""
 
     options = {"order": 3, "prediction": "noise", "solver_type": "dpmsolver", "lower_order_final": 10}
 
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
-        self.order = self.order_option(3)
-        self.form = _Form(run, self.prediction_option())
+        self.order = self.setup(3)
         self.solver_type = check_choice(self.name, "solver_type", self.opts["solver_type"], SOLVER_TYPES)
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -569,8 +561,7 @@ class DEISSolver(ExponentialSolver):
 
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
-        self.order = self.order_option(4)
-        self.form = _Form(run, self.prediction_option())
+        self.order = self.setup(4)
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
         run, f = self.run, self.form

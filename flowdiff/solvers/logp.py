@@ -64,7 +64,8 @@ from torch import Tensor
 from .._utils import check_float, check_int
 from ..paths import GaussianPath, StochasticInterpolant
 from . import integrators as ig
-from .base import GaussianEvaluator, SampleResult, time_tensor, velocity_calls
+from .base import GaussianEvaluator, SampleResult, time_tensor
+from .base import final_calls as base_final_calls
 from .grids import make_grid, validate_grid
 
 __all__ = ["DEFAULT_ADAPTIVE_CAP", "DEFAULT_LIKELIHOOD_NFE", "DIVERGENCES", "LIKELIHOOD_GRIDS", "LIKELIHOOD_SOLVERS",
@@ -523,8 +524,7 @@ def sample_returning_logp(
     valid = [k for k, p in inspect.signature(sample_with_logp).parameters.items() if p.kind == p.KEYWORD_ONLY and k not in own]
     if unknown := sorted(set(options) - set(valid)):
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for return_logp=True; valid: {', '.join(valid)}")
-    # loop.final_calls, written here again: loop.py imports this module, importing it back would close a circle
-    final_calls = (1 if isinstance(field.path, GaussianPath) else velocity_calls(field)) if denoise_final else 0
+    final_calls = base_final_calls(field, denoise_final)
     if nfe is not None and (nfe := check_int("nfe", nfe, 1)) - final_calls < 1:
         raise ValueError(f"nfe={nfe} leaves no evaluation for sampling after the final denoise")
     start_nfe, cc, kwargs = field.nfe, dict(cond or {}), dict(options, **({} if grid is None else {"grid": grid}))

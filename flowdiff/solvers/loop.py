@@ -269,19 +269,6 @@ def plan(spec: SolverSpec, options: dict, field: Any, nfe: int | None, grid: Any
     return Plan(make_grid(field.path, kind, steps, t0, t1, **(grid_options or {})), budget)
 
 
-def _check_field(field: Any, x_init: Tensor) -> None:
-    if not isinstance(x_init, Tensor):
-        raise TypeError(f"x_init must be a torch.Tensor, got {type(x_init).__name__}")
-    if not x_init.is_floating_point():
-        raise TypeError(f"x_init must be a floating-point tensor, got dtype {x_init.dtype}")
-    if x_init.ndim < 1:
-        raise ValueError("x_init must have a batch dimension, got a 0-d tensor")
-    if not hasattr(field, "nfe") or not hasattr(field, "path"):
-        raise TypeError(f"field must be a fd.Field or fd.InterpolantField (with .path and .nfe), got {type(field).__name__}")
-    if not isinstance(field.path, (GaussianPath, StochasticInterpolant)):
-        raise TypeError(f"field.path must be a GaussianPath or StochasticInterpolant, got {type(field.path).__name__}")
-
-
 def interval(field: Any, grid: Any, t_start: float | None, t_end: float | None) -> tuple[float, float]:
     """``(t_start, t_end)``: given, from an explicit grid, or the path's safe interval; checked."""
     lo, hi = float(field.path.t_min), float(field.path.t_max)
@@ -366,7 +353,16 @@ def sample(
     Returns:
         :class:`SampleResult`.
     """
-    _check_field(field, x_init)
+    if not isinstance(x_init, Tensor):
+        raise TypeError(f"x_init must be a torch.Tensor, got {type(x_init).__name__}")
+    if not x_init.is_floating_point():
+        raise TypeError(f"x_init must be a floating-point tensor, got dtype {x_init.dtype}")
+    if x_init.ndim < 1:
+        raise ValueError("x_init must have a batch dimension, got a 0-d tensor")
+    if not hasattr(field, "nfe") or not hasattr(field, "path"):
+        raise TypeError(f"field must be a fd.Field or fd.InterpolantField (with .path and .nfe), got {type(field).__name__}")
+    if not isinstance(field.path, (GaussianPath, StochasticInterpolant)):
+        raise TypeError(f"field.path must be a GaussianPath or StochasticInterpolant, got {type(field.path).__name__}")
     if return_logp:  # the log-density sampler of the solvers layer (no import of flowdiff.likelihood)
         from .logp import sample_returning_logp
 

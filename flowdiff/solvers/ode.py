@@ -149,41 +149,12 @@ class RungeKutta(Solver):
         return self.last, None
 
 
-class Euler(RungeKutta):
-    """Forward Euler, 1 evaluation per step, order 1."""
-
-    tableau = EULER
-
-
-class Midpoint(RungeKutta):
-    """Explicit midpoint rule, 2 evaluations per step, order 2."""
-
-    tableau = MIDPOINT
-
-
-class Heun(RungeKutta):
-    """Heun's method (EDM Algorithm 1 in space='sigma'), 2 evaluations per step, order 2."""
-
-    tableau = HEUN
-
-
-class RK4(RungeKutta):
-    """Classical fourth-order Runge–Kutta, 4 evaluations per step, order 4."""
-
-    tableau = RK4
-
-
 class Dopri5(Solver):
-    r"""Adaptive Dormand–Prince 5(4) with error control (Dormand & Prince 1980), through
-    :func:`~flowdiff.solvers.integrators.dopri5_global`.
-
-    Local error estimate :math:`e = h\sum_i (b_i - b^*_i) k_i`, accepted when
-    :math:`\mathrm{RMS}\big(e / (\mathrm{atol} + \mathrm{rtol}\max(|y|, |y'|))\big) \le 1`;
-    the next step is :math:`h\cdot\min(10, \max(0.2, 0.9\,\mathrm{err}^{-1/5}))`, and never
-    passes ``t_end`` (so the model is never called outside the interval). The initial step
-    follows Hairer, Nørsett & Wanner (1993, "Solving ODEs I", II.4) and costs one evaluation.
-    The loop's report (callback, hooks) runs at every accepted step; a step hook may watch the
-    state and the weights but not change the state (the controller keeps its own).
+    r"""Adaptive Dormand–Prince 5(4) (module docstring) through
+    :func:`~flowdiff.solvers.integrators.dopri5_global`; the initial step follows Hairer, Nørsett
+    & Wanner (1993, "Solving ODEs I", II.4) and costs one evaluation. The loop's report
+    (callback, hooks) runs at every accepted step; a step hook may watch the state and the
+    weights but not change the state (the controller keeps its own).
 
     Arguments:
         rtol, atol: tolerances (> 0).
@@ -235,7 +206,8 @@ class Dopri5(Solver):
 # Default grids on a Gaussian path: the time-quadratic grid was the most accurate for every
 # Runge–Kutta method in t on the DDPM-schedule benchmark (docs/solvers.md; Karras' grid is
 # far worse there for Heun in t). Stochastic interpolants always use the uniform grid.
-for _cls, _desc in ((Euler, "forward Euler in t (or sigma~), order 1"), (Midpoint, "explicit midpoint, order 2"),
-                    (Heun, "Heun / EDM Algorithm 1, order 2"), (RK4, "classical Runge-Kutta, order 4")):
-    register_solver(_cls.tableau.name, _cls, kind="ode", default_grid="quadratic", description=_desc)
+for _tab, _desc in ((EULER, "forward Euler in t (or sigma~), order 1"), (MIDPOINT, "explicit midpoint, order 2"),
+                    (HEUN, "Heun / EDM Algorithm 1, order 2"), (RK4, "classical Runge-Kutta, order 4")):
+    _cls = type(_tab.name.title(), (RungeKutta,), {"tableau": _tab, "__doc__": f"{_desc} ({_tab.stages} evaluations per step)."})
+    register_solver(_tab.name, _cls, kind="ode", default_grid="quadratic", description=_desc)
 register_solver("dopri5", Dopri5, kind="ode", adaptive=True, description="adaptive Dormand-Prince 5(4), rtol/atol, nfe as a cap")

@@ -101,22 +101,13 @@ def diffusion_schedule(eps: Diffusion, path: Any = None) -> Callable[[Tensor], T
     return lambda t: torch.full_like(t, value)
 
 
-def _is_zero_eps(eps: Any) -> bool:
-    return eps == "zero" or (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps == 0)
-
-
-def _default_eps(path: GaussianPath | None) -> Diffusion:
-    # Reverse diffusion on a Gaussian path (the classical score-SDE sampler); on an interpolant
-    # there is no distinguished choice, and ε = 1 is the SI papers' usual constant.
-    return "reverse-diffusion" if path is not None else 1.0
-
-
 class _EpsOnGrid:
     """ε(t) at the grid points: named and constant choices are tabulated once in float64 (no
     per-step tensor work); a user callable is called at each step with ``t`` of shape ``(B,)``."""
 
     def __init__(self, eps: Diffusion | None, path: GaussianPath | None, times: list[float]):
-        eps = _default_eps(path) if eps is None else eps
+        if eps is None:  # the classical score-SDE sampler; on an interpolant ε = 1, the SI papers' usual constant
+            eps = "reverse-diffusion" if path is not None else 1.0
         self.fn = diffusion_schedule(eps, path)
         self.table: list[float] | None = None
         if isinstance(eps, str) or not callable(eps):
@@ -145,10 +136,6 @@ def _check_eps(e: float, t: float) -> float:
     return e
 
 
-def _is_zero(e: Tensor | float) -> bool:
-    return (e == 0) if isinstance(e, float) else bool((e == 0).all())
-
-
 class _SDESolver(Solver):
     """Shared by Euler–Maruyama and predictor–corrector: ``b + ε s`` and ``s`` with the cheapest calls.
 
@@ -163,7 +150,9 @@ class _SDESolver(Solver):
     def calls_per_eval(cls, field: Any, options: dict) -> int:
         if not isinstance(field, InterpolantField):
             return 1
-        return velocity_calls(field) + (0 if _is_zero_eps(options["eps"]) else 1)
+        eps = options["eps"]
+        zero = eps == "zero" or (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps == 0)
+        return velocity_calls(field) + (0 if zero else 1)
 
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
@@ -181,7 +170,8 @@ class _SDESolver(Solver):
             return torch.mul(data, da).add_(noise * (ds - e / s)), data
         t = run.times[i]
         b = run.velocity(x, t)
-        return (b, None) if _is_zero(e) else (b + e * run.score(x, t), None)
+        zero = (e == 0) if isinstance(e, float) else bool((e == 0).all())
+        return (b, None) if zero else (b + e * run.score(x, t), None)
 
     def em_step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """One Euler–Maruyama step :math:`x + h\,(b + εs) + \sqrt{2εh}\,z` from node ``i``."""
@@ -194,21 +184,14 @@ class _SDESolver(Solver):
 
 
 class EulerMaruyama(_SDESolver):
-    r"""Euler–Maruyama on :math:`dX = [b + \varepsilon s]dt + \sqrt{2\varepsilon}\,dW` (Maruyama 1955).
-
-    .. math::
-
-        x_{i+1} = x_i + h_i\,[b(x_i, t_i) + \varepsilon(t_i)\,s(x_i, t_i)] + \sqrt{2\varepsilon(t_i)h_i}\;z_i,
-        \qquad h_i = t_{i+1} - t_i,
-
-    weak order 1. Any ε ≥ 0 leaves the marginals unchanged for an exact field; ``eps="zero"``
-    (or 0) is the deterministic Euler method on the probability-flow ODE, and on an
-    interpolant then costs no score call (the budget planner counts it so).
+    r"""Euler–Maruyama on the sampling SDE (Maruyama 1955), weak order 1:
+    :math:`x_{i+1} = x_i + h_i[b + \varepsilon s](x_i, t_i) + \sqrt{2\varepsilon(t_i)h_i}\,z_i`.
+    ``eps="zero"`` (or 0) is the Euler method on the probability-flow ODE and on an interpolant
+    costs no score call (the budget planner counts it so).
 
     Arguments:
-        eps: ε(t): a number ≥ 0, a callable of ``t`` (shape ``(B,)``), ``"reverse-diffusion"``
-            (Gaussian paths: :math:`\sigma^2\dot\lambda`) or ``"zero"``. Default:
-            ``"reverse-diffusion"`` on a Gaussian path, ``1.0`` on an interpolant.
+        eps: ε(t) as in :func:`diffusion_schedule`. Default: ``"reverse-diffusion"`` on a
+            Gaussian path, ``1.0`` on an interpolant.
     """
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor | None]:

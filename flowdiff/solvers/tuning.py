@@ -44,6 +44,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -449,7 +450,7 @@ def tune_grid(
     if not finite:
         raise ValueError(f"solver {solver!r} failed on every standard grid at nfe={nfe}; cannot tune")
     initial = min(finite, key=finite.__getitem__)
-    best = _Best(finite[initial], candidates[initial])
+    best = SimpleNamespace(err=finite[initial], grid=candidates[initial])  # the best grid so far
     if progress:
         print(f"tune_grid: {solver} nfe={nfe} steps={steps}: best standard grid {initial} ({best.err:.4g})")
 
@@ -524,10 +525,3 @@ def tune_grid(
 
 class _Stop(Exception):
     """Raised inside the objective when the evaluation or time budget is spent."""
-
-
-class _Best:
-    """The best grid found so far and its tuning error."""
-
-    def __init__(self, err: float, grid: Tensor):
-        self.err, self.grid = err, grid
