@@ -143,13 +143,8 @@ class EMS:
         )
 
     @classmethod
-    def degenerate(
-        cls,
-        path: GaussianPath,
-        shape: Sequence[int],
-        t_start: float | None = None,
-        t_end: float | None = None,
-    ) -> EMS:
+    def degenerate(cls, path: GaussianPath, shape: Sequence[int], t_start: float | None = None,
+                   t_end: float | None = None) -> EMS:
         """The statistics ``l = 1, s = b = 0``, with which DPM-Solver-v3 is DPM-Solver++ (Taylor form)."""
         if not isinstance(path, GaussianPath):
             raise TypeError(f"path must be a GaussianPath, got {type(path).__name__}")
@@ -180,13 +175,8 @@ class EMS:
         tensors, settings = load_tensors(path, _FORMAT, {"lambdas", "l", "s", "b"}, "EMS")
         return cls(tensors["lambdas"], tensors["l"], tensors["s"], tensors["b"], settings)
 
-    def check(
-        self,
-        path: GaussianPath,
-        shape: Sequence[int] | None = None,
-        lambda_start: float | None = None,
-        lambda_end: float | None = None,
-    ) -> None:
+    def check(self, path: GaussianPath, shape: Sequence[int] | None = None, lambda_start: float | None = None,
+              lambda_end: float | None = None) -> None:
         """Raise ValueError unless these statistics fit ``path``, data ``shape`` and the log-SNR range.
 
         The EMS belong to one model on one path: computed for another path, another data shape,
@@ -292,24 +282,11 @@ def _derivative(values: Tensor, lam: Tensor, window: int) -> Tensor:
     return out
 
 
-def estimate_ems(
-    field: Any,
-    data: Any,
-    *,
-    num_lambdas: int = 400,
-    num_samples: int = 512,
-    batch_size: int = 256,
-    hutchinson: bool | str | None = "auto",
-    probes: int = 1,
-    smooth: int = 0,
-    t_start: float | None = None,
-    t_end: float | None = None,
-    guidance_scale: float | None = None,
-    cond: dict | None = None,
-    dtype: torch.dtype | None = None,
-    progress: bool = True,
-    generator: torch.Generator | None = None,
-) -> EMS:
+def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: int = 512, batch_size: int = 256,
+                 hutchinson: bool | str | None = "auto", probes: int = 1, smooth: int = 0, t_start: float | None = None,
+                 t_end: float | None = None, guidance_scale: float | None = None, cond: dict | None = None,
+                 dtype: torch.dtype | None = None, progress: bool = True,
+                 generator: torch.Generator | None = None) -> EMS:
     r"""Estimate the empirical model statistics l, s, b of ``field`` from ``data`` (Zheng et al. 2023, §3.2).
 
     On ``num_lambdas`` knots uniform in λ between ``t_start`` and ``t_end`` (default the path's
@@ -492,17 +469,10 @@ def estimate_ems(
     seconds = time.perf_counter() - start
     model_calls = getattr(field, "nfe", 0) - nfe0
     settings = {
-        "path": path.config(),
-        "t_start": t0,
-        "t_end": t1,
-        "num_lambdas": num_lambdas,
-        "num_samples": num_samples,
-        "hutchinson": not exact,
-        "probes": probes if not exact else 0,
-        "smooth": smooth,
+        "path": path.config(), "t_start": t0, "t_end": t1, "num_lambdas": num_lambdas, "num_samples": num_samples,
+        "hutchinson": not exact, "probes": probes if not exact else 0, "smooth": smooth,
         "guidance_scale": None if guidance_scale is None else float(guidance_scale),
-        "prediction": getattr(field, "prediction", None),
-        "dtype": str(work_dtype).replace("torch.", ""),
+        "prediction": getattr(field, "prediction", None), "dtype": str(work_dtype).replace("torch.", ""),
         "cost": {"seconds": round(seconds, 3), "model_calls": int(model_calls), "jvp_calls": jvp_calls},
     }
     return EMS(lam, l.reshape(K, *shape), s_stat.reshape(K, *shape), b_stat.reshape(K, *shape), settings)

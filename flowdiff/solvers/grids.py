@@ -69,16 +69,9 @@ def validate_grid(grid: Tensor | Sequence[float], t_start: float | None = None, 
     return g
 
 
-def make_grid(
-    path: GaussianPath | StochasticInterpolant,
-    kind: str = "logsnr",
-    steps: int = 10,
-    t_start: float | None = None,
-    t_end: float | None = None,
-    *,
-    rho: float = 7.0,
-    shift: float = 3.0,
-) -> Tensor:
+def make_grid(path: GaussianPath | StochasticInterpolant, kind: str = "logsnr", steps: int = 10,
+              t_start: float | None = None, t_end: float | None = None, *, rho: float = 7.0,
+              shift: float = 3.0) -> Tensor:
     """A time grid of ``steps`` intervals from ``t_start`` to ``t_end`` (see the module table).
 
     Arguments:

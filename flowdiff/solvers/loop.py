@@ -294,25 +294,12 @@ def final_denoise(run: Run, x: Tensor, t_end: float) -> Tensor:
     return x + (1.0 - t_end) * run.velocity(x, t_end)
 
 
-def sample(
-    field: Any,
-    x_init: Tensor,
-    solver: str | None = None,
-    nfe: int | None = None,
-    grid: str | Tensor | Sequence[float] | None = None,
-    t_start: float | None = None,
-    t_end: float | None = None,
-    denoise_final: bool = True,
-    generator: torch.Generator | None = None,
-    return_trajectory: bool = False,
-    callback: Callable[[int, float, Tensor, Tensor | None], None] | None = None,
-    cond: dict | None = None,
-    grid_options: dict | None = None,
-    check_finite: bool = True,
-    return_logp: bool = False,
-    hooks: Hooks | None = None,
-    **options: Any,
-) -> SampleResult:
+def sample(field: Any, x_init: Tensor, solver: str | None = None, nfe: int | None = None,
+           grid: str | Tensor | Sequence[float] | None = None, t_start: float | None = None, t_end: float | None = None,
+           denoise_final: bool = True, generator: torch.Generator | None = None, return_trajectory: bool = False,
+           callback: Callable[[int, float, Tensor, Tensor | None], None] | None = None, cond: dict | None = None,
+           grid_options: dict | None = None, check_finite: bool = True, return_logp: bool = False,
+           hooks: Hooks | None = None, **options: Any) -> SampleResult:
     r"""Integrate a field's sampling ODE/SDE from ``t_start`` to ``t_end`` with a named solver.
 
     Arguments:

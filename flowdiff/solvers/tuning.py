@@ -210,19 +210,9 @@ class _Coordinates:
         else:
             self.u0, self.u1 = t0, t1
 
-    def to_t(self, u: Tensor, pin_end: bool = True) -> Tensor:
-        t = self.path.t_of_log_snr(u) if self.gaussian else u.clone()
-        t = t.to(torch.float64).clamp(self.t0, self.t1)
-        t[0] = self.t0
-        if pin_end:
-            t[-1] = self.t1
-        return t
-
-    def to_u(self, t: Tensor) -> Tensor:
-        return self.path.table(t.to(torch.float64)).log_snr if self.gaussian else t.to(torch.float64)
-
     def theta_of_grid(self, grid: Tensor, free_end: bool) -> Tensor:
-        u = self.to_u(grid)
+        g = grid.to(torch.float64)
+        u = self.path.table(g).log_snr if self.gaussian else g
         inc = torch.diff(u)
         if free_end:  # one more increment: the gap the final denoise jumps over
             inc = torch.cat([inc, (self.u1 - u[-1]).reshape(1)])
@@ -235,7 +225,12 @@ class _Coordinates:
         cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w, 0)])
         if free_end:
             cum = cum[:-1]
-        return self.to_t(self.u0 + (self.u1 - self.u0) * cum, pin_end=not free_end)
+        u = self.u0 + (self.u1 - self.u0) * cum
+        t = (self.path.t_of_log_snr(u) if self.gaussian else u.clone()).to(torch.float64).clamp(self.t0, self.t1)
+        t[0] = self.t0
+        if not free_end:
+            t[-1] = self.t1
+        return t
 
 
 def _rms(x: Tensor, ref: Tensor) -> Tensor:
@@ -258,28 +253,12 @@ def _aggregate(e: Tensor, metric: str) -> float:
     return float(torch.exp(torch.log(e.clamp_min(1e-300)).mean()))
 
 
-def tune_grid(
-    field: Any,
-    solver: str,
-    nfe: int,
-    data_or_noise: Tensor,
-    *,
-    source: str = "noise",
-    options: Mapping[str, Any] | None = None,
-    t_start: float | None = None,
-    t_end: float | None = None,
-    denoise_final: bool = True,
-    free_end: bool | None = None,
-    metric: str = "geomean",
-    holdout: float = 0.25,
-    reference_solver: str | None = None,
-    reference_nfe: int | None = None,
-    max_evals: int = 400,
-    time_budget: float = 60.0,
-    cond: dict | None = None,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-) -> TunedGrid:
+def tune_grid(field: Any, solver: str, nfe: int, data_or_noise: Tensor, *, source: str = "noise",
+              options: Mapping[str, Any] | None = None, t_start: float | None = None, t_end: float | None = None,
+              denoise_final: bool = True, free_end: bool | None = None, metric: str = "geomean", holdout: float = 0.25,
+              reference_solver: str | None = None, reference_nfe: int | None = None, max_evals: int = 400,
+              time_budget: float = 60.0, cond: dict | None = None, generator: torch.Generator | None = None,
+              progress: bool = False) -> TunedGrid:
     r"""Tune the step locations of ``solver`` at ``nfe`` model calls for ``field`` (module docstring).
 
     Arguments:
@@ -493,25 +472,13 @@ def tune_grid(
         if not errors["tuned"]["holdout"] <= errors["initial"]["holdout"]:
             tuned_grid, chosen = candidates[initial], initial  # no gain out of sample: keep the standard grid
     seconds = time.perf_counter() - start
-    shape = list(x.shape[1:])
     settings = {
-        "solver": solver,
-        "nfe": nfe,
-        "steps": steps,
-        "options": _json_options(options),
-        "path": path.config(),
-        "shape": shape,
-        "t_start": t0,
-        "t_end": float(tuned_grid[-1]),
-        "t_end_reference": t1,
-        "denoise_final": denoise_final,
-        "free_end": free_end,
-        "source": source,
+        "solver": solver, "nfe": nfe, "steps": steps, "options": _json_options(options), "path": path.config(),
+        "shape": list(x.shape[1:]), "t_start": t0, "t_end": float(tuned_grid[-1]), "t_end_reference": t1,
+        "denoise_final": denoise_final, "free_end": free_end, "source": source,
         "batch": {"tune": int(x_tune.shape[0]), "holdout": int(n_hold)},
         "reference": {"solver": reference_solver, "nfe": reference_nfe, "grid": ref_grid, **ref_opts},
-        "errors": errors,
-        "initial": initial,
-        "chosen": chosen,
+        "errors": errors, "initial": initial, "chosen": chosen,
         "metric": f"{metric} over samples of the per-sample RMS difference to the reference",
         "method": "best standard grid + Karras-rho golden search, then Powell and Nelder-Mead on softmax "
                   "log-SNR increments; held-out check",
