@@ -52,25 +52,10 @@ from ..paths import GaussianPath
 from ..paths.gaussian import PathCoefficients
 
 __all__ = [
-    "DEFAULT_INTERPOLANT_SOLVER",
-    "DEFAULT_SOLVER",
-    "LOW_NFE",
-    "LOW_NFE_SOLVER",
-    "SOLVER_KINDS",
-    "GaussianEvaluator",
-    "GaussianPathRequiredError",
-    "NonFiniteStateError",
-    "SampleResult",
-    "Solver",
-    "SolverSpec",
-    "available",
-    "default_solver",
-    "final_calls",
-    "get_solver",
-    "register_solver",
-    "require_gaussian_path",
-    "time_tensor",
-    "velocity_calls",
+    "DEFAULT_INTERPOLANT_SOLVER", "DEFAULT_SOLVER", "LOW_NFE", "LOW_NFE_SOLVER", "SOLVER_KINDS",
+    "GaussianEvaluator", "GaussianPathRequiredError", "NonFiniteStateError", "SampleResult", "Solver", "SolverSpec",
+    "available", "default_solver", "final_calls", "get_solver", "register_solver", "require_gaussian_path",
+    "time_tensor", "velocity_calls"
 ]
 
 #: The kinds a solver may be registered as.

@@ -89,14 +89,8 @@ from .base import Solver, check_choice, check_flag, lower_order_final, register_
 from .loop import Run
 
 __all__ = [
-    "DEISSolver",
-    "DPMSolverMultistep",
-    "DPMSolverSinglestep",
-    "EtaStep",
-    "SDEDPMSolverPP2",
-    "UniPC",
-    "lagrange_exp_weights",
-    "singlestep_orders",
+    "DEISSolver", "DPMSolverMultistep", "DPMSolverSinglestep", "EtaStep", "SDEDPMSolverPP2", "UniPC",
+    "lagrange_exp_weights", "singlestep_orders"
 ]
 
 PREDICTION_FORMS = ("data", "noise")

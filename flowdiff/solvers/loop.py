@@ -51,16 +51,8 @@ from torch import Tensor
 from .._utils import check_float, check_int
 from ..paths import GaussianPath, StochasticInterpolant
 from .base import (
-    GaussianEvaluator,
-    NonFiniteStateError,
-    SampleResult,
-    Solver,
-    SolverSpec,
-    default_solver,
-    final_calls,
-    get_solver,
-    require_gaussian_path,
-    time_tensor,
+    GaussianEvaluator, NonFiniteStateError, SampleResult, Solver, SolverSpec, default_solver, final_calls,
+    get_solver, require_gaussian_path, time_tensor
 )
 from .grids import GRID_KINDS, make_grid, validate_grid
 
