@@ -289,9 +289,7 @@ class SolverSpec:
             if key in self.fixed:
                 raise ValueError(f"solver {self.name!r} fixes {key}={self.fixed[key]!r}; use another solver name to change it")
             if key not in valid:
-                raise ValueError(
-                    f"unknown option {key!r} for solver {self.name!r}; valid: {', '.join(valid) or '(none)'}"
-                )
+                raise ValueError(f"unknown option {key!r} for solver {self.name!r}; valid: {', '.join(valid) or '(none)'}")
         missing = [o for o in self.required_options if o not in options]
         if missing:
             raise ValueError(f"solver {self.name!r} needs the option(s) {', '.join(missing)}; see its docstring")

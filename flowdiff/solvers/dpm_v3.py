@@ -215,10 +215,8 @@ def v3_defaults(steps: int, guided: bool = False, preset: str = "flowdiff") -> d
 def _select_ems(ems: Any, field: Any) -> EMS:
     """The EMS to use: an :class:`EMS`, a path to one, or ``{guidance_scale: EMS}``."""
     if ems is None:
-        raise ValueError(
-            f"solver {NAME!r} needs empirical model statistics: pass ems=fd.solvers.estimate_ems(field, data) "
-            f"(or EMS.load(file); EMS.degenerate(path, shape) gives DPM-Solver++)"
-        )
+        raise ValueError(f"solver {NAME!r} needs empirical model statistics: pass ems=fd.solvers.estimate_ems(field, data) "
+                         f"(or EMS.load(file); EMS.degenerate(path, shape) gives DPM-Solver++)")
     if isinstance(ems, (str, Path)):
         ems = EMS.load(ems)
     scale = getattr(field, "guidance_scale", None)
@@ -233,10 +231,8 @@ def _select_ems(ems: Any, field: Any) -> EMS:
     if not isinstance(ems, EMS):
         raise TypeError(f"ems must be an EMS, a file path or a mapping {{guidance_scale: EMS}}, got {type(ems).__name__}")
     if scale is not None and ems.guidance_scale is not None and not math.isclose(float(scale), ems.guidance_scale):
-        raise ValueError(
-            f"these EMS were computed at guidance scale {ems.guidance_scale}, the field samples at {scale}; "
-            f"EMS are per guidance scale"
-        )
+        raise ValueError(f"these EMS were computed at guidance scale {ems.guidance_scale}, the field samples at {scale}; "
+                         f"EMS are per guidance scale")
     return ems
 
 

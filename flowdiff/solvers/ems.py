@@ -25,6 +25,7 @@ from torch import Tensor
 from .._utils import check_int
 from ..paths import GaussianPath
 from .base import require_gaussian_path
+from .grids import finite_log_snr
 from .loop import interval
 
 __all__ = ["EMS", "HUTCHINSON_CHOICES", "estimate_ems", "jvp", "same_path_config"]
@@ -151,9 +152,7 @@ class EMS:
         shape = tuple(int(d) for d in shape)
         t0 = float(path.t_min if t_start is None else t_start)
         t1 = float(path.t_max if t_end is None else t_end)
-        lam = path.table([t0, t1]).log_snr
-        if not torch.isfinite(lam).all():
-            raise ValueError(f"degenerate EMS need a finite log-SNR at t_start={t0!r} and t_end={t1!r}, got {lam.tolist()}")
+        lam = torch.tensor(finite_log_snr(path, t0, t1, "degenerate EMS"), dtype=torch.float64)
         ones = torch.ones((2, *shape), dtype=torch.float64)
         zeros = torch.zeros_like(ones)
         settings = {"path": path.config(), "t_start": t0, "t_end": t1, "num_lambdas": 2, "degenerate": True,
@@ -184,10 +183,8 @@ class EMS:
         """
         cfg = path.config()
         if not same_path_config(cfg, self.path_config):
-            raise ValueError(
-                f"these EMS were computed for the path {_describe(self.path_config)}, but the field's path is "
-                f"{_describe(cfg)}; recompute them with fd.solvers.estimate_ems(field, data)"
-            )
+            raise ValueError(f"these EMS were computed for the path {_describe(self.path_config)}, but the field's path is "
+                             f"{_describe(cfg)}; recompute them with fd.solvers.estimate_ems(field, data)")
         if shape is not None and tuple(shape) != self.shape:
             raise ValueError(
                 f"these EMS were computed for data of shape {self.shape}, but x has shape (B, *{tuple(shape)}); "
@@ -223,10 +220,8 @@ def _draw_data(data: Any, n: int, generator: torch.Generator) -> Tensor:
         return data.sample(n, generator=generator)
     if callable(data):
         return data(n, generator)
-    raise TypeError(
-        f"data must be a tensor (N, *shape), a dataset with .x, an object with .sample(n, generator=...) or a "
-        f"callable (n, generator) -> tensor, got {type(data).__name__}"
-    )
+    raise TypeError(f"data must be a tensor (N, *shape), a dataset with .x, an object with .sample(n, generator=...) or a "
+                    f"callable (n, generator) -> tensor, got {type(data).__name__}")
 
 
 def _noise_fn(field: Any, path: GaussianPath, cond: dict) -> Callable[[Tensor, Tensor], Tensor]:
@@ -344,9 +339,7 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
     if hutchinson not in HUTCHINSON_CHOICES:
         raise ValueError(f"hutchinson must be one of {HUTCHINSON_CHOICES}, got {hutchinson!r}")
     t0, t1 = interval(field, None, t_start, t_end)
-    ends = path.table([t0, t1]).log_snr
-    if not torch.isfinite(ends).all():
-        raise ValueError(f"the log-SNR must be finite at t_start={t0!r} and t_end={t1!r}, got {ends.tolist()}")
+    ends = finite_log_snr(path, t0, t1, "estimate_ems")
     cond = dict(cond or {})
     if guidance_scale is None:
         guidance_scale = getattr(field, "guidance_scale", None)
@@ -367,7 +360,7 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
     if not exact:
         v = (torch.randint(0, 2, (probes, *x1.shape), generator=gen) * 2 - 1).to(work_dtype).to(device)
 
-    lam = torch.linspace(float(ends[0]), float(ends[1]), num_lambdas, dtype=torch.float64)
+    lam = torch.linspace(ends[0], ends[1], num_lambdas, dtype=torch.float64)
     tk = path.t_of_log_snr(lam).clamp(t0, t1)
     tk[0], tk[-1] = t0, t1
     tab = path.table(tk)

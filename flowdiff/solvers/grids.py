@@ -39,6 +39,15 @@ __all__ = ["GRID_KINDS", "make_grid", "validate_grid"]
 GRID_KINDS = ("uniform", "logsnr", "quadratic", "karras", "shifted")
 
 
+def finite_log_snr(path: GaussianPath, t0: float, t1: float, what: str) -> tuple[float, float]:
+    """``(λ(t0), λ(t1))``; a ValueError saying that ``what`` needs them finite otherwise."""
+    lam0, lam1 = path.table([t0, t1]).log_snr.tolist()
+    if not (math.isfinite(lam0) and math.isfinite(lam1)):
+        raise ValueError(f"{what} needs a finite log-SNR at both ends, got lambda(t_start={t0!r})={lam0!r}, "
+                         f"lambda(t_end={t1!r})={lam1!r}; start a little after alpha=0 or end before sigma=0")
+    return lam0, lam1
+
+
 def validate_grid(grid: Tensor | Sequence[float], t_start: float | None = None, t_end: float | None = None) -> Tensor:
     """Check an explicit grid and return it as a float64 CPU tensor.
 
@@ -58,10 +67,8 @@ def validate_grid(grid: Tensor | Sequence[float], t_start: float | None = None, 
     d = torch.diff(g)
     if (d <= 0).any():
         k = int(torch.nonzero(d <= 0)[0])
-        raise ValueError(
-            f"grid must be strictly increasing (generation runs from noise t=0 to data t=1), "
-            f"got grid[{k}]={float(g[k])!r} >= grid[{k + 1}]={float(g[k + 1])!r}"
-        )
+        raise ValueError(f"grid must be strictly increasing (generation runs from noise t=0 to data t=1), "
+                         f"got grid[{k}]={float(g[k])!r} >= grid[{k + 1}]={float(g[k + 1])!r}")
     if t_start is not None and abs(float(g[0]) - t_start) > 1e-9:
         raise ValueError(f"the grid starts at {float(g[0])!r}, not at t_start={t_start!r}")
     if t_end is not None and abs(float(g[-1]) - t_end) > 1e-9:
@@ -112,16 +119,9 @@ def make_grid(path: GaussianPath | StochasticInterpolant, kind: str = "logsnr", 
         g = 1.0 - k * w / (1.0 + (k - 1.0) * w)
     else:
         if not isinstance(path, GaussianPath):
-            raise ValueError(
-                f"grid kind {kind!r} is defined through the log-SNR of a Gaussian path; for "
-                f"{type(path).__name__} use 'uniform', 'quadratic' or 'shifted'"
-            )
-        lam0, lam1 = path.table([t0, t1]).log_snr.tolist()
-        if not (math.isfinite(lam0) and math.isfinite(lam1)):
-            raise ValueError(
-                f"grid kind {kind!r} needs a finite log-SNR at both ends, got lambda(t_start={t0!r})={lam0!r}, "
-                f"lambda(t_end={t1!r})={lam1!r}; start a little after alpha=0 or end before sigma=0"
-            )
+            raise ValueError(f"grid kind {kind!r} is defined through the log-SNR of a Gaussian path; for "
+                             f"{type(path).__name__} use 'uniform', 'quadratic' or 'shifted'")
+        lam0, lam1 = finite_log_snr(path, t0, t1, f"grid kind {kind!r}")
         if kind == "logsnr":
             lam = lam0 + i * (lam1 - lam0)
         else:  # karras, in sigma~ = e^{-lambda}
@@ -132,8 +132,6 @@ def make_grid(path: GaussianPath | StochasticInterpolant, kind: str = "logsnr", 
     g = g.to(torch.float64)
     g[0], g[-1] = t0, t1  # exact ends, whatever the round-off of the inverse maps
     if (torch.diff(g) <= 0).any():
-        raise ValueError(
-            f"{steps} steps of a {kind!r} grid on [{t0!r}, {t1!r}] are not strictly increasing in float64 "
-            f"(too many steps for this interval)"
-        )
+        raise ValueError(f"{steps} steps of a {kind!r} grid on [{t0!r}, {t1!r}] are not strictly increasing in float64 "
+                         f"(too many steps for this interval)")
     return g

@@ -244,10 +244,8 @@ def plan(spec: SolverSpec, options: dict, field: Any, nfe: int | None, grid: Any
         steps = len(explicit) - 1
         needed = cls.evals_for(steps, options) * calls + final
         if nfe is not None and needed > nfe:
-            raise ValueError(
-                f"the explicit grid has {steps} steps, which solver {name!r} needs {needed} model calls for "
-                f"(final denoise included), more than nfe={nfe}"
-            )
+            raise ValueError(f"the explicit grid has {steps} steps, which solver {name!r} needs {needed} model calls for "
+                             f"(final denoise included), more than nfe={nfe}")
         return Plan(explicit, cls.evals_for(steps, options) if nfe is None else (nfe - final) // calls)
     budget = max((DEFAULT_NFE if nfe is None else nfe) - final, 0) // calls
     steps = cls.steps_for(budget, options)

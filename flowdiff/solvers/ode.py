@@ -75,10 +75,8 @@ class _Problem:
         tab = run.path.table(times)  # type: ignore[union-attr]
         lam = tab.log_snr
         if not bool(lam.isfinite().all()):
-            raise ValueError(
-                f"space='sigma' needs alpha > 0 and sigma > 0 on the grid; log-SNR at the ends is "
-                f"{float(lam[0])!r}, {float(lam[-1])!r}"
-            )
+            raise ValueError(f"space='sigma' needs alpha > 0 and sigma > 0 on the grid; log-SNR at the ends is "
+                             f"{float(lam[0])!r}, {float(lam[-1])!r}")
         self.s_nodes = (-lam).exp().tolist()  # sigma~ = sigma / alpha
         self._node_t = dict(zip(self.s_nodes, times))
         self._alpha_nodes = dict(zip(times, tab.alpha.tolist()))
@@ -183,10 +181,8 @@ class Dopri5(Solver):
         def f(s: float, y: Tensor) -> Tensor:
             nonlocal evals
             if cap is not None and evals >= cap:
-                raise RuntimeError(
-                    f"dopri5 used its budget of {cap} evaluations before reaching t_end={p.t1!r} "
-                    f"(at t={p.t_of(s)!r}); raise nfe or loosen rtol/atol"
-                )
+                raise RuntimeError(f"dopri5 used its budget of {cap} evaluations before reaching t_end={p.t1!r} "
+                                   f"(at t={p.t_of(s)!r}); raise nfe or loosen rtol/atol")
             evals += 1
             return p.f(s, y)
 

@@ -82,19 +82,15 @@ def diffusion_schedule(eps: Diffusion, path: Any = None) -> Callable[[Tensor], T
             return lambda t: torch.zeros_like(t)
         if eps == "reverse-diffusion":
             if not isinstance(path, GaussianPath):
-                raise ValueError(
-                    f"eps='reverse-diffusion' needs a Gaussian path (it is sigma^2 * dlambda/dt), got "
-                    f"{type(path).__name__}; pass a number >= 0 or a callable of t instead"
-                )
+                raise ValueError(f"eps='reverse-diffusion' needs a Gaussian path (it is sigma^2 * dlambda/dt), got "
+                                 f"{type(path).__name__}; pass a number >= 0 or a callable of t instead")
 
             def reverse_diffusion(t: Tensor) -> Tensor:
                 tab = path.table(t)  # σ²λ̇ = σ²α̇/α − σσ̇: finite wherever the path's coefficients are
                 return (tab.sigma**2 * tab.d_log_snr).to(t.dtype)
 
             return reverse_diffusion
-        raise ValueError(
-            f"unknown eps {eps!r}; valid: a number >= 0, a callable of t, or one of {', '.join(EPS_OPTIONS)}"
-        )
+        raise ValueError(f"unknown eps {eps!r}; valid: a number >= 0, a callable of t, or one of {', '.join(EPS_OPTIONS)}")
     if callable(eps):
         return eps
     value = check_float("eps", eps, 0.0)

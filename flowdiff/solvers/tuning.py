@@ -54,7 +54,7 @@ from ..paths import GaussianPath, StochasticInterpolant
 from .._utils import check_float, check_int
 from .base import get_solver, require_gaussian_path
 from .ems import EMS, _describe, same_path_config
-from .grids import make_grid, validate_grid
+from .grids import finite_log_snr, make_grid, validate_grid
 from .loop import interval, plan, sample
 
 __all__ = ["TunedGrid", "grid_steps", "load_grid", "save_grid", "tune_grid"]
@@ -199,16 +199,8 @@ class _Coordinates:
     def __init__(self, path: Any, t0: float, t1: float):
         self.path, self.t0, self.t1 = path, t0, t1
         self.gaussian = isinstance(path, GaussianPath)
-        if self.gaussian:
-            ends = path.table([t0, t1]).log_snr
-            if not torch.isfinite(ends).all():
-                raise ValueError(
-                    f"tune_grid parametrises the grid in log-SNR, which must be finite at t_start={t0!r} and "
-                    f"t_end={t1!r}; got {ends.tolist()}"
-                )
-            self.u0, self.u1 = (float(v) for v in ends)
-        else:
-            self.u0, self.u1 = t0, t1
+        # the grid is parametrised in log-SNR on a Gaussian path
+        self.u0, self.u1 = finite_log_snr(path, t0, t1, "tune_grid") if self.gaussian else (t0, t1)
 
     def theta_of_grid(self, grid: Tensor, free_end: bool) -> Tensor:
         g = grid.to(torch.float64)
