@@ -258,38 +258,6 @@ def _derivatives(lams: list[float], gs: list[Tensor], pseudo: bool) -> list[Tens
     return [sum(inv[k][j] * diffs[j] for j in range(n)) for k in range(n)]
 
 
-class _V3Stepper:
-    """One DPM-Solver-v3 update (predictor or corrector) between two grid nodes."""
-
-    def __init__(self, calc: _Calculus, table: Run, like: Tensor):
-        self.calc, self.table = calc, table
-        self.dtype, self.device = like.dtype, like.device
-        self.shape = like.shape[1:]
-
-    def vec(self, v: Tensor) -> Tensor:
-        """A (D,) float64 coefficient as a tensor broadcastable against the state."""
-        return v.reshape(self.shape).to(dtype=self.dtype, device=self.device)
-
-    def update(self, x_s: Tensor, s: int, t: int, nodes: list[int], f: dict[int, Tensor], pseudo: bool) -> Tensor:
-        """x at node ``t`` from x at node ``s``, with the Taylor expansion of g at s from the
-        nonlinear parts ``f`` at ``nodes`` (``nodes[0] == s``)."""
-        tb = self.table
-        lam_s, lam_t = tb.log_snr[s], tb.log_snr[t]
-        lams = [tb.log_snr[j] for j in nodes]
-        gs = [f[s]]
-        for j, lam_j in zip(nodes[1:], lams[1:]):
-            d_s, beta = self.calc.back(lam_j, lam_s)  # g_j = e^{-(S_j - S_s)} f_j − β(λ_j)
-            gs.append(torch.exp(-self.vec(d_s)) * f[j] - self.vec(beta))
-        derivs = _derivatives(lams, gs, pseudo)
-        dL, J, J_beta = self.calc.step(lam_s, lam_t, len(derivs))
-        acc = self.vec(J[0]) * gs[0] + self.vec(J_beta)
-        for k, g_k in enumerate(derivs, start=1):
-            acc = acc + self.vec(J[k]) * g_k
-        decay = torch.exp(-dL)
-        a_s, a_t = tb.alpha[s], tb.alpha[t]
-        return self.vec(decay * (a_t / a_s)) * x_s - self.vec(decay * a_t) * acc
-
-
 class DPMSolverV3(Solver):
     r"""DPM-Solver-v3 (Zheng et al. 2023, Alg. 1–2): multistep predictor with EMS, plus corrector.
 
@@ -345,18 +313,41 @@ class DPMSolverV3(Solver):
         self.final_corrector = check_flag(NAME, "final_corrector", (defaults["final_corrector"] and self.use_corrector)
                                           if fc is None else fc)
         calc = _Calculus(ems)
-        self.stepper = _V3Stepper(calc, run, run.like)
+        self.calc, self.shape = calc, run.like.shape[1:]
         self.l_nodes = calc.evaluate(torch.tensor(lam, dtype=torch.float64))[3]  # (steps + 1, D)
         self.t_mid = 0.5 * (run.times[0] + run.times[-1])
         self.memory["f"] = {}
         self.prev_order = 0
+
+    def vec(self, v: Tensor) -> Tensor:
+        """A (D,) float64 coefficient as a tensor broadcastable against the state."""
+        return v.reshape(self.shape).to(dtype=self.run.like.dtype, device=self.run.like.device)
+
+    def update(self, x_s: Tensor, s: int, t: int, nodes: list[int], f: dict[int, Tensor], pseudo: bool) -> Tensor:
+        """x at node ``t`` from x at node ``s``, with the Taylor expansion of g at s from the
+        nonlinear parts ``f`` at ``nodes`` (``nodes[0] == s``)."""
+        tb = self.run
+        lam_s, lam_t = tb.log_snr[s], tb.log_snr[t]
+        lams = [tb.log_snr[j] for j in nodes]
+        gs = [f[s]]
+        for j, lam_j in zip(nodes[1:], lams[1:]):
+            d_s, beta = self.calc.back(lam_j, lam_s)  # g_j = e^{-(S_j - S_s)} f_j − β(λ_j)
+            gs.append(torch.exp(-self.vec(d_s)) * f[j] - self.vec(beta))
+        derivs = _derivatives(lams, gs, pseudo)
+        dL, J, J_beta = self.calc.step(lam_s, lam_t, len(derivs))
+        acc = self.vec(J[0]) * gs[0] + self.vec(J_beta)
+        for k, g_k in enumerate(derivs, start=1):
+            acc = acc + self.vec(J[k]) * g_k
+        decay = torch.exp(-dL)
+        a_s, a_t = tb.alpha[s], tb.alpha[t]
+        return self.vec(decay * (a_t / a_s)) * x_s - self.vec(decay * a_t) * acc
 
     def revise(self, i: int, x: Tensor) -> Tensor:
         """Evaluate at node ``i`` and correct the step into it (at ``i = steps``: the final denoise)."""
         run, f = self.run, self.memory["f"]
         final = i == run.steps
         data, noise = run.evaluate(x, i)
-        l_i = self.stepper.vec(self.l_nodes[i])
+        l_i = self.vec(self.l_nodes[i])
         # f = N/α with N = σε − l·x; the corrector below changes x but keeps N (and so f) fixed.
         f[i] = (run.sigma[i] * noise - l_i * x) / run.alpha[i]
         c_order = self.prev_order + int(self.c_pseudo)
@@ -366,7 +357,7 @@ class DPMSolverV3(Solver):
         correct = self.final_corrector if final else self.use_corrector
         if i > 0 and correct and c_order > 1 and (not self.half or run.times[i] < self.t_mid):
             nodes = [i - 1, i] + [i - 1 - k for k in range(1, c_order - 1)]
-            x_c = self.stepper.update(self.memory["x_prev"], i - 1, i, nodes, f, self.c_pseudo)
+            x_c = self.update(self.memory["x_prev"], i - 1, i, nodes, f, self.c_pseudo)
             if final:  # the data prediction follows the state through the linear part
                 data = data + (1.0 - l_i) * (x_c - x) / run.alpha[i]
             x = x_c
@@ -383,7 +374,7 @@ class DPMSolverV3(Solver):
         if self.lower_order_final:
             p = min(p, self.run.steps - i)
         self.memory["x_prev"], self.prev_order = x, p
-        x = self.stepper.update(x, i, i + 1, [i - k for k in range(p)], self.memory["f"], self.p_pseudo)
+        x = self.update(x, i, i + 1, [i - k for k in range(p)], self.memory["f"], self.p_pseudo)
         self.memory["f"].pop(i - 3, None)  # at most order 3 (+1 for the corrector) nodes are ever needed
         return x, data
 
