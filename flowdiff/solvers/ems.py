@@ -56,13 +56,8 @@ def same_path_config(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 def _describe(config: Mapping[str, Any]) -> str:
     """A short description of a path config (Discrete tables are summarised, not printed)."""
-    parts = []
-    for k, v in config.items():
-        if k == "name":
-            continue
-        if isinstance(v, (list, tuple)) and len(v) > 4:
-            v = f"[{len(v)} values]"
-        parts.append(f"{k}={v}")
+    parts = [f"{k}={f'[{len(v)} values]' if isinstance(v, (list, tuple)) and len(v) > 4 else v}"
+             for k, v in config.items() if k != "name"]
     return f"{config.get('name', '?')}({', '.join(parts)})"
 
 

@@ -110,11 +110,7 @@ def make_grid(path: GaussianPath | StochasticInterpolant, kind: str = "logsnr", 
         g = 1.0 - (tau0 + i * (tau1 - tau0)) ** 2
     elif kind == "shifted":
         k = check_float("shift", shift, 0.0, low_open=True)
-
-        def unwarp(u: float) -> float:
-            return u / (k - (k - 1.0) * u)
-
-        w0, w1 = unwarp(1.0 - t0), unwarp(1.0 - t1)
+        w0, w1 = ((1.0 - t) / (k - (k - 1.0) * (1.0 - t)) for t in (t0, t1))  # w of u = 1 - t
         w = w0 + i * (w1 - w0)
         g = 1.0 - k * w / (1.0 + (k - 1.0) * w)
     else:

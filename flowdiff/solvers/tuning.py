@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..paths import GaussianPath, StochasticInterpolant
 from .._utils import check_float, check_int
-from .base import get_solver, require_gaussian_path
+from .base import check_choice, get_solver, require_gaussian_path
 from .ems import EMS, _describe, same_path_config
 from .grids import finite_log_snr, make_grid, validate_grid
 from .loop import interval, plan, sample
@@ -293,10 +293,8 @@ def tune_grid(field: Any, solver: str, nfe: int, data_or_noise: Tensor, *, sourc
     if spec.adaptive:
         raise ValueError(f"{solver!r} chooses its own steps (adaptive); there is no grid to tune")
     nfe = check_int("nfe", nfe, 1)
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    check_choice("tune_grid", "metric", metric, METRICS)
+    check_choice("tune_grid", "source", source, SOURCES)
     if not isinstance(data_or_noise, Tensor) or not data_or_noise.is_floating_point() or data_or_noise.ndim < 2:
         raise TypeError("data_or_noise must be a floating-point tensor of shape (B, *shape)")
     check_float("holdout", holdout, 0.0, 1.0, high_open=True)
@@ -363,9 +361,7 @@ def tune_grid(field: Any, solver: str, nfe: int, data_or_noise: Tensor, *, sourc
     # stage 1: the standard grids and Karras' rho
     kinds = ["logsnr", "quadratic", "karras", "uniform"] if isinstance(path, GaussianPath) else ["uniform", "quadratic", "shifted"]
     default_kind = spec.default_grid if isinstance(path, GaussianPath) else "uniform"
-    if default_kind in kinds:  # the solver's own default first: it is what tuning must beat
-        kinds.remove(default_kind)
-        kinds.insert(0, default_kind)
+    kinds.sort(key=lambda k: k != default_kind)  # the solver's own default first: it is what tuning must beat
     candidates: dict[str, Tensor] = {}
     # With free_end also the same kinds with one more interval, the last dropped: the final
     # denoise jumps it (k-diffusion's and diffusers' last step to sigma = 0).
