@@ -234,24 +234,20 @@ class Solver:
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """What the registry knows about one registered name.
+    """What the registry knows about one registered name (the :func:`register_solver` keywords).
 
     Attributes:
-        name: registered name (what :func:`sample` accepts).
-        cls: the :class:`Solver` subclass.
-        kind: ``"ode"``, ``"exponential"`` or ``"sde"``.
+        name, cls: the registered name and its :class:`Solver` subclass; ``alias_of``: the
+            canonical name when this entry is an alias.
+        kind: ``"ode"``, ``"exponential"`` or ``"sde"``; ``stochastic``: draws noise;
+            ``adaptive``: chooses its own steps (``nfe`` is a cap).
         requires_gaussian_path: needs a :class:`~flowdiff.Field` on a Gaussian path (α, σ, λ).
-        stochastic: draws noise (uses ``generator``).
-        adaptive: chooses its own steps; ``nfe`` is a cap, not a target.
-        default_grid: grid kind used when :func:`sample` gets ``grid=None`` (on a Gaussian path;
-            stochastic interpolants always fall back to ``"uniform"``).
-        fixed: options this name fixes (passing them is an error).
-        defaults: option defaults this name changes.
-        required_options: options without a default that must be given (DPM-Solver-v3's ``ems``).
+        default_grid: the grid kind for ``grid=None`` on a Gaussian path (interpolants: uniform).
+        fixed, defaults: options this name fixes (passing them is an error) or re-defaults;
+            ``required_options``: options without a default (DPM-Solver-v3's ``ems``).
         description: one line for listings.
-        alias_of: the canonical name when this entry is an alias.
-        final_denoise: the solver makes the final denoising evaluation itself (:meth:`Solver.revise`
-            at ``t_end``) so that it can also correct its last step.
+        final_denoise: the solver makes the final denoising evaluation itself
+            (:meth:`Solver.revise` at ``t_end``) so that it can also correct its last step.
     """
 
     name: str
@@ -313,11 +309,8 @@ def register_solver(name: str, cls: type, *, aliases: Sequence[str] = (), overwr
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"solver name must be a non-empty string, got {name!r}")
-    kind, grid = spec.setdefault("kind", "ode"), spec.get("default_grid", "uniform")
-    if kind not in SOLVER_KINDS:
-        raise ValueError(f"unknown solver kind {kind!r}; valid: {', '.join(SOLVER_KINDS)}")
-    if grid not in GRID_KINDS:
-        raise ValueError(f"unknown default_grid {grid!r}; valid: {', '.join(GRID_KINDS)}")
+    check_choice(name, "solver kind", spec.setdefault("kind", "ode"), SOLVER_KINDS)
+    check_choice(name, "default_grid", spec.get("default_grid", "uniform"), GRID_KINDS)
     for n in (name, *aliases):
         if n in _REGISTRY and not overwrite:
             raise ValueError(f"a solver named {n!r} is already registered (pass overwrite=True to replace it)")
@@ -333,8 +326,8 @@ def register_solver(name: str, cls: type, *, aliases: Sequence[str] = (), overwr
 def available(kind: str | None = None, *, stochastic: bool | None = None) -> list[str]:
     """Names :func:`sample` accepts (aliases included), sorted; optionally only one ``kind``
     (``"ode"``, ``"exponential"``, ``"sde"``) and/or only (non-)stochastic ones."""
-    if kind is not None and kind not in SOLVER_KINDS:
-        raise ValueError(f"unknown solver kind {kind!r}; valid: {', '.join(SOLVER_KINDS)}")
+    if kind is not None:
+        check_choice("available", "solver kind", kind, SOLVER_KINDS)
     return sorted(
         n for n, s in _REGISTRY.items()
         if (kind is None or s.kind == kind) and (stochastic is None or s.stochastic == stochastic)

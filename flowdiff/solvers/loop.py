@@ -294,38 +294,28 @@ def sample(field: Any, x_init: Tensor, solver: str | None = None, nfe: int | Non
 
     Arguments:
         field: a :class:`~flowdiff.Field` (Gaussian path) or :class:`~flowdiff.InterpolantField`.
-        x_init: the state at ``t_start``, shape ``(B, *)`` (e.g. ``path.prior_sample``); the
-            whole run follows its dtype and device.
-        solver: a name from :func:`available`; default :func:`default_solver` (DPM-Solver++(2M)
-            up to 10 NFE and UniPC above on a Gaussian path, Heun on an interpolant).
-        nfe: budget of model calls, *including* the final denoising call; fixed-step solvers
-            spend it exactly (up to the remainder that no whole step fits), adaptive solvers
-            treat it as a cap (default: unlimited up to 10 000). Default for fixed-step solvers
-            without an explicit grid: 20.
-        grid: a grid kind (``"uniform"``, ``"logsnr"``, ``"quadratic"``, ``"karras"``,
-            ``"shifted"``; see :func:`~flowdiff.solvers.make_grid`) or an explicit increasing
-            array of times from ``t_start`` to ``t_end`` (then ``nfe`` may be omitted).
-            Default: the solver's ``default_grid`` (``"uniform"`` on interpolants).
-        t_start, t_end: integration interval, default the path's ``[t_min, t_max]``; must lie
-            inside it with ``t_start < t_end``. The model is never called outside it.
-        denoise_final: return the data prediction at ``t_end`` (one model call, counted in
-            ``nfe``) instead of the state.
+        x_init: the state at ``t_start``, shape ``(B, *)``; the run follows its dtype and device.
+        solver: a name from :func:`available`; default :func:`default_solver`.
+        nfe: budget of model calls, final denoise included (module docstring); a cap for adaptive
+            solvers (default 10 000); default 20 for fixed-step solvers without an explicit grid.
+        grid: a kind from :data:`GRID_KINDS` (:func:`~flowdiff.solvers.make_grid`) or an increasing
+            array of times from ``t_start`` to ``t_end`` (then ``nfe`` may be omitted). Default:
+            the solver's ``default_grid`` (``"uniform"`` on interpolants).
+        t_start, t_end: default the path's ``[t_min, t_max]``, which they must lie inside.
+        denoise_final: return the data prediction at ``t_end`` (one call, counted in ``nfe``).
         generator: for stochastic solvers.
         return_trajectory: keep the state at every grid time.
         callback: ``callback(i, t, x, denoised)`` after each step ``i``.
         cond: conditioning keyword arguments passed to every model call.
         grid_options: extra keywords for :func:`~flowdiff.solvers.make_grid` (``rho``, ``shift``).
-        check_finite: stop with :class:`NonFiniteStateError` (a ``FloatingPointError`` and a
-            ``ValueError``) naming the step and time where a state stops being finite.
-        return_logp: also compute the log-density of every sample while sampling, at no extra
-            model evaluation (:mod:`flowdiff.solvers.logp`); ``options`` then take that
-            sampler's keywords (``divergence``, ``probes``, ``prior``, ``rtol``, …).
-            ``SampleResult.log_prob`` is the density of ``state`` (the ODE's end point at
-            ``t_end``); the final denoised prediction has no density of its own.
-        hooks: :class:`Hooks` (module docstring): a denoiser hook (guidance), a step hook (SMC
-            weights and resampling), a transition hook (Gaussian transitions of SDE solvers).
-        **options: solver options (``order``, ``variant``, ``rtol``, …; see each solver). An
-            unknown name is a ValueError listing the valid ones.
+        check_finite: stop with :class:`NonFiniteStateError` naming the step and time where a
+            state stops being finite.
+        return_logp: also compute ``log_prob`` of ``state`` at no extra model evaluation
+            (:mod:`flowdiff.solvers.logp`; ``options`` then take its keywords: ``divergence``,
+            ``probes``, ``prior``, ``rtol``, …).
+        hooks: :class:`Hooks` (module docstring).
+        **options: solver options (see each solver); an unknown name is a ValueError listing
+            the valid ones.
 
     Returns:
         :class:`SampleResult`.
