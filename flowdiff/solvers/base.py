@@ -202,11 +202,6 @@ class Solver:
         return budget // cls.evals_per_step(options)
 
     @classmethod
-    def evals_for(cls, steps: int, options: Mapping[str, Any]) -> int:
-        """Evaluations ``steps`` steps of an explicit grid need."""
-        return steps * cls.evals_per_step(options)
-
-    @classmethod
     def calls_per_eval(cls, field: Any, options: Mapping[str, Any]) -> int:
         """Model calls one evaluation costs on ``field``."""
         return velocity_calls(field)
@@ -222,10 +217,6 @@ class Solver:
         Called by the loop before step ``i − 1`` is reported; with ``final_denoise`` also at
         ``i = steps``, where the solver sets :attr:`final_denoised`."""
         return x
-
-    def done(self, i: int) -> bool:
-        """Whether ``i`` steps reach ``t_end`` (adaptive solvers decide themselves)."""
-        return i >= self.run.steps
 
     def reindex(self, index: Tensor, batch: int) -> None:
         """Reorder the per-sample memory after the particles were resampled with ``index``."""

@@ -242,11 +242,11 @@ def plan(spec: SolverSpec, options: dict, field: Any, nfe: int | None, grid: Any
         return Plan(explicit if explicit is not None else torch.tensor([t0, t1], dtype=torch.float64), budget)
     if explicit is not None:
         steps = len(explicit) - 1
-        needed = cls.evals_for(steps, options) * calls + final
+        needed = steps * cls.evals_per_step(options) * calls + final
         if nfe is not None and needed > nfe:
             raise ValueError(f"the explicit grid has {steps} steps, which solver {name!r} needs {needed} model calls for "
                              f"(final denoise included), more than nfe={nfe}")
-        return Plan(explicit, cls.evals_for(steps, options) if nfe is None else (nfe - final) // calls)
+        return Plan(explicit, steps * cls.evals_per_step(options) if nfe is None else (nfe - final) // calls)
     budget = max((DEFAULT_NFE if nfe is None else nfe) - final, 0) // calls
     steps = cls.steps_for(budget, options)
     if steps < 1:
