@@ -227,13 +227,8 @@ class SDEDPMSolverPP2(EtaStep):
 
 
 def singlestep_orders(budget: int, order: int) -> list[int]:
-    """Orders of the steps that singlestep DPM-Solver-``order`` takes with ``budget`` evaluations.
-
-    The official DPM-Solver pattern (Lu et al. 2022, Sec. 3.4 "DPM-Solver-fast"): order 3 takes
-    ``budget // 3 + 1`` steps ``[3, …, 3, 2, 1]``, ``[3, …, 3, 1]`` or ``[3, …, 3, 2]`` for
-    ``budget mod 3 = 0, 1, 2``; order 2 takes ``⌈budget/2⌉`` steps ``[2, …, 2(, 1)]``; order 1
-    takes ``budget`` steps. The orders always sum to ``budget``.
-    """
+    """Orders of the steps singlestep DPM-Solver-``order`` takes with ``budget`` evaluations: the
+    official pattern (Lu et al. 2022, Sec. 3.4 "DPM-Solver-fast"; module docstring), summing to ``budget``."""
     if budget < 1:
         return []
     if order == 3:
@@ -298,13 +293,9 @@ def _singlestep_update(run: Run, f: _Form, x: Tensor, i: int, order: int, solver
 
 
 class DPMSolverSinglestep(ExponentialSolver):
-    r"""Singlestep DPM-Solver-``order`` (Lu et al. 2022, Alg. 4–5; DPM-Solver++(2S) for data).
-
-    Each step of order k evaluates the model at its start and at k − 1 intermediate points
-    (λ_s + r h with r = 1/2, or 1/3 and 2/3), using the official update formulas
-    (``solver_type="dpmsolver"``, or the Taylor form ``"taylor"``). Step orders follow
-    :func:`singlestep_orders` for the budget (the last steps are of lower order).
-    """
+    """Singlestep DPM-Solver-``order`` (Lu et al. 2022, Alg. 4–5; DPM-Solver++(2S/3S) for data;
+    module docstring), ``solver_type`` ``"dpmsolver"`` (official) or ``"taylor"``; step orders
+    from :func:`singlestep_orders`."""
 
     options = {"order": 3, "prediction": "noise", "solver_type": "dpmsolver"}
 

@@ -65,18 +65,9 @@ Diffusion = float | int | str | Callable[[Tensor], Tensor]
 
 
 def diffusion_schedule(eps: Diffusion, path: Any = None) -> Callable[[Tensor], Tensor]:
-    r"""Resolve a user's ε(t) into a callable ``t -> ε(t)`` (``t`` a tensor, result of its shape).
-
-    Arguments:
-        eps: a number ≥ 0 (constant ε), a callable of ``t`` returning values ≥ 0, or a name:
-            ``"zero"`` (ε ≡ 0: the probability-flow ODE) or ``"reverse-diffusion"``
-            (:math:`\varepsilon = \sigma^2\dot\lambda = g^2/2`, the reverse SDE of the score-SDE
-            family; needs a Gaussian path: β(1 − t)/2 for VP).
-        path: the field's path (needed for ``"reverse-diffusion"``).
-
-    Returns:
-        A callable mapping a tensor of times to ε at those times (same shape and dtype).
-    """
+    r"""A user's ε(t) as a callable ``t -> ε(t)`` (``t`` a tensor, result of its shape): a number
+    ≥ 0, a callable of ``t`` returning values ≥ 0, ``"zero"`` (the probability-flow ODE) or
+    ``"reverse-diffusion"`` (:math:`\sigma^2\dot\lambda`, module docstring; needs a Gaussian ``path``)."""
     if isinstance(eps, str):
         if eps == "zero":
             return lambda t: torch.zeros_like(t)
@@ -273,14 +264,10 @@ class EDMHeunChurn(Solver):
        :math:`x' = \hat x + (\tilde\sigma_{i+1} - \hat\sigma)d`,
        :math:`\tilde x_{i+1} = \hat x + (\tilde\sigma_{i+1} - \hat\sigma)\tfrac12(d + d'(x'))`.
 
-    ``t_end`` has σ > 0 (the framework denoises at the end), so every step is a Heun step
-    (2 evaluations), except that an odd budget (``2N − 1``) makes the last step an Euler step.
-    :math:`\hat\sigma` is capped at the noise level of the path's ``t_min`` (the model is never
-    called outside the safe interval).
-
-    :func:`~flowdiff.solvers.sample` uses the time-quadratic grid by default (measured better
-    than EDM's ρ = 7 grid at 10–20 NFE on the d = 32 mixture benchmark); ``grid="karras"`` gives
-    EDM's own schedule.
+    Every step is a Heun step (2 evaluations; ``t_end`` has σ > 0), except that an odd budget
+    makes the last step an Euler step. :math:`\hat\sigma` is capped at the noise level of the
+    path's ``t_min``. The default grid is time-quadratic (measured better than EDM's ρ = 7 grid
+    at 10–20 NFE on the d = 32 mixture); ``grid="karras"`` gives EDM's own.
 
     Arguments:
         S_churn: total churn ≥ 0 (0 gives EDM's deterministic Heun, Algorithm 1). Default 40
