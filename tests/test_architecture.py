@@ -61,3 +61,19 @@ def _where_flowdiff_is(cwd: Path, pythonpath: Path) -> str:
     env = dict(os.environ, PYTHONPATH=str(pythonpath))
     code = "import importlib.util; print(importlib.util.find_spec('flowdiff').origin)"
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=60).stdout
+
+
+def test_package_sources_compile_without_warnings() -> None:
+    """No invalid escape sequences (``"\\d"`` in a non-raw docstring) or other compile-time warnings:
+    they become SyntaxErrors in a future Python."""
+    import warnings
+
+    bad = []
+    for file in sorted((ROOT / "flowdiff").rglob("*.py")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                compile(file.read_text(encoding="utf-8"), str(file), "exec")
+            except (SyntaxError, SyntaxWarning) as err:
+                bad.append(f"{file.relative_to(ROOT)}: {err}")
+    assert not bad, "\n".join(bad)

@@ -124,7 +124,7 @@ def _check_eps(e: float, t: float) -> float:
 
 
 class _SDESolver(Solver):
-    """Shared by Euler–Maruyama and predictor–corrector: ``b + ε s`` and ``s`` with the cheapest calls.
+    r"""Shared by Euler–Maruyama and predictor–corrector: ``b + ε s`` and ``s`` with the cheapest calls.
 
     On a Gaussian path one model call gives x̂ and ε̂, hence
     :math:`b = \dot\alpha\hat x + \dot\sigma\hat\varepsilon` and :math:`s = -\hat\varepsilon/\sigma`. On an
@@ -161,7 +161,7 @@ class _SDESolver(Solver):
         return (b, None) if zero else (b + e * run.score(x, t), None)
 
     def em_step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """One Euler–Maruyama step :math:`x + h\,(b + εs) + \sqrt{2εh}\,z` from node ``i``."""
+        r"""One Euler–Maruyama step :math:`x + h\,(b + εs) + \sqrt{2εh}\,z` from node ``i``."""
         run = self.run
         t, h = run.times[i], run.times[i + 1] - run.times[i]
         e = self.eps(i, t, x)
