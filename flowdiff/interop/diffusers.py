@@ -257,13 +257,21 @@ class DiffusersModel(torch.nn.Module):
         :math:`N(1-t) - 1` snapped to the integer within round-off and clamped to ``[0, N−1]``
         (an int64 tensor when all are integers, as diffusers passes them)."""
         n = self.num_train_timesteps
+        tol = min(0.5, 8 * n * torch.finfo(t.dtype).eps)  # t's own round-off, magnified by N
+        if t.ndim == 1 and t.shape[0] > 0 and t.stride(0) == 0:  # one time for the batch (a sampler's step):
+            v = float(t[0])  # the arithmetic in Python floats, once
+            if self.flow:
+                return torch.full(t.shape, (1 - v) * n, dtype=t.dtype, device=t.device)
+            j = min(max((1 - v) * n - 1, 0.0), n - 1.0)
+            if abs(j - round(j)) <= tol:
+                return torch.full(t.shape, round(j), dtype=torch.long, device=t.device)
+            return torch.full(t.shape, j, dtype=t.dtype, device=t.device)
         tt = t.detach().to(torch.float64)
         if self.flow:
             return ((1 - tt) * n).to(t.dtype)
-        j = (1 - tt) * n - 1
+        j = ((1 - tt) * n - 1).clamp(0, n - 1)
         nearest = j.round()
-        tol = min(0.5, 8 * n * torch.finfo(t.dtype).eps)  # t's own round-off, magnified by N
-        j = torch.where((j - nearest).abs() <= tol, nearest, j).clamp(0, n - 1)
+        j = torch.where((j - nearest).abs() <= tol, nearest, j)
         return j.long() if bool((j == j.round()).all()) else j.to(t.dtype)
 
     def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
