@@ -1,15 +1,28 @@
-"""The ``flowdiff`` command: ``train``, ``sample``, ``eval`` and ``demo``.
+"""The ``flowdiff`` command: ``train``, ``sample``, ``eval``, ``likelihood``, ``ems``, ``tune-grid``,
+``solvers`` and ``demo`` (docs/cli.md).
 
-Unknown names (dataset, path, prediction, network, solver) exit with status 2 and list the valid
-ones; a missing or corrupt checkpoint prints one line and exits with status 1.
+Errors. Every mistake a user can make ends in one line ``error: ...`` on stderr that names the
+value and what is allowed, with exit status 2 for usage errors (unknown names, values out of
+range, an output that names a file, a run folder that already holds a run) and 1 for data and
+I/O errors (unreadable or non-finite data, a missing or corrupt checkpoint, an output folder that
+cannot be written). ``--debug`` (or ``FLOWDIFF_DEBUG=1``) shows the traceback as well. Ctrl-C
+exits with 130 (SIGTERM: 143); a training run first saves a resumable checkpoint.
+
+Output locations are checked (created, writable) before any expensive work. Long jobs report
+progress on stderr: a bar on a terminal, one line every ten seconds otherwise; ``--quiet``
+silences it. ``--threads`` (every command) defaults to :func:`flowdiff._utils.default_threads`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -22,17 +35,87 @@ app = typer.Typer(
 
 PREDICTIONS = ("noise", "data", "velocity", "score", "v")
 
+#: Process-wide switches set by the global options (``--quiet``, ``--debug``) or FLOWDIFF_DEBUG.
+_STATE: dict[str, bool] = {"quiet": False, "debug": False}
+
+THREADS_HELP = "CPU threads for torch (default: 1 for small networks, else min(cores/2, 4) — docs/cli.md; 0: torch's own default)."
+DEVICE_HELP = "Device: cpu, cuda, cuda:N or mps (an error names the ones this machine has)."
+
+
+def _debug() -> bool:
+    return _STATE["debug"] or os.environ.get("FLOWDIFF_DEBUG", "") not in ("", "0")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
 
 def _fail(message: str, code: int) -> None:
+    if _debug() and sys.exc_info()[0] is not None:
+        traceback.print_exc()
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-def _set_threads(threads: int) -> None:
-    if threads > 0:
-        import torch
+def _exit_code_of(error: BaseException) -> int:
+    """1 for data, checkpoint, I/O and numerical failures; 2 for the rest (bad values, usage)."""
+    from .data import DataError
+    from .train import CheckpointError, NonFiniteLossError
 
+    if isinstance(error, (DataError, CheckpointError, NonFiniteLossError, OSError)):
+        return 1
+    if type(error).__name__.startswith("NonFinite"):
+        return 1  # a sampler or likelihood solve diverged: the model, not the command line
+    return 2
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Turn the library's one-line errors into ``error: ...`` and the exit status of :func:`_exit_code_of`."""
+    from .train import CheckpointError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (ValueError, TypeError, CheckpointError, OSError) as error:
+        _fail(_first_line(error), _exit_code_of(error))
+    except RuntimeError as error:
+        if not type(error).__name__.startswith("NonFinite"):
+            raise
+        _fail(_first_line(error), 1)
+
+
+def _command(func: Callable) -> Callable:
+    """A command body run under :func:`_user_errors`."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _user_errors():
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _set_threads(threads: Optional[int], model: Any = None, device: Any = None) -> int:
+    """Apply ``--threads`` (``None``: :func:`flowdiff._utils.default_threads`; 0: leave torch's); returns it."""
+    import torch
+
+    from ._utils import check_int, default_threads
+
+    if threads is None:
+        threads = default_threads(model, device)
+    threads = check_int("--threads", threads, 0)
+    if threads > 0:
         torch.set_num_threads(threads)
+    return threads
+
+
+def _progress(total: Optional[int], desc: str, unit: str) -> Any:
+    from .train.logs import Progress
+
+    return Progress(total, desc, enabled=not _STATE["quiet"], unit=unit)
 
 
 def _check_name(kind: str, value: str, valid: list[str], allow_path: bool = False) -> None:
@@ -48,30 +131,46 @@ def _valid_solvers() -> list[str]:
     return list(solvers.available())
 
 
-def _train_impl(opts: dict[str, Any]) -> Path:
-    from .data import available_datasets
-    from .losses import available_time_samplers, available_weightings
-    from .nn import available_networks
-    from .paths import available_paths
-    from .pipeline import train_run
+def _device_dtype(device: str, dtype: str) -> tuple[Any, Any, Any]:
+    """``(device, weights dtype, autocast dtype)`` from ``--device``/``--dtype``; usage errors exit 2."""
+    from .pipeline import resolve_device, resolve_dtype
 
-    _check_name("dataset", opts["data"], list(available_datasets()), allow_path=True)
-    _check_name("path", opts["path"], available_paths())
-    _check_name("prediction", opts["prediction"], list(PREDICTIONS))
-    _check_name("network", opts["network"], ["auto", *available_networks()])
-    _check_name("weighting", opts["weighting"], list(available_weightings()))
-    _check_name("time sampler", opts["time_sampler"], list(available_time_samplers()))
-    out = Path(opts["output"])
-    t0 = time.perf_counter()
     try:
-        summary = _train_run_checked(train_run, opts, out)
+        dev = resolve_device(device)
+        weights, autocast = resolve_dtype(dtype, dev)
     except ValueError as error:
-        _fail(str(error).splitlines()[0], 2)
-    final = getattr(summary, "final_loss", None)
-    typer.echo(f"trained {opts['steps']} steps in {time.perf_counter() - t0:.1f} s"
-               + (f", final loss {final:.4g}" if isinstance(final, float) else "") + f"; checkpoint: {out}")
-    return out
+        _fail(_first_line(error), 2)
+    return dev, weights, autocast
 
+
+def _output_dir(folder: Path, option: str = "--output") -> Path:
+    """Create and check an output folder before any work (2: names a file; 1: not writable)."""
+    from .pipeline import check_output_dir
+
+    try:
+        return check_output_dir(folder)
+    except ValueError as error:
+        _fail(f"{option}: {_first_line(error)}", 2)
+    except OSError as error:
+        _fail(f"{option}: {_first_line(error)}", 1)
+    raise AssertionError  # unreachable
+
+
+def _output_file(file: Path, option: str = "--output") -> Path:
+    from .pipeline import check_output_file
+
+    try:
+        return check_output_file(file)
+    except ValueError as error:
+        _fail(f"{option}: {_first_line(error)}", 2)
+    except OSError as error:
+        _fail(f"{option}: {_first_line(error)}", 1)
+    raise AssertionError  # unreachable
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
 
 # Training-recipe options (docs/training.md) with their defaults; each is also a YAML key.
 _RECIPE_DEFAULTS: dict[str, Any] = {
@@ -79,49 +178,155 @@ _RECIPE_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 100, "grad_clip": 1.0, "weight_decay": 0.0, "ema_sigma_rel": None, "coupling": None,
 }
 
+# What each option (and YAML key) must be: (kind, low, high, low_open); None bounds are open ends.
+_OPTION_TYPES: dict[str, tuple] = {
+    "steps": ("int", 1, None), "batch": ("int", 1, None), "seed": ("int", 0, None),
+    "checkpoint_every": ("int", 1, None), "warmup_steps": ("int", 0, None), "threads": ("int?", 0, None),
+    "lr": ("float", 0.0, None, True), "ema_decay": ("float", 0.0, 0.999999), "grad_clip": ("float", 0.0, None),
+    "weight_decay": ("float", 0.0, None), "label_dropout": ("float", 0.0, 1.0),
+    "sigma_data": ("float?", 0.0, None, True), "ema_sigma_rel": ("float?", 0.0, None, True),
+    "precondition": ("bool",), "resume": ("bool",), "overwrite": ("bool",),
+    "data": ("str",), "path": ("str",), "prediction": ("str",), "network": ("str",), "weighting": ("str",),
+    "time_sampler": ("str",), "lr_schedule": ("str",), "coupling": ("str?",), "output": ("path",),
+    "device": ("str",), "dtype": ("str",), "network_kwargs": ("dict?",),
+}
 
-def _train_run_checked(train_run: Any, opts: dict[str, Any], out: Path) -> Any:
-    return train_run(
-        data=opts["data"], path=opts["path"], prediction=opts["prediction"], network=opts["network"],
-        steps=opts["steps"], batch_size=opts["batch"], lr=opts["lr"], output_dir=out, seed=opts["seed"],
-        weighting=opts["weighting"], time_sampler=opts["time_sampler"], ema_decay=opts["ema_decay"],
-        resume=opts["resume"], progress=opts.get("progress", True), checkpoint_every=opts["checkpoint_every"],
-        network_kwargs=opts.get("network_kwargs"), **{k: opts[k] for k in _RECIPE_DEFAULTS if k in opts},
-    )
+
+def _check_option(key: str, value: Any, source: str) -> Any:
+    """``value`` of option ``key`` checked against :data:`_OPTION_TYPES` (usage error otherwise)."""
+    from ._utils import check_float, check_int
+
+    spec = _OPTION_TYPES.get(key)
+    if spec is None:
+        return value
+    kind, name = spec[0], f"{key} ({source})" if source != "command line" else "--" + key.replace("_", "-")
+    if kind.endswith("?") and value is None:
+        return None
+    kind = kind.rstrip("?")
+    try:
+        if kind == "int":
+            return check_int(name, value, spec[1], spec[2])
+        if kind == "float":
+            return check_float(name, value, spec[1], spec[2], low_open=len(spec) > 3 and spec[3])
+    except ValueError as error:
+        _fail(_first_line(error), 2)
+    if kind == "bool" and not isinstance(value, bool):
+        _fail(f"{name} must be true or false, got {value!r}", 2)
+    if kind in ("str", "path") and not isinstance(value, (str, Path)):
+        _fail(f"{name} must be a name or path (a string), got {value!r}", 2)
+    if kind == "dict" and not isinstance(value, dict):
+        _fail(f"{name} must be a mapping of network arguments (e.g. {{hidden: 128, depth: 3}}), got {value!r}", 2)
+    return Path(value) if kind == "path" else value
+
+
+def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run folder that already holds files unless ``--resume`` or ``--overwrite`` (nothing is deleted here)."""
+    if resume and overwrite:
+        _fail("--resume and --overwrite exclude each other: continue the run in --output, or start it over", 2)
+    if out.exists() and not out.is_dir():
+        _fail(f"--output {str(out)!r} is a file; training writes a folder (checkpoints/, metrics.jsonl)", 2)
+    if out.is_dir() and not resume and not overwrite:
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        if held:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            _fail(f"--output {str(out)!r} is not empty ({shown}); pass --resume to continue the run there, "
+                  f"--overwrite to start it over (deletes its checkpoints and metrics.jsonl), or another --output", 2)
+    _output_dir(out)
+
+
+def _train_impl(opts: dict[str, Any]) -> Path:
+    from .data import available_datasets
+    from .losses import available_time_samplers, available_weightings
+    from .nn import available_networks
+    from .paths import available_paths
+    from .pipeline import DTYPES, train_run
+
+    for key in list(opts):
+        opts[key] = _check_option(key, opts[key], "command line")
+    _check_name("dataset", opts["data"], list(available_datasets()), allow_path=True)
+    _check_name("path", opts["path"], available_paths())
+    _check_name("prediction", opts["prediction"], list(PREDICTIONS))
+    _check_name("network", opts["network"], ["auto", *available_networks()])
+    _check_name("weighting", opts["weighting"], list(available_weightings()))
+    _check_name("time sampler", opts["time_sampler"], list(available_time_samplers()))
+    _check_name("learning-rate schedule", opts.get("lr_schedule", "cosine"), ["cosine", "constant"])
+    if opts.get("coupling") is not None:
+        _check_name("coupling", opts["coupling"], ["independent", "ot"])
+    device = opts.get("device", "cpu")
+    dtype = opts.get("dtype", "float32")
+    _check_name("dtype", dtype, list(DTYPES))
+    dev, _, _ = _device_dtype(device, dtype)
+    if dtype in ("bfloat16", "float16") and dev.type != "cuda":
+        _fail(f"--dtype {dtype} (mixed-precision training) needs --device cuda; on {dev.type} use float32 or float64", 2)
+    out = Path(opts["output"])
+    _check_run_folder(out, bool(opts.get("resume")), bool(opts.get("overwrite")))
+    t0 = time.perf_counter()
+    with _user_errors():
+        summary = train_run(
+            data=opts["data"], path=opts["path"], prediction=opts["prediction"], network=opts["network"],
+            steps=opts["steps"], batch_size=opts["batch"], lr=opts["lr"], output_dir=out, seed=opts["seed"],
+            weighting=opts["weighting"], time_sampler=opts["time_sampler"], ema_decay=opts["ema_decay"],
+            resume=bool(opts.get("resume")), overwrite=bool(opts.get("overwrite")), progress=not _STATE["quiet"],
+            checkpoint_every=opts["checkpoint_every"], network_kwargs=opts.get("network_kwargs"),
+            device=str(dev), dtype=dtype, threads=opts.get("threads"),
+            **{k: opts[k] for k in _RECIPE_DEFAULTS if k in opts},
+        )
+    elapsed = time.perf_counter() - t0
+    if getattr(summary, "interrupted", False):
+        import signal
+
+        signum = summary.stop_signal or signal.SIGINT
+        typer.echo(f"interrupted by {signal.Signals(signum).name} at step {summary.step} of {opts['steps']}; "
+                   f"resumable checkpoint: {summary.checkpoint}; continue with the same command and --resume", err=True)
+        raise typer.Exit(128 + int(signum))
+    final = getattr(summary, "final_loss", None)
+    start = getattr(summary, "start_step", 0)
+    done = f"trained steps {start + 1}-{summary.step}" if start else f"trained {summary.step} steps"
+    typer.echo(f"{done} in {elapsed:.1f} s" + (f", final loss {final:.4g}" if isinstance(final, float) else "")
+               + f"; checkpoint: {summary.checkpoint}")
+    return out
 
 
 @app.command()
+@_command
 def train(
     data: str = typer.Option("checkerboard", "--data", help="Built-in dataset name (checkerboard, eight_gaussians, moons, spirals, pinwheel, rings, gmm, digits) or a path to a folder of images, a .npy or a .pt file."),
     path: str = typer.Option("linear", "--path", help="Gaussian path: vp, subvp, ve, edm, linear (rectified flow), trig, cosine, ddpm."),
     prediction: str = typer.Option("velocity", "--prediction", help="What the network predicts: noise, data, velocity, score or v."),
     network: str = typer.Option("auto", "--network", help="mlp (vectors), unet (images) or auto (chosen from the data's shape)."),
-    steps: int = typer.Option(4000, "--steps", min=1, help="Number of optimizer updates."),
-    batch: int = typer.Option(512, "--batch", min=1, help="Batch size per update."),
-    lr: float = typer.Option(2e-3, "--lr", min=0.0, help="Peak learning rate of AdamW (linear warm-up, cosine decay)."),
-    output: Path = typer.Option(Path("runs/train"), "--output", "-o", help="Output folder for checkpoints and metrics.jsonl."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the data split, batches and noise."),
+    steps: int = typer.Option(4000, "--steps", help="Number of optimizer updates (>= 1)."),
+    batch: int = typer.Option(512, "--batch", help="Batch size per update (>= 1)."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate of AdamW (> 0; linear warm-up, cosine decay)."),
+    output: Path = typer.Option(Path("runs/train"), "--output", "-o", help="Run folder for checkpoints/ and metrics.jsonl; must be empty or new unless --resume or --overwrite."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, data split, batches and noise: the same seed and options give bitwise the same model on the same machine."),
     weighting: str = typer.Option("none", "--weighting", help="Loss weighting: none, snr, min-snr, edm, likelihood."),
     time_sampler: str = typer.Option("uniform", "--time-sampler", help="Training time distribution: uniform, logit-normal or edm (EDM's log-normal noise levels)."),
-    ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=0.999999, help="Decay of the EMA of the weights (sampling uses the EMA)."),
-    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", min=1, help="Save an (atomic) checkpoint every this many steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output."),
-    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default; 1 is fastest for small MLPs on a busy machine)."),
+    ema_decay: float = typer.Option(0.999, "--ema-decay", help="Decay of the EMA of the weights, in [0, 0.999999] (sampling uses the EMA)."),
+    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Save an (atomic) checkpoint every this many steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its newest checkpoint that verifies (a corrupt newer one is reported and skipped)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --output that holds a run: deletes its checkpoints (with EMS/grids stored in them) and metrics.jsonl."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float64, or bfloat16/float16 mixed precision (CUDA only)."),
     precondition: bool = typer.Option(False, "--precondition/--no-precondition", help="Wrap the network in EDM's preconditioning (c_skip, c_out, c_in; Karras et al. 2022); works for every path and prediction."),
     sigma_data: Optional[float] = typer.Option(None, "--sigma-data", help="σ_data of the preconditioning and the edm weighting (default: the training data's standard deviation)."),
-    label_dropout: float = typer.Option(0.0, "--label-dropout", min=0.0, max=1.0, help="Train class-conditional (labelled data) with this label-dropout probability, for classifier-free guidance."),
+    label_dropout: float = typer.Option(0.0, "--label-dropout", help="Train class-conditional (labelled data) with this label-dropout probability in [0, 1], for classifier-free guidance."),
     lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="Learning-rate schedule after the warm-up: cosine or constant."),
-    warmup_steps: int = typer.Option(100, "--warmup-steps", min=0, help="Linear learning-rate warm-up steps."),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", min=0.0, help="Clip the global gradient norm to this value (0: no clipping)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, help="AdamW's decoupled weight decay."),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", help="Linear learning-rate warm-up steps."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the global gradient norm to this value (0: no clipping)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW's decoupled weight decay."),
     coupling: Optional[str] = typer.Option(None, "--coupling", help="How noise and data are paired: independent (default) or ot (exact minibatch optimal transport)."),
     ema_sigma_rel: Optional[float] = typer.Option(None, "--ema-sigma-rel", help="Use EDM2's power-function EMA of this relative width (e.g. 0.1) instead of --ema-decay."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file whose keys (the long option names with underscores: data, path, prediction, network, steps, batch, lr, output, seed, weighting, time_sampler, ema_decay, ema_sigma_rel, checkpoint_every, threads, precondition, sigma_data, label_dropout, lr_schedule, warmup_steps, grad_clip, weight_decay, coupling, network_kwargs) override the defaults; command-line options given explicitly win; an unknown key is an error."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file whose keys (the long option names with underscores: data, path, prediction, network, steps, batch, lr, output, seed, weighting, time_sampler, ema_decay, ema_sigma_rel, checkpoint_every, threads, device, dtype, precondition, sigma_data, label_dropout, lr_schedule, warmup_steps, grad_clip, weight_decay, coupling, network_kwargs) override the defaults; command-line options given explicitly win; an unknown key or a value of the wrong type is an error."),
 ) -> None:
-    """Train a model and write checkpoints (safetensors + config.json) to --output."""
+    """Train a model and write checkpoints (safetensors + config.json) to --output.
+
+    Ctrl-C (or SIGTERM) stops after the current update with a resumable checkpoint and exits
+    130 (143); run the same command with --resume to continue it exactly."""
     opts = dict(data=data, path=path, prediction=prediction, network=network, steps=steps, batch=batch, lr=lr,
                 output=output, seed=seed, weighting=weighting, time_sampler=time_sampler, ema_decay=ema_decay,
-                checkpoint_every=checkpoint_every, resume=resume, threads=threads, precondition=precondition,
+                checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, threads=threads,
+                device=device, dtype=dtype, precondition=precondition,
                 sigma_data=sigma_data, label_dropout=label_dropout, lr_schedule=lr_schedule,
                 warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay, ema_sigma_rel=ema_sigma_rel,
                 coupling=coupling)
@@ -130,33 +335,58 @@ def train(
 
         if not config.is_file():
             _fail(f"config file not found: {config}", 2)
-        loaded = yaml.safe_load(config.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as error:
+            _fail(f"{config} is not valid YAML: {_first_line(error)}", 2)
         if not isinstance(loaded, dict):
             _fail(f"{config} must hold a mapping of option names to values", 2)
-        unknown = sorted(set(loaded) - set(opts) - {"network_kwargs"})
+        unknown = sorted(str(k) for k in set(loaded) - set(opts) - {"network_kwargs"})
         if unknown:
             _fail(f"unknown keys in {config}: {', '.join(unknown)}; valid: {', '.join(sorted(opts))}, network_kwargs", 2)
         given = {p.split("=")[0].lstrip("-").replace("-", "_") for p in sys.argv if p.startswith("--")}
         for key, value in loaded.items():
             if key not in given:
-                opts[key] = value
+                opts[key] = _check_option(key, value, str(config))
     if not opts.get("grad_clip"):
         opts["grad_clip"] = None
-    _set_threads(int(opts.pop("threads")))
     _train_impl(opts)
 
 
-def _load_field_or_exit(checkpoint: Path):
+# ---------------------------------------------------------------------------------------------
+# sample
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_field_or_exit(checkpoint: Path, device: Any = "cpu", dtype: Any = None):
+    import torch
+
     from .pipeline import load_field
     from .train import CheckpointError
 
     try:
-        return load_field(checkpoint)
+        return load_field(checkpoint, device=device, dtype=dtype or torch.float32)
     except CheckpointError as error:
-        _fail(str(error).splitlines()[0], 1)
+        _fail(_first_line(error), 1)
 
 
-def _sample_options(field: Any, solver: str, nfe: int, ems: Optional[Path], grid: Optional[str]) -> dict:
+def _parse_solver_options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs of ``--solver-option`` (values read as YAML scalars: 1e-4, 3, true, name)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--solver-option {pair!r} must be KEY=VALUE (e.g. rtol=1e-4)", 2)
+        try:
+            options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            options[key.strip().replace("-", "_")] = value
+    return options
+
+
+def _sample_options(field: Any, solver: str, nfe: Optional[int], ems: Optional[Path], grid: Optional[str]) -> dict:
     """Solver options from the command line: EMS statistics and a grid kind or tuned-grid file."""
     from .solvers.grids import GRID_KINDS
 
@@ -167,7 +397,7 @@ def _sample_options(field: Any, solver: str, nfe: int, ems: Optional[Path], grid
         try:
             options["ems"] = EMS.load(ems)
         except ValueError as error:
-            _fail(str(error).splitlines()[0], 1)
+            _fail(_first_line(error), 1)
     elif solver == "dpm-solver-v3":
         _fail("solver 'dpm-solver-v3' needs --ems FILE (make one with `flowdiff ems -c CHECKPOINT`)", 2)
     if grid is not None:
@@ -180,40 +410,56 @@ def _sample_options(field: Any, solver: str, nfe: int, ems: Optional[Path], grid
                 tuned = load_grid(grid)
                 options.update(tuned.sample_kwargs(field, solver, nfe))
             except ValueError as error:
-                _fail(str(error).splitlines()[0], 2)
+                _fail(_first_line(error), 2)
         else:
             _fail(f"unknown grid {grid!r}; valid: {', '.join(GRID_KINDS)} or a tuned-grid file", 2)
     return options
 
 
-def _sample_impl(checkpoint: Path, solver: Optional[str], nfe: int, count: int, output: Path, seed: int,
+def _sample_impl(checkpoint: Path, solver: Optional[str], nfe: Optional[int], count: int, output: Path, seed: int,
                  ems: Optional[Path] = None, grid: Optional[str] = None, label: Optional[int] = None,
-                 guidance_scale: Optional[float] = None) -> tuple[Path, Path, Any]:
+                 guidance_scale: Optional[float] = None, device: str = "cpu", dtype: str = "float32",
+                 batch_size: int = 4096, threads: Optional[int] = None,
+                 solver_options: Optional[dict] = None) -> tuple[Path, Path, Any]:
     import torch
 
+    from ._utils import check_int
     from .pipeline import generate, save_samples_png
+    from .solvers import default_solver, get_solver
 
-    from .solvers import default_solver
-
+    with _user_errors():
+        count = check_int("--count", count, 1)
+        batch_size = check_int("--batch-size", batch_size, 1)
+        if nfe is not None:
+            nfe = check_int("--nfe", nfe, 1)
     if solver is not None:
         _check_name("solver", solver, _valid_solvers())
-    field, cfg = _load_field_or_exit(checkpoint)
+    dev, weights, autocast = _device_dtype(device, dtype)
+    _output_dir(output)
+    field, cfg = _load_field_or_exit(checkpoint, dev, weights)
+    _set_threads(threads, field.model, dev)
     shape = tuple(cfg["model"]["data_shape"])
-    solver = default_solver(field, nfe) if solver is None else solver  # the library's default, not a name of its own
+    solver = default_solver(field, nfe if nfe is not None else 50) if solver is None else solver
+    if nfe is None and not get_solver(solver).adaptive:
+        nfe = 50  # fixed-step solvers: the default budget; adaptive ones (dopri5) choose their steps
     options = _sample_options(field, solver, nfe, ems, grid)
+    options.update(solver_options or {})
     solver, nfe = options.pop("solver", solver), options.pop("nfe", nfe)
     t0 = time.perf_counter()
-    try:
+    with _user_errors(), _progress(count, "sample", "sample") as bar:
         x, used = generate(field, count, shape, solver=solver, nfe=nfe, seed=seed, label=label,
-                           guidance_scale=guidance_scale, **options)
-    except ValueError as error:
-        _fail(str(error).splitlines()[0], 2)
+                           guidance_scale=guidance_scale, batch_size=batch_size, autocast=autocast, progress=bar,
+                           **options)
     elapsed = time.perf_counter() - t0
-    output.mkdir(parents=True, exist_ok=True)
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).sum())
+        typer.echo(f"warning: {bad} of {count} samples are not finite (NaN/Inf): the solve diverged; "
+                   f"try another --solver or more --nfe", err=True)
     tensors = output / "samples.pt"
     tmp = tensors.with_suffix(".pt.tmp")
-    torch.save({"x": x, "solver": solver, "nfe": used, "checkpoint": str(checkpoint), "label": label,
-                "guidance_scale": guidance_scale}, tmp)
+    ckpt_dir = str(Path(cfg.get("checkpoint_dir", checkpoint)).resolve())
+    torch.save({"x": x, "solver": solver, "nfe": used, "checkpoint": ckpt_dir, "label": label,
+                "guidance_scale": guidance_scale, "seed": seed, "dtype": dtype, "device": str(dev)}, tmp)
     tmp.replace(tensors)
     reference = None
     data = (cfg.get("extra") or {}).get("dataset")
@@ -230,40 +476,43 @@ def _sample_impl(checkpoint: Path, solver: Optional[str], nfe: int, count: int, 
 
 
 @app.command()
+@_command
 def sample(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder (its latest checkpoint)."),
     solver: Optional[str] = typer.Option(None, "--solver", help="Solver name; `flowdiff solvers` lists them (default: the library's, fd.solvers.default_solver)."),
-    nfe: int = typer.Option(50, "--nfe", min=1, help="Budget of model evaluations (including the final denoise)."),
-    count: int = typer.Option(2000, "--count", "-n", min=1, help="Number of samples."),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help="Budget of model evaluations, final denoise included (default 50; for the adaptive dopri5 a cap, default the library's)."),
+    count: int = typer.Option(2000, "--count", "-n", help="Number of samples."),
     output: Path = typer.Option(Path("runs/samples"), "--output", "-o", help="Folder for samples.pt and samples.png."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the initial noise (and SDE noise)."),
-    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float64, or bfloat16 (CPU/CUDA) / float16 (CUDA, MPS) autocast of the model calls."),
+    batch_size: int = typer.Option(4096, "--batch-size", help="Samples per solver run (bounds the memory)."),
     ems: Optional[Path] = typer.Option(None, "--ems", help="Empirical model statistics for dpm-solver-v3 (from `flowdiff ems`)."),
     grid: Optional[str] = typer.Option(None, "--grid", help="Time grid: uniform, logsnr, quadratic, karras, shifted, or a tuned-grid file from `flowdiff tune-grid`."),
     label: Optional[int] = typer.Option(None, "--class", help="Class to generate (a class-conditional model, trained with --label-dropout)."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale w (1: conditional model, >1: sharper classes); needs --class."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance of the adaptive solver (dopri5)."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance of the adaptive solver (dopri5)."),
+    solver_option: list[str] = typer.Option([], "--solver-option", help="KEY=VALUE passed to the solver (repeatable), e.g. --solver-option order=3."),
 ) -> None:
     """Sample a trained model: writes samples.pt (tensors) and samples.png."""
-    _set_threads(threads)
-    _sample_impl(checkpoint, solver, nfe, count, output, seed, ems, grid, label, guidance_scale)
+    options = _parse_solver_options(solver_option)
+    if rtol is not None:
+        options["rtol"] = rtol
+    if atol is not None:
+        options["atol"] = atol
+    _sample_impl(checkpoint, solver, nfe, count, output, seed, ems, grid, label, guidance_scale, device, dtype,
+                 batch_size, threads, options)
 
 
-@app.command(name="eval")
-def eval_(
-    samples: Path = typer.Option(..., "--samples", "-s", help="A samples.pt written by `flowdiff sample`, or a folder holding one."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset to compare with (held-out split); default: the one the checkpoint was trained on."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the data split (use the training seed)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write metrics.json (default: beside the samples)."),
-) -> None:
-    """Metrics of samples against held-out data (sliced-W2, energy distance, MMD; digits Fréchet), with the data-vs-data floor."""
-    _eval_impl(samples, data, seed, output)
+# ---------------------------------------------------------------------------------------------
+# eval, likelihood
+# ---------------------------------------------------------------------------------------------
 
 
-def _eval_impl(samples: Path, data: Optional[str], seed: int, output: Optional[Path]) -> dict:
+def _samples_blob(samples: Path) -> tuple[Path, Any]:
     import torch
-
-    from .data import available_datasets
-    from .pipeline import evaluate_samples, write_json
 
     file = samples / "samples.pt" if samples.is_dir() else samples
     if not file.is_file():
@@ -271,21 +520,62 @@ def _eval_impl(samples: Path, data: Optional[str], seed: int, output: Optional[P
     try:
         blob = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as error:  # a damaged file
-        _fail(f"cannot read samples file {file}: {str(error).splitlines()[0] if str(error) else type(error).__name__}", 1)
+        _fail(f"cannot read samples file {file}: {_first_line(error)}", 1)
     x = blob["x"] if isinstance(blob, dict) else blob
-    if data is None and isinstance(blob, dict) and blob.get("checkpoint"):
-        from .train import CheckpointError, load_checkpoint
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
+        _fail(f"{file} does not hold samples (a float tensor of shape (N, ...) under 'x')", 1)
+    return file, blob
 
-        try:
-            _, _, cfg = load_checkpoint(blob["checkpoint"])
-            data = (cfg.get("extra") or {}).get("dataset")
-        except CheckpointError:
-            data = None
+
+def _checkpoint_of_samples(blob: Any, file: Path) -> Optional[Path]:
+    """The checkpoint a samples file came from: absolute, or (older files) relative to the cwd or the samples' folder."""
+    if not isinstance(blob, dict) or not blob.get("checkpoint"):
+        return None
+    recorded = Path(blob["checkpoint"])
+    for candidate in (recorded, *(parent / recorded for parent in file.resolve().parents)):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+@app.command(name="eval")
+@_command
+def eval_(
+    samples: Path = typer.Option(..., "--samples", "-s", help="A samples.pt written by `flowdiff sample`, or a folder holding one."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset to compare with (held-out split); default: the one the checkpoint was trained on."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the data split (use the training seed)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write metrics.json (default: beside the samples)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+) -> None:
+    """Metrics of samples against held-out data (sliced-W2, energy distance, MMD; digits Fréchet), with the data-vs-data floor."""
+    _set_threads(threads)
+    _eval_impl(samples, data, seed, output)
+
+
+def _eval_impl(samples: Path, data: Optional[str], seed: int, output: Optional[Path]) -> dict:
+    from .data import available_datasets
+    from .pipeline import evaluate_samples, write_json
+
+    file, blob = _samples_blob(samples)
+    x = blob["x"] if isinstance(blob, dict) else blob
+    if data is None:
+        ckpt = _checkpoint_of_samples(blob, file)
+        if ckpt is not None:
+            from .train import CheckpointError, load_checkpoint
+
+            try:
+                _, _, cfg = load_checkpoint(ckpt)
+                data = (cfg.get("extra") or {}).get("dataset")
+            except CheckpointError:
+                data = None
     if data is None:
         _fail("--data is required (the samples do not say which dataset they model)", 2)
     _check_name("dataset", data, list(available_datasets()), allow_path=True)
-    metrics = evaluate_samples(x, data, seed=seed)
-    out = write_json(metrics, (output or file.parent) / "metrics.json" if (output is None or output.suffix != ".json") else output)
+    target = (output or file.parent) / "metrics.json" if (output is None or output.suffix != ".json") else output
+    target = _output_file(target)
+    with _progress(None, "eval", "metric") as bar:
+        metrics = evaluate_samples(x, data, seed=seed, progress=bar)
+    out = write_json(metrics, target)
     for key in ("sliced_w2", "energy_distance", "mmd2", "digits_frechet"):
         if key in metrics:
             typer.echo(f"{key:>16}: {metrics[key]:.4g}   (data-vs-data floor {metrics[key + '_floor']:.4g}, n = {metrics['num_samples']})")
@@ -293,7 +583,91 @@ def _eval_impl(samples: Path, data: Optional[str], seed: int, output: Optional[P
     return metrics
 
 
+@app.command()
+@_command
+def likelihood(
+    checkpoint_arg: Optional[Path] = typer.Argument(None, metavar="CHECKPOINT", help="A checkpoint folder or a training --output folder."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="The same as the CHECKPOINT argument."),
+    data: Optional[str] = typer.Option(None, "--data", help="A dataset name (its --split is used), a .npy/.npz/.pt file or a samples.pt from `flowdiff sample` (all rows); default: the checkpoint's dataset."),
+    split: str = typer.Option("heldout", "--split", help="Split of a dataset name: heldout, train or all."),
+    count: int = typer.Option(1000, "--count", "-n", help="Use at most this many data (the first of the split)."),
+    solver: str = typer.Option("adams", "--solver", help="ODE solver of the likelihood: adams, rk4, heun, midpoint, euler or dopri5."),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help="Model evaluations per solve (default the library's 48; a cap for dopri5)."),
+    divergence: str = typer.Option("auto", "--divergence", help="exact, hutchinson, or auto (exact up to 32 dimensions)."),
+    probes: int = typer.Option(8, "--probes", help="Hutchinson probes per datum."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Data per solve (memory)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the data split and the Hutchinson probes."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the result as JSON to this file."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64 (16-bit autocast is refused: it would swamp the log-determinant)."),
+) -> None:
+    """Negative log-likelihood of data under a trained model (probability-flow ODE, fd.log_likelihood),
+    in nats per datum and bits per dimension, with a 95% confidence interval over the data."""
+    import torch
+
+    from ._utils import check_int
+    from .data import DataError, available_datasets, load_dataset
+    from .pipeline import likelihood_of_data, write_json
+
+    ckpt = checkpoint_arg or checkpoint
+    if ckpt is None:
+        _fail("name the checkpoint: flowdiff likelihood CHECKPOINT (or -c CHECKPOINT)", 2)
+    if checkpoint_arg is not None and checkpoint is not None and checkpoint_arg != checkpoint:
+        _fail(f"two checkpoints given ({checkpoint_arg} and {checkpoint}); give one", 2)
+    count = check_int("--count", count, 2)
+    if dtype not in ("float32", "float64"):
+        _fail(f"--dtype {dtype!r} is not allowed for likelihoods; valid: float32, float64", 2)
+    _check_name("divergence", divergence, ["auto", "exact", "hutchinson"])
+    _check_name("split", split, ["heldout", "train", "all", "test"])
+    dev, weights, _ = _device_dtype(device, dtype)
+    if output is not None:
+        output = _output_file(output)
+    field, cfg = _load_field_or_exit(ckpt, dev, weights)
+    _set_threads(threads, field.model, dev)
+    extra = cfg.get("extra") or {}
+    source = data or extra.get("dataset")
+    if not source:
+        _fail("--data is required (the checkpoint does not name its dataset)", 2)
+    file = Path(source)
+    if file.suffix == ".pt" and file.is_file() or (file.is_dir() and (file / "samples.pt").is_file()):
+        path, blob = _samples_blob(file)
+        if isinstance(blob, dict) and "x" in blob:
+            x, what = blob["x"], f"{min(count, len(blob['x']))} samples from {path}"
+        else:
+            x, what = load_dataset(source, split="all").x, f"rows of {source}"
+    else:
+        _check_name("dataset", source, list(available_datasets()), allow_path=True)
+        ds = load_dataset(source, split=split, seed=int(extra.get("seed", seed)))
+        x, what = ds.x, f"{min(count, len(ds))} {split} data of {source!r}"
+    x = x[:count]
+    shape = tuple(cfg["model"]["data_shape"])
+    if tuple(x.shape[1:]) != shape:
+        _fail(f"the data have shape {tuple(x.shape[1:])} but the model was trained on {shape}", 2)
+    if not torch.isfinite(x).all():
+        raise DataError(f"{source}: the data contain NaN or Inf")
+    t0 = time.perf_counter()
+    with _progress(len(x), "likelihood", "datum") as bar:
+        res = likelihood_of_data(field, x, solver=solver, nfe=nfe, divergence=divergence, probes=probes,
+                                 batch_size=batch_size, seed=seed, progress=bar)
+    res.update(seconds=round(time.perf_counter() - t0, 3), checkpoint=cfg.get("checkpoint_dir"), data=str(source))
+    lo, hi = res["nll_nats_ci"]
+    blo, bhi = res["bits_per_dim_ci"]
+    typer.echo(f"negative log-likelihood of {what} ({res['dims']} dims) under {cfg.get('checkpoint_dir')}:")
+    typer.echo(f"  nats/datum : {res['nll_nats']:.4f}   (95% CI {lo:.4f} to {hi:.4f})")
+    typer.echo(f"  bits/dim   : {res['bits_per_dim']:.4f}   (95% CI {blo:.4f} to {bhi:.4f}; continuous density, no dequantisation)")
+    typer.echo(f"  {res['solver']}, {res['divergence']} divergence, {res['nfe']} model calls, {res['seconds']:.1f} s")
+    if output is not None:
+        typer.echo(f"result -> {write_json(res, output)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ems, tune-grid, solvers
+# ---------------------------------------------------------------------------------------------
+
+
 @app.command(name="ems")
+@_command
 def ems_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the statistics (default: <checkpoint>/ems.safetensors)."),
@@ -302,29 +676,34 @@ def ems_cmd(
     samples: int = typer.Option(512, "--samples", min=2, help="Training points noised at every knot (the cost is proportional)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Points per model call."),
     probes: int = typer.Option(1, "--probes", min=1, help="Hutchinson probes per point (for data of more than 32 dimensions)."),
-    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64 (the statistics are accumulated in float64)."),
 ) -> None:
     """Estimate DPM-Solver-v3's empirical model statistics (Zheng et al. 2023) for a trained model.
 
     The cost, reported at the end, is about knots × samples / batch_size forward passes plus as
     many forward-mode JVPs (which cost 3–5 forward passes each on a CPU)."""
     from .pipeline import ems_from_checkpoint
-    from .train import CheckpointError
 
-    _set_threads(threads)
-    try:
-        stats = ems_from_checkpoint(checkpoint, output, seed=seed, num_lambdas=knots, num_samples=samples,
-                                    batch_size=batch_size, probes=probes)
-    except CheckpointError as error:
-        _fail(str(error).splitlines()[0], 1)
-    except ValueError as error:
-        _fail(str(error).splitlines()[0], 2)
+    if dtype not in ("float32", "float64"):
+        _fail(f"--dtype {dtype!r} is not allowed for EMS; valid: float32, float64", 2)
+    dev, weights, _ = _device_dtype(device, dtype)
+    if output is not None:
+        _output_file(output)
+    _set_threads(threads, None, dev)
+    if not _STATE["quiet"] and not sys.stderr.isatty():
+        typer.echo(f"ems: estimating at {knots} knots × {samples} points ...", err=True)
+    stats = ems_from_checkpoint(checkpoint, output, seed=seed, num_lambdas=knots, num_samples=samples,
+                                batch_size=batch_size, probes=probes, device=dev, dtype=weights,
+                                progress=not _STATE["quiet"] and sys.stderr.isatty())
     cost = stats.cost
-    typer.echo(f"EMS written ({stats}); {cost.get('seconds', float('nan')):.0f} s, {cost.get('model_calls')} model calls "
-               f"({cost.get('jvp_calls')} JVPs)")
+    typer.echo(f"EMS -> {stats.settings.get('file')} ({stats}); {cost.get('seconds', float('nan')):.0f} s, "
+               f"{cost.get('model_calls')} model calls ({cost.get('jvp_calls')} JVPs)")
 
 
 @app.command(name="tune-grid")
+@_command
 def tune_grid_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder."),
     solver: str = typer.Option("dpm-solver++", "--solver", help="The solver the grid is tuned for."),
@@ -335,51 +714,61 @@ def tune_grid_cmd(
     count: int = typer.Option(128, "--count", min=4, help="Noise draws tuned on (a quarter is held out)."),
     max_evals: int = typer.Option(400, "--max-evals", min=1, help="Most solver runs the search may make."),
     time_budget: float = typer.Option(60.0, "--time-budget", min=0.0, help="Seconds after which the search stops with the best grid so far."),
-    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
 ) -> None:
     """Fit the step locations of a solver at a given NFE to a trained model (reuse with `sample --grid FILE`)."""
     from .pipeline import tune_grid_from_checkpoint
-    from .train import CheckpointError
 
     _check_name("solver", solver, _valid_solvers())
-    _set_threads(threads)
-    try:
-        tuned = tune_grid_from_checkpoint(checkpoint, solver, nfe, output, seed=seed, ems=ems, count=count,
-                                          max_evals=max_evals, time_budget=time_budget)
-    except CheckpointError as error:
-        _fail(str(error).splitlines()[0], 1)
-    except ValueError as error:
-        _fail(str(error).splitlines()[0], 2)
-    typer.echo(f"tuned grid for {solver} at {nfe} NFE: {[round(float(t), 5) for t in tuned.grid]}")
+    if dtype not in ("float32", "float64"):
+        _fail(f"--dtype {dtype!r} is not allowed for tune-grid; valid: float32, float64", 2)
+    dev, weights, _ = _device_dtype(device, dtype)
+    if output is not None:
+        _output_file(output)
+    _set_threads(threads, None, dev)
+    tuned = tune_grid_from_checkpoint(checkpoint, solver, nfe, output, seed=seed, ems=ems, count=count,
+                                      max_evals=max_evals, time_budget=time_budget, device=dev, dtype=weights,
+                                      progress=not _STATE["quiet"])
+    typer.echo(f"tuned grid for {solver} at {nfe} NFE: {[round(float(t), 5) for t in tuned.grid]} -> {tuned.settings.get('file')}")
 
 
 @app.command()
+@_command
 def solvers() -> None:
     """List the solver names `flowdiff sample --solver` accepts."""
     for name in _valid_solvers():
         typer.echo(name)
 
 
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
 @app.command()
+@_command
 def demo(
     data: str = typer.Option("checkerboard", "--data", help="2-D toy dataset to train on."),
     steps: int = typer.Option(12000, "--steps", min=1, help="Training steps (12000: about 65 CPU seconds; measured in docs/training.md)."),
-    output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Output folder."),
+    output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Output folder: the run (checkpoints/, metrics.jsonl) and samples.pt, samples.png, metrics.json."),
     nfe: int = typer.Option(50, "--nfe", min=2, help="Model evaluations for sampling."),
     solver: Optional[str] = typer.Option(None, "--solver", help="Solver for sampling (default: the library's, fd.solvers.default_solver)."),
     count: int = typer.Option(2000, "--count", min=10, help="Number of samples (the floor uses the same size)."),
-    threads: int = typer.Option(1, "--threads", min=0, help="CPU threads for torch (0: torch's default). The demo's network is so small that one thread is as fast as two and immune to a busy machine."),
+    threads: Optional[int] = typer.Option(1, "--threads", help="CPU threads for torch (0: torch's default). The demo's network is so small that one thread is as fast as two and immune to a busy machine."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous demo in --output (its checkpoints and metrics)."),
 ) -> None:
     """The main job: train on a 2-D toy set, sample, write the PNG and the metrics, print where they are."""
-    _set_threads(threads)
     t0 = time.perf_counter()
     # Rectified flow with a small residual MLP: about a minute of training on one core. More steps
     # paid more than a wider net, a larger batch, EDM preconditioning or OT pairing (docs/training.md).
     opts = dict(data=data, path="linear", prediction="velocity", network="mlp", steps=steps, batch=256, lr=2e-3,
-                output=output / "checkpoints", seed=0, weighting="none", time_sampler="uniform", ema_decay=0.999,
+                output=output, seed=0, weighting="none", time_sampler="uniform", ema_decay=0.999,
                 checkpoint_every=max(1, steps // 4), resume=False, network_kwargs={"hidden": 128, "depth": 3})
+    opts.update(overwrite=overwrite, threads=threads)
     ckpt = _train_impl(opts)
-    tensors, png, _ = _sample_impl(ckpt, solver, nfe, count, output, seed=1)
+    tensors, png, _ = _sample_impl(ckpt, solver, nfe, count, output, seed=1, threads=threads)
     metrics = _eval_impl(tensors, data, 0, None)
     ratio = metrics["sliced_w2"] / metrics["sliced_w2_floor"]
     typer.echo("")
@@ -392,8 +781,82 @@ def demo(
     typer.echo(f"  model   : {ckpt}")
 
 
-def main() -> None:
-    app()
+# ---------------------------------------------------------------------------------------------
+# global options and the entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .train.logs import flowdiff_version
+
+        import torch
+
+        typer.echo(f"flowdiff {flowdiff_version()} (torch {torch.__version__}, python {sys.version.split()[0]})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _global(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (results and errors still print). Also accepted after the command name."),
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (also FLOWDIFF_DEBUG=1). Also accepted after the command name."),
+) -> None:
+    """flowdiff: train generative models on paths and stochastic interpolants, sample them fast, evaluate them."""
+    _STATE["quiet"] = _STATE["quiet"] or quiet
+    _STATE["debug"] = _STATE["debug"] or debug
+
+
+_GLOBAL_FLAGS = ("--quiet", "-q", "--debug")
+
+
+def _is(error: BaseException, name: str) -> bool:
+    """Whether ``error`` is a (click or typer-vendored click) exception of class ``name``."""
+    return any(cls.__name__ == name for cls in type(error).__mro__)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``flowdiff`` entry point: global flags anywhere, one-line errors, conventional exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    cut = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:cut] if a in _GLOBAL_FLAGS]
+    _STATE["quiet"] = any(a in ("--quiet", "-q") for a in flags)
+    _STATE["debug"] = "--debug" in flags
+    args = [a for a in args[:cut] if a not in _GLOBAL_FLAGS] + args[cut:]
+    if not _debug():
+        import warnings
+
+        # One line per warning ("warning: ..."), not the source line Python's default format adds.
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"  # type: ignore[assignment]
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="flowdiff", standalone_mode=False)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        code = 130
+    except Exception as error:
+        if _is(error, "Exit"):
+            code = getattr(error, "exit_code", 0)
+        elif _is(error, "Abort"):  # Ctrl-C or EOF at a prompt
+            typer.echo("interrupted", err=True)
+            code = 130
+        elif _is(error, "UsageError"):  # unknown option or command, a value that does not parse
+            if _debug():
+                traceback.print_exc()
+            ctx = getattr(error, "ctx", None)
+            where = ctx.command_path if ctx is not None else "flowdiff"
+            typer.echo(f"error: {_first_line(Exception(error.format_message()))} (see '{where} --help')", err=True)
+            code = 2
+        elif _is(error, "ClickException"):
+            typer.echo(f"error: {error.format_message()}", err=True)
+            code = getattr(error, "exit_code", 1)
+        else:  # a failure no command anticipated: still one line unless debugging
+            if _debug():
+                raise
+            typer.echo(f"error: {type(error).__name__}: {_first_line(error)} (rerun with --debug or "
+                       f"FLOWDIFF_DEBUG=1 for the traceback)", err=True)
+            code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,70 @@ from .losses import GaussianPathLoss
 from .nn import build_network
 from .paths import get_path, path_from_config
 
-__all__ = ["train_run", "load_field", "generate", "evaluate_samples", "save_samples_png", "default_network_kwargs"]
+__all__ = ["train_run", "load_field", "generate", "evaluate_samples", "save_samples_png", "default_network_kwargs",
+           "likelihood_of_data", "resolve_device", "resolve_dtype"]
+
+#: ``--dtype`` values: weights in that precision, or float32 weights under autocast to a 16-bit type.
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``name`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; ``None``: cpu) as a device that exists here.
+
+    A ``ValueError`` naming the device and the ones this machine has otherwise.
+    """
+    if name is None:
+        return torch.device("cpu")
+    text = str(name)
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    have = ["cpu"]
+    if torch.cuda.is_available():
+        have += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        have.append("mps")
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {text!r}; valid: cpu, cuda, cuda:N, mps (this machine has: {', '.join(have)})")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {text!r} is not available: this machine has {', '.join(have)} "
+                         f"(torch {torch.__version__}{'' if torch.cuda.is_available() else ', built without CUDA or no GPU visible'})")
+    if device.type == "mps" and "mps" not in have:
+        raise ValueError(f"device 'mps' is not available (Apple-silicon GPUs only); this machine has {', '.join(have)}")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """``(weights dtype, autocast dtype or None)`` for a ``--dtype`` name on ``device``.
+
+    ``float32``/``float64``: weights and computation in that precision. ``bfloat16``/``float16``:
+    float32 weights, model calls under ``torch.autocast`` to the 16-bit type (the solver's own
+    arithmetic stays in float32); bfloat16 where the device supports it (CPU, recent CUDA GPUs),
+    float16 on CUDA and MPS. A ``ValueError`` naming the value and what is allowed otherwise.
+    """
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    if name in ("float32", "float64"):
+        if name == "float64" and device.type == "mps":
+            raise ValueError("dtype 'float64' is not supported on 'mps'; valid there: float32, float16, bfloat16")
+        return getattr(torch, name), None
+    low = getattr(torch, name)
+    if name == "float16" and device.type == "cpu":
+        raise ValueError("dtype 'float16' (autocast) needs a GPU (cuda or mps); on the CPU use bfloat16, float32 or float64")
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype 'bfloat16' is not supported by {torch.cuda.get_device_name(device)}; use float16 or float32")
+    return torch.float32, low
+
+
+def model_context(device: torch.device, autocast: torch.dtype | None) -> Any:
+    """``torch.autocast`` to ``autocast`` on ``device``, or a no-op context when it is ``None``."""
+    import contextlib
+
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=autocast)
 
 
 def default_network_kwargs(network: str, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -51,7 +114,7 @@ def train_run(
     checkpoint_every: int | None = 1000,
     network_kwargs: dict[str, Any] | None = None,
     resume: bool = False,
-    overwrite: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
     lr_schedule: str = "cosine",
     precondition: bool = False,
@@ -61,6 +124,9 @@ def train_run(
     weight_decay: float = 0.0,
     ema_sigma_rel: float | None = None,
     coupling: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: int | None = None,
 ) -> Any:
     """Train a model on ``data`` along ``path`` predicting ``prediction``; returns the Trainer's summary.
 
@@ -70,9 +136,24 @@ def train_run(
     trains a class-conditional network (labelled data) for classifier-free guidance;
     ``ema_sigma_rel`` replaces the fixed EMA decay by EDM2's power-function EMA of that width;
     ``coupling="ot"`` pairs noise and data by exact minibatch optimal transport (Tong et al. 2023).
+
+    Reproducible: the same arguments give bitwise the same weights on the same machine, in any
+    process — the initial weights are drawn from the seed's own stream
+    (:data:`flowdiff.train.rng.INIT_STREAM`) without touching torch's global generator.
+    An ``output_dir`` that already holds a run is refused unless ``resume`` (continue it; a
+    corrupt newest checkpoint falls back to the newest that verifies) or ``overwrite`` (delete
+    its checkpoints and metrics). ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; ``dtype``:
+    ``float32`` or ``float64`` weights, or ``bfloat16``/``float16`` autocast (mixed precision)
+    over float32 weights. ``threads``: CPU threads during training (``None``: the
+    :func:`flowdiff._utils.default_threads` of the network; ``0``: torch's setting).
     """
     from .train import Trainer, TrainConfig
+    from .train.rng import INIT_STREAM, stream_seed
 
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    mixed = {"bfloat16": "bf16", "float16": "fp16"}
+    if dtype not in dtypes and dtype not in mixed:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join([*dtypes, *mixed])}")
     dataset = load_dataset(data, split="train", seed=seed)
     gpath = get_path(path)
     shape = tuple(dataset.shape)
@@ -83,7 +164,11 @@ def train_run(
         if dataset.num_classes is None:
             raise ValueError(f"label_dropout={label_dropout} needs labelled data; {data!r} has no labels")
         kwargs["num_classes"] = int(dataset.num_classes)
-    model = build_network(network, shape, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(seed, INIT_STREAM))
+        model = build_network(network, shape, **kwargs)
+    if dtype in dtypes:
+        model = model.to(dtypes[dtype])
     precondition_config = None
     if precondition:
         from .nn import Preconditioned
@@ -106,26 +191,40 @@ def train_run(
     config = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, output_dir=str(output_dir), ema_decay=ema_decay,
         warmup_steps=min(warmup_steps, steps), checkpoint_every=checkpoint_every, lr_schedule=lr_schedule,
-        label_dropout=label_dropout, grad_clip=grad_clip, weight_decay=weight_decay,
+        label_dropout=label_dropout, grad_clip=grad_clip, weight_decay=weight_decay, device=device,
+        mixed_precision=mixed.get(dtype, "no"),
         **({"ema_sigma_rel": ema_sigma_rel} if ema_sigma_rel is not None else {}),
     )
     model_config = {"name": network, "data_shape": list(shape), "kwargs": kwargs}
     extra = {"dataset": dataset.name if data == dataset.name else str(data), "seed": seed, "prediction": prediction,
              "path": gpath.config(), "precondition": precondition_config}
     trainer = Trainer(model, loss, dataset, config, resume=resume, overwrite=overwrite and not resume,
-                      progress=progress, model_config=model_config, extra_config=extra)
+                      progress=progress, model_config=model_config, extra_config=extra, threads=threads)
     return trainer.fit()
 
 
-def load_field(checkpoint: str | Path, which: str = "ema", device: str = "cpu") -> tuple[Field, dict[str, Any]]:
+def load_field(checkpoint: str | Path, which: str = "ema", device: str | torch.device = "cpu",
+               dtype: torch.dtype | str = torch.float32) -> tuple[Field, dict[str, Any]]:
     """Rebuild the trained network of a checkpoint as a :class:`~flowdiff.Field`.
 
-    Returns ``(field, config)`` where ``config`` is the checkpoint's parsed ``config.json``.
-    Raises :class:`flowdiff.train.CheckpointError` (one line) for a missing or corrupt checkpoint.
+    The network's weights are put on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``) in
+    ``dtype`` (``torch.float32``/``torch.float64`` or their names); sample it with noise of the
+    same device and dtype (:func:`generate` does). Returns ``(field, config)`` where ``config``
+    is the checkpoint's parsed ``config.json``. Raises :class:`flowdiff.train.CheckpointError`
+    (one line) for a missing or corrupt checkpoint, ``ValueError`` for a device this machine
+    does not have or a dtype other than float32/float64.
     """
     from .train import CheckpointError, load_checkpoint, load_model
 
-    _, _, config = load_checkpoint(checkpoint, device=device)
+    device = resolve_device(device)
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64 for the weights, got {dtype!r} "
+                             f"(16-bit: load float32 and sample under torch.autocast)")
+        dtype = getattr(torch, dtype)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    _, _, config = load_checkpoint(checkpoint, device="cpu")
     extra = config.get("extra") or {}
     path_cfg = extra.get("path") or config.get("path")
     prediction = extra.get("prediction") or (config.get("loss") or {}).get("prediction")
@@ -148,8 +247,17 @@ def load_field(checkpoint: str | Path, which: str = "ema", device: str = "cpu") 
         model.eval()
     else:
         model = load_model(checkpoint, which=which, device=device)
+    model = model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return Field(model, gpath, prediction), config
+
+
+def field_device_dtype(field: Field) -> tuple[torch.device, torch.dtype]:
+    """Where the field's network lives and its floating dtype (CPU float32 for a parameter-free model)."""
+    for tensor in [*field.model.parameters(), *field.model.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
 
 
 def generate(
@@ -162,9 +270,17 @@ def generate(
     batch_size: int = 4096,
     label: int | None = None,
     guidance_scale: float | None = None,
+    autocast: torch.dtype | None = None,
+    progress: Any = None,
     **options: Any,
 ) -> tuple[Tensor, int]:
-    """Draw ``count`` samples (in batches); returns ``(samples, model evaluations per batch)``.
+    """Draw ``count`` samples (in batches of ``batch_size``); returns ``(samples, model evaluations per batch)``.
+
+    The noise is drawn on the field's device in its dtype from a generator on that device seeded
+    with ``seed`` (so a CPU run is reproducible bitwise; another device gives other, equally
+    distributed draws). ``autocast``: run under ``torch.autocast`` to this 16-bit dtype.
+    ``progress``: a :class:`flowdiff.train.logs.Progress` (or anything with ``update(n)``) advanced
+    by the samples of each finished batch.
 
     ``solver``: a name from :func:`flowdiff.solvers.available`; default the library's
     (:func:`flowdiff.solvers.default_solver`, as :func:`flowdiff.sample`).
@@ -185,32 +301,40 @@ def generate(
             raise ValueError("a guidance scale needs a class to guide towards (label=k; on the command line --class k)")
         label = check_class_label(label, num_classes)
         field = classifier_free_guidance(field, 1.0 if guidance_scale is None else guidance_scale)
-    g = torch.Generator().manual_seed(seed)
+    device, dtype = field_device_dtype(field)
+    g = torch.Generator(device=device).manual_seed(seed)
     out, nfe_used = [], 0
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
-        x0 = field.path.prior_sample((n, *shape), generator=g)
+        x0 = field.path.prior_sample((n, *shape), generator=g, dtype=dtype, device=device)
         if label is not None:
-            options["cond"] = {"y": torch.full((n,), label, dtype=torch.long)}
-        with torch.no_grad():
+            options["cond"] = {"y": torch.full((n,), label, dtype=torch.long, device=device)}
+        with torch.no_grad(), model_context(device, autocast):
             res = sample(field, x0, solver=solver, nfe=nfe, generator=g, **options)
-        out.append(res.x)
+        out.append(res.x.float().cpu() if autocast is not None else res.x.cpu())
         nfe_used = res.nfe
+        if progress is not None:
+            progress.update(n)
     return torch.cat(out), nfe_used
 
 
 def evaluate_samples(samples: Tensor, data: str, seed: int = 0, num_projections: int = 512,
-                     floor_draws: int = 8) -> dict[str, Any]:
+                     floor_draws: int = 8, progress: Any = None) -> dict[str, Any]:
     """Distances of ``samples`` to the held-out split of ``data``, next to the data-vs-data floor.
 
     The floor is the same metric between real training data and the held-out split at the same
     sample size: what a perfect generator would score. At a few thousand points one draw of it
     is noisy (sliced-W2 between two real sets of 2000 checkerboard points ranges over
     0.026-0.064), so the floor is the mean over ``floor_draws`` random training subsets
-    (``<metric>_floor_std`` is their standard deviation).
+    (``<metric>_floor_std`` is their standard deviation). ``progress``: anything with
+    ``update(n)``, advanced after each metric evaluation.
     """
     held = load_dataset(data, split="heldout", seed=seed)
+    if tuple(samples.shape[1:]) != tuple(held.shape):
+        raise ValueError(f"samples of shape {tuple(samples.shape[1:])} do not match the shape {tuple(held.shape)} "
+                         f"of the data set {str(data)!r}; pass the data set the model was trained on")
     train = load_dataset(data, split="train", seed=seed)
+    samples = samples.detach().cpu()
     n = min(len(samples), len(held), len(train))
     g = torch.Generator().manual_seed(seed + 1)
     xs = samples[torch.randperm(len(samples), generator=g)[:n]].double()
@@ -220,16 +344,25 @@ def evaluate_samples(samples: Tensor, data: str, seed: int = 0, num_projections:
     if xs.shape[1:] != xh.shape[1:]:
         raise ValueError(f"samples of shape {tuple(xs.shape[1:])} do not match the data's {tuple(xh.shape[1:])}")
     if not torch.isfinite(xs).all():
-        raise ValueError("samples contain non-finite values")
+        from .data import DataError
+
+        raise DataError(f"{int((~torch.isfinite(xs)).any(1).sum())} of the {n} samples compared contain NaN or Inf; "
+                        f"the sampler diverged (try another solver or more --nfe)")
     sw = lambda a, b: float(fdm.sliced_wasserstein(a, b, num_projections=num_projections,  # noqa: E731
                                                    generator=torch.Generator().manual_seed(seed)))
     metrics = {"sliced_w2": sw, "energy_distance": lambda a, b: float(fdm.energy_distance(a, b)),
                "mmd2": lambda a, b: float(fdm.mmd(a, b))}
     if held.name == "digits":
         metrics["digits_frechet"] = lambda a, b: float(fdm.digits_frechet_distance(a.float(), b.float()))
+    tick = progress.update if progress is not None else (lambda n=1: None)
     for name, metric in metrics.items():
         res[name] = metric(xs, xh)
-        floors = torch.tensor([metric(xt, xh) for xt in draws], dtype=torch.float64)
+        tick(1)
+        floors = []
+        for xt in draws:
+            floors.append(metric(xt, xh))
+            tick(1)
+        floors = torch.tensor(floors, dtype=torch.float64)
         res[name + "_floor"] = float(floors.mean())
         res[name + "_floor_std"] = float(floors.std()) if len(floors) > 1 else 0.0
     res["sliced_w2_ratio_to_floor"] = res["sliced_w2"] / res["sliced_w2_floor"]
@@ -301,52 +434,149 @@ def dataset_shape(data: str, seed: int = 0) -> tuple[tuple[int, ...], Dataset]:
 # ---------------------------------------------------------------------------------------
 
 
+def check_output_file(file: str | Path) -> Path:
+    """Make sure ``file`` can be written before any expensive work: its folder is created (or is
+    a folder), it is not itself a folder, and the folder is writable. ``ValueError`` for a path
+    that names a folder or lies under a file, ``PermissionError``/``OSError`` (naming the path)
+    when it cannot be written."""
+    import tempfile
+
+    file = Path(file)
+    if file.is_dir():
+        raise ValueError(f"output {str(file)!r} is a folder; give a file name")
+    check_output_dir(file.parent)
+    return file
+
+
+def check_output_dir(folder: str | Path) -> Path:
+    """Create ``folder`` (and its parents) if needed and check it is writable, before any work.
+
+    ``ValueError`` when it or a parent is a file; ``PermissionError`` (naming it) when it cannot
+    be written."""
+    import tempfile
+
+    folder = Path(folder)
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"output folder {str(folder)!r}: {str(parent)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"cannot write to the output folder {str(folder)!r}: {error.strerror or error}") from error
+    return folder
+
+
 def ems_from_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *, data: str | None = None,
-                        seed: int = 0, **options: Any) -> Any:
+                        seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
+                        autocast: torch.dtype | None = None, **options: Any) -> Any:
     """Estimate the DPM-Solver-v3 EMS of a trained checkpoint from its training data and save them.
 
     The recipe behind ``flowdiff ems CHECKPOINT``: the field comes from :func:`load_field`, the
     data from the training split the checkpoint's config names (or ``data``), and the statistics
-    are written to ``output`` (default ``<checkpoint>/ems.safetensors``). ``options`` go to
+    are written to ``output`` (default ``<checkpoint>/ems.safetensors``; ``ems.settings["file"]``
+    says where), whose folder is checked for writing before the estimate. ``options`` go to
     :func:`flowdiff.solvers.estimate_ems`.
     """
     from .solvers import estimate_ems
 
-    field, config = load_field(checkpoint)
+    field, config = load_field(checkpoint, device=device, dtype=dtype)
+    file = check_output_file(Path(output) if output is not None else Path(config["checkpoint_dir"]) / "ems.safetensors")
     name = data or (config.get("extra") or {}).get("dataset")
     if not name:
         raise ValueError(f"the checkpoint {str(checkpoint)!r} does not name its data set; pass data=")
     dataset = load_dataset(name, split="train", seed=int((config.get("extra") or {}).get("seed", seed)))
-    ems = estimate_ems(field, dataset.x, generator=torch.Generator().manual_seed(seed), **options)
+    dev, dt = field_device_dtype(field)
+    with model_context(dev, autocast):
+        ems = estimate_ems(field, dataset.x.to(device=dev, dtype=dt), generator=torch.Generator(device=dev).manual_seed(seed),
+                           **options)
     ems.settings["checkpoint"] = str(config.get("checkpoint_dir", checkpoint))
     ems.settings["data"] = str(name)
-    ems.save(Path(output) if output is not None else Path(config.get("checkpoint_dir", checkpoint)) / "ems.safetensors")
+    ems.save(file)
+    ems.settings["file"] = str(file)
     return ems
 
 
 def tune_grid_from_checkpoint(checkpoint: str | Path, solver: str, nfe: int, output: str | Path | None = None, *,
                               count: int = 128, seed: int = 0, ems: str | Path | None = None,
-                              options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+                              options: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+                              dtype: torch.dtype | str = torch.float32, autocast: torch.dtype | None = None,
+                              **kwargs: Any) -> Any:
     """Tune a grid for a trained checkpoint and save it (the recipe behind ``flowdiff tune-grid``).
 
     ``count`` starting points are drawn from the path's prior with ``seed``; ``ems`` (a file
     written by ``flowdiff ems``) is passed to ``dpm-solver-v3``. The grid is written to
-    ``output`` (default ``<checkpoint>/grid_<solver>_nfe<nfe>.safetensors``). ``kwargs`` go to
+    ``output`` (default ``<checkpoint>/grid_<solver>_nfe<nfe>.safetensors``; ``settings["file"]``
+    says where), whose folder is checked for writing before the search. ``kwargs`` go to
     :func:`flowdiff.solvers.tune_grid`.
     """
     from .solvers import EMS, tune_grid
 
-    field, config = load_field(checkpoint)
+    field, config = load_field(checkpoint, device=device, dtype=dtype)
+    folder = Path(config.get("checkpoint_dir", checkpoint))
+    file = check_output_file(Path(output) if output is not None else folder / f"grid_{solver}_nfe{nfe}.safetensors")
     shape = tuple((config.get("model") or {}).get("data_shape") or ())
     if not shape:
         raise ValueError(f"the checkpoint {str(checkpoint)!r} does not record its data shape")
     opts = dict(options or {})
     if ems is not None:
         opts["ems"] = EMS.load(ems)
-    noise = field.path.prior_sample((count, *shape), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
+    dev, dt = field_device_dtype(field)
+    noise = field.path.prior_sample((count, *shape), generator=torch.Generator(device=dev).manual_seed(seed),
+                                    dtype=dt, device=dev)
+    with torch.no_grad(), model_context(dev, autocast):
         tuned = tune_grid(field, solver, nfe, noise, options=opts, **kwargs)
     tuned.settings["checkpoint"] = str(config.get("checkpoint_dir", checkpoint))
-    folder = Path(config.get("checkpoint_dir", checkpoint))
-    tuned.save(Path(output) if output is not None else folder / f"grid_{solver}_nfe{nfe}.safetensors")
+    tuned.save(file)
+    tuned.settings["file"] = str(file)
     return tuned
+
+
+def likelihood_of_data(field: Field, x: Tensor, *, solver: str = "adams", nfe: int | None = None,
+                       divergence: str = "auto", probes: int = 8, batch_size: int = 256, seed: int = 0,
+                       confidence: float = 0.95, progress: Any = None, **options: Any) -> dict[str, Any]:
+    r"""Mean negative log-likelihood of ``x`` under ``field`` in nats and bits per dimension, with a
+    normal-approximation confidence interval over the data (the recipe behind ``flowdiff likelihood``).
+
+    Per datum, :math:`\log p(x)` comes from :func:`flowdiff.log_likelihood` (the probability-flow
+    ODE with the instantaneous change of variables, Chen et al. 2018; Song et al. 2021, app. D.2),
+    solved in chunks of ``batch_size``. With :math:`\ell_i = -\log p(x_i)` over :math:`n` data,
+    :math:`ar\ell \pm z\,s_\ell/\sqrt n` in nats and :math:`ar\ell/(D\ln 2)` in bits/dim (``D``
+    numbers per datum; a continuous density: no dequantisation, so it can be negative).
+    ``divergence="auto"``: exact for ``D <= 32``, Hutchinson with ``probes`` otherwise.
+    ``progress``: anything with ``update(n)``, advanced by each chunk.
+    """
+    from ._utils import check_float, check_int
+    from .likelihood import log_likelihood
+
+    if x.ndim < 2 or len(x) < 2:
+        raise ValueError(f"the likelihood needs at least 2 data of shape (N, ...), got shape {tuple(x.shape)}")
+    check_float("confidence", confidence, 0.0, 1.0, low_open=True, high_open=True)
+    batch_size = check_int("batch_size", batch_size, 1)
+    device, dtype = field_device_dtype(field)
+    x = x.to(device=device, dtype=dtype)
+    dims = x[0].numel()
+    if divergence == "auto":
+        divergence = "exact" if dims <= 32 else "hutchinson"
+    generator = torch.Generator(device=device).manual_seed(seed)
+    nll, nfe_used = [], 0
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size]
+        res = log_likelihood(field, chunk, solver=solver, nfe=nfe, divergence=divergence, probes=probes,
+                             generator=generator, **options)
+        nll.append(-res.log_prob.detach().double().cpu())
+        nfe_used += res.nfe
+        if progress is not None:
+            progress.update(len(chunk))
+    values = torch.cat(nll)
+    if not torch.isfinite(values).all():
+        raise RuntimeError(f"{int((~torch.isfinite(values)).sum())} log-likelihoods are not finite")
+    n = len(values)
+    mean, std = float(values.mean()), float(values.std())
+    z = math.sqrt(2.0) * float(torch.erfinv(torch.tensor(confidence, dtype=torch.float64)))
+    half = z * std / math.sqrt(n)
+    to_bits = 1.0 / (dims * math.log(2.0))
+    return {"nll_nats": mean, "nll_nats_ci": [mean - half, mean + half], "bits_per_dim": mean * to_bits,
+            "bits_per_dim_ci": [(mean - half) * to_bits, (mean + half) * to_bits], "confidence": confidence,
+            "num_data": n, "dims": dims, "solver": solver, "divergence": divergence, "nfe": nfe_used}

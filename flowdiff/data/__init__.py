@@ -13,7 +13,7 @@
 """
 
 from flowdiff.data.batches import BatchSampler, batches
-from flowdiff.data.dataset import Dataset
+from flowdiff.data.dataset import DataError, Dataset
 from flowdiff.data.digits import load_digits
 from flowdiff.data.files import load_array, load_folder, load_path, load_tensor_file
 from flowdiff.data.loading import DATASET_ALIASES, DEFAULT_TOY_SIZE, available_datasets, load_dataset
@@ -21,6 +21,7 @@ from flowdiff.data.mixture import gaussian_mixture_samples, mixture_parameters
 from flowdiff.data.toy import TOY_DATASETS, checkerboard, eight_gaussians, gmm, moons, pinwheel, rings, spirals
 
 __all__ = [
+    "DataError",
     "Dataset",
     "load_dataset",
     "available_datasets",

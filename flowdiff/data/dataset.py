@@ -11,7 +11,13 @@ from torch import Tensor
 from flowdiff._utils import check_int
 from flowdiff.data._generators import as_generator, draw_device
 
-__all__ = ["Dataset", "Sampler"]
+__all__ = ["DataError", "Dataset", "Sampler"]
+
+
+class DataError(ValueError):
+    """User data that cannot be trained on: unreadable, not a numeric array, empty, too few rows for
+    a split, or holding NaN/Inf. A ``ValueError`` (existing handlers keep working); the command
+    line reports it in one line with exit status 1 (a data error, not a usage error)."""
 
 Sampler = Callable[[int, "torch.Generator | None"], "tuple[Tensor, Tensor | None]"]
 """``sampler(n, generator) -> (x, y)``: fresh draws from a data distribution known in closed form."""

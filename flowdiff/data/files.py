@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowdiff.data.dataset import Dataset
+from flowdiff.data.dataset import DataError, Dataset
 
 __all__ = ["load_folder", "load_array", "load_tensor_file", "load_path", "IMAGE_EXTENSIONS"]
 
@@ -148,7 +148,11 @@ def load_array(path: str | Path, dtype: torch.dtype | None = None) -> Dataset:
     file = Path(path)
     if file.suffix.lower() not in (".npy", ".npz"):
         raise ValueError(f"expected a .npy or .npz file, got {str(file)!r}")
-    loaded = np.load(file, allow_pickle=False)
+    try:
+        loaded = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:  # pickled objects, truncated or foreign files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"cannot read {str(file)!r} as a NumPy array of numbers: {reason}") from error
     y = None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
@@ -161,13 +165,20 @@ def load_array(path: str | Path, dtype: torch.dtype | None = None) -> Dataset:
                 raise ValueError(f"{str(file)!r} must hold an array 'x' (and optionally 'y'), found {keys}")
     else:
         x = loaded
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "biuf":
+        kind = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+        raise DataError(f"{str(file)!r} must hold an array of numbers (bool, int, uint or float), got {kind}")
     return _dataset_from_arrays(torch.from_numpy(np.ascontiguousarray(x)), y, None, str(file), dtype)
 
 
 def load_tensor_file(path: str | Path, dtype: torch.dtype | None = None) -> Dataset:
     """Load a ``.pt``/``.pth`` file holding a tensor, a tuple ``(x, y)`` or a dict ``{"x", "y"?, "num_classes"?}``."""
     file = Path(path)
-    content = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        content = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip, EOF and weights_only errors all mean "not a tensor file"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot read {str(file)!r} as a torch tensor file: {reason}") from error
     num_classes = None
     if isinstance(content, Tensor):
         x, y = content, None
@@ -177,7 +188,7 @@ def load_tensor_file(path: str | Path, dtype: torch.dtype | None = None) -> Data
         x, y, num_classes = content["x"], content.get("y"), content.get("num_classes")
     else:
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise ValueError(
+        raise DataError(
             f"{str(file)!r} must hold a Tensor, a tuple (x, y) or a dict with a Tensor 'x' "
             f"(and optional 'y', 'num_classes'); found {found}"
         )
@@ -188,10 +199,18 @@ def _dataset_from_arrays(
     x: Tensor, y: Any, num_classes: int | None, source: str, dtype: torch.dtype | None
 ) -> Dataset:
     if x.ndim == 0 or x.shape[0] == 0:
-        raise ValueError(f"{source!r} holds no samples: x has shape {tuple(x.shape)}")
+        raise DataError(f"{source!r} holds no samples: x has shape {tuple(x.shape)}; it needs at least 2 rows")
     if x.ndim == 1:
         x = x[:, None]  # N scalars: a 1-D data set
-    x = _as_float(x, dtype)
+    try:
+        x = _as_float(x, dtype)
+    except TypeError as error:
+        raise DataError(f"{source!r}: {error}") from error
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        row = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero()[0, 0])
+        raise DataError(f"{source!r} holds {bad} non-finite value(s) (NaN or Inf), the first in row {row}; "
+                        f"the data must be finite")
     y, num_classes = _labels_and_classes(y, x.shape[0], repr(source), num_classes)
     return Dataset(x=x, y=y, name=source, num_classes=num_classes)
 
@@ -202,10 +221,10 @@ def load_path(path: str | Path, dtype: torch.dtype | None = None) -> Dataset:
     if file.is_dir():
         return load_folder(file, dtype=dtype)
     if not file.is_file():
-        raise ValueError(f"{str(file)!r} does not exist")
+        raise DataError(f"{str(file)!r} does not exist")
     suffix = file.suffix.lower()
     if suffix in (".npy", ".npz"):
         return load_array(file, dtype=dtype)
     if suffix in (".pt", ".pth"):
         return load_tensor_file(file, dtype=dtype)
-    raise ValueError(f"cannot load {str(file)!r}: expected a folder of images, .npy, .npz, .pt or .pth")
+    raise DataError(f"cannot load {str(file)!r}: expected a folder of images, .npy, .npz, .pt or .pth")

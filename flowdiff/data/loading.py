@@ -22,7 +22,7 @@ import torch
 
 from flowdiff._utils import check_float, check_int
 from flowdiff.data._generators import derive_seed
-from flowdiff.data.dataset import Dataset
+from flowdiff.data.dataset import DataError, Dataset
 from flowdiff.data.digits import DIGITS_NUM_CLASSES, load_digits
 from flowdiff.data.files import load_path
 from flowdiff.data.toy import TOY_DATASETS, TOY_NUM_CLASSES
@@ -120,7 +120,7 @@ def _split_finite(full: Dataset, split: str, n: int | None, seed: int, heldout_f
         rows = torch.arange(size)
     else:
         if size < 2:
-            raise ValueError(f"{full.name!r} has {size} sample(s); a train/held-out split needs at least 2")
+            raise DataError(f"{full.name!r} has {size} sample(s); a train/held-out split needs at least 2")
         num_heldout = min(max(round(size * heldout_fraction), 1), size - 1)
         rows = permutation[:num_heldout] if split == "heldout" else permutation[num_heldout:]
     if n is not None:

@@ -129,10 +129,32 @@ def _portable_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state.items()}
 
 
-def _save_safetensors(path: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+def _safetensors_bytes(state: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors encoding of ``state`` with its metadata keys in sorted order.
 
-    save_file(_portable_state(state), str(path), metadata=metadata)
+    safetensors writes the metadata map in the iteration order of a Rust ``HashMap``, which is
+    randomised per process: two runs with identical weights would give different files. The
+    header (8-byte little-endian length, then JSON padded with spaces) is rewritten with the
+    metadata sorted; the tensor entries and their offsets are unchanged, so the length is too.
+    """
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(_portable_state(state), metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length].decode("utf-8"), object_pairs_hook=dict)
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > length:  # cannot happen for a pure reordering; keep the library's bytes then
+        return raw
+    return raw[:8] + text + b" " * (length - len(text)) + raw[8 + length :]
+
+
+def _save_safetensors(path: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    Path(path).write_bytes(_safetensors_bytes(state, metadata))
     _fsync_file(path)
 
 

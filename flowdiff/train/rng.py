@@ -4,7 +4,9 @@ Every random draw of a run comes from a stream identified by ``(seed, stream, in
 
 * stream ``DATA_STREAM``: the batch sampler's generator (the order of the minibatches);
 * stream ``SHARD_STREAM``, index :math:`j`: the generator of shard :math:`j` of every global batch
-  (times, noise and label dropout inside the loss), whatever process computes it.
+  (times, noise and label dropout inside the loss), whatever process computes it;
+* stream ``INIT_STREAM``: the network's initial weights (drawn by torch's global generator,
+  seeded with it for the construction only, inside ``torch.random.fork_rng``).
 
 A stream's seed is a 63-bit hash of the triple by numpy's ``SeedSequence`` (whose entropy mixing
 follows M. E. O'Neill's ``seed_seq`` design for independent streams), so the streams of one run
@@ -27,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "DATA_STREAM",
+    "INIT_STREAM",
     "SHARD_STREAM",
     "process_rng_state",
     "restore_shard_generators",
@@ -39,6 +42,8 @@ __all__ = [
 DATA_STREAM = 0
 #: Stream of the per-shard generators (index = the shard's global index).
 SHARD_STREAM = 1
+#: Stream of the network's initial weights (:func:`flowdiff.pipeline.train_run` seeds torch with it while building the network).
+INIT_STREAM = 2
 
 
 def stream_seed(seed: int, stream: int, index: int = 0) -> int:

@@ -48,6 +48,7 @@ from flowdiff.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     CHECKPOINTS_DIR,
+    CheckpointError,
     list_checkpoints,
     load_checkpoint,
     load_training_state,
@@ -67,9 +68,10 @@ from flowdiff.train.logs import (
     describe_model,
     flowdiff_version,
     json_config,
-    progress_bar,
+    Progress,
     truncate_metrics,
 )
+from flowdiff._utils import check_int, default_threads
 from flowdiff.train.rng import (
     DATA_STREAM,
     process_rng_state,
@@ -128,6 +130,11 @@ class TrainSummary:
         output_dir: the run's folder.
         world_size: number of data-parallel processes.
         interrupted: the run stopped early on SIGTERM/SIGINT (after a checkpoint of the last update).
+        stop_signal: the signal number that stopped it (``signal.SIGINT``, ``signal.SIGTERM``), else ``None``;
+            a command-line wrapper exits with ``128 + stop_signal`` (130 for Ctrl-C).
+        resumed_from: the checkpoint folder the run continued from, or ``None``.
+        skipped_checkpoints: ``(folder, reason)`` of newer checkpoints that did not verify and were
+            passed over on resume (the run continued from the newest that did).
     """
 
     step: int
@@ -142,6 +149,9 @@ class TrainSummary:
     output_dir: Path
     world_size: int
     interrupted: bool = False
+    stop_signal: int | None = None
+    resumed_from: Path | None = None
+    skipped_checkpoints: tuple[tuple[Path, str], ...] = ()
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant", min_lr_ratio: float = 0.0) -> float:
@@ -233,7 +243,11 @@ class Trainer:
         resume_from: a checkpoint folder (or run folder) to continue from; overrides ``resume``.
         overwrite: with neither ``resume`` nor ``resume_from``, delete the checkpoints and metrics
             of a previous run in ``output_dir`` (by default their presence is an error).
-        progress: show a progress bar (only on the main process and when stderr is a terminal).
+        progress: report progress on the main process: a bar when stderr is a terminal, else one
+            line on stderr every ten seconds (:class:`~flowdiff.train.logs.Progress`).
+        threads: CPU threads torch uses during :meth:`fit` (restored afterwards); ``None`` picks
+            :func:`flowdiff._utils.default_threads` for the model (1 for small networks, never
+            more than the cores this process may use, at most 4); ``0`` leaves torch's setting alone.
         model_config: how to rebuild the network, recorded in the checkpoint;
             ``{"name", "data_shape", "kwargs"}`` for :func:`flowdiff.nn.build_network` lets
             :func:`~flowdiff.train.load_model` rebuild it. Defaults to ``model.config()`` if any.
@@ -268,6 +282,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer | None = None,
         callbacks: Sequence[Callback] = (),
         ddp_kwargs: dict[str, Any] | None = None,
+        threads: int | None = None,
     ) -> None:
         if config is None:
             config = TrainConfig()
@@ -414,7 +429,11 @@ class Trainer:
         self.step = 0
         self._last_lr = float("nan")
         self._stop_requested = self._stop_agreed = False
+        self._stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
+        self.resumed_from: Path | None = None
+        self.skipped_checkpoints: list[tuple[Path, str]] = []
+        self.threads = default_threads(model, self.device) if threads is None else check_int("threads", threads, 0)
         self._model_config = describe_model(model, model_config)
         self._extra_config = json_config(extra_config or {})
         self._log = RunLog(self.output_dir, tensorboard=config.tensorboard, enabled=self.dist.is_main)
@@ -445,11 +464,15 @@ class Trainer:
 
     def _prepare_output(self, resume: bool, resume_from: str | Path | None, overwrite: bool) -> None:
         source: Path | None = None
+        candidates: list[Path] = []
         if resume_from is not None:
             source = resolve_checkpoint(resume_from)
+            candidates = [source]
         elif resume:
             if list_checkpoints(self.output_dir):
                 source = resolve_checkpoint(self.output_dir)
+                # the newest first, then the older ones as fall-backs
+                candidates = [source] + [f for _, f in reversed(list_checkpoints(self.output_dir)) if f != source]
             else:
                 logger.info("resume=True but %s holds no checkpoint: starting a new run", self.output_dir)
                 if self.dist.is_main:
@@ -467,13 +490,37 @@ class Trainer:
                 (self.output_dir / METRICS_FILE).unlink(missing_ok=True)
         self.dist.barrier()
         if source is not None:
-            self._load(source)
+            for folder in candidates:
+                try:
+                    read = self._read_checkpoint(folder)
+                except CheckpointError as error:
+                    # A truncated or corrupt checkpoint (a copy cut short, a full disk): fall back
+                    # to the newest older one that verifies, and say so.
+                    self.skipped_checkpoints.append((folder, str(error)))
+                    continue
+                self._load(folder, read)
+                break
+            else:
+                raise CheckpointError(
+                    f"no checkpoint in {self.output_dir} verifies; the newest: {self.skipped_checkpoints[0][1]}"
+                )
+            if self.skipped_checkpoints:
+                logger.warning("resuming from %s (step %d): the newer %s did not verify (%s)", self.resumed_from,
+                               self.step, ", ".join(f.name for f, _ in self.skipped_checkpoints),
+                               self.skipped_checkpoints[0][1])
             if self.dist.is_main:
                 truncate_metrics(self.output_dir, self.step)
 
-    def _load(self, folder: Path) -> None:
+    def _read_checkpoint(self, folder: Path) -> tuple[Any, ...]:
+        """Every file of a checkpoint, read and verified (a ``CheckpointError`` if one is missing or corrupt)."""
         model_state, ema_state, config = load_checkpoint(folder, device=self.device)
         state = load_training_state(folder, device="cpu")
+        if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
+            raise CheckpointError(f"corrupt checkpoint file {folder / 'training_state.pt'}: no step/optimizer state")
+        return model_state, ema_state, config, state
+
+    def _load(self, folder: Path, read: tuple[Any, ...] | None = None) -> None:
+        model_state, ema_state, config, state = read if read is not None else self._read_checkpoint(folder)
         self.model.load_state_dict(model_state)
         if self.ema is not None:
             self.ema.module.load_state_dict(ema_state)
@@ -498,7 +545,7 @@ class Trainer:
         if self.dist.rank < len(process_states):
             set_process_rng_state(process_states[self.dist.rank], self.device)
         self.step = int(state["step"])
-        self.last_checkpoint = folder
+        self.last_checkpoint = self.resumed_from = folder
         logger.info("resumed from %s at step %d", folder, self.step)
         # The optimizer and scheduler states of the checkpoint win (lr, betas, ... included):
         # say so when the settings were changed, instead of ignoring the change silently.
@@ -699,6 +746,7 @@ class Trainer:
             if self._stop_requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now
             self._stop_requested = True
+            self._stop_signal = signum
             logger.warning("received %s: stopping after this update, with a checkpoint", signal.Signals(signum).name)
 
         previous: dict[int, Any] = {}
@@ -730,7 +778,10 @@ class Trainer:
         checkpoint_time = 0.0
         window = MetricsWindow(start)
         self._log.open()
-        bar = progress_bar(self.progress and self.dist.is_main, config.steps, start_step)
+        bar = Progress(config.steps, "train", enabled=self.progress and self.dist.is_main, initial=start_step)
+        threads_before = torch.get_num_threads()
+        if self.threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
         self._train_model.train()
         try:
             while self.step < config.steps:
@@ -744,8 +795,7 @@ class Trainer:
                 self.step += 1
                 final_loss = loss_value
                 window.add(loss_value, grad_value)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     record = window.record(self.step, self._last_lr)
                     recent_loss = record["loss"]
@@ -753,8 +803,7 @@ class Trainer:
                         record["epoch"] = self.sampler.epoch
                     if self.dist.is_main:
                         self._log.write(record)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{recent_loss:.4g}", lr=f"{record['lr']:.3g}", refresh=False)
+                        bar.postfix.update(loss=f"{recent_loss:.4g}", lr=f"{record['lr']:.3g}")
                         for callback in self.callbacks:
                             callback(self, record)
                 due = config.checkpoint_every is not None and self.step % config.checkpoint_every == 0
@@ -771,9 +820,9 @@ class Trainer:
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
-            if bar is not None:
-                bar.close()
+            bar.close()
             self._log.close()
+            torch.set_num_threads(threads_before)
         self.dist.barrier()
         wall = time.perf_counter() - start
         done = self.step - start_step
@@ -791,4 +840,7 @@ class Trainer:
             output_dir=self.output_dir,
             world_size=self.dist.world_size,
             interrupted=interrupted,
+            stop_signal=self._stop_signal if interrupted else None,
+            resumed_from=self.resumed_from,
+            skipped_checkpoints=tuple(self.skipped_checkpoints),
         )
