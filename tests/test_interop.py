@@ -263,3 +263,59 @@ def test_loops_no_grid_reproduces_are_refused(unet):
         interop.sample_kwargs(diffusers.EulerDiscreteScheduler(), 10)
     with pytest.raises(TypeError, match="scheduler object"):
         interop.scheduler_grid(dict(ddim.config))
+
+
+# ----- the reverse: a flowdiff solver where diffusers expects a scheduler ----------------------------
+
+
+@pytest.mark.parametrize("solver", ["dpm-solver++", "unipc", "deis", "euler", "sde-dpm-solver++"])
+def test_flowdiff_scheduler_in_a_diffusers_loop_equals_fd_sample(unet, solver):
+    base = diffusers.DDIMScheduler(prediction_type="v_prediction")
+    scheduler = interop.FlowdiffScheduler.from_scheduler(base, solver)
+    scheduler.set_timesteps(8)
+    assert len(scheduler.timesteps) == 8 and int(scheduler.timesteps[0]) == 999
+    x = noise()
+    with torch.no_grad():
+        y, gen = x.clone(), torch.Generator().manual_seed(3)
+        for t in scheduler.timesteps:
+            y = scheduler.step(unet(y, t).sample, t, y, generator=gen).prev_sample
+        ref = fd.sample(interop.from_diffusers(unet, base), x.clone(), solver=solver, nfe=8,
+                        generator=torch.Generator().manual_seed(3))
+    assert ref.nfe == 8
+    assert_round_off(y, ref.x, rtol=1e-6)
+
+
+def test_flowdiff_scheduler_drives_a_pipeline(unet):
+    """DDPMPipeline with its scheduler swapped for flowdiff's UniPC gives fd.sample's images."""
+    base = diffusers.DDPMScheduler()
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=base)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = interop.FlowdiffScheduler(pipe.scheduler, "unipc")
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=6, output_type="pt").images
+    x = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(5))  # the pipeline's draw
+    with torch.no_grad():
+        ref = fd.sample(interop.from_diffusers(unet, base), x, solver="unipc", nfe=6).x
+    assert_round_off(images, (ref / 2 + 0.5).clamp(0, 1), rtol=1e-6)
+
+
+def test_flowdiff_scheduler_on_a_flow_model(unet):
+    base = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler = interop.FlowdiffScheduler(base, "unipc", t_start=1e-3)  # log-SNR solvers start after alpha = 0
+    scheduler.set_timesteps(6)
+    x = noise()
+    with torch.no_grad():
+        y = x.clone()
+        for t in scheduler.timesteps:
+            y = scheduler.step(unet(y, t).sample, t, y).prev_sample
+        ref = fd.sample(interop.from_diffusers(unet, base), x.clone(), solver="unipc", nfe=6, t_start=1e-3)
+    assert_round_off(y, ref.x, rtol=1e-6)
+
+
+def test_flowdiff_scheduler_bad_input(unet):
+    with pytest.raises(ValueError, match=r"'heun'.*valid: .*dpm-solver\+\+"):
+        interop.FlowdiffScheduler(diffusers.DDIMScheduler(), "heun")
+    scheduler = interop.FlowdiffScheduler(diffusers.DDIMScheduler(), "ddim")
+    with pytest.raises(ValueError, match="set_timesteps"):
+        scheduler.step(torch.zeros(1, 3, 8, 8), 999, torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        scheduler.set_timesteps(1)
