@@ -155,6 +155,34 @@ def test_conditional_unet_passes_encoder_hidden_states():
     assert float((other - ref).abs().max()) > 1e-2 * float(ref.abs().max())  # the conditioning is really used
 
 
+def test_classifier_free_guidance_as_stable_diffusion_applies_it():
+    """guidance_scale with cond["uncond"]: the loop of StableDiffusionPipeline (doubled batch,
+    [negative, positive] embeddings, u + w (c - u) on the network output)."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2,
+    ).eval()
+    emb, null = noise((2, 5, 8), seed=2), noise((2, 5, 8), seed=4)
+    scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler.set_timesteps(6)
+    x = noise((2, 4, 8, 8), seed=3)
+    y, w = x.clone(), 4.0
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(torch.cat([y, y]), t, encoder_hidden_states=torch.cat([null, emb])).sample
+            uncond, cond = out.chunk(2)
+            y = scheduler.step(uncond + w * (cond - uncond), t, y).prev_sample
+        field = interop.from_diffusers(unet, scheduler, guidance_scale=w)
+        res = fd.sample(field, x.clone(), cond={"encoder_hidden_states": emb, "uncond": {"encoder_hidden_states": null}},
+                        **interop.sample_kwargs(scheduler))
+    assert res.nfe == 6
+    assert_round_off(res.x, y)
+    with pytest.raises(ValueError, match="uncond"):
+        field.denoise(x, 0.5, encoder_hidden_states=emb)
+
+
 def test_class_conditional_learned_variance_and_clipping():
     """num_class_embeds (class_labels), a learned-variance output (twice the channels: its first
     half is the prediction) and clip_sample (diffusers with use_clipped_model_output=True)."""

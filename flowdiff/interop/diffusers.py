@@ -228,14 +228,23 @@ class DiffusersModel(torch.nn.Module):
         flow: a flow-matching model (timestep :math:`N(1-t)`, output negated: flowdiff velocity).
         learned_variance: ``"auto"`` reads the first half of an output with twice the input
             channels; ``False`` never splits.
+        guidance_scale: classifier-free guidance :math:`w` (Ho & Salimans 2022, "Classifier-Free
+            Diffusion Guidance"), as diffusers' pipelines apply it to the raw output:
+            :math:`f_u + w(f_c - f_u)`, one network call on the doubled batch. The unconditional
+            keywords come in the conditioning under ``"uncond"``:
+            ``cond={"encoder_hidden_states": emb, "uncond": {"encoder_hidden_states": null_emb}}``
+            (keywords missing there are shared). Every prediction type is affine in every other at
+            fixed (x, t), so guiding the raw output guides the field (flowdiff.guidance).
 
     The input is cast to the model's dtype and the output back to the input's; conditioning
     keywords (``encoder_hidden_states``, ``class_labels``, ``added_cond_kwargs`` …) go to the
     network unchanged.
     """
 
-    def __init__(self, model: Any, num_train_timesteps: int, flow: bool = False, learned_variance: bool | str = "auto"):
+    def __init__(self, model: Any, num_train_timesteps: int, flow: bool = False, learned_variance: bool | str = "auto",
+                 guidance_scale: float | None = None):
         super().__init__()
+        self.guidance_scale = None if guidance_scale is None else check_float("guidance_scale", guidance_scale, 0.0)
         if not callable(model):
             raise TypeError(f"model must be a diffusers model (callable), got {type(model).__name__}")
         if learned_variance not in ("auto", False):
@@ -278,13 +287,36 @@ class DiffusersModel(torch.nn.Module):
         dtype = getattr(self.model, "dtype", None)
         inp = x.to(dtype) if isinstance(dtype, torch.dtype) and dtype != x.dtype else x
         timestep = self.timestep(t).to(x.device)
-        out = self.model(inp, timestep, **cond, return_dict=False) if self._return_dict else self.model(inp, timestep, **cond)
-        if not isinstance(out, Tensor):
-            out = out.sample if hasattr(out, "sample") else out[0]
+        uncond = cond.pop("uncond", None)
+        if self.guidance_scale is None:
+            if uncond is not None:
+                raise ValueError("cond has 'uncond' keywords but the model has no guidance_scale")
+            out = self._network(inp, timestep, cond)
+        else:
+            if not isinstance(uncond, Mapping):
+                raise ValueError("guidance_scale needs the unconditional keywords as cond['uncond'] (a dict), "
+                                 f"got {type(uncond).__name__}")
+            batch = x.shape[0]
+            both = {}
+            for key, value in cond.items():
+                other = uncond.get(key, value)
+                both[key] = torch.cat([other, value]) if isinstance(value, Tensor) and value.ndim else value
+            for key, value in uncond.items():
+                if key not in cond:
+                    raise ValueError(f"cond['uncond'] has {key!r}, which the conditional keywords lack")
+            out = self._network(torch.cat([inp, inp]), torch.cat([timestep, timestep]), both)
+            unconditional, conditional = out[:batch], out[batch:]
+            out = unconditional + self.guidance_scale * (conditional - unconditional)
         if self.learned_variance == "auto" and out.ndim > 1 and x.ndim > 1 and out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]
         out = out.to(x.dtype)
         return -out if self.flow else out
+
+    def _network(self, x: Tensor, timestep: Tensor, cond: dict) -> Tensor:
+        out = self.model(x, timestep, **cond, return_dict=False) if self._return_dict else self.model(x, timestep, **cond)
+        if not isinstance(out, Tensor):
+            out = out.sample if hasattr(out, "sample") else out[0]
+        return out
 
 
 def _unpack(model: Any, scheduler: Any) -> tuple[Any, Any]:
@@ -306,7 +338,7 @@ def _unpack(model: Any, scheduler: Any) -> tuple[Any, Any]:
 
 
 def from_diffusers(model: Any, scheduler: Any = None, *, prediction: str | None = None, t_max: float | None = None,
-                   learned_variance: bool | str = "auto") -> Field:
+                   learned_variance: bool | str = "auto", guidance_scale: float | None = None) -> Field:
     r"""A diffusers model as a :class:`~flowdiff.Field` on the path its scheduler defines (module docstring).
 
     Arguments:
@@ -316,7 +348,8 @@ def from_diffusers(model: Any, scheduler: Any = None, *, prediction: str | None 
             ``scheduler_config.json``); omitted for a pipeline or a pair.
         prediction: override the config's ``prediction_type`` (diffusers' or flowdiff's name).
         t_max: see :func:`path_from_scheduler`.
-        learned_variance: see :class:`DiffusersModel`.
+        learned_variance, guidance_scale: see :class:`DiffusersModel` (classifier-free guidance of
+            text- or class-conditional models, with ``cond["uncond"]``).
 
     Returns:
         ``Field(DiffusersModel(...), path, prediction)``. Conditioning goes through flowdiff's
@@ -339,7 +372,8 @@ def from_diffusers(model: Any, scheduler: Any = None, *, prediction: str | None 
         raise ValueError(f"unknown prediction_type {kind!r}; valid: {', '.join(DIFFUSERS_PREDICTIONS)}"
                          + (f" or flowdiff's {', '.join(PREDICTIONS)}" if prediction is not None else ""))
     path = path_from_scheduler(scheduler, t_max=t_max)
-    wrapped = DiffusersModel(net, _num_train_timesteps(config), flow=flow, learned_variance=learned_variance)
+    wrapped = DiffusersModel(net, _num_train_timesteps(config), flow=flow, learned_variance=learned_variance,
+                             guidance_scale=guidance_scale)
     return Field(wrapped, path, pred)
 
 
