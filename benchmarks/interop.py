@@ -14,7 +14,7 @@ loops compute the same thing), the same initial noise, and for each prediction t
 Columns: the largest absolute difference of the final samples, the same relative to the
 largest |sample| (float32 round-off is ~1e-7 per operation), the model calls of each, and the
 wall time of one sampling loop (the minimum over ``--repeats`` runs, interleaved), model calls
-included. Run: ``.venv/bin/python benchmarks/interop.py`` (about 30 s on one CPU thread);
+included; then the loops' own cost per step, measured with a zero-cost network. Run: ``.venv/bin/python benchmarks/interop.py`` (about 30 s on one CPU thread);
 writes ``benchmarks/results/interop.md`` and ``.json``.
 """
 
@@ -24,6 +24,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -113,6 +114,31 @@ def main() -> None:
                          f"{ref_calls} / {nfe}", f"{1e3 * t_ref:.1f}", f"{1e3 * t_fd:.1f}"])
             print(rows[-1], flush=True)
 
+    # the loops' own cost: the same runs with a zero-cost network (it returns a fixed tensor)
+    fixed = 0.1 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+
+    class ZeroCost(torch.nn.Module):
+        def forward(self, x, t):
+            return SimpleNamespace(sample=fixed)
+
+    stub, overhead_rows, overhead = ZeroCost(), [], []
+    steps = max(args.steps)
+    for name, make in (("DDIM", lambda: diffusers.DDIMScheduler(clip_sample=False)),
+                       ("DPM-Solver++(2M)", lambda: diffusers.DPMSolverMultistepScheduler()),
+                       ("FlowMatch Euler (shift 3)", lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))):
+        scheduler = make()
+        field = fd.interop.from_diffusers(stub, scheduler)
+        kwargs = fd.interop.sample_kwargs(scheduler, steps)
+        t_ref = t_fd = float("inf")
+        for _ in range(10 * args.repeats):
+            scheduler.set_timesteps(steps)
+            t_ref = min(t_ref, timed(lambda: diffusers_loop(stub, scheduler, x0.clone()), 1)[1])
+            t_fd = min(t_fd, timed(lambda: flowdiff_loop(field, kwargs, x0.clone()), 1)[1])
+        overhead.append({"scheduler": name, "steps": steps, "diffusers_us_per_step": 1e6 * t_ref / steps,
+                         "flowdiff_us_per_step": 1e6 * t_fd / steps})
+        overhead_rows.append([name, steps, f"{1e6 * t_ref / steps:.0f}", f"{1e6 * t_fd / steps:.0f}"])
+        print(overhead_rows[-1], flush=True)
+
     meta = run_metadata(batch=args.batch, size=args.size, repeats=args.repeats)
     lines = [
         "# flowdiff solvers on a diffusers UNet vs diffusers' scheduler loops",
@@ -127,8 +153,13 @@ def main() -> None:
         "",
         *markdown_table(["scheduler", "prediction", "steps", "flowdiff solver", "max abs diff", "max rel diff",
                          "model calls (diffusers / flowdiff)", "diffusers ms", "flowdiff ms"], rows),
+        "",
+        "The loops' own cost per step (everything but the network: a zero-cost network returns a fixed tensor; "
+        f"minimum of {10 * args.repeats} runs):",
+        "",
+        *markdown_table(["scheduler", "steps", "diffusers µs/step", "flowdiff µs/step"], overhead_rows),
     ]
-    md, js = write_results("interop", lines, {"meta": meta, "rows": records})
+    md, js = write_results("interop", lines, {"meta": meta, "rows": records, "overhead": overhead})
     print("\n".join(lines))
     print(f"wrote {md} and {js}")
 
