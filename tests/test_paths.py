@@ -235,3 +235,20 @@ def test_check_int_and_float_name_value_and_range():
     for bad in (0.0, float("nan"), float("inf"), "a", False, 1.5):
         with pytest.raises(ValueError, match=r"x must be a finite number in \(0, 1\], got x="):
             check_float("x", bad, 0, 1, low_open=True)
+
+
+@pytest.mark.parametrize("path", [fd.paths.Discrete.linear(), fd.paths.Discrete.linear(100),
+                                  fd.paths.Discrete.scaled_linear(), fd.paths.VP()], ids=repr)
+def test_log_snr_inverse_of_the_ends_stays_in_the_interval_and_sample_accepts_it(path):
+    """The times the library hands out (t_of_log_snr of the path's own end noise level) are accepted
+    back: within [0, 1], no NaN log-SNR at t = 1 (a DDPM table once gave log α > 0 there)."""
+    ends = torch.tensor([0.0, path.t_min, path.t_max, 1.0], dtype=torch.float64)
+    lam = path.log_snr(ends)
+    assert not torch.isnan(lam).any() and lam[-1] == math.inf
+    back = path.t_of_log_snr(lam)
+    assert ((back >= 0) & (back <= 1)).all()
+    assert torch.allclose(back, ends, atol=1e-12)
+    mix = fd.testing.random_mixture(2, path=path)
+    x = path.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = fd.sample(fd.Field(mix.model("noise"), path, "noise"), x, nfe=6, t_start=float(back[1]), t_end=float(back[2]))
+    assert torch.isfinite(res.x).all()

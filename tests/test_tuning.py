@@ -61,6 +61,18 @@ def test_tuned_grid_is_valid_and_beats_the_default_grid_on_held_out_noise(tuned)
     assert {"tune", "holdout"} <= errors["tuned"].keys()
 
 
+def test_a_tuned_grid_is_a_grid_for_sample(tuned):
+    """``fd.sample(grid=tuned)`` takes what ``tune_grid`` hands out: the same draws as its sample_kwargs."""
+    f, x = field(), noise(16, 5)
+    via_kwargs = sample(f, x, **tuned.sample_kwargs(f))
+    direct = fd.sample(f, x, grid=tuned)
+    assert direct.nfe == 6 and torch.equal(direct.x, via_kwargs.x)
+    with pytest.raises(ValueError, match="tuned for solver"):
+        fd.sample(f, x, solver="unipc", grid=tuned)
+    with pytest.raises(ValueError, match="tuned for nfe=6"):
+        fd.sample(f, x, nfe=8, grid=tuned)
+
+
 def test_evaluation_budget_is_respected():
     tg = tune_grid(field(), "ddim", 5, noise(32, 1), max_evals=15, reference_nfe=64)
     assert tg.cost["objective_evals"] <= 15

@@ -171,11 +171,12 @@ class GaussianPath:
         return self._d_log_snr(self._t(t))
 
     def t_of_log_snr(self, lam: TimeLike) -> Tensor:
-        """Exact inverse of :meth:`log_snr`: the ``t`` with ``log_snr(t) == lam``."""
+        """Exact inverse of :meth:`log_snr`: the ``t`` with ``log_snr(t) == lam``, in ``[0, 1]``
+        (round-off of the inversion, e.g. −1.8e-16 for a DDPM table's own end, is clamped)."""
         lam = as_time_tensor(lam, name="lam")
         if torch.isnan(lam).any():
             raise ValueError("lam must not be NaN")
-        return self._t_of_log_snr(lam)
+        return self._t_of_log_snr(lam).clamp(0.0, 1.0)
 
     def coefficients(self, t: TimeLike) -> PathCoefficients:
         """:math:`(\\alpha, \\sigma, \\dot\\alpha, \\dot\\sigma)` at ``t`` in one call."""
@@ -639,7 +640,8 @@ class Discrete(GaussianPath):
         return {"name": "Discrete", "betas": self.betas.tolist(), "t_min": self.t_min, "t_max": self.t_max}
 
     def _log_alpha(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        return _interp(t, self._t_table, self._la_table)
+        la, slope = _interp(t, self._t_table, self._la_table)
+        return la.clamp(max=0.0), slope  # t = 1 - ulp must not give log α > 0 (σ² < 0, a NaN log-SNR)
 
     def _coefficients(self, t: Tensor) -> PathCoefficients:
         la, slope = self._log_alpha(t)  # one table look-up for all four values

@@ -272,7 +272,7 @@ def interval(field: Any, grid: Any, t_start: float | None, t_end: float | None) 
         raise ValueError(
             f"[t_start, t_end] = [{t0!r}, {t1!r}] must lie inside the path's safe interval [t_min, t_max] = [{lo!r}, {hi!r}]"
         )
-    return t0, t1
+    return max(t0, lo), min(t1, hi)  # times within round-off of the interval, e.g. from path.t_of_log_snr
 
 
 def final_denoise(run: Run, x: Tensor, t_end: float) -> Tensor:
@@ -298,8 +298,9 @@ def sample(field: Any, x_init: Tensor, solver: str | None = None, nfe: int | Non
         solver: a name from :func:`available`; default :func:`default_solver`.
         nfe: budget of model calls, final denoise included (module docstring); a cap for adaptive
             solvers (default 10 000); default 20 for fixed-step solvers without an explicit grid.
-        grid: a kind from :data:`GRID_KINDS` (:func:`~flowdiff.solvers.make_grid`) or an increasing
-            array of times from ``t_start`` to ``t_end`` (then ``nfe`` may be omitted). Default:
+        grid: a kind from :data:`GRID_KINDS` (:func:`~flowdiff.solvers.make_grid`), an increasing
+            array of times from ``t_start`` to ``t_end`` (then ``nfe`` may be omitted) or a
+            :class:`~flowdiff.solvers.TunedGrid` (its solver, nfe and final denoise too). Default:
             the solver's ``default_grid`` (``"uniform"`` on interpolants).
         t_start, t_end: default the path's ``[t_min, t_max]``, which they must lie inside.
         denoise_final: return the data prediction at ``t_end`` (one call, counted in ``nfe``).
@@ -330,6 +331,9 @@ def sample(field: Any, x_init: Tensor, solver: str | None = None, nfe: int | Non
         raise TypeError(f"field must be a fd.Field or fd.InterpolantField (with .path and .nfe), got {type(field).__name__}")
     if not isinstance(field.path, (GaussianPath, StochasticInterpolant)):
         raise TypeError(f"field.path must be a GaussianPath or StochasticInterpolant, got {type(field.path).__name__}")
+    if hasattr(grid, "sample_kwargs"):  # a TunedGrid: its solver, nfe, grid and final denoise, checked against the field
+        tuned = grid.sample_kwargs(field, solver, nfe)
+        solver, nfe, grid, denoise_final = tuned["solver"], tuned["nfe"], tuned["grid"], tuned["denoise_final"]
     if return_logp:  # the log-density sampler of the solvers layer (no import of flowdiff.likelihood)
         from .logp import sample_returning_logp
 
