@@ -124,6 +124,25 @@ def test_ddim_final_step_without_alpha_one_and_steps_offset(unet):
         assert_round_off(flowdiff_run(unet, scheduler, x.clone()).x, ref)
 
 
+@pytest.mark.parametrize("scheduler_class,eta", [("DDIMScheduler", 0.5), ("DDIMScheduler", 1.0), ("DDPMScheduler", 1.0)])
+def test_stochastic_ddim_and_ddpm_reproduce_diffusers_draws(unet, scheduler_class, eta):
+    """DDIM-eta and DDPM (with its default clip_sample) draw one normal per step from the
+    generator, as flowdiff's ddpm solver does: with the same seed, the same result."""
+    scheduler = getattr(diffusers, scheduler_class)(prediction_type="v_prediction")
+    scheduler.set_timesteps(10)
+    x, generator = noise(), torch.Generator().manual_seed(7)
+    step_kw = {"eta": eta, "use_clipped_model_output": True} if scheduler_class == "DDIMScheduler" else {}
+    with torch.no_grad():
+        y = x.clone()
+        for t in scheduler.timesteps:
+            y = scheduler.step(unet(y, t).sample, t, y, generator=generator, **step_kw).prev_sample
+        kwargs = interop.sample_kwargs(scheduler, eta=eta)
+        res = fd.sample(interop.from_diffusers(unet, scheduler), x.clone(), generator=torch.Generator().manual_seed(7),
+                        **kwargs)
+    assert kwargs["solver"] == "ddpm" and res.nfe == 10
+    assert_round_off(res.x, y)
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_matching_euler_reproduces_diffusers(unet, shift):
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
@@ -287,6 +306,9 @@ def test_loops_no_grid_reproduces_are_refused(unet):
     karras = diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True)
     with pytest.raises(ValueError, match="karras"):
         interop.sample_kwargs(karras, 10)
+    flow_dpm = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="truncated to integers"):
+        interop.sample_kwargs(flow_dpm, 8)
     with pytest.raises(ValueError, match="unsupported scheduler 'EulerDiscreteScheduler'"):
         interop.sample_kwargs(diffusers.EulerDiscreteScheduler(), 10)
     with pytest.raises(TypeError, match="scheduler object"):

@@ -421,7 +421,9 @@ def scheduler_grid(scheduler: Any, num_inference_steps: int | None = None) -> Te
         if config.get("invert_sigmas"):
             raise ValueError(f"{name}: invert_sigmas=True runs from data to noise; flowdiff samples from noise to data")
         if not torch.allclose(timesteps.double(), s[:-1] * n, rtol=1e-5, atol=1e-3):
-            raise ValueError(f"{name}: the timesteps given to the model are not sigmas * num_train_timesteps")
+            raise ValueError(f"{name}: the timesteps given to the model are not sigmas * num_train_timesteps "
+                             f"({timesteps[:3].tolist()} for sigmas {s[:3].tolist()}: truncated to integers); no grid "
+                             "reproduces that loop; sample the field with flowdiff's solvers instead")
         return _increasing(1 - s, name)
     if timesteps.is_floating_point() and not bool((timesteps == timesteps.round()).all()):
         raise ValueError(f"{name}: fractional timesteps {timesteps[:4].tolist()}…; only integer DDPM timesteps are supported")
@@ -443,8 +445,9 @@ def scheduler_grid(scheduler: Any, num_inference_steps: int | None = None) -> Te
             k = int(torch.argmin(((1 - ac) / ac).sqrt().sub(last).abs()))
             final = _node(torch.tensor([k]), n)
         return _increasing(torch.cat([_node(j, n), final]), name)
-    # DDIM/DDPM-style: each step goes from j to j - N // n (DDIM) or to the next timestep (DDPM)
-    if name == "DDIMScheduler" or (name is None and "set_alpha_to_one" in config):
+    # DDIM/DDPM-style: each step goes from j to j - N // n (DDIM and its kin, which hold
+    # final_alpha_cumprod) or to the next timestep (DDPM)
+    if hasattr(scheduler, "final_alpha_cumprod"):
         stride = n // scheduler.num_inference_steps
         prev = j - stride
         if len(j) > 1 and not bool((prev[:-1] == j[1:]).all()):
@@ -480,7 +483,7 @@ def _clip_hook(limit: float):
     return clip
 
 
-def sample_kwargs(scheduler: Any, num_inference_steps: int | None = None) -> dict[str, Any]:
+def sample_kwargs(scheduler: Any, num_inference_steps: int | None = None, eta: float = 0.0) -> dict[str, Any]:
     r"""Keyword arguments of :func:`flowdiff.sample` that run a diffusers scheduler's loop.
 
     ``fd.sample(field, x_T, **sample_kwargs(scheduler, n))`` with ``field = from_diffusers(model,
@@ -498,14 +501,17 @@ def sample_kwargs(scheduler: Any, num_inference_steps: int | None = None) -> dic
     Arguments:
         scheduler: a diffusers scheduler object: one of :data:`SUPPORTED_SCHEDULERS`.
         num_inference_steps: passed to ``scheduler.set_timesteps`` first, if given.
+        eta: DDIM's η (``scheduler.step(..., eta=eta)``): 0 is ``ddim``, η > 0 the ``ddpm`` solver
+            with that η; with the same ``generator`` the random draws are diffusers' too.
 
     Returns:
         ``{"solver", "grid", "denoise_final", **options}``:
 
-        * ``DDIMScheduler`` → ``ddim`` (η = 0); ``clip_sample`` becomes a denoiser hook clamping
-          x̂, which equals diffusers' ``step(..., use_clipped_model_output=True)`` (ε̂ re-derived
-          from the clipped x̂).
-        * ``DDPMScheduler`` → ``ddpm`` (η = 1: the same transition law, other random draws).
+        * ``DDIMScheduler`` → ``ddim`` (η = 0) or ``ddpm`` with ``eta``; ``clip_sample`` becomes a
+          denoiser hook clamping x̂, which equals diffusers' ``step(..., use_clipped_model_output=True)``
+          (ε̂ re-derived from the clipped x̂).
+        * ``DDPMScheduler`` → ``ddpm`` (η = 1, the posterior of Ho et al. 2020: diffusers'
+          ``variance_type="fixed_small"``); ``clip_sample`` as for DDIM.
         * ``DPMSolverMultistepScheduler`` → ``dpm-solver++{k}m`` / ``dpm-solver-{k}m``
           (``algorithm_type`` ``dpmsolver++`` / ``dpmsolver``; order 1 is ``ddim``),
           ``solver_type`` midpoint → ``"dpmsolver"``, heun → ``"taylor"``, and diffusers'
@@ -519,8 +525,17 @@ def sample_kwargs(scheduler: Any, num_inference_steps: int | None = None) -> dic
                          "pass a denoiser hook (fd.solvers.Hooks) yourself")
     to_data = float(grid[-1]) == 1.0  # the last step reaches sigma = 0
     out: dict[str, Any] = {}
+    eta = check_float("eta", eta, 0.0, 1.0)
     if name in ("DDIMScheduler", "DDPMScheduler"):
-        out["solver"] = "ddim" if name == "DDIMScheduler" else "ddpm"
+        if name == "DDPMScheduler":
+            variance = config.get("variance_type", "fixed_small")
+            if variance != "fixed_small":
+                raise ValueError(f"{name}: variance_type {variance!r} is not translated; valid: fixed_small")
+            eta = 1.0
+        if eta > 0:
+            out.update(solver="ddpm", eta=eta)
+        else:
+            out["solver"] = "ddim"
         if config.get("clip_sample", True):
             out["hooks"] = Hooks(denoiser=_clip_hook(float(config.get("clip_sample_range", 1.0))))
     elif name == "DPMSolverMultistepScheduler":

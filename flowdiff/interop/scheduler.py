@@ -105,7 +105,7 @@ class FlowdiffScheduler:
                  t_end: float | None = None, **options: Any):
         from .diffusers import from_diffusers
 
-        config, _ = _config(scheduler_config)
+        config, class_name = _config(scheduler_config)
         self._replay = _Replay()
         self.field: Field = from_diffusers(self._replay, scheduler_config, prediction=prediction)
         self.path = self.field.path
@@ -123,7 +123,7 @@ class FlowdiffScheduler:
         self.config = _Config({**config, "_class_name": type(self).__name__, "solver": solver, "grid": grid,
                                "solver_options": dict(options)})
         self.num_train_timesteps = _num_train_timesteps(config)
-        self._flow = _is_flow(config, None)
+        self._flow = _is_flow(config, class_name)
         self.timesteps: Tensor | None = None
         self.times: list[float] = []
         self.num_inference_steps: int | None = None
