@@ -369,3 +369,14 @@ def test_flowdiff_scheduler_bad_input(unet):
         scheduler.step(torch.zeros(1, 3, 8, 8), 999, torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="num_inference_steps"):
         scheduler.set_timesteps(1)
+
+
+def test_importing_flowdiff_does_not_import_diffusers():
+    """fd.interop reads diffusers objects through their attributes: `import flowdiff` stays light."""
+    import subprocess
+    import sys
+
+    code = "import sys, flowdiff; print('diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
