@@ -307,7 +307,7 @@ def test_loops_no_grid_reproduces_are_refused(unet):
     with pytest.raises(ValueError, match="karras"):
         interop.sample_kwargs(karras, 10)
     flow_dpm = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
-    with pytest.raises(ValueError, match="truncated to integers"):
+    with pytest.raises(ValueError, match="use_flow_sigmas truncated to integers"):
         interop.sample_kwargs(flow_dpm, 8)
     with pytest.raises(ValueError, match="unsupported scheduler 'EulerDiscreteScheduler'"):
         interop.sample_kwargs(diffusers.EulerDiscreteScheduler(), 10)

@@ -422,8 +422,9 @@ def scheduler_grid(scheduler: Any, num_inference_steps: int | None = None) -> Te
             raise ValueError(f"{name}: invert_sigmas=True runs from data to noise; flowdiff samples from noise to data")
         if not torch.allclose(timesteps.double(), s[:-1] * n, rtol=1e-5, atol=1e-3):
             raise ValueError(f"{name}: the timesteps given to the model are not sigmas * num_train_timesteps "
-                             f"({timesteps[:3].tolist()} for sigmas {s[:3].tolist()}: truncated to integers); no grid "
-                             "reproduces that loop; sample the field with flowdiff's solvers instead")
+                             f"({timesteps[:3].tolist()} for sigmas {s[:3].tolist()}; DPMSolverMultistepScheduler with "
+                             "use_flow_sigmas truncated to integers); no grid reproduces that loop; sample the field "
+                             "with flowdiff's solvers instead")
         return _increasing(1 - s, name)
     if timesteps.is_floating_point() and not bool((timesteps == timesteps.round()).all()):
         raise ValueError(f"{name}: fractional timesteps {timesteps[:4].tolist()}…; only integer DDPM timesteps are supported")
