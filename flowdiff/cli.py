@@ -234,6 +234,18 @@ def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     _output_dir(out)
 
 
+@contextlib.contextmanager
+def _remove_if_left_empty(folder: Path, existed: bool):
+    """Remove ``folder`` again if this command created it and a failure left it empty."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if not existed and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
 def _train_impl(opts: dict[str, Any]) -> Path:
     from .data import available_datasets
     from .losses import available_time_samplers, available_weightings
@@ -259,9 +271,10 @@ def _train_impl(opts: dict[str, Any]) -> Path:
     if dtype in ("bfloat16", "float16") and dev.type != "cuda":
         _fail(f"--dtype {dtype} (mixed-precision training) needs --device cuda; on {dev.type} use float32 or float64", 2)
     out = Path(opts["output"])
+    existed = out.exists()
     _check_run_folder(out, bool(opts.get("resume")), bool(opts.get("overwrite")))
     t0 = time.perf_counter()
-    with _user_errors():
+    with _user_errors(), _remove_if_left_empty(out, existed):
         summary = train_run(
             data=opts["data"], path=opts["path"], prediction=opts["prediction"], network=opts["network"],
             steps=opts["steps"], batch_size=opts["batch"], lr=opts["lr"], output_dir=out, seed=opts["seed"],
@@ -379,10 +392,12 @@ def _parse_solver_options(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             _fail(f"--solver-option {pair!r} must be KEY=VALUE (e.g. rtol=1e-4)", 2)
-        try:
-            options[key.strip().replace("-", "_")] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            options[key.strip().replace("-", "_")] = value
+        for parse in (int, float, yaml.safe_load):  # 3, 1e-7 (YAML alone reads "1e-7" as a string), true, name
+            try:
+                options[key.strip().replace("-", "_")] = parse(value)
+                break
+            except (ValueError, yaml.YAMLError):
+                options[key.strip().replace("-", "_")] = value
     return options
 
 
@@ -421,11 +436,7 @@ def _sample_impl(checkpoint: Path, solver: Optional[str], nfe: Optional[int], co
                  guidance_scale: Optional[float] = None, device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 4096, threads: Optional[int] = None,
                  solver_options: Optional[dict] = None) -> tuple[Path, Path, Any]:
-    import torch
-
     from ._utils import check_int
-    from .pipeline import generate, save_samples_png
-    from .solvers import default_solver, get_solver
 
     with _user_errors():
         count = check_int("--count", count, 1)
@@ -435,7 +446,22 @@ def _sample_impl(checkpoint: Path, solver: Optional[str], nfe: Optional[int], co
     if solver is not None:
         _check_name("solver", solver, _valid_solvers())
     dev, weights, autocast = _device_dtype(device, dtype)
+    existed = output.exists()
     _output_dir(output)
+    with _remove_if_left_empty(output, existed):
+        return _sample_body(checkpoint, solver, nfe, count, output, seed, ems, grid, label, guidance_scale, dev,
+                            weights, autocast, dtype, batch_size, threads, solver_options)
+
+
+def _sample_body(checkpoint: Path, solver: Optional[str], nfe: Optional[int], count: int, output: Path, seed: int,
+                 ems: Optional[Path], grid: Optional[str], label: Optional[int], guidance_scale: Optional[float],
+                 dev: Any, weights: Any, autocast: Any, dtype: str, batch_size: int, threads: Optional[int],
+                 solver_options: Optional[dict]) -> tuple[Path, Path, Any]:
+    import torch
+
+    from .pipeline import generate, save_samples_png
+    from .solvers import default_solver, get_solver
+
     field, cfg = _load_field_or_exit(checkpoint, dev, weights)
     _set_threads(threads, field.model, dev)
     shape = tuple(cfg["model"]["data_shape"])
@@ -823,11 +849,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     _STATE["quiet"] = any(a in ("--quiet", "-q") for a in flags)
     _STATE["debug"] = "--debug" in flags
     args = [a for a in args[:cut] if a not in _GLOBAL_FLAGS] + args[cut:]
-    if not _debug():
-        import warnings
+    import warnings
 
+    formatwarning = warnings.formatwarning
+    if not _debug():
         # One line per warning ("warning: ..."), not the source line Python's default format adds.
         warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"  # type: ignore[assignment]
+    try:
+        code = _run(args)
+    finally:  # main() may be called in-process (tests): leave no global state behind
+        warnings.formatwarning = formatwarning
+        _STATE.update(quiet=False, debug=False)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _run(args: list[str]) -> Any:
+    """Run the command line ``args``; returns the exit status (errors printed in one line)."""
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="flowdiff", standalone_mode=False)
@@ -856,7 +893,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             typer.echo(f"error: {type(error).__name__}: {_first_line(error)} (rerun with --debug or "
                        f"FLOWDIFF_DEBUG=1 for the traceback)", err=True)
             code = 1
-    sys.exit(code if isinstance(code, int) else 0)
+    return code
 
 
 if __name__ == "__main__":

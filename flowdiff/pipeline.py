@@ -166,7 +166,17 @@ def train_run(
         kwargs["num_classes"] = int(dataset.num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(seed, INIT_STREAM))
-        model = build_network(network, shape, **kwargs)
+        try:
+            model = build_network(network, shape, **kwargs)
+        except TypeError as error:  # a misspelt network argument (a YAML network_kwargs key)
+            import inspect
+
+            from . import nn as fdnn
+
+            cls = getattr(fdnn, {"mlp": "MLP", "unet": "UNet"}.get(network, ""), None)
+            valid = [n for n in inspect.signature(cls).parameters if n not in ("dim", "in_channels", "image_size")] if cls else []
+            raise ValueError(f"network_kwargs {network_kwargs!r} do not fit the {network!r} network: {error}"
+                             + (f"; valid: {', '.join(valid)}" if valid else "")) from error
     if dtype in dtypes:
         model = model.to(dtypes[dtype])
     precondition_config = None
@@ -252,12 +262,15 @@ def load_field(checkpoint: str | Path, which: str = "ema", device: str | torch.d
     return Field(model, gpath, prediction), config
 
 
-def field_device_dtype(field: Field) -> tuple[torch.device, torch.dtype]:
-    """Where the field's network lives and its floating dtype (CPU float32 for a parameter-free model)."""
-    for tensor in [*field.model.parameters(), *field.model.buffers()]:
+def field_device_dtype(field: Field) -> tuple[torch.device | None, torch.dtype | None]:
+    """Where the field's network lives and its floating dtype; ``(None, None)`` for a model without
+    floating tensors (a plain function, an analytic oracle): then the input's device and dtype rule."""
+    model = field.model
+    tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else []
+    for tensor in tensors:
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
+    return None, None
 
 
 def generate(
@@ -302,11 +315,14 @@ def generate(
         label = check_class_label(label, num_classes)
         field = classifier_free_guidance(field, 1.0 if guidance_scale is None else guidance_scale)
     device, dtype = field_device_dtype(field)
+    device, dtype = device or torch.device("cpu"), dtype or torch.get_default_dtype()
     g = torch.Generator(device=device).manual_seed(seed)
     out, nfe_used = [], 0
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
-        x0 = field.path.prior_sample((n, *shape), generator=g, dtype=dtype, device=device)
+        # Noise drawn in float32 whatever the model's dtype: float64 sampling then solves from the
+        # same starting points as float32 (the same samples up to round-off).
+        x0 = field.path.prior_sample((n, *shape), generator=g, dtype=torch.float32, device=device).to(dtype)
         if label is not None:
             options["cond"] = {"y": torch.full((n,), label, dtype=torch.long, device=device)}
         with torch.no_grad(), model_context(device, autocast):
@@ -488,6 +504,7 @@ def ems_from_checkpoint(checkpoint: str | Path, output: str | Path | None = None
         raise ValueError(f"the checkpoint {str(checkpoint)!r} does not name its data set; pass data=")
     dataset = load_dataset(name, split="train", seed=int((config.get("extra") or {}).get("seed", seed)))
     dev, dt = field_device_dtype(field)
+    dev, dt = dev or torch.device("cpu"), dt or torch.get_default_dtype()
     with model_context(dev, autocast):
         ems = estimate_ems(field, dataset.x.to(device=dev, dtype=dt), generator=torch.Generator(device=dev).manual_seed(seed),
                            **options)
@@ -523,6 +540,7 @@ def tune_grid_from_checkpoint(checkpoint: str | Path, solver: str, nfe: int, out
     if ems is not None:
         opts["ems"] = EMS.load(ems)
     dev, dt = field_device_dtype(field)
+    dev, dt = dev or torch.device("cpu"), dt or torch.get_default_dtype()
     noise = field.path.prior_sample((count, *shape), generator=torch.Generator(device=dev).manual_seed(seed),
                                     dtype=dt, device=dev)
     with torch.no_grad(), model_context(dev, autocast):
@@ -555,7 +573,8 @@ def likelihood_of_data(field: Field, x: Tensor, *, solver: str = "adams", nfe: i
     check_float("confidence", confidence, 0.0, 1.0, low_open=True, high_open=True)
     batch_size = check_int("batch_size", batch_size, 1)
     device, dtype = field_device_dtype(field)
-    x = x.to(device=device, dtype=dtype)
+    x = x.to(device=device or x.device, dtype=dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype()))
+    device = x.device
     dims = x[0].numel()
     if divergence == "auto":
         divergence = "exact" if dims <= 32 else "hutchinson"

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/flowdiff demo "$@"
+# --overwrite: re-running the demo replaces the previous demo run in runs/demo (nothing else is touched).
+exec .venv/bin/flowdiff demo --overwrite "$@"
