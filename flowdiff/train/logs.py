@@ -218,6 +218,12 @@ class Progress:
             self.stream.write(self.line(now) + "\n")
             self.stream.flush()
 
+    def set_postfix(self, **postfix: Any) -> None:
+        """Values shown next to the count from now on (e.g. ``loss``)."""
+        self.postfix.update(postfix)
+        if self._bar is not None:
+            self._bar.set_postfix(self.postfix, refresh=False)
+
     def line(self, now: float | None = None) -> str:
         """The one-line record of the current state."""
         now = time.perf_counter() if now is None else now

@@ -803,7 +803,7 @@ class Trainer:
                         record["epoch"] = self.sampler.epoch
                     if self.dist.is_main:
                         self._log.write(record)
-                        bar.postfix.update(loss=f"{recent_loss:.4g}", lr=f"{record['lr']:.3g}")
+                        bar.set_postfix(loss=f"{recent_loss:.4g}", lr=f"{record['lr']:.3g}")
                         for callback in self.callbacks:
                             callback(self, record)
                 due = config.checkpoint_every is not None and self.step % config.checkpoint_every == 0
