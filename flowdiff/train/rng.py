@@ -54,9 +54,9 @@ def stream_seed(seed: int, stream: int, index: int = 0) -> int:
 def shard_generators(seed: int, first_shard: int, count: int, device: torch.device) -> list[torch.Generator]:
     """Generators of shards ``first_shard, …, first_shard + count − 1`` (the ones this process computes).
 
-    On CUDA the generators live on the device (the loss draws there); otherwise on the CPU.
+    On CUDA and MPS the generators live on the device (the loss draws there); otherwise on the CPU.
     """
-    generator_device = device if device.type == "cuda" else torch.device("cpu")
+    generator_device = device if device.type in ("cuda", "mps") else torch.device("cpu")
     return [
         torch.Generator(device=generator_device).manual_seed(stream_seed(seed, SHARD_STREAM, first_shard + a))
         for a in range(count)
