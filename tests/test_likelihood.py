@@ -101,7 +101,8 @@ def test_cost_bar_d16_mixture_under_1e3_nats_with_48_evaluations_per_point(rotat
     x = oracle.sample(256, _gen(1))
     field = fd.Field(oracle.model("velocity"), path, "velocity")
     truth = oracle.log_prob(x)
-    res = log_likelihood(field, x, solver="adams", nfe=48)
+    # refine_tol=5e-3: the 48-evaluation bar of issue 6 (the default 3e-4 re-solves more points: 58-60 evaluations)
+    res = log_likelihood(field, x, solver="adams", nfe=48, refine_tol=5e-3)
     assert (res.log_prob - truth).abs().mean() < 1e-3
     assert res.evals_per_sample <= 50
     plain = log_likelihood(field, x, solver="adams", nfe=48, refine_tol=None)
@@ -344,8 +345,8 @@ def test_batch_size_and_progress_give_the_same_numbers():
     oracle = random_mixture(3, 2, seed=10, path=path)
     field = fd.Field(oracle.model("noise"), path, "noise")
     x = oracle.sample(10, _gen(22))
-    whole = log_likelihood(field, x, nfe=16)
-    parts = log_likelihood(field, x, nfe=16, batch_size=4, progress=True)
+    whole = log_likelihood(field, x, nfe=16, refine_tol=None)
+    parts = log_likelihood(field, x, nfe=16, batch_size=4, progress=True, refine_tol=None)
     torch.testing.assert_close(parts.log_prob, whole.log_prob)
     assert parts.nfe == 3 * 16
 
@@ -429,3 +430,26 @@ def test_bad_input_raises_clear_errors():
         log_likelihood(mirror, x, grid="logsnr", prior="standard")
     with pytest.raises(ValueError, match="mirror"):
         log_likelihood(mirror, x)
+
+
+def test_default_is_within_1e2_nats_on_a_stiff_rotated_mixture_it_was_not_tuned_on():
+    """Issue 12: component scales over three decades, rotated, exact velocity on the linear path
+    over [0, 0.999] (the N(0, I) prior is exact). The old default (refine_tol=5e-3) was off by
+    ~1 nat on average here; the default re-solves the points its Milne check flags."""
+    path = fd.paths.Linear(t_min=0.0, t_max=0.999)
+    g = _gen(31)
+    means = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    covs = []
+    for _ in range(4):
+        sd = torch.exp(torch.empty(16, dtype=torch.float64).uniform_(-3 * math.log(10), 0.0, generator=g))
+        q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+        covs.append(q @ torch.diag(sd**2) @ q.T)
+    oracle = fd.testing.GaussianMixture(means, torch.stack(covs), path=path)
+    x = 0.999 * oracle.sample(32, _gen(32)) + 0.001 * torch.randn(32, 16, generator=_gen(33), dtype=torch.float64)
+    truth = oracle.log_prob_t(x, 0.999)
+    field = fd.Field(oracle.model("velocity"), path, "velocity")
+    old = log_likelihood(field, x, refine_tol=5e-3)
+    res = log_likelihood(field, x)
+    assert (old.log_prob - truth).abs().mean() > 0.05  # the problem is hard for the fixed grid
+    assert (res.log_prob - truth).abs().mean() < 1e-2
+    assert res.refined.sum() > 0

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_float, check_int
-from ..solvers.logp import (DEFAULT_LIKELIHOOD_NFE, Prior, check_data, check_solve, draw_probes, integrate_logp,
+from ..solvers.logp import (DEFAULT_LIKELIHOOD_NFE, DEFAULT_REFINE_TOL, Prior, check_data, check_solve, draw_probes, integrate_logp,
                             prior_log_prob, probe_std_error)
 
 __all__ = ["BitsPerDimResult", "LikelihoodResult", "bits_per_dim", "log_likelihood"]
@@ -105,7 +105,7 @@ def log_likelihood(
     rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "exact", probes: int = 8, probe_dist: str = "rademacher",
     generator: torch.Generator | None = None, t_start: float | None = None, t_end: float | None = None,
     prior: Prior = "gaussian", cond: dict | None = None, batch_size: int | None = None, chunk_size: int | None = None,
-    differentiable: bool = False, progress: bool = False, check_finite: bool = True, refine_tol: float | None = 5e-3,
+    differentiable: bool = False, progress: bool = False, check_finite: bool = True, refine_tol: float | None = DEFAULT_REFINE_TOL,
 ) -> LikelihoodResult:
     r"""Log-likelihood of ``x`` (nats) under a field's probability-flow ODE (formulas: :mod:`flowdiff.likelihood`).
 

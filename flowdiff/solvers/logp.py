@@ -68,7 +68,7 @@ from .base import GaussianEvaluator, SampleResult, time_tensor
 from .base import final_calls as base_final_calls
 from .grids import make_grid, validate_grid
 
-__all__ = ["DEFAULT_ADAPTIVE_CAP", "DEFAULT_LIKELIHOOD_NFE", "DIVERGENCES", "LIKELIHOOD_GRIDS", "LIKELIHOOD_SOLVERS",
+__all__ = ["DEFAULT_ADAPTIVE_CAP", "DEFAULT_LIKELIHOOD_NFE", "DEFAULT_REFINE_TOL", "DIVERGENCES", "LIKELIHOOD_GRIDS", "LIKELIHOOD_SOLVERS",
            "PROBE_DISTRIBUTIONS", "FlowCoordinates", "LogpSolve", "NonFiniteLikelihoodError", "SampleLogpResult",
            "augmented_velocity", "divergence", "draw_probes", "integrate_logp", "sample_returning_logp", "sample_with_logp"]
 
@@ -81,6 +81,11 @@ LIKELIHOOD_GRIDS = ("flow", "uniform", "logsnr")
 #: Model evaluations of the fixed-step solvers when ``nfe`` is not given (``solver="adams", nfe=48``
 #: reaches ≤ 1e-3 nats mean error on the d = 16 mixture benchmark).
 DEFAULT_LIKELIHOOD_NFE = 48
+#: Default ``refine_tol`` of ``log_likelihood``: the Milne indicator above which an ``"adams"`` sample
+#: is re-solved by ``"dopri5"`` (``sample_with_logp`` keeps 5e-3: a sampler's cost stays fixed). 3e-4 keeps the d = 16 mixtures of benchmarks/likelihood.py at 48-60 evaluations per
+#: point and flags 121-128 of 128 points of the stiff mixtures of benchmarks/likelihood_stiff.py
+#: (5e-3 flagged 0-6 and left errors of 0.19-1.0 nats; measured in docs/likelihood.md).
+DEFAULT_REFINE_TOL = 3e-4
 #: Cap on model calls of ``"dopri5"`` when ``nfe`` is not given.
 DEFAULT_ADAPTIVE_CAP = 10_000
 _VJP_ELEMENTS = 1 << 24  # elements (chunk × batch × dim) one batched vector–Jacobian product may allocate
