@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .fields import Field
 
-__all__ = ["GuidedModel", "classifier_free_guidance", "check_class_label", "model_num_classes"]
+__all__ = ["GuidedModel", "classifier_free_guidance", "check_class_label", "model_num_classes", "stratified_labels"]
 
 
 def model_num_classes(model: Any) -> int | None:
@@ -57,6 +57,44 @@ def check_class_label(label: Any, num_classes: int | None) -> int:
     if not 0 <= label < num_classes:
         raise ValueError(f"class {label} is outside the trained classes: valid classes are 0..{num_classes - 1}")
     return label
+
+
+def stratified_labels(count: int, num_classes: int, weights: Any = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+    r"""Labels for drawing ``count`` samples of the class mixture :math:`\sum_y p(y)\,p(x \mid y)`, stratified.
+
+    Stratified sampling (Cochran 1977, ch. 5): instead of drawing each label from :math:`p(y)`
+    (multinomial class counts), class :math:`k` gets :math:`\lfloor n p_k \rceil` samples (largest
+    remainders, so the counts add up to ``count``), in random order. Each sample is still an exact
+    draw of :math:`p(x \mid y)`; only the multinomial noise of the class counts is removed, which
+    at a few hundred samples is the largest term of a Fréchet distance in classifier features
+    (docs/training.md: a perfect i.i.d. generator of digits scores 1.56× the real-vs-real floor on
+    average at 500 samples, the same real digits in exact class proportions 0.88×).
+
+    Arguments:
+        count: number of labels ``n``.
+        num_classes: number of classes ``K``.
+        weights: class probabilities :math:`p_k` (``K`` non-negative numbers, normalised here);
+            ``None``: uniform.
+        generator: random generator for the order.
+
+    Returns:
+        A ``long`` tensor of shape ``(count,)`` with values in ``0..K-1``.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be a non-negative integer, got {count!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    p = torch.ones(num_classes, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if p.shape != (num_classes,) or not torch.isfinite(p).all() or (p < 0).any() or float(p.sum()) <= 0:
+        raise ValueError(f"weights must be {num_classes} finite non-negative numbers with a positive sum, got {weights!r}")
+    expected = count * p / p.sum()
+    counts = torch.floor(expected).long()
+    remainder = count - int(counts.sum())
+    if remainder:
+        counts[torch.argsort(expected - counts, descending=True, stable=True)[:remainder]] += 1
+    labels = torch.repeat_interleave(torch.arange(num_classes), counts)
+    return labels[torch.randperm(count, generator=generator)]
 
 
 class GuidedModel(torch.nn.Module):

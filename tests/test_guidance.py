@@ -127,3 +127,20 @@ def test_cli_class_and_guidance_errors(tmp_path):
         assert result.exit_code == 2, result.output
         assert message in result.output
         assert len([line for line in result.output.splitlines() if line.startswith("error")]) == 1
+
+
+def test_stratified_labels_have_the_exact_class_counts():
+    from flowdiff.guidance import stratified_labels
+
+    labels = stratified_labels(500, 10, generator=torch.Generator().manual_seed(0))
+    assert labels.dtype == torch.long and labels.shape == (500,)
+    assert torch.bincount(labels, minlength=10).tolist() == [50] * 10
+    # n p_k = (1.75, 3.5, 1.75): floors (1, 3, 1) plus the two largest remainders (0.75, 0.75).
+    assert torch.bincount(stratified_labels(7, 3, [1, 2, 1]), minlength=3).tolist() == [2, 3, 2]
+    assert torch.bincount(stratified_labels(10, 3, [0, 1, 1]), minlength=3).tolist() == [0, 5, 5]
+    # The order is random: not sorted by class.
+    assert not torch.equal(labels, torch.sort(labels).values)
+    for bad in [dict(count=-1, num_classes=3), dict(count=4, num_classes=0),
+                dict(count=4, num_classes=2, weights=[1, -1]), dict(count=4, num_classes=2, weights=[1, 1, 1])]:
+        with pytest.raises(ValueError):
+            stratified_labels(**bad)
