@@ -108,13 +108,20 @@ class ExponentialSolver(Solver):
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
         lam = run.log_snr
-        if not math.isfinite(lam[0]):
+        # α(t_start) = 0 (λ = −∞: pure noise, e.g. a flow-matching path from t = 0) is allowed in data form:
+        # the first step is the exact limit x₁ = σ₁x₀/σ₀ + α₁x̂₀ and the warm-up starts at node 1.
+        self.offset = int(lam[0] == -math.inf)
+        if lam[0] != -math.inf and not math.isfinite(lam[0]):
             raise ValueError(
                 f"solver {self.name!r} needs alpha(t_start) > 0 (a finite log-SNR), got lambda(t={run.times[0]!r})={lam[0]!r}; "
                 f"start a little later"
             )
-        if any(not math.isfinite(v) for v in lam[:-1]):
+        if any(not math.isfinite(v) for v in lam[1:-1]):
             raise ValueError(f"solver {self.name!r}: the log-SNR must be finite on the grid before t_end, got {lam}")
+
+    def warmup(self, i: int) -> int:
+        """The highest order step ``i`` can take from its history (node 0 at λ = −∞ does not count)."""
+        return max(1, i + 1 - self.offset)
 
     def setup(self, high: int) -> int:
         """Check ``order`` (1 … ``high``) and ``prediction``, set :attr:`form`; returns the order."""
@@ -142,7 +149,10 @@ class _Form:
         self.data = form == "data"
         self.a, self.s = (run.alpha, run.sigma) if self.data else (run.sigma, run.alpha)
         self.lam = run.log_snr if self.data else [-v for v in run.log_snr]
-        self.alpha = run.alpha  # for the σ = 0 limit x = α x̂
+        self.alpha, self.sigma = run.alpha, run.sigma  # for the σ = 0 limit x = α x̂
+        if not self.data and run.alpha[0] == 0.0:
+            raise ValueError(f"solver {run.name!r} with prediction='noise' cannot start at alpha(t_start)=0 (pure noise, "
+                             f"t_start={run.times[0]!r}): use prediction='data' or a later t_start")
 
     def h(self, i: int) -> float:
         return self.lam[i + 1] - self.lam[i]
@@ -183,7 +193,7 @@ class EtaStep(ExponentialSolver):
         run, eta = self.run, self.eta
         data, _ = run.evaluate(x, i)
         a_t, s_t, h = run.alpha[i + 1], run.sigma[i + 1], run.h(i)
-        if not math.isfinite(h):
+        if s_t == 0.0:
             return a_t * data, data  # σ_t = 0: the exact limit x_t = α_t x̂
         one_minus = -math.expm1(-2 * h)  # 1 − e^{−2h}, accurate for small h
         log_k = -h if eta == 1.0 else 0.5 * math.log1p(-eta * eta * one_minus)
@@ -256,7 +266,7 @@ def _orders_for_steps(steps: int, budget: int, order: int) -> list[int]:
 def _singlestep_update(run: Run, f: _Form, x: Tensor, i: int, order: int, solver_type: str, data0: Tensor,
                        m0: Tensor) -> Tensor:
     """One singlestep DPM-Solver(++) step of ``order`` from node ``i`` (official update formulas, data form on ``f``)."""
-    if not math.isfinite(run.h(i)):
+    if run.sigma[i + 1] == 0.0:
         return run.alpha[i + 1] * data0  # σ_{i+1} = 0: the exact first-order limit
     if order == 1:
         return f.first_order(x, i, m0)
@@ -310,6 +320,10 @@ class DPMSolverSinglestep(ExponentialSolver):
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
         order = self.setup(3)
+        if self.offset:
+            raise ValueError(f"singlestep solver {self.name!r} cannot start at alpha(t_start)=0 (pure noise): its intermediate "
+                             "points would sit at lambda = -inf; use dpm-solver++2m, dpm-solver++3m, unipc or deis with "
+                             "prediction='data', or a later t_start")
         self.solver_type = check_choice(self.name, "solver_type", self.opts["solver_type"], SOLVER_TYPES)
         self.orders = _orders_for_steps(run.steps, run.steps * order if run.budget is None else run.budget, order)
 
@@ -322,7 +336,7 @@ class DPMSolverSinglestep(ExponentialSolver):
 def _multistep_update(f: _Form, x: Tensor, i: int, order: int, solver_type: str, hist: list[Tensor], data0: Tensor) -> Tensor:
     """One multistep step of ``order`` from node ``i`` (data form on ``f``); ``hist[-1]`` is the prediction at node ``i``."""
     h = f.h(i)
-    if not math.isfinite(h):
+    if f.sigma[i + 1] == 0.0:
         return f.alpha[i + 1] * data0  # σ_{i+1} = 0: the exact first-order limit
     m0 = hist[-1]
     if order == 1:
@@ -364,7 +378,7 @@ class DPMSolverMultistep(ExponentialSolver):
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
         data, noise = self.run.evaluate(x, i)
         hist = self.history(self.form.pick(data, noise), 3)
-        k = min(self.order, i + 1, lower_order_final(self.opts["lower_order_final"], self.run.steps, i, self.order, self.name))
+        k = min(self.order, self.warmup(i), lower_order_final(self.opts["lower_order_final"], self.run.steps, i, self.order, self.name))
         return _multistep_update(self.form, x, i, k, self.solver_type, hist, data), data
 
 
@@ -487,9 +501,9 @@ class UniPC(ExponentialSolver):
         data, m = self.memory.pop("now")
         hist = self.history(m, self.order)
         self.lams = (self.lams + [self.form.lam[i]])[-self.order:]
-        k = min(self.order, i + 1, lower_order_final(self.opts["lower_order_final"], run.steps, i, self.order, self.name))
+        k = min(self.order, self.warmup(i), lower_order_final(self.opts["lower_order_final"], run.steps, i, self.order, self.name))
         self.memory["x_prev"], self.prev_order = x, k
-        if not math.isfinite(run.h(i)):
+        if run.sigma[i + 1] == 0.0:
             return run.alpha[i + 1] * data, data  # step to σ = 0: exact first-order limit, no −∞·0
         return _unipc_step(self.form, x, i, k, self.variant, hist, self.lams, None), data
 
@@ -552,9 +566,11 @@ class DEISSolver(ExponentialSolver):
         run, f = self.run, self.form
         data, noise = run.evaluate(x, i)
         hist = self.history(f.pick(data, noise), self.order)
-        k = min(self.order, i + 1, lower_order_final(self.opts["lower_order_final"], run.steps, i, self.order, self.name))
-        if not math.isfinite(run.h(i)):
+        k = min(self.order, self.warmup(i), lower_order_final(self.opts["lower_order_final"], run.steps, i, self.order, self.name))
+        if run.sigma[i + 1] == 0.0:
             return run.alpha[i + 1] * data, data
+        if f.lam[i] == -math.inf:  # from pure noise: the φ-form first step (e^λ · ∫ would be 0 · ∞)
+            return f.first_order(x, i, hist[-1]), data
         lam = f.lam
         w = lagrange_exp_weights([lam[i - j] - lam[i] for j in range(k)], f.h(i))
         acc = sum(wj * hist[-(j + 1)] for j, wj in enumerate(w))

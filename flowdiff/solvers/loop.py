@@ -40,6 +40,7 @@ extension points of the loop:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -256,6 +257,8 @@ def plan(spec: SolverSpec, options: dict, field: Any, nfe: int | None, grid: Any
             f"{final} for the final denoise); it needs nfe >= {smallest}"
         )
     kind = grid if isinstance(grid, str) else (spec.default_grid if isinstance(field.path, GaussianPath) else "uniform")
+    if grid is None and kind in ("logsnr", "karras") and float(field.path.table(t0).alpha) == 0.0:
+        kind = "quadratic"  # the default grid is defined through λ, which is −∞ at α(t_start) = 0
     return Plan(make_grid(field.path, kind, steps, t0, t1, **(grid_options or {})), budget)
 
 
@@ -289,7 +292,7 @@ def sample(field: Any, x_init: Tensor, solver: str | None = None, nfe: int | Non
            denoise_final: bool = True, generator: torch.Generator | None = None, return_trajectory: bool = False,
            callback: Callable[[int, float, Tensor, Tensor | None], None] | None = None, cond: dict | None = None,
            grid_options: dict | None = None, check_finite: bool = True, return_logp: bool = False,
-           hooks: Hooks | None = None, **options: Any) -> SampleResult:
+           hooks: Hooks | None = None, differentiable: bool = False, **options: Any) -> SampleResult:
     r"""Integrate a field's sampling ODE/SDE from ``t_start`` to ``t_end`` with a named solver.
 
     Arguments:
@@ -315,6 +318,11 @@ def sample(field: Any, x_init: Tensor, solver: str | None = None, nfe: int | Non
             (:mod:`flowdiff.solvers.logp`; ``options`` then take its keywords: ``divergence``,
             ``probes``, ``prior``, ``rtol``, …).
         hooks: :class:`Hooks` (module docstring).
+        differentiable: keep the autograd graph through the solve (back-propagation through the
+            sampler, e.g. reward fine-tuning). Default ``False``: the loop runs under
+            :func:`torch.no_grad`, as diffusers' pipelines do, so a model with trainable parameters
+            does not build a graph over every step; a hook that needs gradients (guidance) opens
+            ``torch.enable_grad()`` itself.
         **options: solver options (see each solver); an unknown name is a ValueError listing
             the valid ones.
 
@@ -345,6 +353,10 @@ def sample(field: Any, x_init: Tensor, solver: str | None = None, nfe: int | Non
     if nfe is not None:
         nfe = check_int("nfe", nfe, 1)
     name = default_solver(field, nfe) if solver is None else solver
+    if solver is None and isinstance(field.path, GaussianPath) and name == "unipc" and "prediction" not in options:
+        t_first = interval(field, grid if not hasattr(grid, "sample_kwargs") else None, t_start, t_end)[0]
+        if float(field.path.table(t_first).alpha) == 0.0:  # pure noise at t_start: the data form starts there exactly
+            options = {**options, "prediction": "data"}
     spec = get_solver(name)
     if spec.requires_gaussian_path:
         require_gaussian_path(field, name)
@@ -385,14 +397,13 @@ def sample(field: Any, x_init: Tensor, solver: str | None = None, nfe: int | Non
     if check_finite and not bool(torch.isfinite(x_init).all()):
         raise NonFiniteStateError(f"x_init has non-finite entries ({int((~torch.isfinite(x_init)).sum())} NaN/inf)")
     by_solver = spec.final_denoise and denoise_final
-    state = stepper.drive(x_init, report) if spec.adaptive else _loop(stepper, run, x_init, report, by_solver)
-    final = None
-    if denoise_final:
-        final = stepper.final_denoised if by_solver else None
-        if final is None:
+    with contextlib.nullcontext() if differentiable else torch.no_grad():
+        state = stepper.drive(x_init, report) if spec.adaptive else _loop(stepper, run, x_init, report, by_solver)
+        final = stepper.final_denoised if by_solver and denoise_final else None
+        if denoise_final and final is None:
             final = final_denoise(run, state, t1)
-        if check_finite and not bool(torch.isfinite(final).all()):
-            raise NonFiniteStateError(f"solver {name!r}: the final denoised prediction at t={t1:.6g} is non-finite")
+    if final is not None and check_finite and not bool(torch.isfinite(final).all()):
+        raise NonFiniteStateError(f"solver {name!r}: the final denoised prediction at t={t1:.6g} is non-finite")
     used = field.nfe - start_nfe
     if nfe is not None and used > nfe:  # a solver bug: the plan says never
         raise RuntimeError(f"solver {name!r} made {used} model calls, more than nfe={nfe}")

@@ -294,6 +294,9 @@ class EDMHeunChurn(Solver):
             raise ValueError(f"need S_tmin <= S_tmax, got S_tmin={self.S_tmin!r}, S_tmax={self.S_tmax!r}")
         self.S_noise = check_float("S_noise", o["S_noise"], 0.0)
         self.heun_last = run.budget is None or run.budget >= 2 * run.steps
+        if run.alpha[0] == 0.0:
+            raise ValueError(f"solver {self.name!r} works in the noise level sigma/alpha, infinite at alpha(t_start)=0 "
+                             f"(t_start={run.times[0]!r}); start later or use dpm-solver++2m / sde-dpm-solver++2")
         self.noise_level = [math.exp(-lam) for lam in run.log_snr]  # σ̃ = σ/α
         self.t_floor = float(run.path.t_min)  # type: ignore[union-attr]
         self.sigma_cap = math.exp(-float(run.path.table([self.t_floor]).log_snr))  # type: ignore[union-attr]
