@@ -253,3 +253,15 @@ def test_non_finite_state_is_reported_with_step_and_time(solver: str) -> None:
     with pytest.raises(NonFiniteStateError, match=r"step \d+ \(t=") as info:
         sample(fd.Field(model, VP, "noise"), X0, solver=solver, nfe=12)
     assert isinstance(info.value, FloatingPointError) and isinstance(info.value, ValueError)
+
+
+def test_a_budget_short_of_one_full_runge_kutta_step_warns() -> None:
+    """rk4 --nfe 3 is one step of a lower-order rule (the budget is spent exactly): a warning says so."""
+    with pytest.warns(UserWarning, match="ONE step of the 2-stage rule"):
+        res = sample(FIELD, X0, solver="rk4", nfe=3)  # 2 evaluations + the final denoise
+    assert res.nfe == 3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sample(FIELD, X0, solver="rk4", nfe=5).nfe == 5  # one full 4-stage step: no warning

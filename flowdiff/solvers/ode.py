@@ -41,6 +41,7 @@ reached before ``t_end``). Its stages never leave ``[t_start, t_end]``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from torch import Tensor
@@ -135,6 +136,10 @@ class RungeKutta(Solver):
             raise ValueError(f"{self.name}: {steps} steps need at least {steps} evaluations, got a budget of {budget}")
         # Evaluations short of `stages` on every step go to the first step (a lower-order rule).
         self.first = min(stages, budget - (steps - 1) * stages)
+        if steps == 1 and self.first < stages:  # the whole solve is one lower-order step: say so
+            warnings.warn(f"{self.name} with {budget} evaluation(s) takes ONE step of the {self.first}-stage rule "
+                          f"(order {self.first}), not a {stages}-stage step; raise nfe to at least one full step",
+                          stacklevel=2)
         self.last: Tensor | None = None
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, None]:
