@@ -301,7 +301,8 @@ def generate(
     ``label`` asks a class-conditional model for that class, ``guidance_scale`` applies
     classifier-free guidance (:func:`flowdiff.guidance.classifier_free_guidance`; default 1, the
     conditional model). Both raise ``ValueError`` on an unconditional model or a class outside
-    the trained ones.
+    the trained ones. Without ``label``, a class-conditional model draws its class mixture: uniform
+    classes in exact proportions (:func:`flowdiff.guidance.stratified_labels`), guidance scale 1.
     """
     from .guidance import check_class_label, classifier_free_guidance, model_num_classes
     from .solvers import sample
@@ -314,6 +315,14 @@ def generate(
             raise ValueError("a guidance scale needs a class to guide towards (label=k; on the command line --class k)")
         label = check_class_label(label, num_classes)
         field = classifier_free_guidance(field, 1.0 if guidance_scale is None else guidance_scale)
+    mixture = None
+    if label is None and model_num_classes(field.model) is not None:
+        # No class asked of a class-conditional model: its class mixture sum_y p(y) p(x|y), uniform p(y),
+        # with exact class counts (fd.guidance.stratified_labels; docs/training.md), not the null label.
+        from .guidance import stratified_labels
+
+        mixture = stratified_labels(count, model_num_classes(field.model), generator=torch.Generator().manual_seed(seed))
+        field = classifier_free_guidance(field, 1.0)
     device, dtype = field_device_dtype(field)
     device, dtype = device or torch.device("cpu"), dtype or torch.get_default_dtype()
     g = torch.Generator(device=device).manual_seed(seed)
@@ -325,6 +334,8 @@ def generate(
         x0 = field.path.prior_sample((n, *shape), generator=g, dtype=torch.float32, device=device).to(dtype)
         if label is not None:
             options["cond"] = {"y": torch.full((n,), label, dtype=torch.long, device=device)}
+        elif mixture is not None:
+            options["cond"] = {"y": mixture[start:start + n].to(device)}
         with torch.no_grad(), model_context(device, autocast):
             res = sample(field, x0, solver=solver, nfe=nfe, generator=g, **options)
         out.append(res.x.float().cpu() if autocast is not None else res.x.cpu())

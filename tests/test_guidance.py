@@ -144,3 +144,26 @@ def test_stratified_labels_have_the_exact_class_counts():
                 dict(count=4, num_classes=2, weights=[1, -1]), dict(count=4, num_classes=2, weights=[1, 1, 1])]:
         with pytest.raises(ValueError):
             stratified_labels(**bad)
+
+
+class _ClassConstant(torch.nn.Module):
+    """A conditional 'network' whose data prediction is its label: the sample tells the class it was drawn from."""
+
+    num_classes = 3
+
+    def forward(self, x, t, y=None):
+        y = torch.full((x.shape[0],), self.num_classes) if y is None else y
+        return y.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))).expand_as(x)
+
+
+def test_generate_without_class_draws_the_class_mixture_in_exact_proportions():
+    # No class asked of a conditional model: every class 0..K-1 equally often, never the null label K.
+    from flowdiff.pipeline import generate
+
+    field = fd.Field(_ClassConstant(), Linear(), "data")
+    x, _ = generate(field, 30, (2,), nfe=4, seed=0)
+    classes = x[:, 0].round().long()
+    torch.testing.assert_close(x[:, 0], classes.to(x.dtype), atol=1e-4, rtol=0)
+    assert torch.bincount(classes, minlength=4).tolist() == [10, 10, 10, 0]
+    one, _ = generate(field, 8, (2,), nfe=4, seed=0, label=2)
+    assert torch.allclose(one, torch.full_like(one, 2.0), atol=1e-4)
