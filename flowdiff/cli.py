@@ -656,12 +656,18 @@ def likelihood(
     if not source:
         _fail("--data is required (the checkpoint does not name its dataset)", 2)
     file = Path(source)
-    if file.suffix == ".pt" and file.is_file() or (file.is_dir() and (file / "samples.pt").is_file()):
-        path, blob = _samples_blob(file)
-        if isinstance(blob, dict) and "x" in blob:
-            x, what = blob["x"], f"{min(count, len(blob['x']))} samples from {path}"
-        else:
-            x, what = load_dataset(source, split="all").x, f"rows of {source}"
+    samples_file = file / "samples.pt" if file.is_dir() else file
+    blob = None
+    if samples_file.is_file() and samples_file.suffix in (".pt", ".pth"):
+        try:
+            blob = torch.load(samples_file, map_location="cpu", weights_only=True)
+        except Exception:  # not a plain tensor file: the data loader says why
+            blob = None
+    if isinstance(blob, dict) and isinstance(blob.get("x"), torch.Tensor):  # a samples.pt of `flowdiff sample`
+        x, what = blob["x"], f"{min(count, len(blob['x']))} rows of {samples_file}"
+    elif file.exists():  # user data: every row
+        x = load_dataset(source, split="all").x
+        what = f"{min(count, len(x))} rows of {source}"
     else:
         _check_name("dataset", source, list(available_datasets()), allow_path=True)
         ds = load_dataset(source, split=split, seed=int(extra.get("seed", seed)))

@@ -115,11 +115,12 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resume_equals_the_uninterrupted
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "flowdiff.cli", *map(str, args), "-o", str(out), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "step_00000010").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, (stdout, stderr)
     assert "interrupted by SIGINT" in stderr and "--resume" in stderr
     assert "trained" not in stdout  # no success message
