@@ -63,6 +63,7 @@ class Recipe:
     batch_size: int = 256
     ema_sigma_rel: float | None = None
     ema_decay: float = 0.999
+    label_dropout: float = 0.0
 
 
 def _grid(quick: bool) -> list[Recipe]:
@@ -89,6 +90,11 @@ def _grid(quick: bool) -> list[Recipe]:
                 Recipe(f"{data}/vp-v-snr", path="vp", prediction="v", weighting="snr", **base),
             ]
     digits = dict(data="digits")
+    if not quick:
+        # configs/digits.yaml: class-conditional, sampled as the stratified class mixture (generate's default).
+        recipes.append(Recipe("digits/unet-cond/linear-data-precond-edm-logitnormal", prediction="data",
+                              precondition=True, weighting="edm", time_sampler="logit-normal", network="unet",
+                              network_kwargs=unet, label_dropout=0.1, **digits))
     recipes += [
         Recipe("digits/mlp/linear-velocity", network_kwargs=mlp64, **digits),
         Recipe("digits/mlp/linear-data-precond-edm-logitnormal", prediction="data", precondition=True,
@@ -218,7 +224,8 @@ def _train_kwargs(recipe: Recipe) -> dict[str, Any]:
     return dict(data=recipe.data, path=recipe.path, prediction=recipe.prediction, network=recipe.network,
                 network_kwargs=recipe.network_kwargs, weighting=recipe.weighting, time_sampler=recipe.time_sampler,
                 precondition=recipe.precondition, lr=recipe.lr, batch_size=recipe.batch_size,
-                ema_decay=recipe.ema_decay, ema_sigma_rel=recipe.ema_sigma_rel, warmup_steps=100)
+                ema_decay=recipe.ema_decay, ema_sigma_rel=recipe.ema_sigma_rel, warmup_steps=100,
+                label_dropout=recipe.label_dropout, overwrite=True)
 
 
 def run_recipe(recipe: Recipe, budget_s: float, classifier: IndependentClassifier | None) -> dict[str, Any]:
