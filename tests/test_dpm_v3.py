@@ -373,3 +373,59 @@ def test_final_corrector_lowers_the_error_at_low_nfe_and_spends_no_extra_call():
     a = sample(field, x0, solver="dpm-solver-v3", nfe=4, ems=ems, final_corrector=True, denoise_final=False)
     b = sample(field, x0, solver="dpm-solver-v3", nfe=4, ems=ems, final_corrector=False, denoise_final=False)
     assert torch.equal(a.x, b.x) and a.nfe == 4
+
+
+# ----- the fast estimator (issue 12 item 3) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("hutchinson", [False, True])
+def test_finite_difference_statistics_equal_the_jvp_reference_formula(hutchinson):
+    """derivatives="fd" (forward differences, 3 forward passes per point) against the forward-mode
+    AD reference on an exact mixture field, the same points, noise and probes: equal to the
+    differences' truncation error (step 1e-6 in float64)."""
+    mix = fd.testing.random_mixture(5, 3, seed=2, path=VP)
+    field = exact_field(mix)
+    kw = dict(num_lambdas=24, num_samples=256, hutchinson=hutchinson, progress=False)
+    ref = estimate_ems(field, mix, derivatives="jvp", generator=torch.Generator().manual_seed(3), **kw)
+    fast = estimate_ems(field, mix, derivatives="fd", generator=torch.Generator().manual_seed(3), **kw)
+    assert fast.settings["derivatives"] == "fd" and ref.settings["derivatives"] == "jvp"
+    assert fast.cost["jvp_calls"] == (0 if hutchinson else ref.cost["jvp_calls"] - 24)  # the exact diagonal keeps its JVPs
+    for name in ("l", "s", "b"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        assert float(((a - b).abs() / (1 + b.abs())).max()) < 1e-4, name
+
+
+def test_error_estimate_matches_the_actual_error_of_the_statistics():
+    """The half-sample standard errors reported on the EMS against the actual error from the
+    Gaussian's closed form: the same size (within a factor 3), and smaller with more points."""
+    gauss = fd.testing.Gaussian(MEAN3, COV3, path=VP)
+    field = exact_field(gauss)
+    sizes = {}
+    for n in (256, 4096):
+        ems = estimate_ems(field, gauss, num_lambdas=30, num_samples=n, batch_size=1024, t_start=0.3, t_end=0.9,
+                           progress=False, generator=torch.Generator().manual_seed(1))
+        truth = gaussian_ems(MEAN3, COV3, ems.lambdas, VP)
+        est = ems.settings["error_estimate"]
+        actual = float((ems.s - truth.s).pow(2).mean().sqrt())
+        assert est["s"] / 3 < actual < 3 * est["s"], (n, est, actual)
+        assert est["l"] == 0.0  # exact diagonal of a Gaussian: l does not depend on the points
+        sizes[n] = est
+    assert sizes[4096]["s"] < sizes[256]["s"] / 2 and sizes[4096]["solver"] < sizes[256]["solver"] / 2
+
+
+def test_too_small_settings_warn_with_the_values():
+    mix = fd.testing.random_mixture(6, 4, seed=4, path=DISCRETE)
+    field = exact_field(mix)
+    with pytest.warns(UserWarning, match=r"num_lambdas=8 knots x num_samples=16 points"):
+        ems = estimate_ems(field, mix, num_lambdas=8, num_samples=16, progress=False)
+    assert ems.settings["error_estimate"]["solver"] > 0.25
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ok = estimate_ems(field, mix, num_lambdas=60, num_samples=1024, batch_size=1024, progress=False)
+    assert ok.settings["error_estimate"]["solver"] < 0.25
+    with pytest.raises(ValueError, match="derivatives"):
+        estimate_ems(field, mix, derivatives="adjoint", progress=False)
+    with pytest.raises(ValueError, match="fd_step"):
+        estimate_ems(field, mix, fd_step=0.0, progress=False)

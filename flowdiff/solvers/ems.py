@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._utils import check_int
+from .._utils import check_float, check_int
 from ..paths import GaussianPath
 from .base import require_gaussian_path
 from .grids import finite_log_snr
@@ -32,6 +33,8 @@ __all__ = ["EMS", "HUTCHINSON_CHOICES", "estimate_ems", "jvp", "same_path_config
 
 #: Values ``estimate_ems(hutchinson=...)`` accepts.
 HUTCHINSON_CHOICES = (None, "auto", True, False)
+#: Values ``estimate_ems(derivatives=...)`` accepts: forward differences or forward-mode AD.
+DERIVATIVE_CHOICES = ("fd", "jvp")
 #: Largest dimension for which ``hutchinson="auto"`` computes the exact Jacobian diagonal.
 EXACT_DIAGONAL_MAX_DIM = 32
 _FORMAT = "flowdiff-ems/1"
@@ -272,11 +275,67 @@ def _derivative(values: Tensor, lam: Tensor, window: int) -> Tensor:
     return out
 
 
+def _fd_along(eps_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, eps: Tensor, tangent: Tensor,
+              dt: float, h: float) -> Tensor:
+    """d ε̂ / dλ along the ODE by a forward difference of step ``h`` in λ (``eps`` = ε̂(x, t))."""
+    return (eps_fn(x + h * tangent, t + h * dt) - eps) / h
+
+
+def _statistics(l_sum: Tensor, mom: dict[str, Tensor], shift: dict[str, Tensor], n: float, lam: Tensor,
+                smooth: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``l, s, b`` from the sums over ``n`` points of σ·diag and of the shifted moments of A, B, C."""
+    l = l_sum / n
+    l_prime = _derivative(l, lam, smooth)
+    mean = {key: mom[key] / n for key in mom}
+    var_a = mean["AA"] - mean["A"] ** 2
+    var_b = mean["BB"] - mean["B"] ** 2
+    cov_ab = mean["AB"] - mean["A"] * mean["B"]
+    cov_ac = mean["AC"] - mean["A"] * mean["C"]
+    cov_bc = mean["BC"] - mean["B"] * mean["C"]
+    ea, eb, ec = mean["A"] + shift["A"], mean["B"] + shift["B"], mean["C"] + shift["C"]
+    var_f = var_a - 2 * l * cov_ab + l * l * var_b
+    cov_ff = l * var_a + cov_ac - l_prime * cov_ab - l * l * cov_ab - l * cov_bc + l * l_prime * var_b
+    mean_f = ea - l * eb
+    mean_f1 = l * ea + ec - l_prime * eb
+    # Where f is (numerically) deterministic the regression has no slope: s = 0, b = E f⁽¹⁾.
+    scale = var_a + l * l * var_b
+    informative = var_f > 1e-10 * scale + 1e-300
+    s_stat = torch.where(informative, cov_ff / torch.where(informative, var_f, torch.ones_like(var_f)),
+                         torch.zeros_like(var_f))
+    b_stat = mean_f1 - s_stat * mean_f
+    return l, s_stat, b_stat
+
+
+def _error_estimate(lam: Tensor, full: tuple[Tensor, Tensor, Tensor],
+                    halves: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, float]:
+    r"""Standard errors of the statistics from two half-sample estimates (SE ≈ |X₁ − X₂|/2).
+
+    ``l``, ``s``, ``b``: root mean square of the standard error over knots and dimensions,
+    relative to the root mean square of the statistic (``s``: absolute, per unit λ). ``solver``:
+    what the sampler feels: the root mean square over dimensions of the largest standard error of
+    the running integral :math:`\int s\,dλ` (the exponent of the factor :math:`e^{-\int s}` of
+    the nonlinear part, so a relative error of the steps' main term) and of
+    :math:`\int b\,dλ` relative to the spread of :math:`\int E f` scale (|b| RMS × range).
+    """
+    out: dict[str, float] = {}
+    dlam = torch.diff(lam).reshape(-1, *([1] * (full[0].ndim - 1)))
+    for i, name in enumerate(("l", "s", "b")):
+        se = (halves[0][i] - halves[1][i]) / 2
+        rms = float(se.pow(2).mean().sqrt())
+        ref = float(full[i].pow(2).mean().sqrt())
+        out[name] = rms if name == "s" else rms / max(ref, 1e-300)
+    se_s = (halves[0][1] - halves[1][1]) / 2
+    run = torch.cumsum((se_s[1:] + se_s[:-1]) / 2 * dlam, 0)
+    out["solver"] = float(run.abs().amax(0).pow(2).mean().sqrt())
+    return {k: round(v, 6) for k, v in out.items()}
+
+
 def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: int = 512, batch_size: int = 256,
                  hutchinson: bool | str | None = "auto", probes: int = 1, smooth: int = 0, t_start: float | None = None,
                  t_end: float | None = None, guidance_scale: float | None = None, cond: dict | None = None,
                  dtype: torch.dtype | None = None, progress: bool = True,
-                 generator: torch.Generator | None = None) -> EMS:
+                 generator: torch.Generator | None = None, derivatives: str = "fd", fd_step: float | None = None,
+                 max_error: float | None = 0.25) -> EMS:
     r"""Estimate the empirical model statistics l, s, b of ``field`` from ``data`` (Zheng et al. 2023, §3.2).
 
     On ``num_lambdas`` knots uniform in λ between ``t_start`` and ``t_end`` (default the path's
@@ -333,6 +392,12 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
         check_int(label, value, low)
     if hutchinson not in HUTCHINSON_CHOICES:
         raise ValueError(f"hutchinson must be one of {HUTCHINSON_CHOICES}, got {hutchinson!r}")
+    if derivatives not in DERIVATIVE_CHOICES:
+        raise ValueError(f"derivatives must be one of {DERIVATIVE_CHOICES}, got {derivatives!r}")
+    if fd_step is not None:
+        check_float("fd_step", fd_step, 0.0, 1.0, low_open=True)
+    if max_error is not None:
+        check_float("max_error", max_error, 0.0, low_open=True)
     t0, t1 = interval(field, None, t_start, t_end)
     ends = finite_log_snr(path, t0, t1, "estimate_ems")
     cond = dict(cond or {})
@@ -351,6 +416,8 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
     shape = tuple(x1.shape[1:])
     dim = int(np.prod(shape))
     exact = hutchinson in (None, False) or (hutchinson == "auto" and dim <= EXACT_DIAGONAL_MAX_DIM)
+    if fd_step is None:  # about sqrt of the unit round-off: ~1e-3 relative error of the differences
+        fd_step = 1e-6 if work_dtype == torch.float64 else 1e-3
     z = torch.randn(x1.shape, generator=gen, dtype=work_dtype).to(device)
     if not exact:
         v = (torch.randint(0, 2, (probes, *x1.shape), generator=gen) * 2 - 1).to(work_dtype).to(device)
@@ -365,8 +432,11 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
     # Per knot and dimension: sum of σ·diag estimate, and moments of A = e^{-λ}ε, B = x/α,
     # C = e^{-λ}(ε_λ − ε) (f = A − lB, f⁽¹⁾ = lA + C − l′B), shifted by the first batch's means.
     K = num_lambdas
-    l_sum = torch.zeros(K, dim, dtype=torch.float64)
-    mom = {k: torch.zeros(K, dim, dtype=torch.float64) for k in ("A", "B", "C", "AA", "BB", "AB", "AC", "BC")}
+    # Everything is accumulated separately over the two halves of the points (rows < N/2 and the
+    # rest): the half-sample estimates give the statistical error of the statistics.
+    l_sum = torch.zeros(2, K, dim, dtype=torch.float64)
+    mom = {k: torch.zeros(2, K, dim, dtype=torch.float64) for k in ("A", "B", "C", "AA", "BB", "AB", "AC", "BC")}
+    half_n = num_samples // 2
     shift = {k: torch.zeros(K, dim, dtype=torch.float64) for k in ("A", "B", "C")}
     jvp_calls = 0
     bar = None
@@ -390,8 +460,11 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
                 eps = eps_fn(xb, tb)
                 tangent = dlog_a * xb - s * eps  # dx/dλ along the probability-flow ODE
                 if exact:
-                    eps2, eps_lam = jvp(eps_fn, (xb, tb), (tangent, torch.full_like(tb, dt)))
-                    jvp_calls += 1
+                    if derivatives == "jvp":
+                        eps2, eps_lam = jvp(eps_fn, (xb, tb), (tangent, torch.full_like(tb, dt)))
+                        jvp_calls += 1
+                    else:
+                        eps2, eps_lam = eps, _fd_along(eps_fn, xb, tb, eps, tangent, dt, fd_step)
                     diag = torch.zeros(n, dim, dtype=torch.float64)
                     chunk = max(1, 4096 // max(n, 1))
                     for j0 in range(0, dim, chunk):
@@ -405,8 +478,8 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
                         jvp_calls += 1
                         jd = jd.reshape(m, n, dim).to(torch.float64)
                         diag[:, j0:j1] = jd[torch.arange(m), :, torch.arange(j0, j1)].T
-                    l_sum[k] += s * diag.sum(0)
-                else:
+                    l_rows = s * diag
+                elif derivatives == "jvp":
                     # One JVP call for both tangents: the ODE direction and the Hutchinson probes.
                     xr = torch.cat([xb] + [xb] * probes)
                     tr = torch.cat([tb] * (probes + 1))
@@ -416,8 +489,20 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
                     jvp_calls += 1
                     eps2, eps_lam = out[:n], tan[:n]
                     jv = tan[n:].reshape(probes, n, dim).to(torch.float64)
+                else:
+                    # One forward call at the points moved along the ODE direction and along the
+                    # probes: one-sided differences from ε̂ (3 forward passes instead of 1 + a JVP
+                    # of twice the batch, which costs about 8 on a CPU).
+                    hx = fd_step * s  # the Jacobian of ε̂ varies on the scale σ
+                    xr = torch.cat([xb + fd_step * tangent] + [xb + hx * v[p, lo:hi] for p in range(probes)])
+                    tr = torch.cat([tb + fd_step * dt] + [tb] * probes)
+                    out = eps_fn(xr, tr)
+                    eps2 = eps
+                    eps_lam = (out[:n] - eps) / fd_step
+                    jv = ((out[n:].reshape(probes, n, dim) - eps.reshape(1, n, dim)) / hx).to(torch.float64)
+                if not exact:
                     vv = torch.stack([v[p, lo:hi].reshape(n, dim) for p in range(probes)]).to(torch.float64)
-                    l_sum[k] += s * (vv * jv).sum((0, 1)) / probes
+                    l_rows = s * (vv * jv).sum(0) / probes
                 e = math.exp(-lam_k)
                 A = (e * eps2).reshape(n, dim).to(torch.float64)
                 B = (xb / a).reshape(n, dim).to(torch.float64)
@@ -425,34 +510,28 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
                 if lo == 0:
                     shift["A"][k], shift["B"][k], shift["C"][k] = A.mean(0), B.mean(0), C.mean(0)
                 A, B, C = A - shift["A"][k], B - shift["B"][k], C - shift["C"][k]
+                split = min(max(half_n - lo, 0), n)  # rows of this batch in the first half
                 for key, val in (("A", A), ("B", B), ("C", C), ("AA", A * A), ("BB", B * B), ("AB", A * B),
-                                 ("AC", A * C), ("BC", B * C)):
-                    mom[key][k] += val.sum(0)
+                                 ("AC", A * C), ("BC", B * C), ("l", l_rows)):
+                    acc = l_sum if key == "l" else mom[key]
+                    acc[0, k] += val[:split].sum(0)
+                    acc[1, k] += val[split:].sum(0)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
 
-    N = float(num_samples)
-    l = l_sum / N
-    # l' by central differences in λ (second order inside, one-sided at the ends), then smoothed.
-    l_prime = _derivative(l, lam, smooth)
-    mean = {key: mom[key] / N for key in mom}
-    var_a = mean["AA"] - mean["A"] ** 2
-    var_b = mean["BB"] - mean["B"] ** 2
-    cov_ab = mean["AB"] - mean["A"] * mean["B"]
-    cov_ac = mean["AC"] - mean["A"] * mean["C"]
-    cov_bc = mean["BC"] - mean["B"] * mean["C"]
-    ea, eb, ec = mean["A"] + shift["A"], mean["B"] + shift["B"], mean["C"] + shift["C"]
-    var_f = var_a - 2 * l * cov_ab + l * l * var_b
-    cov_ff = l * var_a + cov_ac - l_prime * cov_ab - l * l * cov_ab - l * cov_bc + l * l_prime * var_b
-    mean_f = ea - l * eb
-    mean_f1 = l * ea + ec - l_prime * eb
-    # Where f is (numerically) deterministic the regression has no slope: s = 0, b = E f⁽¹⁾.
-    scale = var_a + l * l * var_b
-    informative = var_f > 1e-10 * scale + 1e-300
-    s_stat = torch.where(informative, cov_ff / torch.where(informative, var_f, torch.ones_like(var_f)), torch.zeros_like(var_f))
-    b_stat = mean_f1 - s_stat * mean_f
+    counts = (float(half_n), float(num_samples - half_n))
+    l, s_stat, b_stat = _statistics(l_sum.sum(0), {k: m.sum(0) for k, m in mom.items()}, shift, float(num_samples),
+                                    lam, smooth)
+    halves = [_statistics(l_sum[i], {k: m[i] for k, m in mom.items()}, shift, counts[i], lam, smooth) for i in range(2)]
+    error = _error_estimate(lam, (l, s_stat, b_stat), halves)
+    if max_error is not None and error["solver"] > max_error:
+        warnings.warn(
+            f"EMS from num_lambdas={num_lambdas} knots x num_samples={num_samples} points are too noisy to help "
+            f"DPM-Solver-v3: estimated error of the step integrals {error['solver']:.3g} > max_error={max_error} "
+            f"(standard errors from two half-sample estimates: l {error['l']:.3g}, s {error['s']:.3g}, "
+            f"b {error['b']:.3g}); use more samples (and knots)", stacklevel=2)
 
     seconds = time.perf_counter() - start
     model_calls = getattr(field, "nfe", 0) - nfe0
@@ -461,6 +540,8 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
         "hutchinson": not exact, "probes": probes if not exact else 0, "smooth": smooth,
         "guidance_scale": None if guidance_scale is None else float(guidance_scale),
         "prediction": getattr(field, "prediction", None), "dtype": str(work_dtype).replace("torch.", ""),
+        "derivatives": derivatives, "fd_step": fd_step if derivatives == "fd" else None,
+        "error_estimate": error,
         "cost": {"seconds": round(seconds, 3), "model_calls": int(model_calls), "jvp_calls": jvp_calls},
     }
     return EMS(lam, l.reshape(K, *shape), s_stat.reshape(K, *shape), b_stat.reshape(K, *shape), settings)
