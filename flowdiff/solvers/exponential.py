@@ -457,12 +457,15 @@ class UniPC(ExponentialSolver):
             on the trained digits UNet it is unstable below 20 steps (error 0.104 against
             UniPC-2's 0.0156 at 12 NFE, 0.036 against 0.0052 at 15) and ties from 25 NFE.
         variant: ``"bh1"`` (B(h) = hh) or ``"bh2"`` (B(h) = e^{hh} − 1). Default: ``"bh2"``
-            below ``UNIPC_DATA_STEPS`` (12) steps, ``"bh1"`` from there.
+            below ``UNIPC_DATA_STEPS`` (12) steps and with the default data form, ``"bh1"`` otherwise.
         prediction: ``"data"`` (UniPC with x̂, diffusers' ``predict_x0``) or ``"noise"``. Default:
-            ``"data"`` below 12 steps, ``"noise"`` from there. Measured (docs/solvers.md): at 5–10
-            NFE data prediction with bh2 has 0.4–0.9× the error of noise prediction on the exact
-            mixture and 0.1–0.3× on the trained digits UNet (0.0825 against 0.837 at 5 NFE);
-            from 15 NFE noise prediction is the more accurate on both.
+            ``"data"`` below 12 steps; from there the model's own form: ``"noise"`` for a
+            noise-prediction field, ``"data"`` for data, velocity and v fields. Measured
+            (docs/solvers.md): at 5–10 NFE data prediction with bh2 has 0.4–0.9× the error of
+            noise prediction on the exact mixture and 0.1–0.3× on a noise-prediction digits UNet
+            (0.0825 against 0.837 at 5 NFE); from 15 NFE noise prediction is the more accurate on
+            those noise fields, while on data- and velocity-prediction digits models data/bh2 has
+            0.2–0.5× the error of noise/bh1 at 15–20 NFE (benchmarks/results/solvers_trained.md).
         lower_order_final: see the module docstring (default: always, as diffusers' UniPC).
     """
 
@@ -474,10 +477,15 @@ class UniPC(ExponentialSolver):
         super().__init__(run, options)
         steps, o = run.steps, self.opts
         self.order = check_int("order", (3 if steps >= UNIPC_ORDER3_STEPS else 2) if o["order"] is None else o["order"], 1, 3)
-        self.form = _Form(run, check_choice(self.name, "prediction", ("data" if steps < UNIPC_DATA_STEPS else "noise")
-                                            if o["prediction"] is None else o["prediction"], PREDICTION_FORMS))
-        self.variant = check_choice(self.name, "variant", ("bh2" if steps < UNIPC_DATA_STEPS else "bh1")
-                                    if o["variant"] is None else o["variant"], UNIPC_VARIANTS)
+        # From UNIPC_DATA_STEPS on, the form follows the model's own output: noise for a noise-prediction
+        # model, data (with bh2) for data, velocity and v models (benchmarks/results/solvers_trained.md).
+        noise_model = getattr(run.field, "prediction", "noise") == "noise"
+        default_form = "noise" if steps >= UNIPC_DATA_STEPS and noise_model else "data"
+        self.form = _Form(run, check_choice(self.name, "prediction", default_form if o["prediction"] is None
+                                            else o["prediction"], PREDICTION_FORMS))
+        default_variant = "bh1" if steps >= UNIPC_DATA_STEPS and (noise_model or o["prediction"] is not None) else "bh2"
+        self.variant = check_choice(self.name, "variant", default_variant if o["variant"] is None else o["variant"],
+                                    UNIPC_VARIANTS)
         self.disabled = {int(j) for j in o["disable_corrector"]}
         self.lams: list[float] = []
         self.prev_order = 0
