@@ -282,8 +282,15 @@ def _fd_along(eps_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, 
 
 
 def _statistics(l_sum: Tensor, mom: dict[str, Tensor], shift: dict[str, Tensor], n: float, lam: Tensor,
-                smooth: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``l, s, b`` from the sums over ``n`` points of σ·diag and of the shifted moments of A, B, C."""
+                smooth: int, shrink: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``l, s, b`` from the sums over ``n`` points of σ·diag and of the shifted moments of A, B, C.
+
+    ``shrink``: replace the regression slope ``s`` by :math:`s\,s^2/(s^2 + \mathrm{se}^2)` with
+    :math:`\mathrm{se}^2 = \mathrm{Var}(f^{(1)} - s f)/(n\,\mathrm{Var} f)` its standard error
+    (Wiener/James–Stein shrinkage towards ``s = 0``): where ``f`` barely varies (the noise end)
+    or the points are few, the slope is noise, and its integral in :math:`e^{-\int s}` would
+    blow the solver up; ``b = E f⁽¹⁾ − s E f`` then uses the shrunk slope.
+    """
     l = l_sum / n
     l_prime = _derivative(l, lam, smooth)
     mean = {key: mom[key] / n for key in mom}
@@ -302,6 +309,14 @@ def _statistics(l_sum: Tensor, mom: dict[str, Tensor], shift: dict[str, Tensor],
     informative = var_f > 1e-10 * scale + 1e-300
     s_stat = torch.where(informative, cov_ff / torch.where(informative, var_f, torch.ones_like(var_f)),
                          torch.zeros_like(var_f))
+    if shrink:
+        var_c = mean["CC"] - mean["C"] ** 2
+        var_f1 = (l * l * var_a + var_c + l_prime * l_prime * var_b + 2 * l * cov_ac - 2 * l * l_prime * cov_ab
+                  - 2 * l_prime * cov_bc)
+        resid = (var_f1 - s_stat * cov_ff).clamp_min(0.0)
+        se2 = torch.where(informative, resid / (n * torch.where(informative, var_f, torch.ones_like(var_f))),
+                          torch.zeros_like(var_f))
+        s_stat = torch.where(informative, s_stat * s_stat * s_stat / (s_stat * s_stat + se2 + 1e-300), s_stat)
     b_stat = mean_f1 - s_stat * mean_f
     return l, s_stat, b_stat
 
@@ -334,8 +349,8 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
                  hutchinson: bool | str | None = "auto", probes: int = 1, smooth: int = 0, t_start: float | None = None,
                  t_end: float | None = None, guidance_scale: float | None = None, cond: dict | None = None,
                  dtype: torch.dtype | None = None, progress: bool = True,
-                 generator: torch.Generator | None = None, derivatives: str = "fd", fd_step: float | None = None,
-                 max_error: float | None = 0.25) -> EMS:
+                 generator: torch.Generator | None = None, derivatives: str = "jvp", fd_step: float | None = None,
+                 max_error: float | None = 0.25, shrink: bool = True) -> EMS:
     r"""Estimate the empirical model statistics l, s, b of ``field`` from ``data`` (Zheng et al. 2023, §3.2).
 
     On ``num_lambdas`` knots uniform in λ between ``t_start`` and ``t_end`` (default the path's
@@ -435,7 +450,7 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
     # Everything is accumulated separately over the two halves of the points (rows < N/2 and the
     # rest): the half-sample estimates give the statistical error of the statistics.
     l_sum = torch.zeros(2, K, dim, dtype=torch.float64)
-    mom = {k: torch.zeros(2, K, dim, dtype=torch.float64) for k in ("A", "B", "C", "AA", "BB", "AB", "AC", "BC")}
+    mom = {k: torch.zeros(2, K, dim, dtype=torch.float64) for k in ("A", "B", "C", "AA", "BB", "CC", "AB", "AC", "BC")}
     half_n = num_samples // 2
     shift = {k: torch.zeros(K, dim, dtype=torch.float64) for k in ("A", "B", "C")}
     jvp_calls = 0
@@ -511,7 +526,7 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
                     shift["A"][k], shift["B"][k], shift["C"][k] = A.mean(0), B.mean(0), C.mean(0)
                 A, B, C = A - shift["A"][k], B - shift["B"][k], C - shift["C"][k]
                 split = min(max(half_n - lo, 0), n)  # rows of this batch in the first half
-                for key, val in (("A", A), ("B", B), ("C", C), ("AA", A * A), ("BB", B * B), ("AB", A * B),
+                for key, val in (("A", A), ("B", B), ("C", C), ("AA", A * A), ("BB", B * B), ("CC", C * C), ("AB", A * B),
                                  ("AC", A * C), ("BC", B * C), ("l", l_rows)):
                     acc = l_sum if key == "l" else mom[key]
                     acc[0, k] += val[:split].sum(0)
@@ -523,8 +538,9 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
 
     counts = (float(half_n), float(num_samples - half_n))
     l, s_stat, b_stat = _statistics(l_sum.sum(0), {k: m.sum(0) for k, m in mom.items()}, shift, float(num_samples),
-                                    lam, smooth)
-    halves = [_statistics(l_sum[i], {k: m[i] for k, m in mom.items()}, shift, counts[i], lam, smooth) for i in range(2)]
+                                    lam, smooth, shrink)
+    halves = [_statistics(l_sum[i], {k: m[i] for k, m in mom.items()}, shift, counts[i], lam, smooth, shrink)
+              for i in range(2)]
     error = _error_estimate(lam, (l, s_stat, b_stat), halves)
     if max_error is not None and error["solver"] > max_error:
         warnings.warn(
@@ -540,7 +556,7 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
         "hutchinson": not exact, "probes": probes if not exact else 0, "smooth": smooth,
         "guidance_scale": None if guidance_scale is None else float(guidance_scale),
         "prediction": getattr(field, "prediction", None), "dtype": str(work_dtype).replace("torch.", ""),
-        "derivatives": derivatives, "fd_step": fd_step if derivatives == "fd" else None,
+        "derivatives": derivatives, "shrink": bool(shrink), "fd_step": fd_step if derivatives == "fd" else None,
         "error_estimate": error,
         "cost": {"seconds": round(seconds, 3), "model_calls": int(model_calls), "jvp_calls": jvp_calls},
     }
