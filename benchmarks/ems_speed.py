@@ -75,6 +75,33 @@ def evaluate(args) -> None:
             fh.write(json.dumps({"file": f, "errors": errs}) + "\n")
 
 
+def table(args) -> None:
+    """benchmarks/results/ems_speed.{md,json} from the estimate and evaluate logs."""
+    est = [json.loads(x) for x in open(args.log)]
+    ev = {}
+    for path in args.evals:
+        for x in open(path):
+            r = json.loads(x)
+            ev[r["file"]] = r["errors"]
+    rows = []
+    for r in est:
+        rows.append({**r, "errors": ev.get(r["file"])})
+    for f, e in ev.items():
+        if not any(r["file"] == f for r in est):
+            rows.append({"label": Path(f).stem, "file": f, "errors": e, "note": "derived from another EMS file"})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ems_speed.json").write_text(json.dumps({"checkpoint": args.checkpoint, "rows": rows}, indent=1))
+    lines = ["| EMS | CPU s | solver error est. | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+             "|---|---|---|" + "---|" * len(NFES)]
+    for r in rows:
+        e = r.get("errors") or {}
+        err = (r.get("error_estimate") or {}).get("solver")
+        lines.append(f"| {r['label']} | {r['cpu_s']:.1f} | {err} | " if "cpu_s" in r else f"| {r['label']} | | | ")
+        lines[-1] += " | ".join(f"{e[str(n)]:.3g}" if str(n) in e else "" for n in NFES) + " |"
+    (RESULTS / "ems_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -90,8 +117,12 @@ def main() -> None:
     v.add_argument("--ref", default="/tmp/ems_speed/ref.pt")
     v.add_argument("--log", default="/tmp/ems_speed/eval.jsonl")
     v.add_argument("--checkpoint", default=CKPT)
+    t = sub.add_parser("table")
+    t.add_argument("--log", default="/tmp/ems_speed/log.jsonl")
+    t.add_argument("--evals", nargs="+", default=["/tmp/ems_speed/eval.jsonl"])
+    t.add_argument("--checkpoint", default=CKPT)
     a = p.parse_args()
-    {"estimate": estimate, "evaluate": evaluate}[a.cmd](a)
+    {"estimate": estimate, "evaluate": evaluate, "table": table}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -397,6 +397,17 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
         dtype: dtype of the model inputs (default: the data's).
         progress: show a progress bar (tqdm) over the knots.
         generator: for the data draw, the noise and the probes.
+        derivatives: ``"jvp"`` (forward-mode AD) or ``"fd"`` (forward differences of step
+            ``fd_step``: 3 forward passes per point instead of 1 + a JVP of twice the batch; equal
+            to the JVPs to 1e-4 in float64, too inaccurate in float32 — see docs/dpm_v3.md).
+        fd_step: the difference step (in λ along the ODE; ``fd_step·σ`` along the probes);
+            default 1e-3 (float32) or 1e-6 (float64).
+        max_error: warn (``UserWarning`` naming the settings and the values) when the estimated
+            error ``settings["error_estimate"]["solver"]`` exceeds it; ``None``: never.
+        shrink: shrink ``s`` by its standard error (see :func:`_statistics`).
+
+    The standard errors of the statistics, from two half-sample estimates, are in
+    ``ems.settings["error_estimate"]`` (see :func:`_error_estimate`).
 
     Returns:
         :class:`EMS`, with the cost (seconds, model calls, JVP calls) in ``ems.cost``.
