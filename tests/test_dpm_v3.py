@@ -418,13 +418,13 @@ def test_too_small_settings_warn_with_the_values():
     field = exact_field(mix)
     with pytest.warns(UserWarning, match=r"num_lambdas=8 knots x num_samples=16 points"):
         ems = estimate_ems(field, mix, num_lambdas=8, num_samples=16, progress=False)
-    assert ems.settings["error_estimate"]["solver"] > 0.25
+    assert ems.settings["error_estimate"]["solver"] > 2.0
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         ok = estimate_ems(field, mix, num_lambdas=60, num_samples=1024, batch_size=1024, progress=False)
-    assert ok.settings["error_estimate"]["solver"] < 0.25
+    assert ok.settings["error_estimate"]["solver"] < 2.0
     with pytest.raises(ValueError, match="derivatives"):
         estimate_ems(field, mix, derivatives="adjoint", progress=False)
     with pytest.raises(ValueError, match="fd_step"):
