@@ -350,7 +350,7 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
                  t_end: float | None = None, guidance_scale: float | None = None, cond: dict | None = None,
                  dtype: torch.dtype | None = None, progress: bool = True,
                  generator: torch.Generator | None = None, derivatives: str = "jvp", fd_step: float | None = None,
-                 max_error: float | None = 2.0, shrink: bool = True) -> EMS:
+                 max_error: float | None = 2.0, shrink: bool = False) -> EMS:
     r"""Estimate the empirical model statistics l, s, b of ``field`` from ``data`` (Zheng et al. 2023, §3.2).
 
     On ``num_lambdas`` knots uniform in λ between ``t_start`` and ``t_end`` (default the path's
