@@ -143,29 +143,29 @@ def _device_dtype(device: str, dtype: str) -> tuple[Any, Any, Any]:
     return dev, weights, autocast
 
 
-def _output_dir(folder: Path, option: str = "--output") -> Path:
-    """Create and check an output folder before any work (2: names a file; 1: not writable)."""
-    from .pipeline import check_output_dir
-
+def _checked_output(check: Any, path: Path, option: str) -> Path:
+    """Run a pipeline output check before any work: exit 2 when the path is wrong (names a file),
+    1 when it is not writable."""
     try:
-        return check_output_dir(folder)
+        return check(path)
     except ValueError as error:
         _fail(f"{option}: {_first_line(error)}", 2)
     except OSError as error:
         _fail(f"{option}: {_first_line(error)}", 1)
     raise AssertionError  # unreachable
+
+
+def _output_dir(folder: Path, option: str = "--output") -> Path:
+    """Create and check an output folder before any work."""
+    from .pipeline import check_output_dir
+
+    return _checked_output(check_output_dir, folder, option)
 
 
 def _output_file(file: Path, option: str = "--output") -> Path:
     from .pipeline import check_output_file
 
-    try:
-        return check_output_file(file)
-    except ValueError as error:
-        _fail(f"{option}: {_first_line(error)}", 2)
-    except OSError as error:
-        _fail(f"{option}: {_first_line(error)}", 1)
-    raise AssertionError  # unreachable
+    return _checked_output(check_output_file, file, option)
 
 
 # ---------------------------------------------------------------------------------------------
