@@ -31,8 +31,8 @@ class PosteriorResult:
 
     Attributes:
         x: the samples, shape ``(num_samples, *operator.in_shape)``.
-        nfe: model evaluations per returned sample (forward calls of the network, counted by
-            the field, divided by ``num_samples``).
+        nfe: model evaluations per returned sample: the rows of every network call (a call on a
+            batch of B counts B), divided by ``num_samples``.
         vjp: network vector-Jacobian products (backward passes) per returned sample.
         method: the method's name.
         info: method-specific diagnostics (effective sample sizes, step sizes, ...).
@@ -58,6 +58,20 @@ class MethodSpec:
 
 
 _METHODS: dict[str, MethodSpec] = {}
+
+
+class _RowCounter:
+    """Wraps a model and counts the batch rows it is called on (the evaluations really spent)."""
+
+    def __init__(self, model: Callable[..., Tensor]) -> None:
+        self.model, self.rows = model, 0
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        self.rows += int(x.shape[0])
+        return self.model(x, t, **cond)
+
+    def __getattr__(self, name: str) -> Any:  # num_classes etc. of the wrapped network
+        return getattr(self.__dict__["model"], name)
 
 
 def register(name: str, *, linear_only: bool = False, needs_svd: bool = False, noiseless_only: bool = False,
@@ -146,8 +160,9 @@ def sample_posterior(field: Field, operator: Any, y: Tensor, sigma_y: float = 0.
         raise ValueError(f"method {method!r} needs an operator with an SVD; {type(operator).__name__} has none")
     if spec.noiseless_only and sigma_y > 0:
         raise ValueError(f"method {method!r} handles noiseless measurements only (sigma_y = 0), got sigma_y={sigma_y}")
-    start = field.nfe
-    out = spec.fn(field, operator, y, sigma_y=float(sigma_y), num_samples=num_samples, nfe=nfe,
+    counter = _RowCounter(field.model)
+    counted = Field(counter, field.path, field.prediction)
+    out = spec.fn(counted, operator, y, sigma_y=float(sigma_y), num_samples=num_samples, nfe=nfe,
                   generator=generator, **options)
     x, info = out[0], out[1]
     vjp = float(out[2]) if len(out) > 2 else 0.0
@@ -157,5 +172,6 @@ def sample_posterior(field: Field, operator: Any, y: Tensor, sigma_y: float = 0.
     if not torch.all(torch.isfinite(x)):
         raise FloatingPointError(f"method {method!r} produced {int((~torch.isfinite(x)).sum())} non-finite values; "
                                  "lower the step size or raise nfe")
-    spent = (field.nfe - start) / num_samples
+    field.nfe += counted.nfe
+    spent = counter.rows / num_samples
     return PosteriorResult(x=x.detach(), nfe=spent, vjp=vjp / num_samples, method=method, info=dict(info))
