@@ -371,14 +371,14 @@ def train(
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_field_or_exit(checkpoint: Path, device: Any = "cpu", dtype: Any = None):
+def _load_field_or_exit(checkpoint: Path, device: Any = "cpu", dtype: Any = None, unlabeled: str = "mixture"):
     import torch
 
     from .pipeline import load_field
     from .train import CheckpointError
 
     try:
-        return load_field(checkpoint, device=device, dtype=dtype or torch.float32)
+        return load_field(checkpoint, device=device, dtype=dtype or torch.float32, unlabeled=unlabeled)
     except CheckpointError as error:
         _fail(_first_line(error), 1)
 
@@ -649,7 +649,8 @@ def likelihood(
     dev, weights, _ = _device_dtype(device, dtype)
     if output is not None:
         output = _output_file(output)
-    field, cfg = _load_field_or_exit(ckpt, dev, weights)
+    # The likelihood of a class-conditional model without labels: the null-label network's density.
+    field, cfg = _load_field_or_exit(ckpt, dev, weights, unlabeled="null")
     _set_threads(threads, field.model, dev)
     extra = cfg.get("extra") or {}
     source = data or extra.get("dataset")

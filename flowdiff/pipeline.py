@@ -22,7 +22,7 @@ from .losses import GaussianPathLoss
 from .nn import build_network
 from .paths import get_path, path_from_config
 
-__all__ = ["train_run", "load_field", "generate", "evaluate_samples", "save_samples_png", "default_network_kwargs",
+__all__ = ["train_run", "load_field", "ClassMixtureModel", "generate", "evaluate_samples", "save_samples_png", "default_network_kwargs",
            "likelihood_of_data", "resolve_device", "resolve_dtype"]
 
 #: ``--dtype`` values: weights in that precision, or float32 weights under autocast to a 16-bit type.
@@ -213,8 +213,48 @@ def train_run(
     return trainer.fit()
 
 
+class ClassMixtureModel(torch.nn.Module):
+    r"""A class-conditional network that, called without labels, draws its class mixture.
+
+    ``model(x, t, y=None)``: with ``y`` it is the wrapped network unchanged. Without ``y``, row
+    ``i`` of a batch of ``B`` gets class ``labels_B[i]``, where ``labels_B`` is a stratified draw
+    of the uniform class distribution (:func:`flowdiff.guidance.stratified_labels`: exact class
+    counts, random order) from a generator seeded by ``B``: every call on a batch of the same
+    size gives a row the same class, so a solver integrates each row's trajectory under one
+    class and ``fd.sample(field, noise)`` returns samples of :math:`\sum_k p(k)\,p(x \mid k)`,
+    the data distribution the network was trained on. The null label (label dropout) gives the
+    unconditional network, which at 10 % dropout is trained on a tenth of the steps and samples
+    worse (docs/training.md); ask for it with ``load_field(..., unlabeled="null")``.
+
+    A density needs one model: :func:`flowdiff.log_likelihood` refuses this wrapper without
+    labels (``unlabeled_default`` marks it) and says what to do instead.
+    """
+
+    unlabeled_default = "mixture"
+
+    def __init__(self, model: torch.nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.model, self.num_classes = model, int(num_classes)
+        self._labels: dict[tuple[int, str], Tensor] = {}
+
+    def labels(self, batch: int, device: torch.device) -> Tensor:
+        """The classes rows ``0..batch-1`` get when no label is given (fixed for each batch size)."""
+        from .guidance import stratified_labels
+
+        key = (batch, str(device))
+        if key not in self._labels:
+            drawn = stratified_labels(batch, self.num_classes, generator=torch.Generator().manual_seed(batch))
+            self._labels[key] = drawn.to(device)
+        return self._labels[key]
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, **cond: Any) -> Tensor:
+        if y is None:
+            y = self.labels(x.shape[0], x.device)
+        return self.model(x, t, y=y, **cond)
+
+
 def load_field(checkpoint: str | Path, which: str = "ema", device: str | torch.device = "cpu",
-               dtype: torch.dtype | str = torch.float32) -> tuple[Field, dict[str, Any]]:
+               dtype: torch.dtype | str = torch.float32, unlabeled: str = "mixture") -> tuple[Field, dict[str, Any]]:
     """Rebuild the trained network of a checkpoint as a :class:`~flowdiff.Field`.
 
     The network's weights are put on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``) in
@@ -223,8 +263,19 @@ def load_field(checkpoint: str | Path, which: str = "ema", device: str | torch.d
     is the checkpoint's parsed ``config.json``. Raises :class:`flowdiff.train.CheckpointError`
     (one line) for a missing or corrupt checkpoint, ``ValueError`` for a device this machine
     does not have or a dtype other than float32/float64.
+
+    ``unlabeled`` decides what a class-conditional network does when called without labels:
+    ``"mixture"`` (default) samples the class mixture (:class:`ClassMixtureModel`), so
+    ``fd.sample(field, noise)`` draws digits of every class as the data has them; ``"null"``
+    uses the null label of label dropout (the unconditional network, e.g. for its likelihood).
+    With labels (``cond={"y": ...}``) both are the conditional network. Unconditional networks
+    ignore the option.
     """
+    from .guidance import model_num_classes
     from .train import CheckpointError, load_checkpoint, load_model
+
+    if unlabeled not in ("mixture", "null"):
+        raise ValueError(f"unlabeled must be 'mixture' or 'null', got {unlabeled!r}")
 
     device = resolve_device(device)
     if isinstance(dtype, str):
@@ -259,6 +310,9 @@ def load_field(checkpoint: str | Path, which: str = "ema", device: str | torch.d
         model = load_model(checkpoint, which=which, device=device)
     model = model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
+    num_classes = model_num_classes(model)
+    if num_classes is not None and unlabeled == "mixture":
+        model = ClassMixtureModel(model, num_classes)
     return Field(model, gpath, prediction), config
 
 

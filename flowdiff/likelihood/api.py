@@ -153,6 +153,11 @@ def log_likelihood(
     batch = x.shape[0]
     size = batch if batch_size is None else check_int("batch_size", batch_size, 1)
     cond, hutchinson = dict(cond or {}), divergence == "hutchinson"
+    if getattr(getattr(field, "model", None), "unlabeled_default", None) == "mixture" and "y" not in cond:
+        raise ValueError(
+            "this class-conditional field samples its class mixture when called without labels, which is not one "
+            "density: pass cond={'y': labels} for log p(x | y), or load the field with "
+            "load_field(..., unlabeled='null') for the null-label (unconditional) network's log p(x)")
     chunks = list(range(0, batch, size))
     sols = []
     bar = _progress_bar(len(chunks) * (nfe or DEFAULT_LIKELIHOOD_NFE)) if progress and solver != "dopri5" else contextlib.nullcontext()
