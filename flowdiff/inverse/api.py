@@ -7,8 +7,8 @@ shape, the measurement noise ``sigma_y`` and the budget, and returns ``num_sampl
 aim at :math:`p(x \mid y) \propto p(x)\,N(y; A(x), \sigma_y^2 I)`.
 
 This module checks the input once for every method (shapes, finiteness, ``sigma_y >= 0``, the
-operator kinds a method accepts) and counts the model evaluations itself through the field's
-``nfe`` counter, so what :class:`PosteriorResult` reports is what was spent.
+operator kinds a method accepts) and counts the model evaluations itself (network rows per returned
+sample), so what :class:`PosteriorResult` reports is what was spent.
 """
 
 from __future__ import annotations
@@ -63,12 +63,19 @@ _METHODS: dict[str, MethodSpec] = {}
 class _RowCounter:
     """Wraps a model and counts the batch rows it is called on (the evaluations really spent)."""
 
-    def __init__(self, model: Callable[..., Tensor]) -> None:
-        self.model, self.rows = model, 0
+    def __init__(self, model: Callable[..., Tensor], in_shape: tuple[int, ...] = ()) -> None:
+        self.model, self.rows, self.in_shape = model, 0, tuple(in_shape)
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        first = self.rows == 0
         self.rows += int(x.shape[0])
-        return self.model(x, t, **cond)
+        if not first:
+            return self.model(x, t, **cond)
+        try:  # the first call tells whether the operator's in_shape fits the network
+            return self.model(x, t, **cond)
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise ValueError(f"the field's model cannot take samples of the operator's in_shape {self.in_shape} "
+                             f"(does the operator fit the data the model was trained on?): {error}") from error
 
     def __getattr__(self, name: str) -> Any:  # num_classes etc. of the wrapped network
         return getattr(self.__dict__["model"], name)
@@ -160,7 +167,7 @@ def sample_posterior(field: Field, operator: Any, y: Tensor, sigma_y: float = 0.
         raise ValueError(f"method {method!r} needs an operator with an SVD; {type(operator).__name__} has none")
     if spec.noiseless_only and sigma_y > 0:
         raise ValueError(f"method {method!r} handles noiseless measurements only (sigma_y = 0), got sigma_y={sigma_y}")
-    counter = _RowCounter(field.model)
+    counter = _RowCounter(field.model, tuple(operator.in_shape))
     counted = Field(counter, field.path, field.prediction)
     out = spec.fn(counted, operator, y, sigma_y=float(sigma_y), num_samples=num_samples, nfe=nfe,
                   generator=generator, **options)
