@@ -1,6 +1,7 @@
 """Exact posteriors of linear-Gaussian inverse problems (flowdiff.testing), checked against closed forms and Monte Carlo."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -183,3 +184,26 @@ def test_bad_input_is_refused():
         gmm_inverse_problem(8, 2, -1.0)
     with pytest.raises(ValueError, match="no measurement"):
         gmm_inverse_problem(8, 8, 0.001, multimodal=True, min_modes=3, min_weight=0.3, max_tries=5)
+
+
+def test_benchmark_quick_path_runs_and_records_failures():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inverse_gmm.py"
+    spec = importlib.util.spec_from_file_location("inverse_gmm_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    out = bench.main(["--quick", "--no-write", "--methods", "exact"])
+    (row,) = out["rows"]
+    assert row["method"] == "exact" and row["nfe"] == 0.0
+    assert row["tv"] < 0.3 and 0 < row["sw2"] < 3.0  # 100 exact samples: the sampling floor
+    assert any("Mode-weight TV" in line for line in out["lines"])
+
+    def broken(case, nfe, num_samples, seed):
+        raise FloatingPointError("diverged")
+
+    failed = bench.measure(out["cases"][0], "broken", broken, 10, 5)
+    assert failed["error"] == "FloatingPointError: diverged" and "tv" not in failed
+    assert "err" in "\n".join(bench.tables(out["cases"], [failed], [10]))
