@@ -17,6 +17,20 @@ initial loss equals the target's second moment instead of a random, possibly hug
 conversions between predictions (which divide by ``α`` or ``σ`` near the ends of the path) do not
 amplify random initial outputs. Gradients still flow: the output layer gets a gradient at the
 first step, the block outputs at the second, every parameter from the third on.
+
+**Fourier features of the input** (optional, ``fourier_features = m > 0``). A small MLP of ``x``
+learns low frequencies first and rounds sharp edges (the spectral bias); Tancik et al. (2020,
+"Fourier features let networks learn high frequency functions in low dimensional domains") feed it
+
+.. math::
+
+    \gamma(x) = \big[x,\ \cos(2\pi B x),\ \sin(2\pi B x)\big], \qquad
+    B \in \mathbb{R}^{m \times D},\ B_{ij} \sim \mathcal{N}(0, s^2),
+
+with ``s`` = ``fourier_scale`` (in cycles per unit of ``x``). ``B`` is drawn from its own generator
+seeded by ``fourier_seed``, so the network's configuration alone rebuilds it: it is a
+non-persistent buffer, absent from the state dict (checkpoints without Fourier features load
+unchanged, and one with them needs only its configuration).
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from flowdiff.nn.embeddings import LabelEmbedding, TimeEmbedding, broadcast_time, check_input_dtype
@@ -65,6 +80,11 @@ class MLP(nn.Module):
         sample_shape: per-sample shape of the data when it is not a vector (e.g. ``(1, 8, 8)``);
             the input ``(B, *sample_shape)`` is flattened to ``(B, D)`` and the output reshaped
             back. ``prod(sample_shape)`` must equal ``dim``. ``None`` means ``(dim,)``.
+        fourier_features: number ``m`` of random Fourier frequencies of the input (Tancik et al.,
+            2020); the first layer then sees ``[x, cos(2π B x), sin(2π B x)]`` (``D + 2m`` values).
+            ``0`` (default) feeds ``x`` alone.
+        fourier_scale: standard deviation ``s`` of the frequencies ``B`` (cycles per unit of ``x``).
+        fourier_seed: seed of the generator that draws ``B``.
 
     Call ``model(x, t, y=None)`` with ``x`` of shape ``(B, D)`` (or ``(B, *sample_shape)``), ``t``
     of shape ``(B,)`` in ``[0, 1]`` and ``y`` integer labels ``(B,)`` or ``None``.
@@ -79,6 +99,9 @@ class MLP(nn.Module):
         num_classes: int | None = None,
         dropout: float = 0.0,
         sample_shape: Sequence[int] | None = None,
+        fourier_features: int = 0,
+        fourier_scale: float = 1.0,
+        fourier_seed: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("hidden", hidden)):
@@ -88,6 +111,13 @@ class MLP(nn.Module):
             raise ValueError(f"depth must be a non-negative integer, got {depth!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        for name, value in (("fourier_features", fourier_features), ("fourier_seed", fourier_seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if isinstance(fourier_scale, bool) or not isinstance(fourier_scale, (int, float)) or not (
+            math.isfinite(fourier_scale) and fourier_scale > 0
+        ):
+            raise ValueError(f"fourier_scale must be a finite positive number, got {fourier_scale!r}")
         if sample_shape is None:
             sample_shape = (dim,)
         sample_shape = tuple(int(s) for s in sample_shape)
@@ -100,9 +130,17 @@ class MLP(nn.Module):
         self.dim = dim
         self.sample_shape = sample_shape
         self.num_classes = num_classes
+        self.fourier_features = fourier_features
+        self.fourier_scale = float(fourier_scale)
+        self.fourier_seed = fourier_seed
+        # B of gamma(x) (module docstring): drawn from the seed's own generator, without touching
+        # torch's global one; non-persistent, so the configuration rebuilds it.
+        frequencies = torch.randn(fourier_features, dim, generator=torch.Generator().manual_seed(fourier_seed),
+                                  dtype=torch.float64) * self.fourier_scale
+        self.register_buffer("fourier_frequencies", frequencies.to(torch.get_default_dtype()), persistent=False)
         self.time_embedding = TimeEmbedding(time_embed_dim)
         self.label_embedding = LabelEmbedding(num_classes, time_embed_dim) if num_classes is not None else None
-        self.input_layer = nn.Linear(dim, hidden)
+        self.input_layer = nn.Linear(dim + 2 * fourier_features, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, time_embed_dim, dropout) for _ in range(depth))
         self.output_norm = nn.LayerNorm(hidden)
         self.output_layer = nn.Linear(hidden, dim)
@@ -138,11 +176,21 @@ class MLP(nn.Module):
         elif y is not None:
             raise ValueError("y was given but this MLP is unconditional (num_classes=None)")
 
-        h = self.input_layer(x.reshape(batch_size, self.dim))
+        h = self.input_layer(self._input_features(x.reshape(batch_size, self.dim)))
         for block in self.blocks:
             h = block(h, embedding)
         out = self.output_layer(nn.functional.silu(self.output_norm(h)))
         return out.reshape(input_shape)
 
+    def _input_features(self, x: Tensor) -> Tensor:
+        """``x`` itself, or ``[x, cos(2π B x), sin(2π B x)]`` with Fourier features (shape ``(B, D + 2m)``)."""
+        if self.fourier_features == 0:
+            return x
+        phases = (2.0 * math.pi) * (x @ self.fourier_frequencies.to(x.dtype).T)
+        return torch.cat([x, torch.cos(phases), torch.sin(phases)], dim=-1)
+
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, sample_shape={self.sample_shape}, num_classes={self.num_classes}"
+        text = f"dim={self.dim}, sample_shape={self.sample_shape}, num_classes={self.num_classes}"
+        if self.fourier_features:
+            text += f", fourier_features={self.fourier_features}, fourier_scale={self.fourier_scale}"
+        return text
