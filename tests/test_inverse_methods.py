@@ -387,3 +387,14 @@ def test_daps_budget_split():
         res = sample_posterior(field, Matrix(H), y, sigma_y=0.1, method="daps", num_samples=2, nfe=nfe, generator=gen(0))
         assert (res.info["levels"], res.info["ode_steps"]) == (levels, ode_steps)
         assert res.nfe == (levels - 1) * ode_steps + 1  # the last level is the path's cleanest time: one evaluation
+
+
+@pytest.mark.parametrize("method", ["dps", "pgdm"])
+def test_samples_do_not_depend_on_the_rest_of_the_batch(method):
+    """Per-sample norms (DPS issue #12): with η = 0 the only randomness is the start, whose first rows
+    are the same for any batch size, so the first samples of a batch of 5 equal a batch of 2."""
+    prior, H, y, _ = gaussian_problem()
+    field = fd.Field(prior.model("noise"), prior.path, "noise")
+    runs = [sample_posterior(field, Matrix(H), y, sigma_y=0.1, method=method, num_samples=n, nfe=20, generator=gen(0),
+                             eta=0.0).x for n in (2, 5)]
+    torch.testing.assert_close(runs[0], runs[1][:2], rtol=0, atol=1e-12)

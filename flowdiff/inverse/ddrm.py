@@ -24,10 +24,13 @@ and, for a noise-free measurement, :math:`\eta_b\bar y + (1-\eta_b)\hat{\bar x}`
 Defaults η = 0.85, η_b = 1 (the paper's, also RED-diff's and deepinv's). No network gradients;
 one evaluation per step, ``N = nfe`` steps (the paper uses 20).
 
-Not a posterior sampler in general: η = η_b = 1 is not exact even for a Gaussian prior (the
-unobserved update restarts from :math:`\hat{\bar x} + \tilde\sigma'z`, which loses
-:math:`\mathrm{Var}[x_1 \mid x_t]` per step); its bias is measured on the Gaussian-mixture
-benchmark, not fixed here.
+Not a posterior sampler in general, and η = η_b = 1 is not exact even for a Gaussian prior: the
+update :math:`\hat{\bar x} + \tilde\sigma'z` restarts from the Tweedie mean and loses
+:math:`\mathrm{Var}[x_1 \mid x_t]` at every step, and below :math:`\tau_i` it ignores ``y``.
+Measured (prior N(μ, 0.7 I), d = 8, 4 measurements, σ_y = 0.1, exact field, 4000 samples): the
+unobserved variance (exact 0.7) is 0.28–0.35 with η = 1, 0.42–0.53 with η = 0.85 and
+0.55–0.72 with η = 0, at 20–400 steps; with η = 1 the observed directions drift as steps are
+added (posterior-mean error 0.02 / 0.10 / 0.36 at 20 / 100 / 400 steps; η = 0.85: 0.01–0.03).
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def ddrm(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples:
         new = xh + (c_eps * s_next) * eps + (eta * s_next) * z
         xh_k, z_k = xh[:, :k], z[:, :k]
         less_noisy = xh_k + (c_eps * s_next) * (ybar - xh_k) / safe_tau + (eta * s_next) * z_k
-        noisier = eta_b * ybar + (1.0 - eta_b) * xh_k + torch.sqrt((s_next**2 - (eta_b * tau) ** 2).clamp_min(0.0)) * z_k
+        spread = torch.sqrt((s_next**2 - (eta_b * tau) ** 2).clamp_min(0.0))
+        noisier = eta_b * ybar + (1.0 - eta_b) * xh_k + spread * z_k
         observed = torch.where(s_next < tau, less_noisy, noisier)
         new = torch.cat([observed, new[:, k:]], dim=1)
         x = sched.alpha[i + 1] * dec.v(new)

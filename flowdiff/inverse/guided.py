@@ -155,7 +155,8 @@ class _Schedule:
 
 def _check_grid_kind(grid: Any) -> None:
     if isinstance(grid, str) and grid not in GRID_KINDS:
-        raise ValueError(f"grid must be one of {', '.join(GRID_KINDS)} or an increasing sequence of times, got {grid!r}")
+        raise ValueError(f"grid must be one of {', '.join(GRID_KINDS)} or an increasing sequence of times, "
+                         f"got {grid!r}")
 
 
 def _schedule(field: Field, steps: int, grid: Any = "logsnr") -> _Schedule:
@@ -169,8 +170,13 @@ def _schedule(field: Field, steps: int, grid: Any = "logsnr") -> _Schedule:
         else:
             times = make_grid(path, grid, steps - 1)
     else:
-        times = validate_grid(grid) if not (hasattr(grid, "__len__") and len(grid) == 1) else \
-            torch.as_tensor(grid, dtype=torch.float64).flatten()
+        try:
+            times = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().flatten()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"grid must be one of {', '.join(GRID_KINDS)} or an increasing sequence of times, "
+                             f"got {grid!r}") from err
+        if times.numel() > 1:
+            times = validate_grid(times)  # strictly increasing, inside [0, 1]
         if times.numel() > steps:
             raise ValueError(f"the explicit grid has {times.numel()} evaluation times, more than the budget "
                              f"nfe={steps} allows")

@@ -114,10 +114,14 @@ def _curvature(operator: Any, x: Tensor, iterations: int = 20) -> Tensor:
     v = v / _bview(torch.sqrt(_sq_norm(v)), v)
     lam = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        out = operator.forward(xg)
         for _ in range(iterations):
-            _, jv = torch.func.jvp(operator.forward, (x.detach(),), (v,))
-            _, pull = torch.func.vjp(operator.forward, x.detach())
-            jtjv, = pull(jv)
+            # J v by the double-VJP trick: J^T u is linear in u, and d<J^T u, v>/du = J v
+            u = torch.zeros_like(out, requires_grad=True)
+            jtu, = torch.autograd.grad(out, xg, grad_outputs=u, create_graph=True)
+            jv, = torch.autograd.grad(jtu, u, grad_outputs=v)
+            jtjv, = torch.autograd.grad(out, xg, grad_outputs=jv.detach(), retain_graph=True)
             lam = torch.sqrt(_sq_norm(jtjv))
             v = jtjv / _bview(lam.clamp_min(torch.finfo(x.dtype).tiny), jtjv)
     return lam.detach()
@@ -147,6 +151,14 @@ def daps(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples:
             curvature at :math:`\hat x_0` (power iteration on :math:`J^\top J`), so the rule
             does not depend on the scale of the data or of τ (the paper: lr 1e-4 to 5e-5 with
             a linear decay to 1 %, for its τ and data range).
+
+    Measured bias (Gaussian prior N(μ, 0.7 I), d = 8, 4 measurements, σ_y = 0.1, exact field,
+    exact posterior step, 2000 samples): the observed spectral variances match the posterior,
+    but the variance of the unobserved directions (exact: 0.7) is 1.8 at ``nfe=100`` and
+    1.1–1.2 at ``nfe=400`` with the paper's ODE prior step — the ODE output already carries the
+    prior's spread and :math:`r_i = \tilde\sigma_i` adds more at every level — and 0.75 / 0.68
+    with ``ode_steps=1`` (the Tweedie estimate, for which the step is exact for a Gaussian prior
+    as the grid refines). The default stays the paper's.
 
     Raises:
         ValueError: ``posterior_step="exact"`` with a nonlinear operator; Langevin with τ = 0.
@@ -212,6 +224,6 @@ def daps(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples:
         # (3) decoupled re-noising to the next level
         if i + 1 < sched.steps:
             x = sched.alpha[i + 1] * x0 + sched.sigma[i + 1] * _randn(shape, dtype, device, generator)
-    info = {"levels": sched.steps, "ode_steps": ode_steps, "tau": tau, "posterior_step": "exact" if exact else "langevin",
-            "times": sched.times}
+    info = {"levels": sched.steps, "ode_steps": ode_steps, "tau": tau,
+            "posterior_step": "exact" if exact else "langevin", "times": sched.times}
     return x0, info
