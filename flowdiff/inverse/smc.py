@@ -282,7 +282,8 @@ def _spectral_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num
                   generator: torch.Generator | None, name: str, particles: int | None = None,
                   steps: int | None = None, groups: int = 1, ess_threshold: float = 0.5,
                   max_batch: int = 65536, dtype: torch.dtype | None = None, solver_order: int = 2,
-                  grid: str = "log_snr", sort: bool = True, twist: str = "gauss") -> tuple[Tensor, dict]:
+                  grid: str = "log_snr", sort: bool = True, twist: str = "gauss",
+                  lookahead: bool = True) -> tuple[Tensor, dict]:
     particles = _positive_int_or_none("particles", particles)
     steps = _positive_int_or_none("steps", steps)
     ess_threshold = _fraction("ess_threshold", ess_threshold)
@@ -367,11 +368,25 @@ def _spectral_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num
             center_t, tv_t = twist(a_t, s_t)
             inc = inc - log_normal(xbar[:, :k], center_t, tv_t)
         log_w = log_w + inc.reshape(G, Kg)
-        ess = effective_sample_size(log_w)
+        # Resampling weights: the SMC weights times a_i = h^D_t/h_t(x_t), the ratio of the
+        # denoiser twist N(ȳ/s; x̂_obs, r_t² + σ_y²/s²) (r_t² the Gaussian-prior Var[x1|x_t]) to
+        # the linear twist. It makes the population follow p_t h^D_t, which knows which mode
+        # x_t is heading to, and is undone right after (an auxiliary-weight resampling: exact
+        # for any a_i > 0).
+        if lookahead:
+            obs_hat = svd.vt(xhat).reshape(N, d)[:, :k].to(torch.float64)
+            post_var = (prior_v * s_t * s_t / (a_t * a_t * prior_v + s_t * s_t)) if twist_kind == "gauss" \
+                else torch.full_like(c, (s_t / a_t) ** 2)
+            center_t, tv_t = twist(a_t, s_t)
+            aux = (log_normal(obs_hat, c, post_var + noise2) - log_normal(xbar[:, :k], center_t, tv_t)).reshape(G, Kg)
+            aux = aux - aux.amax(dim=1, keepdim=True)
+        else:
+            aux = torch.zeros_like(log_w)
+        ess = effective_sample_size(log_w + aux)
         ess_trace.append(float(ess.mean()) / Kg)
         need = ess < ess_threshold * Kg
         if need.any():
-            idx = systematic_resample(log_w[need], Kg, generator)
+            idx = systematic_resample((log_w + aux)[need], Kg, generator)
             rows = torch.nonzero(need).reshape(-1)
             flat = (rows[:, None] * Kg + idx).reshape(-1)
             keep = torch.arange(N, device=dev).reshape(G, Kg)
@@ -379,7 +394,7 @@ def _spectral_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num
             keep = keep.reshape(-1)
             mu = mu[keep]
             xhat = xhat[keep]
-            log_w[need] = 0.0
+            log_w[need] = -aux.reshape(-1)[keep].reshape(G, Kg)[need]
             resampled += 1
         # Locally optimal Gaussian proposal: the reverse kernel times the twist at s.
         z = _randn((N, d), generator, torch.float64, dev)
@@ -405,7 +420,7 @@ def _spectral_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num
     return out.to(work), info
 
 
-_SPECTRAL_OPTIONS = ("particles", "steps", "groups", "ess_threshold", "max_batch", "dtype", "solver_order", "grid", "sort", "twist")
+_SPECTRAL_OPTIONS = ("particles", "steps", "groups", "ess_threshold", "max_batch", "dtype", "solver_order", "grid", "sort", "twist", "lookahead")
 
 
 @register("smc", linear_only=True, needs_svd=True,
