@@ -170,3 +170,25 @@ def test_tds_gaussian_prior_and_refusals():
     assert torch.all((res.x.mean(0) - post.mean()).abs() <= 5 * (cov.diagonal() / n).sqrt() + 0.05)
     with pytest.raises(ValueError, match="sigma_y > 0"):
         fd.inverse.sample_posterior(_field(prior), Matrix(H), y, sigma_y=0.0, method="tds", num_samples=2, nfe=50)
+
+
+# ----- AFDPS ---------------------------------------------------------------------------------
+
+def test_afdps_gaussian_prior_converges_and_refuses_noiseless():
+    from flowdiff.inverse import afdps  # noqa: F401  (registers "afdps")
+
+    g = torch.Generator().manual_seed(5)
+    d = 3
+    prior = Gaussian(torch.zeros(d, dtype=F64), torch.eye(d, dtype=F64) * 2.0)
+    H = torch.randn(1, d, generator=g, dtype=F64)
+    y = torch.tensor([1.5], dtype=F64)
+    post = linear_gaussian_posterior(prior, H, y, 0.3)
+    n = 500
+    res = fd.inverse.sample_posterior(_field(prior), Matrix(H), y, sigma_y=0.3, method="afdps", num_samples=n,
+                                      nfe=2000, generator=torch.Generator().manual_seed(0))
+    assert res.nfe <= 2000 and res.x.shape == (n, d)
+    cov = post.covariance()
+    assert torch.all((res.x.mean(0) - post.mean()).abs() <= 5 * (cov.diagonal() / n).sqrt())
+    assert torch.allclose(torch.cov(res.x.T).diagonal(), cov.diagonal(), rtol=0.2)
+    with pytest.raises(ValueError, match="sigma_y > 0"):
+        fd.inverse.sample_posterior(_field(prior), Matrix(H), y, sigma_y=0.0, method="afdps", num_samples=2, nfe=50)
