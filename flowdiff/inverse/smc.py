@@ -17,29 +17,39 @@ moves by a proposal :math:`q(x_s \mid x_t)` and is weighted by
 exact likelihood, the weighted particles target :math:`p(x \mid y)` for *any* twist (up to the
 discretisation of the prior's reverse process), and the twist only decides the efficiency.
 
-``smc`` (the default of :func:`~flowdiff.inverse.sample_posterior`) and ``mcgdiff``: linear
-operators with an SVD :math:`A = U\,\mathrm{diag}(s)\,V^\top`. In spectral coordinates
-:math:`\bar x = V^\top x`, :math:`\bar y = U^\top y` the likelihood factorises over the ``k``
-observed coordinates, :math:`\bar y_i = s_i \bar x_i + \sigma_y n_i`. The twist is the
-likelihood of ``y`` given :math:`x_t` under a flat prior on :math:`x_1`,
+``smc`` (the default of :func:`~flowdiff.inverse.sample_posterior`): linear operators with an
+SVD :math:`A = U\,\mathrm{diag}(s)\,V^\top`. In spectral coordinates :math:`\bar x = V^\top x`,
+:math:`c_i = (U^\top y)_i/s_i` the likelihood factorises over the ``k`` observed coordinates,
+:math:`c_i = \bar x_{1,i} + (\sigma_y/s_i) n_i`. The twist is the exact likelihood of ``y`` given
+:math:`x_t` when each observed coordinate of :math:`x_1` has a Gaussian prior
+:math:`N(m_i, V_i)` (``twist="gauss"``; :math:`m_i, V_i` are read off the spread of the first
+denoiser call at high noise, where :math:`\mathrm{Var}[\hat x] = \alpha^2V^2/(\alpha^2V+\sigma^2)`),
+or a flat one (``twist="flat"``, :math:`V = \infty`):
 
 .. math::
 
-    h_t(x_t) = \prod_{i \le k} N\big(\bar x_{t,i};\ \alpha_t \bar y_i/s_i,\ \tau_{t,i}^2\big),
-    \qquad \tau_{t,i}^2 = \sigma_t^2 + \alpha_t^2\sigma_y^2/s_i^2,
+    h_t(x_t) = \prod_{i \le k} N\big(\bar x_{t,i};\ \alpha_t m_i + (c_i - m_i)/g_{t,i},\
+    (r_{t,i}^2 + \sigma_y^2/s_i^2)/g_{t,i}^2\big), \qquad
+    g = \frac{\alpha V}{\alpha^2 V + \sigma^2},\ r^2 = \frac{V\sigma^2}{\alpha^2V + \sigma^2},
 
-linear-Gaussian in :math:`x_t`, so the *locally optimal* proposal
-:math:`q \propto p(x_s \mid x_t) h_s(x_s)` is Gaussian (per coordinate, precision
-:math:`1/v + 1/\tau_{s,i}^2`) and the incremental weight
-:math:`\prod_i N(\bar\mu_i; \alpha_s\bar y_i/s_i, v + \tau_{s,i}^2)/h_t(x_t)` depends on
-:math:`x_t` only: particles are resampled *before* they move (a fully adapted auxiliary
-particle filter, Pitt & Shephard 1999). No network vector-Jacobian products are needed. For
-``σ_y = 0`` the twist is MCGdiff's noiseless potential (Cardoso, Janati, Le Corff & Moulines
-2024, "Monte Carlo guided Denoising Diffusion models for Bayesian linear inverse problems",
-ICLR 2024); for ``σ_y > 0`` it treats the noise in closed form instead of MCGdiff's
-coordinate-wise time embedding, in the spirit of FPS (Dou & Song 2024, "Diffusion Posterior
-Sampling for Linear Inverse Problem Solving: A Filtering Perspective", ICLR 2024), whose
-pseudo-observations :math:`y_t` it replaces by their mean :math:`\alpha_t y` and variance.
+(flat: centre :math:`\alpha_t c_i`, variance :math:`\sigma_t^2 + \alpha_t^2\sigma_y^2/s_i^2`).
+It is linear-Gaussian in :math:`x_t`, so the *locally optimal* proposal
+:math:`q \propto p(x_s \mid x_t) h_s(x_s)` is Gaussian per coordinate and the incremental weight
+:math:`\int p(x_s|x_t)h_s\,dx_s / h_t(x_t)` depends on :math:`x_t` only: particles are resampled
+*before* they move (a fully adapted auxiliary particle filter, Pitt & Shephard 1999). Resampling
+uses the weights times the look-ahead ratio :math:`a_i = h^D_t/h_t(x_t)` of the denoiser twist
+:math:`h^D_t = \prod_i N(c_i; \hat x_{obs,i}(x_t), r_{t,i}^2 + \sigma_y^2/s_i^2)` (which knows the
+mode :math:`x_t` is heading to) and divides it out again afterwards — an auxiliary-weight
+resampling, exact for any :math:`a_i > 0`, which keeps the right share of particles in each mode
+when the modes separate (measured: mode-weight TV 0.068 → 0.006 on d = 8, two measurements).
+Prior steps are DPM-Solver++(2M)-SDE steps (Lu et al. 2022), Gaussian with a mean that also uses
+the previous :math:`\hat x`. No network vector-Jacobian products. The construction belongs to the
+family of MCGdiff (Cardoso, Janati El Idrissi, Le Corff & Moulines 2024, "Monte Carlo guided
+Denoising Diffusion models for Bayesian linear inverse problems", ICLR 2024), whose noiseless
+potential is the flat twist above, and FPS (Dou & Song 2024, "Diffusion Posterior Sampling for
+Linear Inverse Problem Solving: A Filtering Perspective", ICLR 2024), whose random
+pseudo-observations :math:`y_t` are replaced here by the closed-form likelihood; it is not a
+re-implementation of either (``mcgdiff``/``fps`` are not registered).
 
 ``tds``: the Twisted Diffusion Sampler (Wu, Trippe, Naesseth, Blei & Cunningham 2023,
 "Practical and Asymptotically Exact Conditional Sampling in Diffusion Models", NeurIPS 2023):
@@ -53,8 +63,10 @@ particles (``K`` per returned sample) for ``S`` steps, ``S*K + 1 <= nfe`` (the `
 final denoising of the returned particles only); ``num_samples`` particles are drawn from the
 final weighted population by systematic resampling. One population of ``K * num_samples``
 particles has a lower error than ``num_samples`` independent runs of ``K`` (the SMC error of
-the mode weights falls as ``1/(K * num_samples)``); ``groups=num_samples`` gives independent
-runs (independent returned samples) at the same cost. ``S`` and ``K`` follow from ``nfe`` and
+the mode weights falls as ``1/(K * num_samples)``), but the returned samples are then not
+independent (they share ancestors); ``groups=num_samples`` gives independent runs at the same
+cost. Noiseless ``y`` (``σ_y = 0``) works: the observed spectral coordinates of the returned
+samples are set to :math:`c_i` exactly. ``S`` and ``K`` follow from ``nfe`` and
 ``σ_y`` (:func:`plan`).
 """
 
