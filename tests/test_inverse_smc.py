@@ -96,9 +96,10 @@ def test_smc_multimodal_gmm_default_budget(bimodal):
     assert torch.allclose(emp.diagonal(), cov.diagonal(), rtol=0.25, atol=0.1), (emp.diagonal(), cov.diagonal())
 
 
-def test_smc_gaussian_prior_exact():
+@pytest.mark.parametrize("m", [2, 3])  # diagonal and full-covariance twist
+def test_smc_gaussian_prior_exact(m):
     g = torch.Generator().manual_seed(1)
-    d, m = 5, 2
+    d = 5
     a = torch.randn(d, d, generator=g, dtype=F64)
     prior = Gaussian(torch.randn(d, generator=g, dtype=F64), a @ a.T / d + 0.3 * torch.eye(d, dtype=F64))
     H = torch.randn(m, d, generator=g, dtype=F64)
