@@ -76,7 +76,7 @@ samples are set to :math:`c_i` exactly. ``S`` and ``K`` follow from ``nfe`` and
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
