@@ -584,7 +584,7 @@ def train_denoiser(model: nn.Module, loss: Callable[..., Any], data: Tensor, ste
                    optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3, ema: nn.Module | None = None,
                    ema_decay: float = 0.995, ema_step: int = 0, grad_clip: float | None = 1.0,
                    generator: torch.Generator | None = None) -> float:
-    """``steps`` updates of ordinary denoising training of ``model`` on ``data``: the EM's M-step.
+    r"""``steps`` updates of ordinary denoising training of ``model`` on ``data``: the EM's M-step.
 
     A short loop (minibatches drawn with replacement, AdamW, global-norm clipping, EMA
     ``ema ← d_k·ema + (1 − d_k)·model`` with the warm-up :math:`d_k = \min(d, (1 + k)/(10 + k))`,
