@@ -5,6 +5,7 @@ Time runs from the base (noise) at ``t = 0`` to the data at ``t = 1``; see DESIG
 
 from . import couplings, data, fokker_planck, likelihood, losses, metrics, nn, paths, solvers, testing, train
 from . import inverse  # operators and posterior samplers
+from . import forward_models  # priors learned from indirect observations (EM)
 from . import interop  # diffusers models as fields; imports no diffusers itself
 from .fields import Field, InterpolantField
 from .paths import GaussianPath, StochasticInterpolant
@@ -15,6 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "paths", "testing", "solvers", "losses", "couplings", "nn", "data", "metrics", "train",
-    "likelihood", "fokker_planck", "interop", "inverse", "log_likelihood", "bits_per_dim", "sample_with_logp",
+    "likelihood", "fokker_planck", "interop", "inverse", "forward_models", "log_likelihood", "bits_per_dim", "sample_with_logp",
     "Field", "InterpolantField", "GaussianPath", "StochasticInterpolant", "sample", "SampleResult", "__version__",
 ]

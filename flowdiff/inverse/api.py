@@ -163,7 +163,7 @@ def sample_posterior(field: Field, operator: Any, y: Tensor, sigma_y: float = 0.
     if spec.linear_only and not operator.linear:
         raise ValueError(f"method {method!r} needs a linear operator; {type(operator).__name__} is nonlinear "
                          f"(use one of: {', '.join(m for m in available() if not _METHODS[m].linear_only)})")
-    if spec.needs_svd and getattr(operator, "svd", None) is None:
+    if spec.needs_svd and (not operator.linear or not callable(getattr(operator, "svd", None)) or operator.svd() is None):
         raise ValueError(f"method {method!r} needs an operator with an SVD; {type(operator).__name__} has none")
     if spec.noiseless_only and sigma_y > 0:
         raise ValueError(f"method {method!r} handles noiseless measurements only (sigma_y = 0), got sigma_y={sigma_y}")
