@@ -450,6 +450,12 @@ def evaluate_samples(samples: Tensor, data: str, seed: int = 0, num_projections:
     return res
 
 
+def _show_image(ax: Any, image: Tensor) -> None:
+    """Draw one ``(C, H, W)`` image in ``[-1, 1]`` on a matplotlib axis (grey for one channel)."""
+    img = image.clamp(-1, 1)
+    ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0) * 0.5 + 0.5, cmap="gray", vmin=-1, vmax=1)
+
+
 def save_samples_png(samples: Tensor, file: str | Path, reference: Tensor | None = None, title: str = "") -> Path:
     """A scatter plot (2-D data, next to ``reference``) or an image grid (``(N, C, H, W)``)."""
     import matplotlib
@@ -479,8 +485,7 @@ def save_samples_png(samples: Tensor, file: str | Path, reference: Tensor | None
         for i, ax in enumerate(axes.flat):
             ax.axis("off")
             if i < n:
-                img = x[i].clamp(-1, 1)
-                ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0) * 0.5 + 0.5, cmap="gray", vmin=-1, vmax=1)
+                _show_image(ax, x[i])
         if title:
             fig.suptitle(title)
     else:
@@ -796,10 +801,8 @@ def save_restore_png(result: dict[str, Any], file: str | Path, rows: int = 8) ->
     for j, (name, images) in enumerate(columns):
         axes[0, j].set_title(name, fontsize=6)
         for i in range(n):
-            ax = axes[i, j]
-            ax.axis("off")
-            img = images[i].clamp(-1, 1)
-            ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0) * 0.5 + 0.5, cmap="gray", vmin=-1, vmax=1)
+            axes[i, j].axis("off")
+            _show_image(axes[i, j], images[i])
     fig.suptitle(f"{result['task']} with {result['method']}", fontsize=8)
     fig.tight_layout()
     tmp = file.with_suffix(file.suffix + ".tmp")

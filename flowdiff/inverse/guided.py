@@ -152,6 +152,16 @@ class _Schedule:
         c = eta * s_next * math.sqrt(max(0.0, 1.0 - ratio))
         return a_next, math.sqrt(max(0.0, s_next * s_next - c * c)), c
 
+    def ddim_step(self, i: int, eta: float, xhat: Tensor, eps: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The DDIM(η) step from node ``i`` to ``i + 1`` given the estimates ``x̂`` and ``ε̂``."""
+        a_next, kk, c = self.ddim(i, eta)
+        x = a_next * xhat
+        if kk > 0:
+            x = x + kk * eps
+        if c > 0:
+            x = x + c * _randn(tuple(xhat.shape), xhat.dtype, xhat.device, generator)
+        return x
+
 
 def _check_grid_kind(grid: Any) -> None:
     if isinstance(grid, str) and grid not in GRID_KINDS:
@@ -277,13 +287,8 @@ def projection(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_sa
             x = x + _bview(step, x) * score + _bview(torch.sqrt(2.0 * step), x) * z
             x = replace(x, a, sd)
         xhat = field.denoise(x, t)
-        a_next, kk, c = sched.ddim(i, eta)
-        x_new = a_next * xhat
-        if kk > 0:
-            x_new = x_new + kk * (x - a * xhat) / sd
-        if c > 0:
-            x_new = x_new + c * _randn(shape, dtype, device, generator)
-        x = replace(x_new, a_next, sched.sigma[i + 1])
+        x_new = sched.ddim_step(i, eta, xhat, (x - a * xhat) / sd, generator)
+        x = replace(x_new, sched.alpha[i + 1], sched.sigma[i + 1])
         _check_finite(x, "projection", i)
     info = {"steps": sched.steps, "corrector_steps": corrector_steps, "snr": snr, "eta": eta, "condition": condition,
             "times": sched.times}
@@ -342,13 +347,7 @@ def dps(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples: 
             norm = torch.sqrt(_sq_norm(yb - operator.forward(xhat)).clamp_min(tiny))
             grad, = torch.autograd.grad(norm.sum(), xg)  # samples are independent: per-sample gradients
         xhat, residual = xhat.detach(), norm.detach()
-        a_next, kk, c = sched.ddim(i, eta)
-        x_new = a_next * xhat
-        if kk > 0:
-            x_new = x_new + kk * (x - a * xhat) / sd
-        if c > 0:
-            x_new = x_new + c * _randn(shape, dtype, device, generator)
-        x = x_new - step_size * grad
+        x = sched.ddim_step(i, eta, xhat, (x - a * xhat) / sd, generator) - step_size * grad
         _check_finite(x, "dps", i)
     info = {"steps": sched.steps, "zeta": zeta, "step_size": step_size, "eta": eta, "times": sched.times,
             "final_residual": residual}
@@ -414,12 +413,7 @@ def pgdm(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples:
         xhat = xhat.detach()
         xhat_c = xhat + (weight * sd * sd / a) * g
         eps_c = (x - a * xhat) / sd - (weight * sd) * g
-        a_next, kk, c = sched.ddim(i, eta)
-        x = a_next * xhat_c
-        if kk > 0:
-            x = x + kk * eps_c
-        if c > 0:
-            x = x + c * _randn(shape, dtype, device, generator)
+        x = sched.ddim_step(i, eta, xhat_c, eps_c, generator)
         _check_finite(x, "pgdm", i)
     info = {"steps": sched.steps, "eta": eta, "data_variance": data_variance, "weight": weight, "times": sched.times}
     return x, info, float(sched.steps * num_samples)
