@@ -7,6 +7,7 @@ from . import couplings, data, fokker_planck, likelihood, losses, metrics, nn, p
 from . import inverse  # operators and posterior samplers
 from . import forward_models  # priors learned from indirect observations (EM)
 from . import interop  # diffusers models as fields; imports no diffusers itself
+from . import particles, rl, steer  # reward steering and RL fine-tuning (issue 15)
 from .fields import Field, InterpolantField
 from .paths import GaussianPath, StochasticInterpolant
 from .likelihood import bits_per_dim, log_likelihood, sample_with_logp
@@ -16,6 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "paths", "testing", "solvers", "losses", "couplings", "nn", "data", "metrics", "train",
-    "likelihood", "fokker_planck", "interop", "inverse", "forward_models", "log_likelihood", "bits_per_dim", "sample_with_logp",
+    "likelihood", "fokker_planck", "interop", "inverse", "forward_models", "particles", "steer", "rl", "log_likelihood", "bits_per_dim", "sample_with_logp",
     "Field", "InterpolantField", "GaussianPath", "StochasticInterpolant", "sample", "SampleResult", "__version__",
 ]

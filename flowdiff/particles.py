@@ -1,0 +1,4 @@
+"""Particle tools shared by the SMC samplers (log-weight normalisation, ESS, systematic resampling).
+
+Being built (issue 15).
+"""
