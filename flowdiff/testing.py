@@ -39,6 +39,8 @@ from .paths import PREDICTIONS, GaussianPath, StochasticInterpolant, VP
 __all__ = [
     "GaussianMixture", "Gaussian", "InterpolantOracle", "random_mixture",
     "LinearGaussianPosterior", "linear_gaussian_posterior", "mode_weight_tv", "GMMInverseProblem", "gmm_inverse_problem",
+    "TiltedMixture", "tilted_mixture", "tilted_problem", "gaussian_kl", "mixture_kl", "mode_frequencies",
+    "sliced_w2_to_mixture",
 ]
 
 
@@ -717,3 +719,295 @@ def gmm_inverse_problem(
         f"(dim={dim}, num_measurements={num_measurements}, sigma_y={sigma_y}, seed={seed}); lower min_weight or use "
         "fewer measurements / more noise"
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Exact reward-tilted targets (inference-time steering and RL fine-tuning, issue 15)
+# ---------------------------------------------------------------------------------------
+
+
+class TiltedMixture(LinearGaussianPosterior):
+    r"""The reward-tilted mixture :math:`p(x)\,e^{r(x)/\beta}/Z` of :func:`tilted_mixture`.
+
+    A :class:`GaussianMixture` (``weights`` = the tilted mode weights, ``means``,
+    ``covariances()``, ``sample``, ``log_prob``, the exact fields along ``path``) that also keeps
+    the reward it came from and its closed-form statistics.
+
+    Attributes:
+        prior: the untilted :class:`GaussianMixture`.
+        A: ``(m, D)`` feature matrix; b: ``(m,)`` target feature; reward_cov: ``(m, m)`` the
+            reward's covariance ``S``; temperature: ``β``; normalized: whether ``r`` includes
+            :math:`-\tfrac12\log\det(2\pi S)` (the Gaussian log-density) or not.
+        log_normalizer: :math:`\log Z = \log E_p[e^{r(x)/\beta}]` (exact).
+    """
+
+    A: Tensor
+    b: Tensor
+    reward_cov: Tensor
+    temperature: float
+    normalized: bool
+    log_normalizer: float
+
+    def with_path(self, path: GaussianPath) -> "TiltedMixture":
+        """The same tilted distribution, with fields along another path (keeps the class)."""
+        other = object.__new__(TiltedMixture)
+        other.__dict__.update(self.__dict__)
+        other.path = path
+        return other
+
+    def reward(self, x: Tensor) -> Tensor:
+        r""":math:`r(x) = -\tfrac12 (Ax - b)^\top S^{-1}(Ax - b)\ [-\tfrac12\log\det(2\pi S)]`, shape ``(B,)``.
+
+        ``x`` has shape ``(B, D)`` (or ``(B, *)`` with ``D`` entries per row); computed in ``x``'s
+        dtype and on its device, differentiable in ``x``.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (B, {self.dim}), got {type(x).__name__}")
+        flat = x.reshape(x.shape[0], -1) if x.ndim >= 1 else x
+        if x.ndim < 2 or flat.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+        dt, dev = x.dtype, x.device
+        white_a = self._white_A.to(dtype=dt, device=dev)
+        white_b = self._white_b.to(dtype=dt, device=dev)
+        z = flat @ white_a.T - white_b
+        return -0.5 * (z * z).sum(-1) - self._reward_const
+
+    def expected_reward(self) -> float:
+        r""":math:`E_{\tilde p}[r]` in closed form: per component
+        :math:`-\tfrac12[(Am_k - b)^\top S^{-1}(Am_k - b) + \mathrm{tr}(S^{-1}AC_kA^\top)]`."""
+        return _expected_reward(self, self)
+
+    def prior_expected_reward(self) -> float:
+        """:math:`E_p[r]` under the untilted prior, in closed form."""
+        return _expected_reward(self.prior, self)
+
+    def kl_to_prior(self) -> float:
+        r""":math:`\mathrm{KL}(\tilde p\,\|\,p) = E_{\tilde p}[r]/\beta - \log Z` (exact)."""
+        return self.expected_reward() / self.temperature - self.log_normalizer
+
+    def objective(self) -> float:
+        r"""The optimum :math:`E_{\tilde p}[r] - \beta\,\mathrm{KL}(\tilde p\|p) = \beta\log Z` of the KL-regularised problem."""
+        return self.temperature * self.log_normalizer
+
+
+def _expected_reward(dist: GaussianMixture, tilt: TiltedMixture) -> float:
+    wa, wb = tilt._white_A, tilt._white_b
+    z = dist.means @ wa.T - wb  # (K, m)
+    cov = dist.covariances()
+    trace = torch.einsum("ij,kjl,il->k", wa, cov, wa)
+    per = -0.5 * ((z * z).sum(-1) + trace) - tilt._reward_const
+    return float((dist.weights * per).sum())
+
+
+def tilted_mixture(
+    prior: GaussianMixture,
+    A: Tensor | Sequence,
+    b: Tensor | Sequence,
+    *,
+    scale: float | None = None,
+    cov: Tensor | Sequence | None = None,
+    temperature: float = 1.0,
+    normalized: bool = False,
+) -> TiltedMixture:
+    r"""The exact tilted target :math:`\tilde p(x) = p(x)\,e^{r(x)/\beta}/Z` of a mixture prior and a Gaussian reward.
+
+    The reward is Gaussian in a linear feature :math:`Ax`:
+
+    .. math::
+
+        r(x) = -\tfrac12 (Ax - b)^\top S^{-1}(Ax - b)\ \big[-\tfrac12\log\det(2\pi S)\big],
+
+    with :math:`S = \text{scale}^2 I` (``scale``) or a full ``cov`` (the bracket only if
+    ``normalized``, making :math:`r = \log N(Ax; b, S)`). Since
+    :math:`e^{r/\beta} \propto N(b; Ax, \beta S)`, the tilted distribution is the posterior of the
+    prior given the pseudo-measurement ``b = Ax + n``, ``n ~ N(0, βS)``: again a mixture, with
+    (whitening by :math:`S = LL^\top`, then :func:`linear_gaussian_posterior`)
+
+    .. math::
+
+        \tilde w_k \propto w_k\,N(b; A\mu_k, AC_kA^\top + \beta S),\quad
+        \tilde C_k = (C_k^{-1} + A^\top S^{-1}A/\beta)^{-1},\quad
+        \tilde m_k = \tilde C_k(C_k^{-1}\mu_k + A^\top S^{-1}b/\beta),
+
+    and :math:`\log Z = \log\sum_k w_k N(b; A\mu_k, AC_kA^\top + \beta S) + \tfrac m2\log 2\pi
+    + \tfrac12\log\det(\beta S)\ [- \tfrac1{2\beta}\log\det(2\pi S)]`. This is the KL-regularised
+    optimum :math:`\arg\max_q E_q[r] - \beta\,\mathrm{KL}(q\|p)` that reward steering (Feynman–Kac
+    steering, Singhal et al. 2025, "A General Framework for Inference-time Scaling and Steering of
+    Diffusion Models") and RL fine-tuning (Liu et al. 2025, "Flow-GRPO") aim at; Kim et al. 2025,
+    "Inference-Time Scaling for Flow Models via Stochastic Generation and Rollover Budget Forcing",
+    propose exactly this Gaussian-mixture test (§2.6 of the notes).
+
+    Arguments:
+        prior: the mixture :math:`p` (its ``path`` is kept).
+        A: ``(m, D)`` feature matrix (a ``(D,)`` vector is one feature).
+        b: ``(m,)`` target feature value (a number when ``m = 1``).
+        scale: the reward's standard deviation ``s > 0`` (``S = s² I``); give this or ``cov``.
+        cov: ``(m, m)`` symmetric positive-definite reward covariance ``S``.
+        temperature: ``β > 0``; small ``β`` concentrates the tilted law on high reward.
+        normalized: include the Gaussian log-normaliser in ``r`` (default ``False``: ``r ≤ 0`` with
+            maximum 0 at ``Ax = b``).
+
+    Returns:
+        :class:`TiltedMixture` (float64; full covariances) with :meth:`~TiltedMixture.reward`,
+        ``weights`` (the tilted mode weights), ``log_normalizer``, :meth:`~TiltedMixture.kl_to_prior`.
+    """
+    if not isinstance(prior, GaussianMixture):
+        raise TypeError(f"prior must be a flowdiff.testing.GaussianMixture, got {type(prior).__name__}")
+    A64 = _as64(A)
+    if A64.ndim == 1:
+        A64 = A64[None]
+    if A64.ndim != 2 or A64.shape[1] != prior.dim or A64.shape[0] < 1:
+        raise ValueError(f"A must have shape (m, {prior.dim}) with m >= 1, got {tuple(A64.shape)}")
+    m = A64.shape[0]
+    b64 = _as64(b).reshape(-1)
+    if b64.shape != (m,):
+        raise ValueError(f"b must have shape ({m},) (the rows of A), got {tuple(_as64(b).shape)}")
+    if not (torch.isfinite(A64).all() and torch.isfinite(b64).all()):
+        raise ValueError("A and b must be finite")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if (scale is None) == (cov is None):
+        raise ValueError("give exactly one of scale (S = scale² I) or cov (S, shape (m, m))")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        S = float(scale) ** 2 * torch.eye(m, dtype=torch.float64)
+    else:
+        S = _as64(cov)
+        if S.shape != (m, m):
+            raise ValueError(f"cov must have shape ({m}, {m}), got {tuple(S.shape)}")
+        if not torch.allclose(S, S.T, atol=1e-12):
+            raise ValueError("cov must be symmetric")
+    L, info = torch.linalg.cholesky_ex(S)
+    if info != 0:
+        raise ValueError("cov must be positive definite")
+    beta = float(temperature)
+    white_A = torch.linalg.solve_triangular(L, A64, upper=False)
+    white_b = torch.linalg.solve_triangular(L, b64[:, None], upper=False)[:, 0]
+    post = linear_gaussian_posterior(prior, white_A, white_b, math.sqrt(beta))
+    logdet_S = 2 * float(torch.log(torch.diagonal(L)).sum())
+    const = 0.5 * (logdet_S + m * math.log(2 * math.pi)) if normalized else 0.0
+    # log Z: log Σ_k w_k ∫ N(x; μ_k, C_k) exp(-½|L⁻¹(Ax - b)|²/β) dx - const/β, the integral being
+    # (2π)^{m/2} det(βS)^{1/2} N(b; Aμ_k, AC_kAᵀ + βS) (whitened: det(β I) and N in whitened units).
+    cov_k = prior.covariances()
+    pred = white_A[None] @ cov_k @ white_A.T[None] + beta * torch.eye(m, dtype=torch.float64)[None]
+    chol = torch.linalg.cholesky(0.5 * (pred + pred.transpose(-1, -2)))
+    resid = white_b[None] - prior.means @ white_A.T
+    zz = torch.linalg.solve_triangular(chol, resid[..., None], upper=False)[..., 0]
+    log_n = -0.5 * (zz * zz).sum(-1) - torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1) \
+        - 0.5 * m * math.log(2 * math.pi)
+    log_z = float(torch.logsumexp(torch.log(prior.weights) + log_n, 0)) + 0.5 * m * math.log(2 * math.pi) \
+        + 0.5 * m * math.log(beta) - const / beta
+    out = object.__new__(TiltedMixture)
+    out.__dict__.update(post.__dict__)
+    out.A, out.b, out.reward_cov, out.temperature, out.normalized = A64, b64, S, beta, bool(normalized)
+    out.log_normalizer = log_z
+    out._white_A, out._white_b, out._reward_const = white_A, white_b, const
+    return out
+
+
+def gaussian_kl(mean0: Tensor, cov0: Tensor, mean1: Tensor, cov1: Tensor) -> float:
+    r""":math:`\mathrm{KL}(N(m_0, C_0)\,\|\,N(m_1, C_1)) = \tfrac12[\mathrm{tr}(C_1^{-1}C_0) + (m_1-m_0)^\top C_1^{-1}(m_1-m_0) - d + \log\frac{\det C_1}{\det C_0}]` (float64)."""
+    m0, m1, c0, c1 = (_as64(v) for v in (mean0, mean1, cov0, cov1))
+    d = m0.shape[-1]
+    if m0.shape != (d,) or m1.shape != (d,) or c0.shape != (d, d) or c1.shape != (d, d):
+        raise ValueError(f"need means (d,) and covariances (d, d); got {tuple(m0.shape)}, {tuple(c0.shape)}, "
+                         f"{tuple(m1.shape)}, {tuple(c1.shape)}")
+    l0, i0 = torch.linalg.cholesky_ex(c0)
+    l1, i1 = torch.linalg.cholesky_ex(c1)
+    if i0 != 0 or i1 != 0:
+        raise ValueError("covariances must be positive definite")
+    a = torch.linalg.solve_triangular(l1, l0, upper=False)
+    dm = torch.linalg.solve_triangular(l1, (m1 - m0)[:, None], upper=False)[:, 0]
+    logdet = 2 * (torch.log(torch.diagonal(l1)).sum() - torch.log(torch.diagonal(l0)).sum())
+    return float(0.5 * ((a * a).sum() + (dm * dm).sum() - d + logdet))
+
+
+def mixture_kl(p: GaussianMixture, q: GaussianMixture, num_samples: int = 100_000,
+               generator: torch.Generator | None = None) -> tuple[float, float]:
+    r"""Monte Carlo :math:`\mathrm{KL}(p\|q) = E_p[\log p - \log q]` between two mixtures (no closed form exists).
+
+    Uses ``num_samples`` exact draws of ``p``. Returns ``(estimate, standard_error)``.
+    """
+    for name, g in (("p", p), ("q", q)):
+        if not isinstance(g, GaussianMixture):
+            raise TypeError(f"{name} must be a flowdiff.testing.GaussianMixture, got {type(g).__name__}")
+    if p.dim != q.dim:
+        raise ValueError(f"p and q live in different dimensions: {p.dim} vs {q.dim}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    x = p.sample(num_samples, generator=generator)
+    diff = p.log_prob(x) - q.log_prob(x)
+    return float(diff.mean()), float(diff.std() / math.sqrt(num_samples))
+
+
+def mode_frequencies(samples: Tensor, mixture: GaussianMixture) -> Tensor:
+    """How often the samples fall in each component (assigned by the highest responsibility), ``(K,)`` float64.
+
+    The empirical counterpart of ``mixture.weights``; :func:`mode_weight_tv` is half their L1 distance.
+    """
+    if not isinstance(mixture, GaussianMixture):
+        raise TypeError(f"mixture must be a flowdiff.testing.GaussianMixture, got {type(mixture).__name__}")
+    if not isinstance(samples, Tensor) or samples.ndim != 2 or samples.shape[1] != mixture.dim or samples.shape[0] < 1:
+        shape = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
+        raise ValueError(f"samples must be a tensor of shape (N, {mixture.dim}) with N >= 1, got {shape}")
+    if not torch.isfinite(samples).all():
+        raise ValueError(f"samples have {int((~torch.isfinite(samples)).sum())} non-finite entries")
+    x = samples.detach().to("cpu", torch.float64)
+    lj = mixture.log_joint(x) if isinstance(mixture, LinearGaussianPosterior) else _mixture_log_joint(mixture, x)
+    counts = torch.bincount(lj.argmax(-1), minlength=mixture.num_components).to(torch.float64)
+    return counts / x.shape[0]
+
+
+def sliced_w2_to_mixture(samples: Tensor, mixture: GaussianMixture, num_reference: int = 20_000,
+                         num_projections: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between ``samples`` ``(N, D)`` and ``num_reference`` exact draws of ``mixture``.
+
+    (:func:`flowdiff.metrics.sliced_wasserstein`, Bonneel et al. 2015.) The reference draws and the
+    projections come from ``seed``, so two sample sets are compared against the same reference.
+    Exact draws of the same size give the Monte Carlo floor.
+    """
+    from .metrics import sliced_wasserstein
+
+    if not isinstance(mixture, GaussianMixture):
+        raise TypeError(f"mixture must be a flowdiff.testing.GaussianMixture, got {type(mixture).__name__}")
+    if not isinstance(samples, Tensor) or samples.ndim != 2 or samples.shape[1] != mixture.dim:
+        shape = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
+        raise ValueError(f"samples must be a tensor of shape (N, {mixture.dim}), got {shape}")
+    if not torch.isfinite(samples).all():
+        raise ValueError(f"samples have {int((~torch.isfinite(samples)).sum())} non-finite entries")
+    g = torch.Generator().manual_seed(seed)
+    ref = mixture.sample(num_reference, generator=g)
+    return float(sliced_wasserstein(samples.detach().to("cpu", torch.float64), ref, num_projections=num_projections,
+                                    generator=g))
+
+
+def tilted_problem(dim: int, num_modes: int = 4, seed: int = 0, temperature: float = 1.0,
+                   rare_weight: float = 0.05, spread: float = 6.0, path: GaussianPath | None = None) -> TiltedMixture:
+    r"""A reproducible steering test: a mixture whose rarest mode is favoured by a 1-feature Gaussian reward.
+
+    Prior: ``num_modes`` isotropic components (standard deviation 0.5–1) with means drawn as
+    ``N(0, (spread/2)^2 I)``; one mode (the *rare* one) gets prior weight ``rare_weight``, the
+    rest share the remainder. Reward: :math:`r(x) = -(a^\top x - a^\top\mu_{rare})^2/(2 s^2)` along
+    the unit direction ``a`` from the mixture mean to the rare mode, with ``s`` = the rare mode's
+    spread along ``a`` plus one; so the tilted target puts much more weight on the rare mode than
+    the prior does (exactly how much: ``tilted.weights``).
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+    if isinstance(num_modes, bool) or not isinstance(num_modes, int) or num_modes < 2:
+        raise ValueError(f"num_modes must be an integer >= 2, got {num_modes!r}")
+    if not 0 < rare_weight < 1:
+        raise ValueError(f"rare_weight must lie in (0, 1), got {rare_weight!r}")
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(num_modes, dim, generator=g, dtype=torch.float64) * (spread / 2)
+    scales = (0.5 + 0.5 * torch.rand(num_modes, 1, generator=g, dtype=torch.float64)).expand(num_modes, dim).clone()
+    rest = torch.rand(num_modes - 1, generator=g, dtype=torch.float64) + 0.5
+    weights = torch.cat([torch.tensor([rare_weight], dtype=torch.float64), (1 - rare_weight) * rest / rest.sum()])
+    prior = GaussianMixture(means, scales=scales, weights=weights, path=path)
+    others = means[1:].mean(0)
+    a = means[0] - others
+    a = a / a.norm().clamp_min(1e-12)
+    b = a @ means[0]
+    return tilted_mixture(prior, a[None], b[None], scale=float(scales[0, 0]) + 1.0, temperature=temperature)
