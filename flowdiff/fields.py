@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ._utils import TimeLike, batch_time, check_float, check_time_range, expand_like
 from .paths import PREDICTIONS, GaussianPath, StochasticInterpolant
+from .paths.conversions import time_change
 from .paths.gaussian import PathCoefficients
 
 __all__ = ["Field", "InterpolantField", "Model", "Diffusion"]
@@ -167,6 +168,22 @@ class Field(_BaseField):
         """Salimans & Ho's v-prediction :math:`\\alpha\\hat\\varepsilon - \\sigma\\hat x`."""
         return self.evaluate(x, t, "v", **cond)
 
+    def with_path(self, path: GaussianPath) -> "Field":
+        r"""This model run as if it had been trained on ``path``: exact time change and rescaling.
+
+        At the time :math:`s(t)` where this field's path has ``path``'s log-SNR, noisy states are
+        proportional, :math:`\bar x_t = c(t)\,x_{s(t)}` (:func:`flowdiff.paths.conversions.time_change`),
+        so :math:`E[x_1 | \bar x_t = y] = E[x_1 | x_{s} = y/c]`: the returned field predicts ``"noise"``
+        (when this one does) or ``"data"`` by calling this model at ``(y / c, s)``. E.g. a linear
+        (rectified) flow becomes a VP model, whose reverse SDE then has the same marginals (Kim et al. 2025,
+        "Inference-Time Scaling for Flow Models via Stochastic Generation and Rollover Budget Forcing").
+        Exact for an exact model; ``path``'s times whose log-SNR this path does not reach on its safe
+        interval raise ``ValueError``. The returned field counts its own ``nfe`` (one call per call).
+        """
+        if not isinstance(path, GaussianPath):
+            raise TypeError(f"path must be a flowdiff.paths.GaussianPath, got {type(path).__name__}")
+        return Field(_PathChangedModel(self, path), path, "noise" if self.prediction == "noise" else "data")
+
     def drift(self, x: Tensor, t: TimeLike, eps: Diffusion = 0.0, **cond: Any) -> Tensor:
         """Drift :math:`u + \\varepsilon(t)\\,s` of :math:`dX = [u + \\varepsilon s]dt + \\sqrt{2\\varepsilon}dW`.
 
@@ -179,6 +196,21 @@ class Field(_BaseField):
         if torch.all(e == 0):
             return u
         return u + expand_like(e, x) * self.convert(out, x, tb, self.prediction, "score")
+
+
+class _PathChangedModel:
+    """``model(y, t)`` of :meth:`Field.with_path`: the source field's noise or data prediction at ``(y / c, s)``."""
+
+    def __init__(self, field: Field, path: GaussianPath):
+        self.field, self.path = field, path
+        self.prediction = "noise" if field.prediction == "noise" else "data"
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        change = time_change(self.field.path, self.path, t)
+        y = x / expand_like(change.scale.to(x.dtype), x)
+        s = change.s.to(x.dtype)
+        out = self.field.predict(y, s, **cond)
+        return self.field.convert(out, y, s, self.field.prediction, self.prediction)
 
 
 def _convert(out: Tensor, x: Tensor, c: PathCoefficients, source: str, to: str) -> Tensor:

@@ -20,12 +20,28 @@ from .gaussian import (
     SubVP,
     Trig,
 )
+from .conversions import (
+    RBF,
+    Constant,
+    DanceGRPO,
+    DiffusionCoefficient,
+    FlowGRPO,
+    ReverseDiffusion,
+    TimeChange,
+    Window,
+    available_diffusions,
+    diffusion_coefficient,
+    time_change,
+)
 from .interpolants import GAMMAS, INTERPOLANT_TARGETS, INTERPOLANTS, Gamma, InterpolantSample, StochasticInterpolant
 
 __all__ = [
     "GaussianPath", "PathCoefficients", "PathTable", "VP", "SubVP", "VE", "EDM", "Linear", "Trig", "Cosine", "Discrete",
     "Shifted", "Custom", "PREDICTIONS", "Gamma", "StochasticInterpolant", "InterpolantSample", "GAMMAS",
     "INTERPOLANTS", "INTERPOLANT_TARGETS", "get_path", "available_paths", "path_from_config",
+    # conversions (issue 15): marginal-preserving SDE coefficients and path changes
+    "DiffusionCoefficient", "FlowGRPO", "DanceGRPO", "RBF", "ReverseDiffusion", "Window", "Constant",
+    "diffusion_coefficient", "available_diffusions", "TimeChange", "time_change",
 ]
 
 _NAMED = {
