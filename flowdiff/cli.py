@@ -776,6 +776,97 @@ def solvers() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# finetune (RL toward a reward: fd.rl)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fixed_label_model(network: Any, label: int) -> Any:
+    """``network`` called with class ``label`` on every row, as an ``nn.Module`` whose state dict has the network's
+    keys (its children and direct tensors are registered on the wrapper), so that the fine-tuned checkpoint
+    loads like the pretrained one."""
+    import torch
+
+    class FixedLabel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            object.__setattr__(self, "inner", network)
+            for name, child in network.named_children():
+                self.add_module(name, child)
+            for name, param in network.named_parameters(recurse=False):
+                self.register_parameter(name, param)
+            for name, buf in network.named_buffers(recurse=False):
+                self.register_buffer(name, buf)
+            self.label = label
+
+        def forward(self, x: Any, t: Any) -> Any:
+            y = torch.full((x.shape[0],), self.label, dtype=torch.long, device=x.device)
+            return self.inner(x, t, y=y)
+
+    return FixedLabel()
+
+
+@app.command()
+@_command
+def finetune(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="The pretrained run (a checkpoint folder or a training --output folder)."),
+    reward: str = typer.Option(..., "--reward", help="Reward: 'gaussian:A=1,0;b=3;scale=1' (log-density of the region Ax≈b), 'classifier:label=3' (digits classifier log-probability), 'threshold:A=1,0;c=0.5' or 'threshold:c=0.5' (indicator/count of Ax > c)."),
+    beta: float = typer.Option(0.04, "--beta", help="KL weight β > 0 (the temperature of the tilted target p·exp(r/β))."),
+    method: str = typer.Option("flow-grpo", "--method", help="flow-grpo, dance-grpo or g2rpo."),
+    output: Path = typer.Option(Path("runs/finetune"), "--output", "-o", help="Run folder of the fine-tuned model (checkpoints/, metrics.jsonl); sample it with `flowdiff sample -c`."),
+    steps: int = typer.Option(200, "--steps", help="Optimizer updates (>= 1)."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (> 0)."),
+    group_size: int = typer.Option(8, "--group-size", help="Rollouts per group (>= 2)."),
+    groups: int = typer.Option(16, "--groups", help="Groups per rollout (>= 1)."),
+    num_steps: int = typer.Option(10, "--num-steps", help="Sampling steps of a rollout."),
+    updates_per_rollout: int = typer.Option(1, "--updates-per-rollout", help="Optimizer updates per rollout (PPO minibatches)."),
+    kl: str = typer.Option("loss", "--kl", help="loss (closed-form Gaussian KL term, Flow-GRPO) or reward (path log-ratio in the reward)."),
+    clip_range: float = typer.Option(0.2, "--clip-range", help="PPO clip ε (> 0)."),
+    label: Optional[int] = typer.Option(None, "--class", help="Class a class-conditional model is fine-tuned for (required for such a model)."),
+    ema_decay: float = typer.Option(0.99, "--ema-decay", help="EMA decay of the fine-tuned weights, in [0, 1)."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Checkpoint every this many updates (exactly resumable)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the rollout noise and the minibatch order."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the fine-tuning run in --output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --output that holds a run."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+) -> None:
+    """Fine-tune a trained model toward a reward with Flow-GRPO, DanceGRPO or G²RPO (fd.rl; docs/rl.md)."""
+    from . import rl
+    from .guidance import check_class_label, model_num_classes
+
+    config = rl.GRPOConfig(method=method, beta=beta, group_size=group_size, groups=groups, num_steps=num_steps,
+                           updates_per_rollout=updates_per_rollout, kl=kl, clip_range=clip_range, seed=seed)
+    reward_fn = rl.reward_from_spec(reward)
+    _check_run_folder(output, resume, overwrite)
+    field, ckpt_config = _load_field_or_exit(checkpoint, device=device, unlabeled="null")
+    network = field.model
+    classes = model_num_classes(network)
+    if classes is not None:
+        if label is None:
+            _fail(f"the checkpoint is class-conditional ({classes} classes): pass --class 0..{classes - 1}", 2)
+        network = _fixed_label_model(network, check_class_label(label, classes))
+    elif label is not None:
+        check_class_label(label, None)
+    model_spec = ckpt_config.get("model") or {}
+    if "data_shape" not in model_spec:
+        _fail(f"{ckpt_config['checkpoint_dir']}: config.json does not record the data shape of the model", 1)
+    _set_threads(threads, network, device)
+    extra = {**(ckpt_config.get("extra") or {}), "pretrained": str(ckpt_config["checkpoint_dir"]),
+             "finetune_class": label}
+    train = {"steps": steps, "lr": lr, "ema_decay": ema_decay, "checkpoint_every": checkpoint_every,
+             "output_dir": str(output), "seed": seed, "device": device, "log_every": max(1, min(50, steps))}
+    result = rl.finetune(network, field.path, field.prediction, reward_fn, config, train, resume=resume,
+                         overwrite=overwrite, progress=not _STATE["quiet"], model_config=model_spec, extra_config=extra,
+                         data_shape=tuple(model_spec["data_shape"]))
+    first, last = result.history[0] if result.history else {}, result.history[-1] if result.history else {}
+    typer.echo(f"fine-tuned {result.summary.step} updates ({method}, beta={beta}) in {result.summary.wall_time:.0f} s")
+    if first:
+        typer.echo(f"  reward (rollout mean): {first['reward']:.4g} -> {last['reward']:.4g}")
+        typer.echo(f"  KL to the reference  : {first['kl']:.4g} -> {last['kl']:.4g}")
+    typer.echo(f"  model   : {result.summary.checkpoint}")
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------------------------
 
