@@ -128,7 +128,8 @@ def test_g2rpo_moves_the_flow_to_the_tilted_target(tmp_path):
     beta = 1.0
     tilt = tilted_mixture(PRIOR, torch.tensor(A), torch.tensor(B), scale=SCALE, temperature=beta)
     before = mode_weight_tv(sample(Residual()), tilt)
-    model, result = run(tmp_path, "g2rpo", 40, method="g2rpo", beta=beta, num_steps=6, granularities=(1, 2))
+    model, result = run(tmp_path, "g2rpo", 16, method="g2rpo", beta=beta, num_steps=6, groups=6, granularities=(1, 2),
+                        updates_per_rollout=1, train={"lr": 2e-2})
     after = mode_weight_tv(sample(model), tilt)
     assert before > 0.6
     assert after < 0.5 * before, (before, after, mode_frequencies(sample(model), tilt))
