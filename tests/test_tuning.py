@@ -140,3 +140,71 @@ def test_bad_input_is_rejected():
         tune_grid(f, "ddim", 0, x)
     with pytest.raises(TypeError, match="data_or_noise"):
         tune_grid(f, "ddim", 6, [1.0, 2.0])
+
+
+# ---------------------------------------------------------------------------------------
+# tune_solver: tuned-multistep coefficients and steps
+# ---------------------------------------------------------------------------------------
+
+
+def test_untuned_multistep_is_dpm_solver_pp_2m_taylor():
+    f = field()
+    x = noise(16, 3)
+    for nfe in (3, 5, 9):
+        a = sample(f, x, solver="tuned-multistep", nfe=nfe, grid="logsnr")
+        b = sample(f, x, solver="dpm-solver++2m", nfe=nfe, grid="logsnr", solver_type="taylor", lower_order_final=False)
+        assert a.nfe == b.nfe == nfe
+        torch.testing.assert_close(a.x, b.x, rtol=1e-12, atol=1e-12)
+
+
+def test_tuned_multistep_final_weights_use_the_history():
+    f = field()
+    x = noise(8, 4)
+    plain = sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr")
+    # 3 steps, history 3: 0 + 1 + 2 step coefficients, 3 final weights; w_1 = 1 doubles the last difference
+    res = sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", final_weights=[1.0, 0.0, 0.0])
+    assert res.nfe == 4
+    assert not torch.allclose(res.x, plain.x)
+    with pytest.raises(ValueError, match="needs 3 final_weights"):
+        sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", final_weights=[1.0])
+    with pytest.raises(ValueError, match="needs 3 coefficients"):
+        sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", coefficients=[0.0])
+    with pytest.raises(ValueError, match="finite"):
+        sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", final_weights=[float("nan"), 0.0, 0.0])
+    with pytest.raises(TypeError, match="sequence"):
+        sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", final_weights=3.0)
+
+
+@pytest.fixture(scope="module")
+def tuned_solver() -> TunedGrid:
+    from flowdiff.solvers.tuning import tune_solver
+
+    return tune_solver(field(), 4, noise(96, 5), max_evals=250, reference_nfe=128, time_budget=60)
+
+
+def test_tune_solver_beats_the_best_tuned_grid_on_held_out_noise(tuned_solver, tmp_path):
+    f = field()
+    x_hold = noise(128, 98)
+    ref = sample(f, x_hold, solver="dpm-solver++3m", nfe=600, grid="logsnr", solver_type="taylor").x
+    kwargs = tuned_solver.sample_kwargs(f)
+    assert kwargs["solver"] == "tuned-multistep" and len(kwargs["final_weights"]) == 3
+    res = sample(f, x_hold, **kwargs)
+    assert res.nfe == 4
+    ours = median_rms(res.x, ref)
+    for solver in ("dpm-solver++2m", "unipc"):
+        assert ours < 0.7 * median_rms(sample(f, x_hold, solver=solver, nfe=4).x, ref)
+    assert tuned_solver.cost["model_calls"] > 0 and tuned_solver.settings["chosen"] == "tuned"
+    # stored and reloaded with its coefficients
+    back = load_grid(save_grid(tuned_solver, tmp_path / "solver.safetensors"), f, "tuned-multistep", 4)
+    torch.testing.assert_close(sample(f, x_hold, **back.sample_kwargs(f)).x, res.x)
+
+
+def test_tune_solver_rejects_bad_input():
+    from flowdiff.solvers.tuning import tune_solver
+
+    with pytest.raises(ValueError, match="nfe"):
+        tune_solver(field(), 1, noise(8, 0))
+    with pytest.raises(TypeError, match="floating-point"):
+        tune_solver(field(), 4, torch.zeros(8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="metric"):
+        tune_solver(field(), 4, noise(8, 0), metric="max")

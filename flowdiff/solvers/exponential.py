@@ -89,8 +89,8 @@ from .base import Solver, check_choice, check_flag, lower_order_final, register_
 from .loop import Run
 
 __all__ = [
-    "DEISSolver", "DPMSolverMultistep", "DPMSolverSinglestep", "EtaStep", "SDEDPMSolverPP2", "UniPC",
-    "lagrange_exp_weights", "singlestep_orders"
+    "DEISSolver", "DPMSolverMultistep", "DPMSolverSinglestep", "EtaStep", "SDEDPMSolverPP2", "TunedMultistep",
+    "UniPC", "lagrange_exp_weights", "singlestep_orders", "tuned_multistep_base", "tuned_multistep_sizes"
 ]
 
 PREDICTION_FORMS = ("data", "noise")
@@ -585,6 +585,108 @@ class DEISSolver(ExponentialSolver):
         return (f.s[i + 1] / f.s[i]) * x + (f.s[i + 1] * math.exp(lam[i])) * acc, data
 
 
+def tuned_multistep_base(lam: list[float], i: int, history: int) -> list[float]:
+    r"""The coefficients :math:`c_{i,k}`, ``k = 1 … min(i, history)``, of :class:`TunedMultistep`
+    before tuning: DPM-Solver++(2M) in its Taylor form on the nodes' log-SNR ``lam``,
+    :math:`c_{i,1} = \frac{\varphi_2(-h)}{\varphi_1(-h)\,r}` with :math:`r = h_{i-1}/h_i`
+    (:math:`\varphi_1(-h) = (1 - e^{-h})/h`, :math:`\varphi_2(-h) = (e^{-h} - 1 + h)/h^2`), the others 0."""
+    out = [0.0] * min(i, history)
+    if out and math.isfinite(lam[i - 1]):
+        h, h_prev = lam[i + 1] - lam[i], lam[i] - lam[i - 1]
+        em = math.expm1(-h)
+        out[0] = (em / h + 1.0) / (-em) * (h / h_prev)
+    return out
+
+
+def tuned_multistep_sizes(steps: int, history: int) -> tuple[int, int]:
+    """Number of step coefficients and of final weights of :class:`TunedMultistep`."""
+    return sum(min(i, history) for i in range(steps)), min(steps, history)
+
+
+class TunedMultistep(ExponentialSolver):
+    r"""A linear multistep exponential integrator whose coefficients are free parameters, to be
+    fitted to one model, one NFE and one grid by :func:`flowdiff.solvers.tuning.tune_solver`.
+
+    In data prediction, with the predictions :math:`m_j = \hat x(x_j, t_j)` at the nodes and
+    :math:`h_i = \lambda_{i+1} - \lambda_i`,
+
+    .. math::
+
+        x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}(1 - e^{-h_i})
+            \Big[m_i + \sum_{k=1}^{\min(i, K)} c_{i,k}\,(m_i - m_{i-k})\Big],\qquad
+        \hat x = m_N + \sum_{k=1}^{\min(N, K)} w_k\,(m_N - m_{N-k}),
+
+    where :math:`m_N` is the final denoising call at the last node (the solver makes it itself,
+    so its last step and the output can use it). Every explicit multistep method in data form
+    — DDIM, DPM-Solver++(2M/3M), DEIS, and UniPC with its corrector, whose corrected states are
+    again linear combinations of the past predictions — is a member of this family for some
+    ``c``; the consistency condition (weights summing to one) is built in. This is the
+    "learned solver coefficients" idea of Zhou et al. 2024 ("Fast ODE-based Sampling for
+    Diffusion Models in Around 5 Steps", AMED), Frankel et al. 2025 ("S4S: Solving for a
+    Diffusion Model Solver") and, for the steps alone, Tong et al. 2024 ("Learning to
+    Discretize Denoising Diffusion ODEs", LD3): the coefficients and the step locations are
+    fitted to the model on pilot trajectories against a fine solve of the same ODE.
+
+    Arguments:
+        coefficients: offsets added to the untuned :math:`c_{i,k}` (:func:`tuned_multistep_base`,
+            DPM-Solver++(2M) in Taylor form), flattened step by step (``k = 1 … min(i, K)`` for
+            ``i = 0 … N − 1``); ``None``: all zero.
+        final_weights: :math:`w_1 … w_{\min(N, K)}`; ``None``: all zero (the output is :math:`m_N`).
+        history: K, how many past predictions a step may use (default 3).
+
+    Untuned (both ``None``) it is DPM-Solver++(2M) (Taylor form) with a second-order last step.
+    """
+
+    options = {"coefficients": None, "final_weights": None, "history": 3}
+
+    def __init__(self, run: Run, options: dict):
+        super().__init__(run, options)
+        self.form = _Form(run, "data")
+        self.history_length = check_int("history", self.opts["history"], 1, 16)
+        n_coef, n_final = tuned_multistep_sizes(run.steps, self.history_length)
+        self.offsets = self._vector("coefficients", self.opts["coefficients"], n_coef)
+        self.final_weights = self._vector("final_weights", self.opts["final_weights"], n_final)
+        self.first = [sum(min(j, self.history_length) for j in range(i)) for i in range(run.steps)]
+
+    def _vector(self, name: str, value: Any, size: int) -> list[float]:
+        if value is None:
+            return [0.0] * size
+        try:
+            out = [float(v) for v in (value.tolist() if isinstance(value, Tensor) else value)]
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be a sequence of {size} floats, got {value!r}") from err
+        if len(out) != size:
+            raise ValueError(f"{self.name!r} with {self.run.steps} steps and history={self.history_length} needs {size} "
+                             f"{name}, got {len(out)}; tune them for this grid (flowdiff.solvers.tuning.tune_solver)")
+        if not all(math.isfinite(v) for v in out):
+            raise ValueError(f"{name} must be finite, got {out}")
+        return out
+
+    def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        run, f = self.run, self.form
+        data, _ = run.evaluate(x, i)
+        hist = self.history(data, self.history_length + 1)
+        if run.sigma[i + 1] == 0.0:
+            return run.alpha[i + 1] * data, data  # σ = 0: the exact first-order limit
+        base = tuned_multistep_base(f.lam, i, self.history_length)
+        combined = data
+        for k, c in enumerate(base, start=1):
+            if len(hist) > k:
+                combined = combined + (c + self.offsets[self.first[i] + k - 1]) * (data - hist[-1 - k])
+        return f.first_order(x, i, combined), data
+
+    def revise(self, i: int, x: Tensor) -> Tensor:
+        if i == self.run.steps:  # the final denoise, made here so that the output can use the history
+            data, _ = self.run.evaluate(x, i)
+            hist = self.memory.get("hist", [])
+            out = data
+            for k, w in enumerate(self.final_weights, start=1):
+                if w != 0.0 and len(hist) >= k:
+                    out = out + w * (data - hist[-k])
+            self.memory["final_denoised"] = out
+        return x
+
+
 # Registration: names are configurations (fixed options, changed defaults) of the classes.
 
 _EXP: dict[str, Any] = {"kind": "exponential", "requires_gaussian_path": True, "default_grid": "logsnr"}
@@ -616,5 +718,8 @@ for _order in (2, 3):
 register_solver("dpm-solver", DPMSolverMultistep, fixed={"prediction": "noise"},
                 description="multistep DPM-Solver, noise prediction, option order (default 3)", **_EXP)
 register_solver("unipc", UniPC, description="UniPC predictor-corrector (order 1-3, noise/data, bh1/bh2: defaults by budget)",
+                **{**_EXP, "default_grid": "quadratic"})
+register_solver("tuned-multistep", TunedMultistep, final_denoise=True,
+                description="linear multistep exponential integrator with free coefficients (tune_solver fits them)",
                 **{**_EXP, "default_grid": "quadratic"})
 register_solver("deis", DEISSolver, description="DEIS polynomial exponential integrator (orders 1-4, noise/data)", **_EXP)
