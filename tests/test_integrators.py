@@ -11,6 +11,7 @@ from flowdiff.solvers.integrators import (
     DOPRI5,
     TABLEAUS,
     adams_pec,
+    adams_per_sample,
     dopri5_global,
     dopri5_per_sample,
     lagrange_weights,
@@ -84,3 +85,45 @@ def test_adams_pec_converges_and_integrates_the_side_quantity():
     # Lagrange weights integrate polynomials of their degree exactly
     w = lagrange_weights([0.0, 0.3, 0.7, 1.0], 0.0, 1.0)
     assert sum(wj * x**3 for wj, x in zip(w, [0.0, 0.3, 0.7, 1.0])) == pytest.approx(0.25, abs=1e-14)
+
+
+def _rate_error(rates):
+    def error(s, h, y_c, y_p, k, dq, idx):
+        return (y_c - y_p).abs().reshape(len(idx), -1).amax(-1) + dq.abs()
+    return error
+
+
+def test_adams_per_sample_reaches_its_tolerance_with_a_step_per_sample():
+    # dy/ds = -r y, dq/ds = -r (a log-det-like side quantity), per-sample rates over two decades
+    rates = torch.tensor([0.5, 5.0, 50.0], dtype=torch.float64)
+
+    def f(s, y, idx):
+        r = rates[idx].reshape(-1, 1)
+        return -r * y, -rates[idx]
+
+    y0 = torch.ones(3, 2, dtype=torch.float64)
+    errs, calls_by_tol = [], []
+    for tol in (1e-4, 1e-7):
+        y, q, steps, calls, est = adams_per_sample(f, 0.0, 1.0, y0, torch.zeros(3, dtype=torch.float64), error=_rate_error(rates),
+                                                   tol=tol, max_calls=5000, order=5, per_unit_step=False)
+        exact = torch.exp(-rates).reshape(-1, 1)
+        errs.append(float((y - exact).abs().max()))
+        torch.testing.assert_close(q, -rates, rtol=0, atol=1e-12)  # polynomial-exact quadrature of a constant
+        assert (calls >= steps + 1).all() and (steps[1:] >= steps[:-1]).all()  # rejected tries cost calls; stiffer: more steps
+        assert (est >= 0).all()
+        calls_by_tol.append(calls)
+    assert errs[1] < errs[0] / 100 and errs[1] < 1e-6
+    assert (calls_by_tol[1] > calls_by_tol[0]).all()
+    # each sample's steps are its own: the slow sample alone takes the same steps
+    y_alone, _, steps_alone, _, _ = adams_per_sample(lambda s, y, idx: f(s, y, idx[:1] * 0), 0.0, 1.0, y0[:1],
+                                                     torch.zeros(1, dtype=torch.float64), error=_rate_error(rates), tol=1e-4,
+                                                     max_calls=5000, order=5, per_unit_step=False)
+    y_all, _, steps_all, _, _ = adams_per_sample(f, 0.0, 1.0, y0, torch.zeros(3, dtype=torch.float64), error=_rate_error(rates),
+                                                 tol=1e-4, max_calls=5000, order=5, per_unit_step=False)
+    assert int(steps_alone[0]) == int(steps_all[0])
+    torch.testing.assert_close(y_alone[0], y_all[0], rtol=0, atol=1e-14)
+    with pytest.raises(RuntimeError, match="nfe=5"):
+        adams_per_sample(f, 0.0, 1.0, y0, torch.zeros(3, dtype=torch.float64), error=_rate_error(rates), tol=1e-9, max_calls=5)
+    with pytest.raises(ValueError, match="order"):
+        adams_per_sample(f, 0.0, 1.0, y0, torch.zeros(3, dtype=torch.float64), error=_rate_error(rates), tol=1e-4, max_calls=50,
+                         order=6)

@@ -29,11 +29,11 @@ is an upper bound on the discrete model's code length (Theis, van den Oord & Bet
 :math:`\log_2 127.5 \approx 6.99` bits (score_sde's centred "offset 7").
 """
 
-from ..solvers.logp import (DEFAULT_ADAPTIVE_CAP, DEFAULT_LIKELIHOOD_NFE, DIVERGENCES, LIKELIHOOD_GRIDS, LIKELIHOOD_SOLVERS,
+from ..solvers.logp import (DEFAULT_ADAPTIVE_CAP, DEFAULT_ATOL_NATS, DEFAULT_LIKELIHOOD_NFE, DIVERGENCES, LIKELIHOOD_GRIDS, LIKELIHOOD_SOLVERS,
                             PROBE_DISTRIBUTIONS, NonFiniteLikelihoodError, SampleLogpResult, augmented_velocity, divergence,
                             draw_probes, sample_with_logp)
 from .api import BitsPerDimResult, LikelihoodResult, bits_per_dim, log_likelihood
 
-__all__ = ["DEFAULT_ADAPTIVE_CAP", "DEFAULT_LIKELIHOOD_NFE", "DIVERGENCES", "LIKELIHOOD_GRIDS", "LIKELIHOOD_SOLVERS",
+__all__ = ["DEFAULT_ADAPTIVE_CAP", "DEFAULT_ATOL_NATS", "DEFAULT_LIKELIHOOD_NFE", "DIVERGENCES", "LIKELIHOOD_GRIDS", "LIKELIHOOD_SOLVERS",
            "PROBE_DISTRIBUTIONS", "BitsPerDimResult", "LikelihoodResult", "NonFiniteLikelihoodError", "SampleLogpResult",
            "augmented_velocity", "bits_per_dim", "divergence", "draw_probes", "log_likelihood", "sample_with_logp"]

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DOPRI5", "EULER", "HEUN", "KUTTA3", "LOWER_ORDER", "MIDPOINT", "RK4", "TABLEAUS", "StepSizeUnderflowError",
-           "Tableau", "adams_pec", "dopri5_global", "dopri5_per_sample", "lagrange_weights", "rk_step"]
+           "Tableau", "adams_pec", "adams_per_sample", "dopri5_global", "dopri5_per_sample", "lagrange_weights", "rk_step"]
 
 State = Tensor | tuple[Tensor, ...]
 Step = float | Tensor
@@ -287,3 +287,127 @@ def adams_pec(
         if on_step is not None:
             on_step(i, pred, y, total)
     return y, total
+
+
+def _interp_weights(nodes: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Batched :func:`lagrange_weights`: ``nodes`` ``(n, m)`` float64, intervals ``[a, b]`` ``(n,)``; returns
+    ``(n, m)`` weights with :math:`\\int_a^b P = \\sum_j w_j f_j` (``P`` interpolating at the nodes), from the
+    moments of the Vandermonde system in coordinates centred at ``a`` and scaled by ``b - a``."""
+    h = (b - a).unsqueeze(-1)
+    z = (nodes - a.unsqueeze(-1)) / h  # the step is [0, 1] in these coordinates
+    m = nodes.shape[-1]
+    powers = torch.arange(m, dtype=torch.float64)
+    vander = z.unsqueeze(-1) ** powers  # (n, m nodes, m powers)
+    moments = (1.0 / (powers + 1.0)).expand(nodes.shape[0], m)
+    return torch.linalg.solve(vander.transpose(1, 2), moments.unsqueeze(-1)).squeeze(-1) * h
+
+
+def adams_per_sample(
+    f: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]], s0: float, s1: float, y: Tensor, g0: Tensor, *,
+    error: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor], tol: float, max_calls: int,
+    first_step: float = 1 / 64, order: int = 4, max_growth: float = 2.0, safety: float = 0.9, per_unit_step: bool = True,
+    on_step: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Variable-step Adams–Bashforth/Adams–Moulton PEC with a time, a step and a history per sample.
+
+    ``f(s, y, index) -> (k, q)``: ``dy/ds`` and a side quantity ``q`` (``(n,)`` or ``(n, P)``) to be
+    integrated, that does not feed back, for the samples ``index`` at their times ``s`` (float64,
+    CPU). One call of ``f`` per attempted step. The predictor is Adams–Bashforth and the corrector
+    Adams–Moulton of the same order (``order`` ≤ 5 nodes; lower at the start while the history
+    fills), both with the exact integrals of the Lagrange interpolants through the sample's own
+    previous nodes ("Solving ODEs I", §III.5, variable steps); ``q`` is integrated with the
+    corrector's weights. Milne's device: the corrector's local error is a fixed fraction of
+    ``corrected − predicted``; ``error(s_new, h, y_c, y_p, k_new, q_c − q_p, index)`` turns the two
+    differences into a local error estimate per sample, in the caller's units, and a step is
+    accepted when it is at most ``tol·|h|/|s1 − s0|`` (error per unit step: the estimates of a
+    whole solve add up to at most ``tol``). With the ratio ``r`` of the two, the step follows
+    :math:`h \\leftarrow h\\,\\min(g, \\max(0.2, \\mathrm{safety}\\,r^{-1/\\mathrm{order}}))` (``g = max_growth``,
+    no growth right after a rejection; the ratio of successive steps stays bounded, which keeps
+    variable-step Adams stable); a rejected step keeps the history and retries smaller. Returns
+    ``(y at s1, ∫q ds, accepted steps, calls, Σ accepted error estimates)`` per sample;
+    ``max_calls`` caps the calls of ``f`` per sample (RuntimeError beyond).
+    """
+    if not 1 <= order <= 5:
+        raise ValueError(f"order must be in 1..5, got {order!r}")
+    batch, device = y.shape[0], y.device
+    span, direction = abs(s1 - s0), (1.0 if s1 > s0 else -1.0)
+    s = torch.full((batch,), s0, dtype=torch.float64)
+    h = torch.full((batch,), direction * first_step * span, dtype=torch.float64)
+    hist_s = torch.full((batch, order), math.nan, dtype=torch.float64)
+    k0, q0 = f(s.clone(), y, torch.arange(batch, device=device))
+    hist_k = k0.new_zeros((batch, order, *k0.shape[1:]))
+    hist_q = q0.new_zeros((batch, order, *q0.shape[1:]))
+    hist_s[:, -1], hist_k[:, -1], hist_q[:, -1] = s, k0, q0
+    filled = torch.ones(batch, dtype=torch.long)
+    y, total = y.clone(), g0.clone()
+    steps = torch.zeros(batch, dtype=torch.long)
+    calls = torch.ones(batch, dtype=torch.long)
+    active = torch.ones(batch, dtype=torch.bool)
+    rejected = torch.zeros(batch, dtype=torch.bool)  # the last attempt was rejected: no growth on the next step
+    estimate = torch.zeros(batch, dtype=torch.float64)
+
+    def bcast(w: Tensor, like: Tensor) -> Tensor:
+        return w.to(dtype=like.dtype, device=like.device).reshape(*w.shape, *[1] * (like.ndim - 2))
+
+    while bool(active.any()):
+        if int(calls.max()) >= max_calls:
+            raise RuntimeError(f"the adaptive Adams solve needed more than nfe={max_calls} model evaluations per sample "
+                               f"({int(active.sum())} of {batch} samples unfinished); loosen the tolerance or raise nfe")
+        ia = active.nonzero().squeeze(1)
+        ia_dev = ia.to(device)
+        sa, ha = s[ia], h[ia]
+        if bool((ha.abs() < 1e-13 * span).any()):
+            raise StepSizeUnderflowError("adaptive Adams: the step size underflowed (the field is non-finite or discontinuous)")
+        remaining = s1 - sa
+        last = remaining.abs() <= ha.abs() * 1.000001
+        ha = torch.where(last, remaining, torch.where(remaining.abs() <= 2 * ha.abs(), 0.5 * remaining, ha))
+        s_new = torch.where(last, torch.full_like(sa, s1), sa + ha)
+        y_new, q_step, q_pred_step = torch.empty_like(y[ia_dev]), None, None
+        ya = y[ia_dev]
+        pred = torch.empty_like(ya)
+        groups = []
+        for m in range(1, order + 1):  # samples grouped by how many history nodes they have
+            sel = (filled[ia].clamp(max=order) == m).nonzero().squeeze(1)
+            if len(sel):
+                groups.append((m, sel))
+        for m, sel in groups:
+            nodes_p = hist_s[ia[sel], order - m:]
+            wp = _interp_weights(nodes_p, sa[sel], s_new[sel])
+            sd = sel.to(device)
+            pred[sd] = ya[sd] + (bcast(wp, hist_k) * hist_k[ia_dev[sd], order - m:]).sum(1)
+        k_new, q_new = f(s_new.clone(), pred, ia_dev)
+        calls[ia] += 1
+        q_c, q_p = torch.empty_like(q_new), torch.empty_like(q_new)
+        for m, sel in groups:
+            sd = sel.to(device)
+            mc = min(m + 1, order)  # corrector nodes: the last mc − 1 history nodes and the new one
+            nodes_p = hist_s[ia[sel], order - m:]
+            nodes_c = torch.cat([hist_s[ia[sel], order - mc + 1:], s_new[sel].unsqueeze(-1)], dim=1)
+            wp = _interp_weights(nodes_p, sa[sel], s_new[sel])
+            wc = _interp_weights(nodes_c, sa[sel], s_new[sel])
+            kc = torch.cat([hist_k[ia_dev[sd], order - mc + 1:], k_new[sd].unsqueeze(1)], dim=1)
+            qc = torch.cat([hist_q[ia_dev[sd], order - mc + 1:], q_new[sd].unsqueeze(1)], dim=1)
+            y_new[sd] = ya[sd] + (bcast(wc, kc) * kc).sum(1)
+            q_c[sd] = (bcast(wc, qc) * qc).sum(1)
+            q_p[sd] = (bcast(wp, hist_q) * hist_q[ia_dev[sd], order - m:]).sum(1)
+        local = error(s_new, ha, y_new, pred, k_new, q_c - q_p, ia_dev).detach().double().cpu()
+        ratio = local / (tol * ha.abs() / span) if per_unit_step else local / tol
+        ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, 1e10)).clamp_min(1e-10)
+        accept = ratio <= 1.0
+        acc, acc_dev = ia[accept], ia_dev[accept.to(device)]
+        y[acc_dev] = y_new[accept.to(device)]
+        total[acc_dev] = total[acc_dev] + q_c[accept.to(device)]
+        hist_s[acc] = torch.cat([hist_s[acc, 1:], s_new[accept].unsqueeze(-1)], dim=1)
+        hist_k[acc_dev] = torch.cat([hist_k[acc_dev, 1:], k_new[accept.to(device)].unsqueeze(1)], dim=1)
+        hist_q[acc_dev] = torch.cat([hist_q[acc_dev, 1:], q_new[accept.to(device)].unsqueeze(1)], dim=1)
+        filled[acc] += 1
+        estimate[acc] += local[accept]
+        s[acc] = s_new[accept]
+        steps[acc] += 1
+        grow = (safety * ratio.pow(-1.0 / (order if per_unit_step else order + 1))).clamp(0.2, max_growth)
+        h[ia] = ha * torch.where(accept, torch.where(rejected[ia], grow.clamp(max=1.0), grow), grow.clamp(max=0.9))
+        rejected[ia] = ~accept
+        active[acc] = ~last[accept]
+        if on_step is not None:
+            on_step(s_new, ia_dev, accept)
+    return y, total, steps, calls, estimate
