@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -61,8 +62,19 @@ from _common import (  # noqa: E402 - the benchmarks folder first
 
 import flowdiff as fd
 from flowdiff.solvers import available, get_solver, sample
+from flowdiff.solvers.grids import jump_grid
+from flowdiff.solvers.tuning import grid_steps, tune_solver
 
-NFES = (5, 6, 8, 10, 12, 15, 20, 25, 50)
+NFES = (3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 50)
+#: NFEs at which ``--tuned`` fits ``tune_solver`` (tuned-multistep) on separate pilot noise.
+TUNED_NFES = (3, 4, 5, 6, 8, 10)
+#: Generic (untuned) solvers run on the :func:`flowdiff.solvers.grids.jump_grid` rule.
+JUMP_SOLVERS = (
+    ("unipc", {"order": 2, "variant": "bh2", "prediction": "data", "lower_order_final": False}),
+    ("unipc", {"order": 3, "variant": "bh1", "prediction": "data", "lower_order_final": False}),
+    ("dpm-solver++2m", {"lower_order_final": False}),
+    ("deis", {"order": 3, "lower_order_final": False}),
+)
 GRIDS = ("logsnr", "quadratic", "karras", "uniform")  # "shifted" is for flow paths: off here
 
 
@@ -84,6 +96,7 @@ class Problem(SigmaInterface):
         self.x_vp = self.path.sigma(torch.tensor(self.t0, dtype=torch.float64)) * z  # VP state at t0
         self.x_tilde = self.x_vp / self.alpha0  # sigma~-space state (k-diffusion, Karras-type)
         self.calls = 0
+        self.seed = seed
         self.reference = self._reference()
 
     def _denoise(self, x: Tensor, t: float) -> Tensor:
@@ -155,13 +168,80 @@ def flowdiff_configs(quick: bool) -> list[tuple[str, str | None, dict, str | Non
         for grid in ("logsnr", "quadratic"):
             label = f"{name} {' '.join(f'{k}={v}' for k, v in opts.items())} [{grid}]"
             configs.append((label, name, opts, grid))
+    for name, opts in JUMP_SOLVERS:  # the jump_grid rule: steps on sigma~ in [0.04, 10], final denoise from 0.04
+        label = f"{name} {' '.join(f'{k}={v}' for k, v in opts.items())} [jump_grid]"
+        configs.append((label, name, opts, "jump"))
     return configs
 
 
 def run_flowdiff(problem: Problem, solver: str | None, options: dict, grid: str | None, nfe: int) -> tuple[float, int]:
     field = fd.Field(problem.mix.model("noise"), problem.path, "noise")
+    if grid == "jump":  # an explicit grid from the rule: it ends where the final denoise jumps from
+        steps = grid_steps(field, solver, nfe, True, options)
+        if steps < 2:
+            return float("nan"), 0
+        grid = jump_grid(problem.path, steps)
     res = sample(field, problem.x_vp.clone(), solver=solver, nfe=nfe, grid=grid, **options)
     return problem.error(res.x), res.nfe
+
+
+def run_tuned(problem: Problem, nfe: int, pilots: int, max_evals: int, time_budget: float) -> tuple[float, int, dict]:
+    """tune_solver on ``pilots`` separate noise draws (never the evaluation draws), then the evaluation."""
+    field = fd.Field(problem.mix.model("noise"), problem.path, "noise")
+    noise = problem.path.prior_sample((pilots, *problem.x_vp.shape[1:]),
+                                      generator=torch.Generator().manual_seed(problem.seed + 1000), dtype=torch.float64)
+    tuned = tune_solver(field, nfe, noise, max_evals=max_evals, time_budget=time_budget)
+    res = sample(field, problem.x_vp.clone(), **tuned.sample_kwargs(field))
+    return problem.error(res.x), res.nfe, tuned.cost
+
+
+# ---------------------------------------------------------------------------------------
+# The official DPM-Solver code (Lu et al.; not on PyPI: --official FILE loads dpm_solver_pytorch.py)
+# ---------------------------------------------------------------------------------------
+
+#: (algorithm_type, method, order, skip_type, solver_type, denoise_to_zero) of the official ``DPM_Solver.sample``.
+OFFICIAL_CONFIGS = [
+    (algo, method, order, skip, solver_type, dtz)
+    for algo in ("dpmsolver", "dpmsolver++")
+    for method, order in (("multistep", 1), ("multistep", 2), ("multistep", 3), ("singlestep", 2), ("singlestep", 3),
+                          ("singlestep_fixed", 2), ("singlestep_fixed", 3))
+    for skip in ("logSNR", "time_uniform", "time_quadratic")
+    for solver_type in ("dpmsolver", "taylor")
+    for dtz in (False, True)
+    if not (method == "multistep" and order == 1 and solver_type == "taylor")
+]
+
+
+def load_official(file: Path):
+    """Import the official ``dpm_solver_pytorch.py`` (LuChengTHU/dpm-solver) from a file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dpm_solver_pytorch", file)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def run_official(problem: Problem, module, config: tuple, nfe: int) -> tuple[float, int]:
+    """One configuration of the official code on the same β table (``NoiseScheduleVP("discrete")``),
+    the oracle called at the path time with the same λ; ``denoise_to_zero`` counts its call."""
+    algo, method, order, skip, solver_type, dtz = config
+    ns = module.NoiseScheduleVP("discrete", betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64),
+                                dtype=torch.float64)
+    calls = [0]
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        calls[0] += 1
+        t_path = float(problem.path.t_of_log_snr(ns.marginal_lambda(t[:1]).to(torch.float64)))
+        return problem.mix.noise(x, min(max(t_path, problem.t0), problem.t1))
+
+    steps = nfe - 1 if dtz else nfe
+    if steps < 1 or (method == "multistep" and steps < order):
+        return float("nan"), 0
+    solver = module.DPM_Solver(model_fn, ns, algorithm_type=algo)
+    x = solver.sample(problem.x_vp.clone(), steps=steps, order=order, skip_type=skip, method=method,
+                      lower_order_final=True, denoise_to_zero=dtz, solver_type=solver_type)
+    return problem.error(x), calls[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,21 +256,40 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=str, default=None,
+                        help="comma-separated mixture seeds: run each and write <stem>_seeds.md (ratios, median/worst)")
+    parser.add_argument("--nfe", type=str, default=None, help="comma-separated NFE values (default all)")
+    parser.add_argument("--official", type=Path, default=None,
+                        help="the official dpm_solver_pytorch.py (LuChengTHU/dpm-solver) to run as a peer")
+    parser.add_argument("--tuned", action="store_true", help="also fit tune_solver (tuned-multistep) per NFE")
+    parser.add_argument("--pilots", type=int, default=128, help="pilot noise draws for --tuned")
+    parser.add_argument("--tune-evals", type=int, default=1200)
+    parser.add_argument("--tune-seconds", type=float, default=240.0)
+    parser.add_argument("--stem", type=str, default="solvers", help="results file stem")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small tensors: threads only add overhead
-    nfes = (5, 10, 20) if args.quick else NFES
-    n = args.samples or (128 if args.quick else 512)
+    nfes = tuple(int(v) for v in args.nfe.split(",")) if args.nfe else ((5, 10, 20) if args.quick else NFES)
+    if args.seeds:
+        return run_seeds(args, nfes)
+    return run_one(args, nfes, args.seed, args.stem)
 
-    start = time.time()
-    problem = Problem(n, args.dim, args.components, args.seed)
+
+def run_one(args: argparse.Namespace, nfes: tuple[int, ...], seed: int, stem: str) -> dict:
+    """Every configuration of every library on the mixture of ``seed``; writes ``<stem>.*``."""
+    n = args.samples or (128 if args.quick else 512)
+    start, cpu = time.time(), time.process_time()
+    problem = Problem(n, args.dim, args.components, seed)
     print(f"reference solved in {time.time() - start:.1f}s; sigma~ from {problem.sigma_max:.4g} to {problem.sigma_min:.4g}")
     rows: list[dict] = []
 
-    def record(library: str, label: str, fn: Callable[[int], tuple[float, int]]) -> None:
+    def record(library: str, label: str, fn: Callable[[int], tuple[float, int]], only: tuple[int, ...] = ()) -> None:
         errors, calls = {}, {}
         for nfe in nfes:
+            if only and nfe not in only:
+                errors[nfe], calls[nfe] = float("nan"), 0
+                continue
             try:
                 err, used = fn(nfe)
             except Exception as exc:  # noqa: BLE001 - a peer failing at some NFE is reported, not fatal
@@ -203,7 +302,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     for label, solver, opts, grid in flowdiff_configs(args.quick):
         record("flowdiff", label, lambda nfe, s=solver, o=opts, g=grid: run_flowdiff(problem, s, o, g, nfe))
+    tune_costs: dict[int, dict] = {}
+    if args.tuned:
+        def tuned(nfe: int) -> tuple[float, int]:
+            err, used, cost = run_tuned(problem, nfe, args.pilots, args.tune_evals, args.tune_seconds)
+            tune_costs[nfe] = cost
+            print(f"  tuned-multistep @ {nfe}: {err:.4g} (tuning: {cost})", flush=True)
+            return err, used
+
+        record("flowdiff tuned", f"tune_solver (tuned-multistep, {args.pilots} pilot draws)", tuned, TUNED_NFES)
     peers_note = []
+    if args.official is not None:
+        module = load_official(args.official)
+        for config in OFFICIAL_CONFIGS:
+            record("official DPM-Solver", "official " + " ".join(map(str, config)),
+                   lambda nfe, c=config: run_official(problem, module, c, nfe))
+        peers_note.append(f"official DPM-Solver ({args.official.name}, {len(OFFICIAL_CONFIGS)} configurations)")
     try:
         import diffusers
 
@@ -220,22 +334,71 @@ def main(argv: list[str] | None = None) -> dict:
         peers_note.append("k-diffusion sampling.py")
     else:
         peers_note.append("k-diffusion not installed: skipped")
-    elapsed = time.time() - start
+    elapsed, cpu = time.time() - start, time.process_time() - cpu
 
     summary = summarize(rows, nfes)
     meta = run_metadata(
-        problem=f"random_mixture(dim={args.dim}, components={args.components}, seed={args.seed}, anisotropic) "
+        problem=f"random_mixture(dim={args.dim}, components={args.components}, seed={seed}, anisotropic) "
         f"on Discrete.linear() (sigma~ {problem.sigma_max:.4g} -> {problem.sigma_min:.4g}), exact noise prediction, float64",
         samples=n,
         metric="median over samples of the per-sample RMS distance to a DOP853 (rtol=atol=1e-10) reference + denoise",
         nfe=list(nfes),
         peers=peers_note,
         seconds=round(elapsed, 1),
+        cpu_seconds=round(cpu, 1),
+        tuning={str(k): v for k, v in tune_costs.items()},
     )
-    write_outputs(args.out, rows, summary, meta, nfes, plot=not args.no_plot)
+    write_outputs(args.out, rows, summary, meta, nfes, plot=not args.no_plot, stem=stem)
     print(render_summary(summary, nfes))
-    print(f"done in {elapsed:.0f}s; wrote {args.out}/solvers.*")
+    print(f"done in {elapsed:.0f}s ({cpu:.0f} CPU s); wrote {args.out}/{stem}.*")
     return {"rows": rows, "summary": summary, "meta": meta}
+
+
+def ratios(summary: dict, nfe: int) -> dict[str, float]:
+    """The issue-12 ratios at one NFE (NaN where a library did not run)."""
+    def err(lib: str) -> float:
+        return summary.get(lib, {}).get(nfe, ("-", math.nan))[1]
+
+    generic, tuned, official = err("flowdiff"), err("flowdiff tuned"), err("official DPM-Solver")
+    ours = min((e for e in (generic, tuned) if math.isfinite(e)), default=math.nan)
+    peer = min((e for e in (err("diffusers"), err("k-diffusion")) if math.isfinite(e)), default=math.nan)
+    return {"generic/official": generic / official, "best/official": ours / official,
+            "best/peer": ours / peer, "generic/peer": generic / peer}
+
+
+def run_seeds(args: argparse.Namespace, nfes: tuple[int, ...]) -> dict:
+    """:func:`run_one` per seed, then ``<stem>_seeds.md``: each ratio per seed, its median and worst."""
+    seeds = [int(v) for v in args.seeds.split(",")]
+    per_seed = {}
+    for seed in seeds:
+        per_seed[seed] = run_one(args, nfes, seed, f"{args.stem}_seed{seed}")
+    keys = ("best/official", "generic/official", "best/peer", "generic/peer")
+    md = [f"# Solver error ratios over mixture seeds {seeds}", "",
+          f"random_mixture(dim={args.dim}, components={args.components}, seed, anisotropic) on Discrete.linear(); "
+          f"{per_seed[seeds[0]]['meta']['samples']} samples per seed; per-seed tables in {args.stem}_seed<k>.md. "
+          "'best' is the best flowdiff configuration, tuned ones (tune_solver on separate pilot draws) included; "
+          "'generic' the best without EMS or tuning; 'official' the best of the official DPM-Solver code's "
+          f"{len(OFFICIAL_CONFIGS)} configurations; 'peer' the best diffusers / k-diffusion configuration.", "",
+          "| NFE | " + " | ".join(f"{k} median | worst" for k in keys) + " | best flowdiff configuration (seed " + str(seeds[0]) + ") |",
+          "|---|" + "---|---|" * len(keys) + "---|"]
+    table = {}
+    for nfe in nfes:
+        cells, table[nfe] = [], {}
+        for key in keys:
+            vals = [ratios(per_seed[s]["summary"], nfe)[key] for s in seeds]
+            vals = [v for v in vals if math.isfinite(v)]
+            med = statistics.median(vals) if vals else math.nan
+            worst = max(vals) if vals else math.nan
+            table[nfe][key] = {"per_seed": vals, "median": med, "worst": worst}
+            cells.append(f"{med:.2f} | {worst:.2f}")
+        first = per_seed[seeds[0]]["summary"]
+        cand = [first.get(lib, {}).get(nfe) for lib in ("flowdiff", "flowdiff tuned")]
+        cand = [c for c in cand if c is not None]
+        best_cfg = min(cand, key=lambda c: c[1])[0] if cand else "-"
+        md.append(f"| {nfe} | " + " | ".join(cells) + f" | {best_cfg} |")
+    write_results(f"{args.stem}_seeds", md, {"seeds": seeds, "ratios": {str(k): v for k, v in table.items()}}, args.out)
+    print("\n".join(md))
+    return {"per_seed": per_seed, "ratios": table}
 
 
 def summarize(rows: list[dict], nfes: tuple[int, ...]) -> dict:
@@ -253,28 +416,30 @@ def summarize(rows: list[dict], nfes: tuple[int, ...]) -> dict:
     return best
 
 
+LIBRARIES = ("flowdiff", "flowdiff tuned", "official DPM-Solver", "diffusers", "k-diffusion")
+
+
 def render_summary(summary: dict, nfes: tuple[int, ...]) -> str:
-    libs = [lib for lib in ("flowdiff", "diffusers", "k-diffusion") if lib in summary]
-    lines = ["| NFE | " + " | ".join(f"best {lib}" for lib in libs) + " | flowdiff / best peer |",
-             "|---|" + "---|" * (len(libs) + 1)]
+    libs = [lib for lib in LIBRARIES if lib in summary]
+    lines = ["| NFE | " + " | ".join(f"best {lib}" for lib in libs) + " | flowdiff / best peer | generic / official "
+             "| best / official |", "|---|" + "---|" * (len(libs) + 3)]
     for nfe in nfes:
-        cells, peer_best = [], math.inf
+        cells = []
         for lib in libs:
             cfg, e = summary[lib].get(nfe, ("-", math.nan))
-            cells.append(f"{e:.3g} ({cfg})")
-            if lib != "flowdiff" and math.isfinite(e):
-                peer_best = min(peer_best, e)
-        ours = summary.get("flowdiff", {}).get(nfe, ("-", math.nan))[1]
-        ratio = ours / peer_best if math.isfinite(peer_best) else math.nan
-        lines.append(f"| {nfe} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+            cells.append(f"{e:.3g} ({cfg})" if math.isfinite(e) else "–")
+        r = ratios(summary, nfe)
+        lines.append(f"| {nfe} | " + " | ".join(cells) + f" | {r['best/peer']:.2f} | {r['generic/official']:.2f} | "
+                     f"{r['best/official']:.2f} |")
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, rows: list[dict], summary: dict, meta: dict, nfes: tuple[int, ...], plot: bool) -> None:
+def write_outputs(out: Path, rows: list[dict], summary: dict, meta: dict, nfes: tuple[int, ...], plot: bool,
+                  stem: str = "solvers") -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "rows": rows,
                "best": {lib: {str(k): v for k, v in d.items()} for lib, d in summary.items()}}
-    with open(out / "solvers.csv", "w", newline="") as fh:
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["library", "config", *[f"nfe_{k}" for k in nfes]])
         for row in rows:
@@ -288,9 +453,9 @@ def write_outputs(out: Path, rows: list[dict], summary: dict, meta: dict, nfes: 
           "|---|---|" + "---|" * len(nfes)]
     for row in sorted(rows, key=lambda r: (r["library"] != "flowdiff", r["errors"][nfes[len(nfes) // 2]] if math.isfinite(r["errors"][nfes[len(nfes) // 2]]) else math.inf)):
         md.append(f"| {row['library']} | {row['config']} | " + " | ".join(f"{row['errors'][k]:.3g}" for k in nfes) + " |")
-    write_results("solvers", md, payload, out)
+    write_results(stem, md, payload, out)
     if plot:
-        write_plot(out / "solvers.png", rows, summary, nfes)
+        write_plot(out / f"{stem}.png", rows, summary, nfes)
 
 
 def write_plot(path: Path, rows: list[dict], summary: dict, nfes: tuple[int, ...]) -> None:

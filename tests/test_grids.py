@@ -100,3 +100,40 @@ def test_validate_grid() -> None:
         validate_grid([0.0, math.nan])
     with pytest.raises(ValueError, match="t_start"):
         validate_grid([0.1, 0.5], t_start=0.0)
+
+
+def test_jump_grid_is_log_snr_uniform_between_its_noise_levels_and_ends_before_t_end():
+    from flowdiff.solvers.grids import jump_grid
+
+    path = fd.paths.Discrete.linear()
+    g = jump_grid(path, 9, sigma_max=10.0, sigma_min=0.04)
+    assert g.dtype == torch.float64 and g.shape == (10,) and (torch.diff(g) > 0).all()
+    assert float(g[0]) == path.t_min and float(g[-1]) < path.t_max
+    lam = path.table(g).log_snr
+    torch.testing.assert_close(lam[1:], torch.linspace(-math.log(10.0), -math.log(0.04), 9, dtype=torch.float64),
+                               atol=1e-9, rtol=0)
+    # the range clipped to the interval: a start below sigma_max gives the log-SNR grid to sigma_min
+    lam0 = float(path.table([0.5]).log_snr[0])
+    g2 = jump_grid(path, 4, t_start=0.5, sigma_max=1e3)
+    torch.testing.assert_close(path.table(g2).log_snr, torch.linspace(lam0, -math.log(0.04), 5, dtype=torch.float64),
+                               atol=1e-9, rtol=0)
+    # used as an explicit grid, sample's final denoise is made at its last node
+    mix = fd.testing.random_mixture(4, 2, seed=1, path=path)
+    field = fd.Field(mix.model("noise"), path, "noise")
+    x = path.prior_sample((4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = fd.sample(field, x, solver="unipc", grid=jump_grid(path, 4), nfe=5)
+    assert res.nfe == 5 and torch.isfinite(res.x).all()
+
+
+def test_jump_grid_rejects_bad_input():
+    from flowdiff.solvers.grids import jump_grid
+
+    path = fd.paths.Discrete.linear()
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        jump_grid(path, 4, sigma_max=0.1, sigma_min=1.0)
+    with pytest.raises(ValueError, match="sigma_max"):
+        jump_grid(path, 4, sigma_max=-1.0)
+    with pytest.raises(ValueError, match="steps"):
+        jump_grid(path, 0)
+    with pytest.raises(TypeError, match="GaussianPath"):
+        jump_grid(None, 4)

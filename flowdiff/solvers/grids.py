@@ -20,6 +20,14 @@ kind           node ``i = 0 … N``                                             
 
 ``logsnr`` and ``karras`` need a Gaussian path (they are defined through λ); ``uniform``,
 ``quadratic`` and ``shifted`` work for every path, stochastic interpolants included.
+
+:func:`jump_grid` is a rule of another kind: its last node is *not* ``t_end``. It spends the
+steps log-SNR-uniformly on the noise levels :math:`\tilde\sigma \in [\tilde\sigma_{lo},
+\tilde\sigma_{hi}]` where a few-step solver has work to do, reaches :math:`\tilde\sigma_{hi}` from
+the start in one step (above it the denoiser of data of unit scale hardly changes), and leaves
+the rest, :math:`\tilde\sigma_{lo} \to 0`, to the final denoising call, which then jumps to the
+data from a noise level where it still has something to correct (diffusers' and k-diffusion's
+last step to σ = 0, Lu et al. 2022's ``denoise_to_zero``).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from torch import Tensor
 from .._utils import check_float, check_int
 from ..paths import GaussianPath, StochasticInterpolant
 
-__all__ = ["GRID_KINDS", "make_grid", "validate_grid"]
+__all__ = ["GRID_KINDS", "jump_grid", "make_grid", "validate_grid"]
 
 #: Grid kinds :func:`make_grid` knows.
 GRID_KINDS = ("uniform", "logsnr", "quadratic", "karras", "shifted")
@@ -130,4 +138,63 @@ def make_grid(path: GaussianPath | StochasticInterpolant, kind: str = "logsnr", 
     if (torch.diff(g) <= 0).any():
         raise ValueError(f"{steps} steps of a {kind!r} grid on [{t0!r}, {t1!r}] are not strictly increasing in float64 "
                          f"(too many steps for this interval)")
+    return g
+
+
+#: σ̃ = σ/α range of :func:`jump_grid` (data of unit scale; measured in docs/solvers.md).
+JUMP_SIGMA_MAX = 10.0
+JUMP_SIGMA_MIN = 0.04
+
+
+def jump_grid(path: GaussianPath, steps: int, t_start: float | None = None, t_end: float | None = None, *,
+              sigma_max: float = JUMP_SIGMA_MAX, sigma_min: float = JUMP_SIGMA_MIN) -> Tensor:
+    r"""A grid for few-step sampling whose final denoise jumps to the data from :math:`\tilde\sigma_{lo}`.
+
+    Nodes (``steps + 1``): ``t_start``, then ``steps`` times uniform in λ from
+    :math:`\lambda_{hi} = -\log\tilde\sigma_{hi}` to :math:`\lambda_{lo} = -\log\tilde\sigma_{lo}`
+    (:math:`\tilde\sigma = \sigma/\alpha`), each clipped to the interval ``[t_start, t_end]``
+    (when the interval is narrower the rule falls back to the log-SNR grid over it). The grid
+    ends at :math:`t(\lambda_{lo})`, before ``t_end``: pass it as ``grid=`` to
+    :func:`~flowdiff.sample` (whose final denoise is then made there) — the whole budget is
+    spent where the trajectory bends.
+
+    Arguments:
+        path: a Gaussian path.
+        steps: solver steps (the grid has ``steps + 1`` times; with ``denoise_final`` a
+            one-evaluation-per-step solver spends ``steps + 1`` model calls).
+        t_start, t_end: default the path's safe interval.
+        sigma_max, sigma_min: :math:`\tilde\sigma_{hi} > \tilde\sigma_{lo} > 0`, in units of the data
+            (defaults :data:`JUMP_SIGMA_MAX`, :data:`JUMP_SIGMA_MIN`, for data of about unit scale).
+
+    Returns:
+        float64 CPU tensor of shape ``(steps + 1,)``, strictly increasing, from ``t_start``.
+    """
+    if not isinstance(path, GaussianPath):
+        raise TypeError(f"jump_grid needs a GaussianPath (it is defined through the log-SNR), got {type(path).__name__}")
+    steps = check_int("steps", steps, 1)
+    hi = check_float("sigma_max", sigma_max, 0.0, low_open=True)
+    lo = check_float("sigma_min", sigma_min, 0.0, low_open=True)
+    if not lo < hi:
+        raise ValueError(f"need sigma_min < sigma_max, got sigma_min={lo!r}, sigma_max={hi!r}")
+    t0 = float(path.t_min if t_start is None else t_start)
+    t1 = float(path.t_max if t_end is None else t_end)
+    if not (0.0 <= t0 < t1 <= 1.0):
+        raise ValueError(f"need 0 <= t_start < t_end <= 1, got t_start={t0!r}, t_end={t1!r}")
+    lam0, lam1 = finite_log_snr(path, t0, t1, "jump_grid")
+    lam_hi, lam_lo = -math.log(hi), -math.log(lo)
+    lam_lo = min(lam_lo, lam1)
+    lam_hi = max(lam_hi, lam0)
+    if not lam_hi < lam_lo:  # the range is outside [t_start, t_end]: the plain log-SNR grid
+        lam_hi, lam_lo = lam0, lam1
+    if steps == 1:
+        lam = torch.tensor([lam0, lam_lo], dtype=torch.float64)
+    else:
+        inner = lam_hi + torch.arange(steps, dtype=torch.float64) / (steps - 1) * (lam_lo - lam_hi)
+        lam = torch.cat([torch.tensor([lam0], dtype=torch.float64), inner])
+        if lam_hi <= lam0:  # the start is already below sigma_max: uniform from the start
+            lam = lam0 + torch.arange(steps + 1, dtype=torch.float64) / steps * (lam_lo - lam0)
+    g = path.t_of_log_snr(lam).to(torch.float64).clamp(t0, t1)
+    g[0] = t0
+    if (torch.diff(g) <= 0).any():
+        raise ValueError(f"{steps} steps of a jump grid on [{t0!r}, {t1!r}] are not strictly increasing in float64")
     return g

@@ -54,7 +54,7 @@ from ..paths import GaussianPath, StochasticInterpolant
 from .._utils import check_float, check_int
 from .base import check_choice, get_solver, require_gaussian_path
 from .ems import EMS, _describe, same_path_config
-from .grids import finite_log_snr, make_grid, validate_grid
+from .grids import finite_log_snr, jump_grid, make_grid, validate_grid
 from .loop import interval, plan, sample
 
 __all__ = ["TunedGrid", "grid_steps", "load_grid", "save_grid", "tune_grid", "tune_solver"]
@@ -500,9 +500,10 @@ def tune_solver(field: Any, nfe: int, data_or_noise: Tensor, *, history: int = 3
     of Tong et al. 2024 ("Learning to Discretize Denoising Diffusion ODEs", LD3), extended to the
     solver coefficients as in Zhou et al. 2024 (AMED) and Frankel et al. 2025 (S4S). The search is
     derivative free (scipy's Powell, then Nelder–Mead): the coefficients enter the model inputs,
-    and no gradient of the model is needed. It starts from the best standard grid (with and
-    without the final jump) of the untuned method, which is DPM-Solver++(2M), and keeps the
-    result only if it is also better on the held-out part of the batch.
+    and no gradient of the model is needed. It starts from the best of the standard grids (with
+    and without the final jump) and three :func:`~flowdiff.solvers.grids.jump_grid` rules for the
+    untuned method, which is DPM-Solver++(2M), and keeps the result only if it is also better on
+    the held-out part of the batch.
 
     Use it with :func:`~flowdiff.sample` as ``sample(field, x, **tuned.sample_kwargs(field))``.
     Everything is fitted on the pilot draws and the teacher only: never on the draws being
@@ -591,6 +592,11 @@ def tune_solver(field: Any, nfe: int, data_or_noise: Tensor, *, history: int = 3
             except ValueError:
                 continue
             candidates[kind + "+jump" * jump] = g[:-1] if jump else g
+    for hi, lo in ((10.0, 0.04), (20.0, 0.02), (5.0, 0.08)):  # the jump_grid rule (grids.py) and its neighbours
+        try:
+            candidates[f"jump({hi:g},{lo:g})"] = jump_grid(path, steps, t0, t1, sigma_max=hi, sigma_min=lo)
+        except ValueError:
+            continue
     tried = {name: error(g, zeros, x_tune, ref_tune) for name, g in candidates.items()}
     evals += len(tried)
     finite = {k: v for k, v in tried.items() if math.isfinite(v)}
