@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import statistics
 import sys
@@ -72,6 +73,7 @@ TUNED_NFES = (3, 4, 5, 6, 8, 10)
 JUMP_SOLVERS = (
     ("unipc", {"order": 2, "variant": "bh2", "prediction": "data", "lower_order_final": False}),
     ("unipc", {"order": 3, "variant": "bh1", "prediction": "data", "lower_order_final": False}),
+    ("unipc", {"order": 3, "variant": "bh2", "prediction": "data", "lower_order_final": False}),
     ("dpm-solver++2m", {"lower_order_final": False}),
     ("deis", {"order": 3, "lower_order_final": False}),
 )
@@ -168,7 +170,7 @@ def flowdiff_configs(quick: bool) -> list[tuple[str, str | None, dict, str | Non
         for grid in ("logsnr", "quadratic"):
             label = f"{name} {' '.join(f'{k}={v}' for k, v in opts.items())} [{grid}]"
             configs.append((label, name, opts, grid))
-    for name, opts in JUMP_SOLVERS:  # the jump_grid rule: steps on sigma~ in [0.04, 10], final denoise from 0.04
+    for name, opts in JUMP_SOLVERS:  # the jump_grid rule: steps on sigma~ in [0.45/nfe, 7], final denoise from there
         label = f"{name} {' '.join(f'{k}={v}' for k, v in opts.items())} [jump_grid]"
         configs.append((label, name, opts, "jump"))
     return configs
@@ -266,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tune-evals", type=int, default=1200)
     parser.add_argument("--tune-seconds", type=float, default=240.0)
     parser.add_argument("--stem", type=str, default="solvers", help="results file stem")
+    parser.add_argument("--reuse", action="store_true", help="with --seeds: load a seed's results if already written")
+    parser.add_argument("--tuned-nfe", type=str, default=None, help="comma-separated NFEs for --tuned (default 3,4,5,6,8,10)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -310,7 +314,8 @@ def run_one(args: argparse.Namespace, nfes: tuple[int, ...], seed: int, stem: st
             print(f"  tuned-multistep @ {nfe}: {err:.4g} (tuning: {cost})", flush=True)
             return err, used
 
-        record("flowdiff tuned", f"tune_solver (tuned-multistep, {args.pilots} pilot draws)", tuned, TUNED_NFES)
+        only = tuple(int(v) for v in args.tuned_nfe.split(",")) if args.tuned_nfe else TUNED_NFES
+        record("flowdiff tuned", f"tune_solver (tuned-multistep, {args.pilots} pilot draws)", tuned, only)
     peers_note = []
     if args.official is not None:
         module = load_official(args.official)
@@ -371,7 +376,14 @@ def run_seeds(args: argparse.Namespace, nfes: tuple[int, ...]) -> dict:
     seeds = [int(v) for v in args.seeds.split(",")]
     per_seed = {}
     for seed in seeds:
-        per_seed[seed] = run_one(args, nfes, seed, f"{args.stem}_seed{seed}")
+        stem = f"{args.stem}_seed{seed}"
+        done = args.out / f"{stem}.json"
+        if args.reuse and done.is_file():  # a seed run earlier (e.g. in a parallel process): its rows
+            payload = json.loads(done.read_text())
+            rows = [{**r, "errors": {int(k): v for k, v in r["errors"].items()}} for r in payload["rows"]]
+            per_seed[seed] = {"rows": rows, "summary": summarize(rows, nfes), "meta": payload["meta"]}
+            continue
+        per_seed[seed] = run_one(args, nfes, seed, stem)
     keys = ("best/official", "generic/official", "best/peer", "generic/peer")
     md = [f"# Solver error ratios over mixture seeds {seeds}", "",
           f"random_mixture(dim={args.dim}, components={args.components}, seed, anisotropic) on Discrete.linear(); "

@@ -106,6 +106,7 @@ def test_jump_grid_is_log_snr_uniform_between_its_noise_levels_and_ends_before_t
     from flowdiff.solvers.grids import jump_grid
 
     path = fd.paths.Discrete.linear()
+    assert torch.equal(jump_grid(path, 9), jump_grid(path, 9, sigma_max=7.0, sigma_min=0.045))  # default 0.45/(N + 1)
     g = jump_grid(path, 9, sigma_max=10.0, sigma_min=0.04)
     assert g.dtype == torch.float64 and g.shape == (10,) and (torch.diff(g) > 0).all()
     assert float(g[0]) == path.t_min and float(g[-1]) < path.t_max
@@ -114,7 +115,7 @@ def test_jump_grid_is_log_snr_uniform_between_its_noise_levels_and_ends_before_t
                                atol=1e-9, rtol=0)
     # the range clipped to the interval: a start below sigma_max gives the log-SNR grid to sigma_min
     lam0 = float(path.table([0.5]).log_snr[0])
-    g2 = jump_grid(path, 4, t_start=0.5, sigma_max=1e3)
+    g2 = jump_grid(path, 4, t_start=0.5, sigma_max=1e3, sigma_min=0.04)
     torch.testing.assert_close(path.table(g2).log_snr, torch.linspace(lam0, -math.log(0.04), 5, dtype=torch.float64),
                                atol=1e-9, rtol=0)
     # used as an explicit grid, sample's final denoise is made at its last node

@@ -151,7 +151,7 @@ def test_untuned_multistep_is_dpm_solver_pp_2m_taylor():
     f = field()
     x = noise(16, 3)
     for nfe in (3, 5, 9):
-        a = sample(f, x, solver="tuned-multistep", nfe=nfe, grid="logsnr")
+        a = sample(f, x, solver="tuned-multistep", nfe=nfe, grid="logsnr", coefficients=None)
         b = sample(f, x, solver="dpm-solver++2m", nfe=nfe, grid="logsnr", solver_type="taylor", lower_order_final=False)
         assert a.nfe == b.nfe == nfe
         torch.testing.assert_close(a.x, b.x, rtol=1e-12, atol=1e-12)
@@ -160,19 +160,19 @@ def test_untuned_multistep_is_dpm_solver_pp_2m_taylor():
 def test_tuned_multistep_final_weights_use_the_history():
     f = field()
     x = noise(8, 4)
-    plain = sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr")
+    plain = sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", coefficients=None)
     # 3 steps, history 3: 0 + 1 + 2 step coefficients, 3 final weights; w_1 = 1 doubles the last difference
-    res = sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", final_weights=[1.0, 0.0, 0.0])
+    res = sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", coefficients=None, final_weights=[1.0, 0.0, 0.0])
     assert res.nfe == 4
     assert not torch.allclose(res.x, plain.x)
     with pytest.raises(ValueError, match="needs 3 final_weights"):
-        sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", final_weights=[1.0])
+        sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", coefficients=None, final_weights=[1.0])
     with pytest.raises(ValueError, match="needs 3 coefficients"):
         sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", coefficients=[0.0])
     with pytest.raises(ValueError, match="finite"):
-        sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", final_weights=[float("nan"), 0.0, 0.0])
+        sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", coefficients=None, final_weights=[float("nan"), 0.0, 0.0])
     with pytest.raises(TypeError, match="sequence"):
-        sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", final_weights=3.0)
+        sample(f, x, solver="tuned-multistep", nfe=4, grid="logsnr", coefficients=None, final_weights=3.0)
 
 
 @pytest.fixture(scope="module")

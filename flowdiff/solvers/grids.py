@@ -141,30 +141,34 @@ def make_grid(path: GaussianPath | StochasticInterpolant, kind: str = "logsnr", 
     return g
 
 
-#: σ̃ = σ/α range of :func:`jump_grid` (data of unit scale; measured in docs/solvers.md).
-JUMP_SIGMA_MAX = 10.0
-JUMP_SIGMA_MIN = 0.04
+#: σ̃ = σ/α where :func:`jump_grid`'s log-SNR-uniform steps begin (data of about unit scale).
+JUMP_SIGMA_MAX = 7.0
+#: :func:`jump_grid`'s default last node: σ̃ = ``JUMP_SIGMA_MIN_SCALE / (steps + 1)``, lower with more steps.
+JUMP_SIGMA_MIN_SCALE = 0.45
 
 
 def jump_grid(path: GaussianPath, steps: int, t_start: float | None = None, t_end: float | None = None, *,
-              sigma_max: float = JUMP_SIGMA_MAX, sigma_min: float = JUMP_SIGMA_MIN) -> Tensor:
+              sigma_max: float = JUMP_SIGMA_MAX, sigma_min: float | None = None) -> Tensor:
     r"""A grid for few-step sampling whose final denoise jumps to the data from :math:`\tilde\sigma_{lo}`.
 
     Nodes (``steps + 1``): ``t_start``, then ``steps`` times uniform in λ from
     :math:`\lambda_{hi} = -\log\tilde\sigma_{hi}` to :math:`\lambda_{lo} = -\log\tilde\sigma_{lo}`
-    (:math:`\tilde\sigma = \sigma/\alpha`), each clipped to the interval ``[t_start, t_end]``
-    (when the interval is narrower the rule falls back to the log-SNR grid over it). The grid
-    ends at :math:`t(\lambda_{lo})`, before ``t_end``: pass it as ``grid=`` to
-    :func:`~flowdiff.sample` (whose final denoise is then made there) — the whole budget is
-    spent where the trajectory bends.
+    (:math:`\tilde\sigma = \sigma/\alpha`), clipped to the interval ``[t_start, t_end]`` (a start
+    below :math:`\tilde\sigma_{hi}` gives the log-SNR grid from the start). The grid ends at
+    :math:`t(\lambda_{lo})`, before ``t_end``: pass it as ``grid=`` to :func:`~flowdiff.sample`,
+    whose final denoise is then made there, so that the whole budget is spent where the
+    trajectory bends. The jump costs an error that shrinks with :math:`\tilde\sigma_{lo}`, the
+    steps one that grows as they spread: the default :math:`\tilde\sigma_{lo} = 0.45/(N + 1)`
+    balances the two (measured on d = 48 mixtures, seeds 0–3, 5–20 NFE: docs/solvers.md).
 
     Arguments:
         path: a Gaussian path.
-        steps: solver steps (the grid has ``steps + 1`` times; with ``denoise_final`` a
+        steps: solver steps N (the grid has ``steps + 1`` times; with ``denoise_final`` a
             one-evaluation-per-step solver spends ``steps + 1`` model calls).
         t_start, t_end: default the path's safe interval.
-        sigma_max, sigma_min: :math:`\tilde\sigma_{hi} > \tilde\sigma_{lo} > 0`, in units of the data
-            (defaults :data:`JUMP_SIGMA_MAX`, :data:`JUMP_SIGMA_MIN`, for data of about unit scale).
+        sigma_max: :math:`\tilde\sigma_{hi}` (default :data:`JUMP_SIGMA_MAX`, for data of about unit scale).
+        sigma_min: :math:`\tilde\sigma_{lo} < \tilde\sigma_{hi}`; default
+            ``JUMP_SIGMA_MIN_SCALE / (steps + 1)`` (:data:`JUMP_SIGMA_MIN_SCALE`).
 
     Returns:
         float64 CPU tensor of shape ``(steps + 1,)``, strictly increasing, from ``t_start``.
@@ -173,7 +177,8 @@ def jump_grid(path: GaussianPath, steps: int, t_start: float | None = None, t_en
         raise TypeError(f"jump_grid needs a GaussianPath (it is defined through the log-SNR), got {type(path).__name__}")
     steps = check_int("steps", steps, 1)
     hi = check_float("sigma_max", sigma_max, 0.0, low_open=True)
-    lo = check_float("sigma_min", sigma_min, 0.0, low_open=True)
+    lo = check_float("sigma_min", JUMP_SIGMA_MIN_SCALE / (steps + 1) if sigma_min is None else sigma_min, 0.0,
+                     low_open=True)
     if not lo < hi:
         raise ValueError(f"need sigma_min < sigma_max, got sigma_min={lo!r}, sigma_max={hi!r}")
     t0 = float(path.t_min if t_start is None else t_start)

@@ -54,7 +54,7 @@ from ..paths import GaussianPath, StochasticInterpolant
 from .._utils import check_float, check_int
 from .base import check_choice, get_solver, require_gaussian_path
 from .ems import EMS, _describe, same_path_config
-from .grids import finite_log_snr, jump_grid, make_grid, validate_grid
+from .grids import JUMP_SIGMA_MAX, JUMP_SIGMA_MIN_SCALE, finite_log_snr, jump_grid, make_grid, validate_grid
 from .loop import interval, plan, sample
 
 __all__ = ["TunedGrid", "grid_steps", "load_grid", "save_grid", "tune_grid", "tune_solver"]
@@ -592,9 +592,10 @@ def tune_solver(field: Any, nfe: int, data_or_noise: Tensor, *, history: int = 3
             except ValueError:
                 continue
             candidates[kind + "+jump" * jump] = g[:-1] if jump else g
-    for hi, lo in ((10.0, 0.04), (20.0, 0.02), (5.0, 0.08)):  # the jump_grid rule (grids.py) and its neighbours
-        try:
-            candidates[f"jump({hi:g},{lo:g})"] = jump_grid(path, steps, t0, t1, sigma_max=hi, sigma_min=lo)
+    default_lo = JUMP_SIGMA_MIN_SCALE / (steps + 1)
+    for hi, lo in ((JUMP_SIGMA_MAX, default_lo), (2 * JUMP_SIGMA_MAX, default_lo / 2), (JUMP_SIGMA_MAX / 2, 2 * default_lo)):
+        try:  # the jump_grid rule (grids.py) and two neighbours
+            candidates[f"jump({hi:g},{lo:.3g})"] = jump_grid(path, steps, t0, t1, sigma_max=hi, sigma_min=lo)
         except ValueError:
             continue
     tried = {name: error(g, zeros, x_tune, ref_tune) for name, g in candidates.items()}
