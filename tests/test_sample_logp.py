@@ -45,3 +45,20 @@ def test_return_logp_with_dopri5_and_an_option_typo():
     assert float((res.log_prob - exact).abs().max()) < 1e-4
     with pytest.raises(ValueError, match="probes"):
         fd.sample(field, x0, return_logp=True, probe=4)
+
+
+def test_return_logp_with_the_adaptive_solver_and_atol_in_nats():
+    """solver='adaptive' generates with per-sample steps; atol is the requested error in nats."""
+    path = fd.paths.VP()
+    oracle = fd.testing.random_mixture(3, 3, seed=4, path=path)
+    field = fd.Field(oracle.model("noise"), path, "noise")
+    x0 = path.prior_sample((32, 3), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t0 = torch.tensor(path.t_min, dtype=torch.float64)
+    prior = lambda z: oracle.log_prob_t(z, t0.expand(len(z)))  # noqa: E731
+    errors = []
+    for atol in (1e-2, 1e-4):
+        res = fd.sample(field, x0, return_logp=True, solver="adaptive", atol=atol, prior=prior, denoise_final=False)
+        exact = oracle.log_prob_t(res.state, torch.full((32,), path.t_max, dtype=torch.float64))
+        errors.append(float((res.log_prob - exact).abs().mean()))
+        assert errors[-1] < atol
+    assert errors[1] < errors[0] / 10

@@ -33,8 +33,15 @@ and :math:`\log p_X(x) = \log p_Y(y) - D\log S`. The velocity is smooth and boun
 path (VP's exponential ends and VE's σ up to 80 become the same straight-line problem), so one
 grid works for all of them; for a stochastic interpolant τ = t and S = 1.
 
-**Solvers** (:data:`LIKELIHOOD_SOLVERS`, on :mod:`flowdiff.solvers.integrators`): ``"adams"`` (default;
-one model evaluation per node) on a grid uniform in τ with two start-up nodes at 1/4 and 1/2 of the
+**Solvers** (:data:`LIKELIHOOD_SOLVERS`, on :mod:`flowdiff.solvers.integrators`): ``"adaptive"`` (the
+default of ``log_likelihood`` since issue 12): per-sample variable-step Adams–Bashforth/Adams–Moulton
+PEC of order 5 (:func:`~flowdiff.solvers.integrators.adams_per_sample`) in the log-SNR time
+:class:`LogSnrTime` ρ = −log(1 − τ), in which the stiffness of t near the data end is gone; with the
+exact divergence the state is the coordinate v of :class:`_GaussianFrame`, constant for the Gaussian
+that the Jacobian at the data end describes (Gaussian case of exponential integrators, Hochbruck &
+Ostermann 2010, "Exponential integrators"); every step's local error (Milne) is converted to nats —
+the log-determinant's directly, the state's through the score −ε̂/(1 − τ) — and held below a fraction
+of ``atol``. ``"adams"`` (the default before issue 12 and of ``sample_with_logp``; one model evaluation per node) on a grid uniform in τ with two start-up nodes at 1/4 and 1/2 of the
 first step: ``nfe`` distinct times resolve the sharp, sample-specific bump of :math:`\nabla\cdot u`
 where a trajectory decides between mixture components far better than a 4-stage Runge–Kutta method
 with the same budget; Milne's device (the largest predictor–corrector gap, relative to ``1 + |y|``)
