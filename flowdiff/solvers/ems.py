@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_float, check_int
+from ..guidance import model_num_classes, stratified_labels
 from ..paths import GaussianPath
 from .base import require_gaussian_path
 from .grids import finite_log_snr
@@ -35,6 +36,8 @@ __all__ = ["EMS", "HUTCHINSON_CHOICES", "estimate_ems", "jvp", "same_path_config
 HUTCHINSON_CHOICES = (None, "auto", True, False)
 #: Values ``estimate_ems(derivatives=...)`` accepts: forward differences or forward-mode AD.
 DERIVATIVE_CHOICES = ("fd", "jvp")
+#: Values ``estimate_ems(points=...)`` accepts: new points, noise and probes at every knot, or the same ones.
+POINTS_CHOICES = ("fresh", "common")
 #: Largest dimension for which ``hutchinson="auto"`` computes the exact Jacobian diagonal.
 EXACT_DIAGONAL_MAX_DIM = 32
 _FORMAT = "flowdiff-ems/1"
@@ -199,9 +202,13 @@ class EMS:
                 )
 
 
-def _draw_data(data: Any, n: int, generator: torch.Generator) -> Tensor:
-    """``n`` data points from a tensor ``(N, *shape)``, a dataset (``.x``), an oracle (``.sample``) or a callable."""
+def _draw_data(data: Any, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """``n`` data points and their labels (``None`` where the data has none) from a tensor
+    ``(N, *shape)``, a dataset (``.x`` and optionally ``.y``), an oracle (``.sample``) or a callable."""
+    labels = None
     if hasattr(data, "x") and isinstance(data.x, Tensor):
+        y = getattr(data, "y", None)
+        labels = y if isinstance(y, Tensor) and y.ndim == 1 and y.shape[0] == data.x.shape[0] else None
         data = data.x
     if isinstance(data, Tensor):
         if data.ndim < 2 or data.shape[0] < 1:
@@ -213,11 +220,11 @@ def _draw_data(data: Any, n: int, generator: torch.Generator) -> Tensor:
             idx = torch.randperm(m, generator=generator)[:n]
         else:  # fewer points than samples: draw with replacement
             idx = torch.randint(0, m, (n,), generator=generator)
-        return data[idx.to(data.device)]
+        return data[idx.to(data.device)], None if labels is None else labels[idx.to(labels.device)]
     if hasattr(data, "sample") and callable(data.sample):
-        return data.sample(n, generator=generator)
+        return data.sample(n, generator=generator), None
     if callable(data):
-        return data(n, generator)
+        return data(n, generator), None
     raise TypeError(f"data must be a tensor (N, *shape), a dataset with .x, an object with .sample(n, generator=...) or a "
                     f"callable (n, generator) -> tensor, got {type(data).__name__}")
 
@@ -251,6 +258,87 @@ def jvp(fn: Callable[[Tensor, Tensor], Tensor], primals: tuple[Tensor, Tensor], 
     if tangent is None:  # the output does not depend on the inputs
         tangent = torch.zeros_like(primal)
     return primal, tangent
+
+
+def _tangent_derivatives(eps_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, tangents_x: Tensor,
+                         tangents_t: Tensor, eps_fn_wide: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``(P, B, *shape)``: the JVPs of ε̂ at ``(x, t)`` along ``P`` tangents, the primal evaluated once.
+
+    :func:`torch.func.vmap` over :func:`torch.func.jvp` with unbatched primals: one forward pass
+    and ``P`` tangent passes (0.72 s for P = 2 at B = 256 on the digits UNet against 0.93 s for
+    one forward-mode JVP of the doubled batch; CPU, one thread). Falls back to :func:`jvp` on
+    the concatenated batch (``eps_fn_wide``, the conditioning repeated) where an operation has
+    no batching rule.
+    """
+    try:
+        return torch.func.vmap(lambda tx, tt: torch.func.jvp(eps_fn, (x, t), (tx, tt))[1])(tangents_x, tangents_t)
+    except (RuntimeError, NotImplementedError):
+        p = tangents_x.shape[0]
+        _, tan = jvp(eps_fn_wide, (x.repeat(p, *([1] * (x.ndim - 1))), t.repeat(p)),
+                     (tangents_x.flatten(0, 1), tangents_t.flatten(0, 1)))
+        return tan.reshape(tangents_x.shape)
+
+
+def _rows(make_eps: Callable[[int], Callable[[Tensor, Tensor], Tensor]], xb: Tensor, tb: Tensor, a: float, s: float,
+          lam: float, dlog_a: float, dt: float, probes: Tensor | None, derivatives: str, fd_step: float
+          ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    r"""Per point of one batch at one knot: ``A, B, C`` and the σ·diag estimate (``(n, D)`` float64).
+
+    :math:`A = e^{-\lambda}\hat\varepsilon`, :math:`B = x/\alpha`,
+    :math:`C = e^{-\lambda}(\hat\varepsilon_\lambda - \hat\varepsilon)`, so that
+    :math:`f = A - lB` and :math:`f^{(1)} = lA + C - l'B`. ``make_eps(r)`` is ε̂ on a batch of
+    ``r`` copies of the rows (the conditioning repeated). ``probes``: ``(P, n, *shape)``
+    Rademacher vectors, or ``None`` for the exact diagonal. Also returns the JVP calls made.
+    """
+    n, shape = xb.shape[0], tuple(xb.shape[1:])
+    dim = int(np.prod(shape))
+    eps_fn = make_eps(1)
+    eps = eps_fn(xb, tb)
+    tangent = dlog_a * xb - s * eps  # dx/dλ along the probability-flow ODE
+    calls = 0
+    if probes is None:
+        if derivatives == "jvp":
+            eps_lam = _tangent_derivatives(eps_fn, xb, tb, tangent[None], torch.full_like(tb, dt)[None], make_eps(1))[0]
+            calls += 1
+        else:
+            eps_lam = _fd_along(eps_fn, xb, tb, eps, tangent, dt, fd_step)
+        diag = torch.zeros(n, dim, dtype=torch.float64)
+        chunk = max(1, 4096 // max(n, 1))
+        for j0 in range(0, dim, chunk):
+            j1 = min(dim, j0 + chunk)
+            m = j1 - j0
+            basis = torch.zeros(m, n, dim, dtype=xb.dtype, device=xb.device)
+            basis[torch.arange(m), :, torch.arange(j0, j1)] = 1.0
+            xr = xb.reshape(1, n, dim).expand(m, n, dim).reshape(m * n, *shape)
+            tr = tb.repeat(m)
+            _, jd = jvp(make_eps(m), (xr, tr), (basis.reshape(m * n, *shape), torch.zeros_like(tr)))
+            calls += 1
+            jd = jd.reshape(m, n, dim).to(torch.float64)
+            diag[:, j0:j1] = jd[torch.arange(m), :, torch.arange(j0, j1)].T
+        l_rows = s * diag
+    else:
+        p = probes.shape[0]
+        if derivatives == "jvp":
+            # One call for all tangents: the ODE direction and the Hutchinson probes.
+            tx = torch.cat([tangent[None], probes])
+            tt = torch.cat([torch.full_like(tb, dt)[None], torch.zeros((p, n), dtype=tb.dtype, device=tb.device)])
+            tan = _tangent_derivatives(eps_fn, xb, tb, tx, tt, make_eps(p + 1))
+            calls += 1
+            eps_lam, jv = tan[0], tan[1:].reshape(p, n, dim).to(torch.float64)
+        else:
+            # One forward call at the points moved along the ODE direction and along the probes.
+            hx = fd_step * s  # the Jacobian of ε̂ varies on the scale σ
+            xr = torch.cat([xb + fd_step * tangent] + [xb + hx * probes[i] for i in range(p)])
+            tr = torch.cat([tb + fd_step * dt] + [tb] * p)
+            out = make_eps(p + 1)(xr, tr)
+            eps_lam = (out[:n] - eps) / fd_step
+            jv = ((out[n:].reshape(p, n, dim) - eps.reshape(1, n, dim)) / hx).to(torch.float64)
+        l_rows = s * (probes.reshape(p, n, dim).to(torch.float64) * jv).sum(0) / p
+    e = math.exp(-lam)
+    A = (e * eps).reshape(n, dim).to(torch.float64)
+    B = (xb / a).reshape(n, dim).to(torch.float64)
+    C = (e * (eps_lam - eps)).reshape(n, dim).to(torch.float64)
+    return A, B, C, l_rows, calls
 
 
 def _derivative(values: Tensor, lam: Tensor, window: int) -> Tensor:
@@ -321,6 +409,78 @@ def _statistics(l_sum: Tensor, mom: dict[str, Tensor], shift: dict[str, Tensor],
     return l, s_stat, b_stat
 
 
+def _local_weights(lam: Tensor, bandwidth: float, degree: int) -> tuple[Tensor, Tensor]:
+    r"""``(K, K)`` hat matrices of a local polynomial fit in λ: value and slope at each knot.
+
+    Row ``k`` fits a polynomial of ``degree`` in :math:`u = \lambda_j - \lambda_k` by least
+    squares with tricube weights :math:`(1 - |u/h|^3)^3` (Cleveland 1979, LOESS); the window is
+    widened where fewer than ``degree + 2`` knots fall in it, and is one-sided at the ends.
+    """
+    u = lam[None, :] - lam[:, None]
+    w = _tricube(u, lam, bandwidth, degree + 2)
+    design = torch.stack([u**p for p in range(degree + 1)], -1)  # (K, K, degree + 1)
+    normal = design.transpose(1, 2) @ (w[..., None] * design)
+    hat = torch.linalg.solve(normal, design.transpose(1, 2) * w[:, None, :])  # (K, degree + 1, K)
+    return hat[:, 0], hat[:, 1] if degree >= 1 else torch.zeros_like(hat[:, 0])
+
+
+def _tricube(u: Tensor, lam: Tensor, bandwidth: float, need: int = 3) -> Tensor:
+    """Tricube weights of the offsets ``u`` (row k: λ_j − λ_k), each row's window at least wide
+    enough to hold ``need`` knots."""
+    h = torch.full((u.shape[0], 1), float(bandwidth), dtype=torch.float64)
+    need = min(need, u.shape[1])
+    h = torch.maximum(h, u.abs().sort(1).values[:, need - 1 : need] * 1.0001)
+    return (1 - (u.abs() / h).clamp(max=1.0) ** 3) ** 3
+
+
+def _pooled_statistics(l_sum: Tensor, mom: dict[str, Tensor], shift: dict[str, Tensor], n: float, lam: Tensor,
+                       bandwidth: float, degree: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``l, s, b`` from per-knot sums, pooled across knots within ``bandwidth`` (in λ).
+
+    For points drawn afresh at every knot the per-knot estimates are independent, so pooling
+    neighbouring knots averages their noise (with common random numbers it would not):
+
+    * ``l`` and ``l'``: value and slope of a local quadratic fit (:func:`_local_weights`) of the
+      per-knot means of σ·diag;
+    * ``s``: one weighted regression of :math:`f^{(1)}` on ``f`` over the knots of the window,
+      :math:`s_k = \sum_j w_{kj}\,\mathrm{Cov}_j(f, f^{(1)})/c_j \big/ \sum_j w_{kj}\,\mathrm{Var}_j f/c_j`
+      (tricube weights, ``c_j`` the mean variance of ``f`` at knot ``j`` so that every knot counts
+      alike) instead of a ratio of noisy per-knot moments;
+    * ``b``: the local quadratic fit of the per-knot :math:`E f^{(1)} - s_k E f`.
+    """
+    mL = l_sum / n
+    value, slope = _local_weights(lam, bandwidth, 3)
+    l = value @ mL
+    l_prime = slope @ mL
+    mean = {key: mom[key] / n for key in mom}
+    var_a = mean["AA"] - mean["A"] ** 2
+    var_b = mean["BB"] - mean["B"] ** 2
+    cov_ab = mean["AB"] - mean["A"] * mean["B"]
+    cov_ac = mean["AC"] - mean["A"] * mean["C"]
+    cov_bc = mean["BC"] - mean["B"] * mean["C"]
+    ea, eb, ec = mean["A"] + shift["A"], mean["B"] + shift["B"], mean["C"] + shift["C"]
+    var_f = var_a - 2 * l * cov_ab + l * l * var_b
+    cov_ff = l * var_a + cov_ac - l_prime * cov_ab - l * l * cov_ab - l * cov_bc + l * l_prime * var_b
+    # The regression f⁽¹⁾ ≈ s(λ_j) f + b_j over the window, with s(λ) a polynomial of ``degree``
+    # in u = λ_j − λ_k (local polynomial regression, so that the slope's curvature does not bias
+    # it), weighted so that every knot counts alike: per dimension a small normal system.
+    scale = var_f.mean(1, keepdim=True).clamp_min(1e-300)
+    u = lam[None, :] - lam[:, None]
+    kernel = _tricube(u, lam, bandwidth, degree + 2)
+    vn, cn = var_f / scale, cov_ff / scale
+    powers = torch.stack([u**p for p in range(degree + 1)], -1)  # (K, K, p + 1)
+    outer = powers[..., :, None] * powers[..., None, :]  # (K, K, p + 1, p + 1)
+    normal = torch.einsum("kj,kjab,jd->kdab", kernel, outer, vn)
+    right = torch.einsum("kj,kja,jd->kda", kernel, powers, cn)
+    m0 = normal[..., 0, 0]
+    ridge = 1e-9 * m0[..., None, None] * torch.eye(degree + 1, dtype=torch.float64)
+    s_stat = torch.linalg.solve(normal + ridge, right[..., None])[..., 0, 0]
+    informative = m0 > 1e-10 * (kernel @ ((var_a + l * l * var_b) / scale)) + 1e-300
+    s_stat = torch.where(informative, s_stat, torch.zeros_like(s_stat))
+    b_knot = (l * ea + ec - l_prime * eb) - s_stat * (ea - l * eb)
+    return l, s_stat, value @ b_knot
+
+
 def _error_estimate(lam: Tensor, full: tuple[Tensor, Tensor, Tensor],
                     halves: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, float]:
     r"""Standard errors of the statistics from two half-sample estimates (SE ≈ |X₁ − X₂|/2).
@@ -350,7 +510,8 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
                  t_end: float | None = None, guidance_scale: float | None = None, cond: dict | None = None,
                  dtype: torch.dtype | None = None, progress: bool = True,
                  generator: torch.Generator | None = None, derivatives: str = "jvp", fd_step: float | None = None,
-                 max_error: float | None = 2.0, shrink: bool = False) -> EMS:
+                 max_error: float | None = 2.0, shrink: bool = False, points: str = "common",
+                 bandwidth: float = 0.0, record: Callable[..., None] | None = None) -> EMS:
     r"""Estimate the empirical model statistics l, s, b of ``field`` from ``data`` (Zheng et al. 2023, §3.2).
 
     On ``num_lambdas`` knots uniform in λ between ``t_start`` and ``t_end`` (default the path's
@@ -422,6 +583,9 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
         raise ValueError(f"derivatives must be one of {DERIVATIVE_CHOICES}, got {derivatives!r}")
     if fd_step is not None:
         check_float("fd_step", fd_step, 0.0, 1.0, low_open=True)
+    if points not in POINTS_CHOICES:
+        raise ValueError(f"points must be one of {POINTS_CHOICES}, got {points!r}")
+    check_float("bandwidth", bandwidth, 0.0)
     if max_error is not None:
         check_float("max_error", max_error, 0.0, low_open=True)
     t0, t1 = interval(field, None, t_start, t_end)
@@ -433,27 +597,41 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
 
     start = time.perf_counter()
     nfe0 = getattr(field, "nfe", 0)
-    x1 = _draw_data(data, num_samples, gen)
+    x1, labels = _draw_data(data, num_samples, gen)
     if not isinstance(x1, Tensor) or x1.ndim < 2 or x1.shape[0] != num_samples:
         raise ValueError(f"the data source returned {type(x1).__name__} of shape {getattr(x1, 'shape', None)}, expected ({num_samples}, *shape)")
     work_dtype = dtype or (x1.dtype if x1.is_floating_point() else torch.get_default_dtype())
-    x1 = x1.to(work_dtype)
     device = x1.device
     shape = tuple(x1.shape[1:])
     dim = int(np.prod(shape))
     exact = hutchinson in (None, False) or (hutchinson == "auto" and dim <= EXACT_DIAGONAL_MAX_DIM)
     if fd_step is None:  # about sqrt of the unit round-off: ~1e-3 relative error of the differences
         fd_step = 1e-6 if work_dtype == torch.float64 else 1e-3
-    z = torch.randn(x1.shape, generator=gen, dtype=work_dtype).to(device)
-    if not exact:
-        v = (torch.randint(0, 2, (probes, *x1.shape), generator=gen) * 2 - 1).to(work_dtype).to(device)
+    num_classes = model_num_classes(getattr(field, "model", None))
+    label_source = None
+    if num_classes is not None and "y" not in cond:
+        # A class-conditional network: every point is evaluated under one class in every call (a
+        # network that draws classes by batch size would mix classes between the calls), its
+        # own where the data has labels.
+        label_source = "data" if labels is not None else "stratified"
+
+    def draw(first: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """Points, labels, noise and probes for one knot (``points="fresh"``) or all of them."""
+        xs, ys = (x1, labels) if first else _draw_data(data, num_samples, gen)
+        xs = xs.to(work_dtype)
+        if label_source == "stratified":
+            ys = stratified_labels(num_samples, num_classes, generator=gen)
+        if ys is not None:
+            ys = ys.to(device)
+        zs = torch.randn(xs.shape, generator=gen, dtype=work_dtype).to(device)
+        vs = None if exact else (torch.randint(0, 2, (probes, *xs.shape), generator=gen) * 2 - 1).to(work_dtype).to(device)
+        return xs, ys, zs, vs
 
     lam = torch.linspace(ends[0], ends[1], num_lambdas, dtype=torch.float64)
     tk = path.t_of_log_snr(lam).clamp(t0, t1)
     tk[0], tk[-1] = t0, t1
     tab = path.table(tk)
     alpha, sigma, d_alpha, d_lam = tab.alpha, tab.sigma, tab.d_alpha, tab.d_log_snr
-    eps_fn = _noise_fn(field, path, cond)
 
     # Per knot and dimension: sum of σ·diag estimate, and moments of A = e^{-λ}ε, B = x/α,
     # C = e^{-λ}(ε_λ − ε) (f = A − lB, f⁽¹⁾ = lA + C − l′B), shifted by the first batch's means.
@@ -473,66 +651,29 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
             bar = tqdm(total=K, desc="EMS", unit="λ", leave=False)
         except ImportError:
             bar = None
+    xs, ys, zs, vs = draw(True)
     with torch.no_grad():
         for k in range(K):
-            a, s, lam_k = float(alpha[k]), float(sigma[k]), float(lam[k])
+            if points == "fresh" and k > 0:
+                xs, ys, zs, vs = draw(False)
+            a, s = float(alpha[k]), float(sigma[k])
             dlog_a = float(d_alpha[k]) / a / float(d_lam[k])  # d log α / dλ
             dt = 1.0 / float(d_lam[k])  # dt / dλ
             for lo in range(0, num_samples, batch_size):
                 hi = min(lo + batch_size, num_samples)
-                xb = a * x1[lo:hi] + s * z[lo:hi]
+                xb = a * xs[lo:hi] + s * zs[lo:hi]
                 n = hi - lo
                 tb = torch.full((n,), float(tk[k]), dtype=work_dtype, device=device)
-                eps = eps_fn(xb, tb)
-                tangent = dlog_a * xb - s * eps  # dx/dλ along the probability-flow ODE
-                if exact:
-                    if derivatives == "jvp":
-                        eps2, eps_lam = jvp(eps_fn, (xb, tb), (tangent, torch.full_like(tb, dt)))
-                        jvp_calls += 1
-                    else:
-                        eps2, eps_lam = eps, _fd_along(eps_fn, xb, tb, eps, tangent, dt, fd_step)
-                    diag = torch.zeros(n, dim, dtype=torch.float64)
-                    chunk = max(1, 4096 // max(n, 1))
-                    for j0 in range(0, dim, chunk):
-                        j1 = min(dim, j0 + chunk)
-                        m = j1 - j0
-                        basis = torch.zeros(m, n, dim, dtype=work_dtype, device=device)
-                        basis[torch.arange(m), :, torch.arange(j0, j1)] = 1.0
-                        xr = xb.reshape(1, n, dim).expand(m, n, dim).reshape(m * n, *shape)
-                        tr = tb.repeat(m)
-                        _, jd = jvp(eps_fn, (xr, tr), (basis.reshape(m * n, *shape), torch.zeros_like(tr)))
-                        jvp_calls += 1
-                        jd = jd.reshape(m, n, dim).to(torch.float64)
-                        diag[:, j0:j1] = jd[torch.arange(m), :, torch.arange(j0, j1)].T
-                    l_rows = s * diag
-                elif derivatives == "jvp":
-                    # One JVP call for both tangents: the ODE direction and the Hutchinson probes.
-                    xr = torch.cat([xb] + [xb] * probes)
-                    tr = torch.cat([tb] * (probes + 1))
-                    tx = torch.cat([tangent] + [v[p, lo:hi] for p in range(probes)])
-                    tt = torch.cat([torch.full_like(tb, dt)] + [torch.zeros_like(tb)] * probes)
-                    out, tan = jvp(eps_fn, (xr, tr), (tx, tt))
-                    jvp_calls += 1
-                    eps2, eps_lam = out[:n], tan[:n]
-                    jv = tan[n:].reshape(probes, n, dim).to(torch.float64)
-                else:
-                    # One forward call at the points moved along the ODE direction and along the
-                    # probes: one-sided differences from ε̂ (3 forward passes instead of 1 + a JVP
-                    # of twice the batch, which costs about 8 on a CPU).
-                    hx = fd_step * s  # the Jacobian of ε̂ varies on the scale σ
-                    xr = torch.cat([xb + fd_step * tangent] + [xb + hx * v[p, lo:hi] for p in range(probes)])
-                    tr = torch.cat([tb + fd_step * dt] + [tb] * probes)
-                    out = eps_fn(xr, tr)
-                    eps2 = eps
-                    eps_lam = (out[:n] - eps) / fd_step
-                    jv = ((out[n:].reshape(probes, n, dim) - eps.reshape(1, n, dim)) / hx).to(torch.float64)
-                if not exact:
-                    vv = torch.stack([v[p, lo:hi].reshape(n, dim) for p in range(probes)]).to(torch.float64)
-                    l_rows = s * (vv * jv).sum(0) / probes
-                e = math.exp(-lam_k)
-                A = (e * eps2).reshape(n, dim).to(torch.float64)
-                B = (xb / a).reshape(n, dim).to(torch.float64)
-                C = (e * (eps_lam - eps2)).reshape(n, dim).to(torch.float64)
+                yb = None if ys is None else ys[lo:hi]
+
+                def make_eps(copies: int, yb: Tensor | None = yb) -> Callable[[Tensor, Tensor], Tensor]:
+                    return _noise_fn(field, path, cond if yb is None else {**cond, "y": yb.repeat(copies)})
+
+                A, B, C, l_rows, calls = _rows(make_eps, xb, tb, a, s, float(lam[k]), dlog_a, dt,
+                                               None if vs is None else vs[:, lo:hi], derivatives, fd_step)
+                jvp_calls += calls
+                if record is not None:
+                    record(k, lo, A, B, C, l_rows)
                 if lo == 0:
                     shift["A"][k], shift["B"][k], shift["C"][k] = A.mean(0), B.mean(0), C.mean(0)
                 A, B, C = A - shift["A"][k], B - shift["B"][k], C - shift["C"][k]
@@ -548,10 +689,14 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
         bar.close()
 
     counts = (float(half_n), float(num_samples - half_n))
-    l, s_stat, b_stat = _statistics(l_sum.sum(0), {k: m.sum(0) for k, m in mom.items()}, shift, float(num_samples),
-                                    lam, smooth, shrink)
-    halves = [_statistics(l_sum[i], {k: m[i] for k, m in mom.items()}, shift, counts[i], lam, smooth, shrink)
-              for i in range(2)]
+
+    def fit(l_part: Tensor, mom_part: dict[str, Tensor], count: float) -> tuple[Tensor, Tensor, Tensor]:
+        if bandwidth > 0:
+            return _pooled_statistics(l_part, mom_part, shift, count, lam, bandwidth)
+        return _statistics(l_part, mom_part, shift, count, lam, smooth, shrink)
+
+    l, s_stat, b_stat = fit(l_sum.sum(0), {k: m.sum(0) for k, m in mom.items()}, float(num_samples))
+    halves = [fit(l_sum[i], {k: m[i] for k, m in mom.items()}, counts[i]) for i in range(2)]
     error = _error_estimate(lam, (l, s_stat, b_stat), halves)
     if max_error is not None and error["solver"] > max_error:
         warnings.warn(
@@ -567,7 +712,8 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
         "hutchinson": not exact, "probes": probes if not exact else 0, "smooth": smooth,
         "guidance_scale": None if guidance_scale is None else float(guidance_scale),
         "prediction": getattr(field, "prediction", None), "dtype": str(work_dtype).replace("torch.", ""),
-        "derivatives": derivatives, "shrink": bool(shrink), "fd_step": fd_step if derivatives == "fd" else None,
+        "derivatives": derivatives, "shrink": bool(shrink), "points": points, "bandwidth": float(bandwidth),
+        "labels": label_source, "fd_step": fd_step if derivatives == "fd" else None,
         "error_estimate": error,
         "cost": {"seconds": round(seconds, 3), "model_calls": int(model_calls), "jvp_calls": jvp_calls},
     }
