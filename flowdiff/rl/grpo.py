@@ -279,7 +279,10 @@ class RolloutSource:
                               dtype=torch.float64).to(dtype=dtype, device=device)
 
     def g_table(self, times: Tensor) -> Tensor:
-        return self.g(times[:-1].to(torch.float64)).to(times)
+        """g at the grid's step starts, evaluated on the float64 grid (so that which steps are stochastic does not
+        depend on the model's dtype), in ``times``' dtype and device."""
+        grid = self.times(torch.float64, torch.device("cpu"))[:-1]
+        return self.g(grid).to(dtype=times.dtype, device=times.device)
 
     def _sde_steps(self) -> list[int]:
         g = self.g_table(self.times(torch.float64, torch.device("cpu")))
