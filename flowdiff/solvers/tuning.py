@@ -620,9 +620,16 @@ def tune_solver(field: Any, nfe: int, data_or_noise: Tensor, *, history: int = 3
             best.err, best.p = e, p.copy()
         return math.log(e) if math.isfinite(e) and e > 0 else 1e3
 
+    # With few parameters (3-4 NFE) the landscape has several basins: Powell from the three best
+    # starting grids (a third of the budget each), then Nelder-Mead from the best point.
+    starts = sorted(finite, key=finite.__getitem__)[: 3 if len(p0) <= 8 else 1]
     try:
-        minimize(objective, p0, method="Powell",
-                 options={"xtol": 1e-3, "ftol": 1e-5, "maxfev": max_evals, "direc": np.eye(len(p0)) * 0.5})
+        for name in starts:
+            start_p = np.concatenate([coords.theta_of_grid(candidates[name], True).numpy(), np.zeros(n_coef + n_final)])
+            minimize(objective, start_p, method="Powell",
+                     options={"xtol": 1e-3, "ftol": 1e-5,
+                              "maxfev": max_evals // (len(starts) + 1) if len(starts) > 1 else max_evals,
+                              "direc": np.eye(len(p0)) * 0.5})
         minimize(objective, best.p, method="Nelder-Mead",
                  options={"xatol": 1e-4, "fatol": 1e-6, "maxfev": max_evals, "adaptive": True})
     except _Stop:
