@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import flowdiff as fd
+from flowdiff.solvers import logp
 from flowdiff.likelihood import (
     LIKELIHOOD_SOLVERS,
     augmented_velocity,
@@ -526,3 +527,28 @@ def test_a_fixed_budget_still_selects_the_fixed_grid():
     assert log_likelihood(field, x, refine_tol=None).solver == "adams"
     assert log_likelihood(field, x, grid="logsnr").solver == "adams"
     assert log_likelihood(field, x).solver == "adaptive"
+
+
+def test_no_frame_where_the_jacobian_is_not_a_covariance():
+    """The Gaussian frame needs ∂x̂/∂z to be symmetric positive semi-definite (true for every probability-flow
+    field); a velocity with an antisymmetric Jacobian keeps flow coordinates — and the result stays right."""
+    path = fd.paths.Linear(t_min=0.0, t_max=0.999)
+    rot = torch.tensor([[0.0, -3.0], [3.0, 0.0]], dtype=torch.float64)
+    field = fd.Field(lambda x, t: x @ rot.T, path, "velocity")  # a rotation: divergence 0, |x| conserved
+    x = torch.randn(8, 2, generator=_gen(61), dtype=torch.float64)
+    res = log_likelihood(field, x)
+    truth = -0.5 * x.pow(2).sum(-1) - math.log(2 * math.pi)  # volume-preserving, norm-preserving flow from N(0, I)
+    assert (res.log_prob - truth).abs().max() < 1e-3
+    frames = []
+    original = logp._GaussianFrame.__init__
+
+    def spy(self, *args):
+        original(self, *args)
+        frames.append(self.on.clone())
+
+    logp._GaussianFrame.__init__ = spy
+    try:
+        log_likelihood(field, x)
+    finally:
+        logp._GaussianFrame.__init__ = original
+    assert len(frames) == 1 and not frames[0].any()

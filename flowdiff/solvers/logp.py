@@ -107,6 +107,9 @@ _LINEARIZE_MAX_DIM = 1024
 #: ``"adaptive"``: the frame is read off at u = α/σ ≤ this (SNR 10⁶); from a data end beyond (t = 1 on the
 #: linear path) the solver first runs to it in flow coordinates.
 _FRAME_U = 1e3
+#: ``"adaptive"``: a sample gets the frame only if the Jacobian of its denoiser at the data end is symmetric and
+#: positive semi-definite (a covariance, as for every probability-flow field) to this relative tolerance.
+_FRAME_ASYMMETRY = 0.05
 #: ``"adaptive"``: the first step, as a fraction of the ρ-interval.
 _FIRST_STEP = 1 / 16
 #: ``"adaptive"``: ρ = log(1 + u) − log(1 + b u), u = α/σ; b > 0 only when σ(t_end) = 0 (t = 1).
@@ -524,15 +527,30 @@ class _GaussianFrame:
         u0 = tau0 / (1.0 - tau0)
         eye = torch.eye(dims, dtype=torch.float64, device=jac.device)
         h = (eye + (1.0 - tau0) * jac.double()) / (1.0 + u0)  # ∂x̂/∂z
-        eta, self.vecs = torch.linalg.eigh(0.5 * (h + h.transpose(1, 2)))
-        ueta = (u0 * eta).clamp(0.0, 1.0 - 1e-9)
-        self.c = (ueta / (u0 * u0 * (1.0 - ueta))).clamp_min(0.0)  # (B, D) component variances
+        sym = 0.5 * (h + h.transpose(1, 2))
+        eta, self.vecs = torch.linalg.eigh(sym)
+        ueta = u0 * eta
+        # the frame only where the Jacobian is that of a probability-flow field: ∂x̂/∂z = u Cov[x₁|z] is
+        # symmetric with u η in [0, 1); elsewhere (a field that is no PF-ODE, e.g. an untrained network)
+        # the sample keeps flow coordinates (on = False)
+        # measured on I − u ∂x̂/∂z = (I + u²C)⁻¹, the part that carries the information near the data end
+        rest = (eye - u0 * sym).flatten(1).norm(dim=-1)
+        asym = u0 * (h - h.transpose(1, 2)).flatten(1).norm(dim=-1) / (2 * rest).clamp_min(1e-300)
+        self.on = (asym <= _FRAME_ASYMMETRY) & (ueta.amin(-1) >= -_FRAME_ASYMMETRY) & (ueta.amax(-1) < 1.0 - 1e-12)
+        on = self.on.unsqueeze(-1)
+        ueta = ueta.clamp(0.0, 1.0 - 1e-12)
+        self.c = torch.where(on, ueta / (u0 * u0 * (1.0 - ueta)), 0.0)  # (B, D) component variances
+        self.vecs = torch.where(on.unsqueeze(-1), self.vecs, eye)
         self.dtype, self.shape = y0.dtype, y0.shape
         yf = y0.reshape(y0.shape[0], -1).double()
         xhat = self._rot(yf + (1.0 - tau0) * k0.reshape(yf.shape).double())
         z = self._rot((1.0 + u0) * yf)
-        self.m = (1.0 + u0 * u0 * self.c) * xhat - u0 * self.c * z
-        self.v0 = ((z - u0 * self.m) / torch.sqrt(1.0 + u0 * u0 * self.c)).to(y0.dtype)
+        self.m = torch.where(on, (1.0 + u0 * u0 * self.c) * xhat - u0 * self.c * z, 0.0)
+        self.v0 = torch.where(on, (z - u0 * self.m) / torch.sqrt(1.0 + u0 * u0 * self.c), yf).to(y0.dtype)
+
+    def shrink(self, u: Tensor, index: Tensor) -> Tensor:
+        """y = shrink · V(um + Sv): 1/(1 + u) in the frame, 1 in flow coordinates; ``(n, 1)``."""
+        return torch.where(self.on[index].unsqueeze(-1), 1.0 / (1.0 + u.reshape(-1, 1)), 1.0)
 
     def _rot(self, v: Tensor, index: Tensor | None = None) -> Tensor:
         vecs = self.vecs if index is None else self.vecs[index]
@@ -547,24 +565,26 @@ class _GaussianFrame:
         u = u.reshape(-1, 1)
         c, m = self.c[index], self.m[index]
         z = u * m + torch.sqrt(1.0 + u * u * c) * v.double()
-        return (self._unrot(z, index) / (1.0 + u)).to(self.dtype).reshape(len(index), *self.shape[1:])
+        return (self._unrot(z, index) * self.shrink(u, index)).to(self.dtype).reshape(len(index), *self.shape[1:])
 
     def dv_du(self, v: Tensor, y: Tensor, k: Tensor, tau: Tensor, u: Tensor, index: Tensor) -> Tensor:
         tau, u = tau.reshape(-1, 1), u.reshape(-1, 1)
         c, m = self.c[index], self.m[index]
         xhat = self._rot((y.reshape(len(index), -1) + (1.0 - tau) * k.reshape(len(index), -1)).double(), index)
         root = torch.sqrt(1.0 + u * u * c)
-        return ((xhat - m - (u * c / root) * v.double()) / root).to(self.dtype)
+        flow = k.reshape(len(index), -1).double() / (1.0 + u) ** 2  # dy/du, in flow coordinates
+        return torch.where(self.on[index].unsqueeze(-1), (xhat - m - (u * c / root) * v.double()) / root, flow).to(self.dtype)
 
     def logdet_rate(self, u: Tensor, index: Tensor) -> Tensor:
         """d/du log|det ∂y/∂v| = Σ u c/(1 + u²c) − D/(1 + u)."""
         u = u.reshape(-1, 1)
         c = self.c[index]
-        return (u * c / (1.0 + u * u * c)).sum(-1) - c.shape[-1] / (1.0 + u.squeeze(-1))
+        rate = (u * c / (1.0 + u * u * c)).sum(-1) - c.shape[-1] / (1.0 + u.squeeze(-1))
+        return torch.where(self.on[index], rate, 0.0)
 
     def logdet(self, u: float) -> Tensor:
         """log|det ∂y/∂v| at u, every sample."""
-        return 0.5 * torch.log1p(u * u * self.c).sum(-1) - self.c.shape[-1] * math.log1p(u)
+        return torch.where(self.on, 0.5 * torch.log1p(u * u * self.c).sum(-1) - self.c.shape[-1] * math.log1p(u), 0.0)
 
 
 def _adaptive(ev: _Evaluator, y: Tensor, ell: Tensor, t_a: float, t_b: float, atol: float, cap: int,
@@ -636,7 +656,7 @@ def _adaptive_run(ev: _Evaluator, clock: LogSnrTime, frame: _GaussianFrame | Non
         e = (s_c - s_p).reshape(s_c.shape[0], -1)
         if frame is not None:  # v → y: y = V S(u) v / (1 + u)
             u = (tau / (1 - tau).clamp_min(1e-300)).double()
-            e = (frame._unrot(torch.sqrt(1.0 + u * u * frame.c[idx]) * e.double(), idx) / (1.0 + u)).to(s_c.dtype)
+            e = (frame._unrot(torch.sqrt(1.0 + u * u * frame.c[idx]) * e.double(), idx) * frame.shrink(u, idx)).to(s_c.dtype)
         state = torch.maximum((score * e).sum(-1).abs(), score.norm(dim=-1) * e.norm(dim=-1) / math.sqrt(dims))
         if check:
             _check_state(s_c, dq, "adaptive", clock.t(rho))
