@@ -467,8 +467,8 @@ def test_issue12_bar_on_stiff_rotated_mixtures_it_was_not_tuned_on(decades):
     assert (old.log_prob - truth).abs().mean() > 1e-2
 
 
-@pytest.mark.parametrize("d, rotated, t_end", [(8, True, 0.999), (32, False, 0.999), (16, True, 1.0)],
-                         ids=["d8-rotated", "d32-axis-aligned", "d16-whole-interval"])
+@pytest.mark.parametrize("d, rotated, t_end", [(8, True, 0.999), (24, False, 0.999), (16, True, 1.0)],
+                         ids=["d8-rotated", "d24-axis-aligned", "d16-whole-interval"])
 def test_atol_sets_the_error_in_nats_and_the_estimate_follows_it(d, rotated, t_end):
     field, x, truth = _stiff_mixture(d, 2.5, 41 + d, rotated, t_end)
     errs, evals = [], []
