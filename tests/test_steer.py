@@ -173,3 +173,16 @@ def test_bad_arguments_raise_one_clear_error(rare2):
         fd.steer.sample("field", rare2.reward, "smc", 4, 100)
     with pytest.raises(TypeError, match="callable"):
         fd.steer.sample(field, 3.0, "smc", 4, 100)
+
+
+def test_a_reward_built_in_the_other_float_dtype_is_fed_that_dtype(rare2):
+    A64 = rare2.A  # float64, while the samples are float32
+    field = _field(rare2.prior)
+
+    def reward(x):
+        return -((x @ A64.T - rare2.b) ** 2).sum(-1)
+
+    res = fd.steer.sample(field, reward, "smc", 8, 100, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    assert res.x.dtype == torch.float32 and torch.isfinite(res.reward).all()
+    res = fd.steer.sample(field, reward, "dps", 8, 20, dtype=torch.float32)
+    assert res.x.dtype == torch.float32

@@ -116,6 +116,22 @@ class Reward:
             raise TypeError(f"reward must be a callable reward(x) -> Tensor of shape (B,), got {type(fn).__name__}")
         self.fn = fn
         self.calls = 0
+        self.cast: torch.dtype | None = None  # the float dtype the reward wants, when it refused ours
+
+    def _eval(self, x: Tensor) -> Tensor:
+        """``fn(x)``; a reward built from tensors of the other float dtype (float32/float64) gets ``x`` cast to it."""
+        if self.cast is not None and x.dtype != self.cast:
+            return self.fn(x.to(self.cast))
+        try:
+            return self.fn(x)
+        except RuntimeError as error:
+            other = {torch.float32: torch.float64, torch.float64: torch.float32}.get(x.dtype)
+            text = str(error)
+            if other is None or not any(k in text for k in ("dtype", "Double", "Float", "scalar type")):
+                raise
+            out = self.fn(x.to(other))
+            self.cast = other
+            return out
 
     def _check(self, out: Any, batch: int) -> Tensor:
         if not isinstance(out, Tensor):
@@ -135,7 +151,7 @@ class Reward:
 
     def __call__(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            out = self.fn(x)
+            out = self._eval(x)
         self.calls += 1
         return self._check(out, x.shape[0]).detach().to(torch.float64)
 
@@ -143,7 +159,7 @@ class Reward:
         """``(r(x), ∇_x r(x))`` for a differentiable reward (``TypeError`` otherwise)."""
         xg = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = self._check(self.fn(xg), x.shape[0])
+            out = self._check(self._eval(xg), x.shape[0])
             if not out.requires_grad:
                 raise TypeError("this method needs a differentiable reward (its output carries no gradient)")
             (grad,) = torch.autograd.grad(out.sum(), xg)

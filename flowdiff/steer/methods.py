@@ -165,8 +165,7 @@ def _denoise_with_grad(field: Field, reward: Reward, x: Tensor, t: float, beta: 
         xg = xc.detach().requires_grad_(True)
         with torch.enable_grad():
             xh = field.denoise(xg, t)
-            out = reward.fn(xh)
-            r = reward._check(out, xc.shape[0])
+            r = reward._check(reward._eval(xh), xc.shape[0])
             if not r.requires_grad:
                 raise TypeError("gradient guidance needs a differentiable reward (its output carries no gradient)")
             (g,) = torch.autograd.grad(r.sum(), xg)
