@@ -552,3 +552,14 @@ def test_no_frame_where_the_jacobian_is_not_a_covariance():
     finally:
         logp._GaussianFrame.__init__ = original
     assert len(frames) == 1 and not frames[0].any()
+
+
+def test_a_second_solve_at_a_tenth_of_atol_finds_the_worst_samples():
+    """The per-sample check documented for the adaptive solver: the difference to a solve at atol/10 is the
+    first solve's error to ~10 % (error ∝ atol), so it ranks the samples as the true error does."""
+    field, x, truth = _stiff_mixture(16, 2.0, 71)
+    first, check = log_likelihood(field, x), log_likelihood(field, x, atol=3e-5)
+    err, diff = (first.log_prob - truth).abs(), (first.log_prob - check.log_prob).abs()
+    assert float(torch.corrcoef(torch.stack([err, diff]))[0, 1]) > 0.95
+    assert int(err.argmax()) in diff.argsort(descending=True)[:2].tolist()
+    assert float(((diff - err).abs() / err).median()) < 0.3
