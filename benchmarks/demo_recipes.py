@@ -23,6 +23,15 @@ Besides the demo's own measure, each model draws 20000 samples (noise seed 11) a
 with 20000 fresh checkerboard points, over the real-vs-real distance at that size: at 2000 points
 the draw dominates the ratio, at 20000 the model's own error does (:func:`large_sample_ratio`).
 
+``--robustness``: the demo recipe (``DEMO_RECIPE``, what ``flowdiff demo`` trains) over training seeds x
+noise seeds 1-8 against the floor ``evaluate_samples`` now computes (the mean over 16 fresh i.i.d.
+draws of the distribution), next to a perfect generator (fresh checkerboard sets) on the same floor,
+and the floor check that made the change: the old floor (8 subsets of the one 8000-point training
+pool) against 32 fresh draws, for data seeds 0-5. ``--runs A,B`` measures demo runs already trained
+(their folders) instead of training ``--train-seeds``. Writes ``demo_recipes_robustness.{json,md}``.
+
+Records made before the floor change (every row of ``demo_recipes.md``) are against the pool floor.
+
 Run: ``.venv/bin/python benchmarks/demo_recipes.py --only demo,fourier --train-seeds 0,1,2``.
 Results are appended to ``benchmarks/results/demo_recipes.json`` (one record per recipe x training
 seed; a record already there is not recomputed unless ``--redo``), and the table of all records is
@@ -191,8 +200,121 @@ def table(records: list[dict[str, Any]]) -> list[str]:
     return markdown_table(header, rows)
 
 
+DEMO_RECIPE = fourier(64, 3.0, lr=4e-3, steps=11000)  # = flowdiff demo's training options (flowdiff/cli.py)
+
+
+def _sliced(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> float:
+    from flowdiff import metrics as fdm
+
+    return float(fdm.sliced_wasserstein(a, b, num_projections=512, generator=torch.Generator().manual_seed(seed)))
+
+
+def _held_and_floor(data_seed: int = 0, n: int = 2000) -> tuple[torch.Tensor, float, list[float]]:
+    """The held-out points ``evaluate_samples`` compares with and its floor (sliced-W2), recomputed
+    here so that many sample sets can be scored against one floor; checked against it below."""
+    from flowdiff.data import load_dataset
+
+    held = load_dataset("checkerboard", split="heldout", seed=data_seed)
+    train = load_dataset("checkerboard", split="train", seed=data_seed)
+    g = torch.Generator().manual_seed(data_seed + 1)
+    torch.randperm(n, generator=g)  # evaluate_samples' draw of the samples' rows
+    xh = held.x[torch.randperm(len(held), generator=g)[:n]].double()
+    floors = [_sliced(train.sample(n, generator=g).double(), xh, data_seed) for _ in range(16)]
+    return xh, statistics.mean(floors), floors
+
+
+def floor_check(data_seeds: range = range(6), n: int = 2000, fresh: int = 32) -> list[dict[str, Any]]:
+    """The old floor (mean over 8 random subsets of the one training pool) against the mean over
+    ``fresh`` i.i.d. draws of the checkerboard, both against the same held-out points."""
+    from flowdiff.data import load_dataset
+    from flowdiff.data.toy import checkerboard
+
+    rows = []
+    for d in data_seeds:
+        held = load_dataset("checkerboard", split="heldout", seed=d)
+        train = load_dataset("checkerboard", split="train", seed=d)
+        g = torch.Generator().manual_seed(d + 1)
+        torch.randperm(n, generator=g)
+        xh = held.x[torch.randperm(len(held), generator=g)[:n]].double()
+        pool = [_sliced(train.x[torch.randperm(len(train), generator=g)[:n]].double(), xh, d) for _ in range(8)]
+        iid = [_sliced(checkerboard(n, torch.Generator().manual_seed(10_000 + k)).double(), xh, d) for k in range(fresh)]
+        rows.append({"data_seed": d, "pool_floor": statistics.mean(pool), "pool_floor_std": statistics.stdev(pool),
+                     "iid_floor": statistics.mean(iid), "iid_floor_std": statistics.stdev(iid),
+                     "iid_floor_se": statistics.stdev(iid) / len(iid) ** 0.5,
+                     "pool_over_iid": statistics.mean(pool) / statistics.mean(iid)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def robustness(runs: list[Path], train_seeds: list[int], noise_seeds: list[int], variants: list[dict[str, Any]],
+               perfect_draws: int = 200) -> dict[str, Any]:
+    """Demo-recipe ratios over training seeds x noise seeds on ``evaluate_samples``' floor."""
+    from flowdiff.data.toy import checkerboard
+
+    xh, floor, _ = _held_and_floor()
+    perfect = [_sliced(checkerboard(2000, torch.Generator().manual_seed(20_000 + k)).double(), xh) / floor
+               for k in range(perfect_draws)]
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders: list[tuple[str, Path, dict[str, float]]] = [(r.name, r, {}) for r in runs]
+        for seed in ([] if runs else train_seeds):
+            folder = Path(tmp) / f"seed{seed}"
+            cpu0 = time.process_time()
+            train_run(output_dir=folder, seed=seed, progress=False, checkpoint_every=DEMO_RECIPE["steps"], threads=1,
+                      **DEMO_RECIPE)
+            folders.append((f"seed{seed}", folder, {"train_cpu_s": time.process_time() - cpu0}))
+        for name, folder, cost in folders:
+            field, config = load_field(folder)
+            for variant in variants:
+                ratios = {}
+                for noise_seed in noise_seeds:
+                    x, _ = generate(field, 2000, (2,), seed=noise_seed, **variant)
+                    ratios[str(noise_seed)] = _sliced(x.double(), xh) / floor
+                    if noise_seed == noise_seeds[0] and variant == variants[0]:
+                        metrics = evaluate_samples(x, "checkerboard", 0)  # the recomputed floor is the library's
+                        assert abs(metrics["sliced_w2_floor"] - floor) < 1e-12 * floor, (metrics["sliced_w2_floor"], floor)
+                records.append({"run": name, "train_seed": config.get("extra", {}).get("seed"), "sampling": variant,
+                                "ratios": ratios, **cost})
+                print(json.dumps(records[-1]), flush=True)
+    return {"floor": floor, "perfect": perfect, "records": records}
+
+
+def robustness_table(result: dict[str, Any], floors: list[dict[str, Any]]) -> list[str]:
+    perfect = result["perfect"]
+    lines = [f"Floor (`evaluate_samples`, mean of 16 fresh i.i.d. draws vs the 2000 held-out points, data seed 0): "
+             f"{result['floor']:.4f}. 2000 samples per noise seed.", ""]
+    rows = []
+    for r in result["records"]:
+        v = list(r["ratios"].values())
+        rows.append([r["run"], r["train_seed"], json.dumps(r["sampling"]) if r["sampling"] else "default (UniPC, 50 NFE)",
+                     f"{r['train_cpu_s']:.0f}" if "train_cpu_s" in r else "—", f"{r['ratios'].get('1', float('nan')):.3f}",
+                     f"{statistics.mean(v):.3f}", f"{min(v):.3f}", f"{max(v):.3f}", f"{sum(x <= 1.10 for x in v)}/{len(v)}"])
+    by_variant: dict[str, list[float]] = {}
+    for r in result["records"]:
+        by_variant.setdefault(json.dumps(r["sampling"]), []).extend(r["ratios"].values())
+    for key, v in by_variant.items():
+        rows.append(["**all runs**", "", key if key != "{}" else "default (UniPC, 50 NFE)", "", "",
+                     f"**{statistics.mean(v):.3f}**", f"{min(v):.3f}", f"**{max(v):.3f}**", f"{sum(x <= 1.10 for x in v)}/{len(v)}"])
+    rows.append(["fresh checkerboard sets (a perfect i.i.d. generator)", "", f"{len(perfect)} draws", "", "",
+                 f"{statistics.mean(perfect):.3f}", f"{min(perfect):.3f}", f"{max(perfect):.3f}",
+                 f"{sum(x <= 1.10 for x in perfect)}/{len(perfect)}"])
+    lines += markdown_table(["run", "training seed", "sampling", "train CPU s", "noise seed 1 (the demo's)",
+                             "mean over noise seeds", "best", "worst", "≤ 1.10"], rows)
+    if floors:
+        lines += ["", "The floor before this change (8 random subsets of the one 8000-point training pool) against "
+                  "32 fresh i.i.d. draws, same held-out points and projections:", ""]
+        lines += markdown_table(["data seed", "pool floor (sd of its 8 draws)", "i.i.d. floor (se)", "pool / i.i.d."],
+                                [[f["data_seed"], f"{f['pool_floor']:.4f} ({f['pool_floor_std']:.4f})",
+                                  f"{f['iid_floor']:.4f} ({f['iid_floor_se']:.4f})", f"{f['pool_over_iid']:.3f}"]
+                                 for f in floors])
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--robustness", action="store_true", help="the demo recipe over seeds on the current floor")
+    parser.add_argument("--runs", default=None, help="with --robustness: comma-separated trained demo run folders")
+    parser.add_argument("--variants", default='[{}]', help="with --robustness: JSON list of generate() options")
     parser.add_argument("--only", default="demo", help="comma-separated recipe names (exact), or 'all'")
     parser.add_argument("--train-seeds", default="0,1,2")
     parser.add_argument("--noise-seeds", default="1,2,3,4")
@@ -201,6 +323,18 @@ def main() -> None:
     parser.add_argument("--stem", default="demo_recipes")
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")
     args = parser.parse_args()
+    if args.robustness:
+        runs = [Path(r) for r in args.runs.split(",")] if args.runs else []
+        result = robustness(runs, [int(s) for s in args.train_seeds.split(",")],
+                            [int(s) for s in args.noise_seeds.split(",")], json.loads(args.variants))
+        floors = floor_check()
+        meta = run_metadata(torch_threads=1)
+        lines = ["# `flowdiff demo` recipe over training seeds x noise seeds (sliced-W2 / floor)", "",
+                 *robustness_table(result, floors), "", f"Run on {metadata_line(meta)}"]
+        (RESULTS / "demo_recipes_robustness.md").write_text("\n".join(lines) + "\n")
+        (RESULTS / "demo_recipes_robustness.json").write_text(json.dumps({"meta": meta, **result, "floor_check": floors}, indent=1))
+        print("\n".join(lines))
+        return
     if args.list:
         for name, options in RECIPES.items():
             print(f"{name}: {describe(options)}")
