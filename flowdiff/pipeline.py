@@ -411,7 +411,8 @@ def evaluate_samples(samples: Tensor, data: str, seed: int = 0, num_projections:
     are fresh i.i.d. draws of the distribution when the data set has a sampler (the 2-D toys;
     default 16 draws): subsets of the one training pool share that pool's own deviation from
     the distribution, which does not average out (on the checkerboard with seed 0 the pool's
-    floor was 0.85x what i.i.d. sets score, over seeds 0-5 0.84-1.09x; benchmarks/demo_recipes.py).
+    floor was 0.87x what i.i.d. sets score, over seeds 0-5 0.87-1.15x;
+    ``benchmarks/demo_recipes.py --robustness``).
     Finite data sets use random training subsets (default 8 draws). ``progress``: anything with
     ``update(n)``, advanced after each metric evaluation.
     """
