@@ -232,3 +232,36 @@ def test_a_config_key_that_does_not_exist_is_one_clear_error(tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "learning_rate" in errors[0] and "valid:" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo's floor: what a perfect generator scores
+# ----------------------------------------------------------------------------------------------
+
+
+def test_toy_floor_is_drawn_fresh_and_is_what_iid_data_scores(monkeypatch):
+    # A perfect generator (fresh checkerboard points) must score ratio 1 on average against the
+    # floor; the floor's real sets are fresh i.i.d. draws (Dataset.sample), not subsets of the
+    # one training pool, whose shared deviation does not average out (benchmarks/demo_recipes.py).
+    from flowdiff.data.dataset import Dataset
+    from flowdiff.data.toy import checkerboard
+    from flowdiff.pipeline import evaluate_samples
+
+    calls = []
+    original = Dataset.sample
+    monkeypatch.setattr(Dataset, "sample", lambda self, n, generator=None: calls.append(n) or original(self, n, generator))
+    ratios = []
+    for k in range(24):
+        x = checkerboard(300, torch.Generator().manual_seed(500 + k), dtype=torch.float32)
+        result = evaluate_samples(x, "checkerboard", seed=0, num_projections=64)
+        ratios.append(result["sliced_w2"] / result["sliced_w2_floor"])
+    assert result["floor_draws"] == 16 and calls[:16] == [300] * 16
+    assert 0.85 < float(np.mean(ratios)) < 1.15, ratios
+    # A generator whose board is 30 % too small scores clearly above the floor.
+    shrunk = 0.7 * checkerboard(300, torch.Generator().manual_seed(7), dtype=torch.float32)
+    result = evaluate_samples(shrunk, "checkerboard", seed=0, num_projections=64)
+    assert result["sliced_w2"] / result["sliced_w2_floor"] > 1.5
+    # Finite data keeps random training subsets (8 by default).
+    calls.clear()
+    digits = evaluate_samples(torch.zeros(20, 1, 8, 8), "digits", seed=0, num_projections=16)
+    assert digits["floor_draws"] == 8 and not calls
