@@ -358,7 +358,8 @@ def main() -> None:
             meta = json.loads(path.read_text())["meta"]
             lines = ["# `flowdiff demo` candidate recipes (checkerboard, sliced-W2 / data floor)", "",
                      "Ratio mean [min, max] over training seeds for each noise seed (2000 samples, default solver); "
-                     "floor: mean of 8 real-vs-real draws (`evaluate_samples`). Training on one torch thread; "
+                     "floor: `evaluate_samples` (records before issue-13 follow-up 2: mean of 8 subsets of the training pool; "
+                     "since: 16 fresh i.i.d. draws, see `demo_recipes_robustness.md`). Training on one torch thread; "
                      "CPU seconds by `time.process_time`. `benchmarks/demo_recipes.py`.", "",
                      *table(records), "", f"Last record: {metadata_line(meta)}"]
             (RESULTS / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
