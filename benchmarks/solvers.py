@@ -24,7 +24,17 @@ Error. The reference is a float64 solve of ``dx̃/dλ = x̂(α x̃, t(λ)) − x
 error of a sample is the RMS over coordinates of its difference to the reference; the table
 gives the median over the samples (robust to the rare sample that switches mode).
 
-Run: ``.venv/bin/python benchmarks/solvers.py`` (a few minutes on 2 cores) or ``--quick``.
+Also: configurations on the :func:`~flowdiff.solvers.grids.jump_grid` rule; with ``--tuned``,
+:func:`~flowdiff.solvers.tuning.tune_solver` per NFE on separate pilot noise (its cost in the
+metadata); with ``--official FILE``, the official DPM-Solver code (``dpm_solver_pytorch.py`` of
+LuChengTHU/dpm-solver, not on PyPI, so not vendored) in 156 configurations as a peer; with
+``--seeds 0,1,2``, one run per mixture seed and ``<stem>_seeds.md`` with each ratio's median and
+worst (issue 12: the external check uses unseen seeds).
+
+Run: ``.venv/bin/python benchmarks/solvers.py`` (a few minutes on 2 cores) or ``--quick``; the
+issue-12 tables: ``--dim 48 --samples 256 --official FILE --tuned --tuned-nfe 3,4,5,8
+--stem solvers_d48 --seeds K`` per seed (about 35 minutes each on a shared CPU), then
+``--seeds 0,1,2 --reuse``.
 Writes ``benchmarks/results/solvers.{md,json,csv,png}``. Needs ``scipy``, and ``diffusers``
 / ``k-diffusion`` for the peers (skipped with a note when missing; k-diffusion is loaded
 through ``k_diffusion/sampling.py`` alone, as its package ``__init__`` pulls torchvision).
@@ -265,8 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the official dpm_solver_pytorch.py (LuChengTHU/dpm-solver) to run as a peer")
     parser.add_argument("--tuned", action="store_true", help="also fit tune_solver (tuned-multistep) per NFE")
     parser.add_argument("--pilots", type=int, default=128, help="pilot noise draws for --tuned")
-    parser.add_argument("--tune-evals", type=int, default=1200)
-    parser.add_argument("--tune-seconds", type=float, default=240.0)
+    parser.add_argument("--tune-evals", type=int, default=3000)
+    parser.add_argument("--tune-seconds", type=float, default=600.0)
     parser.add_argument("--stem", type=str, default="solvers", help="results file stem")
     parser.add_argument("--reuse", action="store_true", help="with --seeds: load a seed's results if already written")
     parser.add_argument("--tuned-nfe", type=str, default=None, help="comma-separated NFEs for --tuned (default 3,4,5,6,8,10)")
