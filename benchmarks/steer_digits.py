@@ -13,12 +13,13 @@ of class c (biased upwards at small sample sizes: compare rows of equal size; th
 training digits of class c), CPU seconds.
 
 Run: ``.venv/bin/python benchmarks/steer_digits.py --checkpoint /tmp/runs/digits [--samples 64]
-[--nfe 50 200] [--digit 8]``. Writes ``benchmarks/results/steer_digits.{md,json}``.
+[--nfe 50 200] [--digit 8] [--resume]``. Writes ``benchmarks/results/steer_digits.{md,json}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, metadata_line, run_metadata, write_results  # noqa: E402
+from _common import RESULTS, markdown_table, metadata_line, run_metadata, write_results  # noqa: E402
 
 import flowdiff as fd
 from flowdiff.metrics import DigitsFeatureExtractor, digits_frechet_distance, load_digits_split
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--digit", type=int, default=8)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="keep the rows of an earlier (interrupted) run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     field, cfg = load_field(args.checkpoint, unlabeled="null")
@@ -74,8 +76,29 @@ def main() -> None:
     rows = [["real class-%d train digits" % c, "-", f"{float(reward(floor_x.reshape(n, *shape)).mean()):.3f}",
              f"{float(reward(floor_x.reshape(n, *shape)).exp().mean()):.3f}", "-", f"{floor_div:.2f}",
              f"{floor_fd:.1f}", "-"]]
+    done = {}
+    if args.resume and (RESULTS / "steer_digits.json").exists():
+        old = json.loads((RESULTS / "steer_digits.json").read_text())
+        done = {(r["method"], int(r["budget"])): r for r in old.get("rows", []) if "budget" in r}
+
+    def render() -> str:
+        lines = [f"# Steering the digits model toward class {c} (reward log p_clf({c}|x), beta = 1)", "",
+                 metadata_line(payload["meta"]), "",
+                 f"{n} returned samples per row, same seed; Fréchet distance to the {ref.shape[0]} held-out "
+                 f"class-{c} digits (floor: {n} real training digits of class {c}).", ""]
+        lines += markdown_table(["method", "nfe/sample", "mean r", "mean p(c|x)", "accuracy", "diversity",
+                                 "Fréchet", "CPU s"], rows)
+        return "\n".join(lines)
+
     for nfe in args.nfe:
         for method in args.methods:
+            if (method, nfe) in done:
+                row = done[(method, nfe)]
+                payload["rows"].append(row)
+                rows.append([method, f"{row['nfe']:.0f}", f"{row['reward']:.3f}", f"{row['prob']:.3f}",
+                             f"{row['accuracy']:.2f}", f"{row['diversity']:.2f}", f"{row['frechet']:.1f}",
+                             f"{row['cpu_s']:.0f}"])
+                continue
             t0, w0 = time.process_time(), time.perf_counter()
             try:
                 res = fd.steer.sample(field, reward, method=method, num_samples=n, nfe=nfe, temperature=1.0,
@@ -87,7 +110,7 @@ def main() -> None:
             x = res.x.clamp(-1, 1)
             with torch.no_grad():
                 logp = torch.log_softmax(clf(x.float()), -1)
-            row = {"method": method, "nfe": res.nfe, "reward": float(res.reward.mean()),
+            row = {"method": method, "budget": nfe, "nfe": res.nfe, "reward": float(res.reward.mean()),
                    "prob": float(logp[:, c].exp().mean()), "accuracy": float((logp.argmax(1) == c).float().mean()),
                    "diversity": diversity(x), "frechet": float(digits_frechet_distance(x, ref, clf)),
                    "cpu_s": cpu, "wall_s": wall, "vjp": res.vjp}
@@ -95,13 +118,8 @@ def main() -> None:
             rows.append([method, f"{res.nfe:.0f}", f"{row['reward']:.3f}", f"{row['prob']:.3f}",
                          f"{row['accuracy']:.2f}", f"{row['diversity']:.2f}", f"{row['frechet']:.1f}", f"{cpu:.0f}"])
             print(rows[-1], flush=True)
-    lines = [f"# Steering the digits model toward class {c} (reward log p_clf({c}|x), beta = 1)", "",
-             metadata_line(payload["meta"]), "",
-             f"{n} returned samples per row, same seed; Fréchet distance to the {ref.shape[0]} held-out class-{c} "
-             f"digits (floor: {n} real training digits of class {c}).", ""]
-    lines += markdown_table(["method", "nfe/sample", "mean r", "mean p(c|x)", "accuracy", "diversity", "Fréchet",
-                             "CPU s"], rows)
-    text = "\n".join(lines)
+            write_results("steer_digits", render(), payload)  # after every row: an interrupted run keeps its rows
+    text = render()
     print(text)
     write_results("steer_digits", text, payload)
 
