@@ -1,5 +1,5 @@
 """The ``flowdiff`` command: ``train``, ``sample``, ``eval``, ``likelihood``, ``ems``, ``tune-grid``,
-``solvers`` and ``demo`` (docs/cli.md).
+``solvers``, ``restore``, ``finetune`` and ``demo`` (docs/cli.md).
 
 Errors. Every mistake a user can make ends in one line ``error: ...`` on stderr that names the
 value and what is allowed, with exit status 2 for usage errors (unknown names, values out of
@@ -617,8 +617,9 @@ def likelihood(
     data: Optional[str] = typer.Option(None, "--data", help="A dataset name (its --split is used), a .npy/.npz/.pt file or a samples.pt from `flowdiff sample` (all rows); default: the checkpoint's dataset."),
     split: str = typer.Option("heldout", "--split", help="Split of a dataset name: heldout, train or all."),
     count: int = typer.Option(1000, "--count", "-n", help="Use at most this many data (the first of the split)."),
-    solver: str = typer.Option("adams", "--solver", help="ODE solver of the likelihood: adams, rk4, heun, midpoint, euler or dopri5."),
-    nfe: Optional[int] = typer.Option(None, "--nfe", help="Model evaluations per solve (default the library's 48; a cap for dopri5)."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="ODE solver of the likelihood: adaptive (default; error controlled in nats, --atol), adams (default with --nfe), rk4, heun, midpoint, euler or dopri5."),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help="Model evaluations per solve of the fixed-step solvers (adams 48 if --solver adams); a cap for dopri5."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="adaptive: requested mean error per datum in nats (default 3e-4); dopri5: its absolute tolerance."),
     divergence: str = typer.Option("auto", "--divergence", help="exact, hutchinson, or auto (exact up to 32 dimensions)."),
     probes: int = typer.Option(8, "--probes", help="Hutchinson probes per datum."),
     batch_size: int = typer.Option(256, "--batch-size", help="Data per solve (memory)."),
@@ -681,15 +682,16 @@ def likelihood(
         raise DataError(f"{source}: the data contain NaN or Inf")
     t0 = time.perf_counter()
     with _progress(len(x), "likelihood", "datum") as bar:
+        options = {} if atol is None else {"atol": atol}
         res = likelihood_of_data(field, x, solver=solver, nfe=nfe, divergence=divergence, probes=probes,
-                                 batch_size=batch_size, seed=seed, progress=bar)
+                                 batch_size=batch_size, seed=seed, progress=bar, **options)
     res.update(seconds=round(time.perf_counter() - t0, 3), checkpoint=cfg.get("checkpoint_dir"), data=str(source))
     lo, hi = res["nll_nats_ci"]
     blo, bhi = res["bits_per_dim_ci"]
     typer.echo(f"negative log-likelihood of {what} ({res['dims']} dims) under {cfg.get('checkpoint_dir')}:")
     typer.echo(f"  nats/datum : {res['nll_nats']:.4f}   (95% CI {lo:.4f} to {hi:.4f})")
     typer.echo(f"  bits/dim   : {res['bits_per_dim']:.4f}   (95% CI {blo:.4f} to {bhi:.4f}; continuous density, no dequantisation)")
-    typer.echo(f"  {res['solver']}, {res['divergence']} divergence, {res['nfe']} model calls, {res['seconds']:.1f} s")
+    typer.echo(f"  {res['solver'] or ('adams' if nfe else 'adaptive')}, {res['divergence']} divergence, {res['nfe']} model calls, {res['seconds']:.1f} s")
     if output is not None:
         typer.echo(f"result -> {write_json(res, output)}")
 
