@@ -691,7 +691,7 @@ def likelihood(
     typer.echo(f"negative log-likelihood of {what} ({res['dims']} dims) under {cfg.get('checkpoint_dir')}:")
     typer.echo(f"  nats/datum : {res['nll_nats']:.4f}   (95% CI {lo:.4f} to {hi:.4f})")
     typer.echo(f"  bits/dim   : {res['bits_per_dim']:.4f}   (95% CI {blo:.4f} to {bhi:.4f}; continuous density, no dequantisation)")
-    typer.echo(f"  {res['solver'] or ('adams' if nfe else 'adaptive')}, {res['divergence']} divergence, {res['nfe']} model calls, {res['seconds']:.1f} s")
+    typer.echo(f"  {res['solver']}, {res['divergence']} divergence, {res['nfe']} model calls, {res['seconds']:.1f} s")
     if output is not None:
         typer.echo(f"result -> {write_json(res, output)}")
 

@@ -632,7 +632,7 @@ def tune_grid_from_checkpoint(checkpoint: str | Path, solver: str, nfe: int, out
     return tuned
 
 
-def likelihood_of_data(field: Field, x: Tensor, *, solver: str = "adams", nfe: int | None = None,
+def likelihood_of_data(field: Field, x: Tensor, *, solver: str | None = None, nfe: int | None = None,
                        divergence: str = "auto", probes: int = 8, batch_size: int = 256, seed: int = 0,
                        confidence: float = 0.95, progress: Any = None, **options: Any) -> dict[str, Any]:
     r"""Mean negative log-likelihood of ``x`` under ``field`` in nats and bits per dimension, with a
@@ -679,7 +679,7 @@ def likelihood_of_data(field: Field, x: Tensor, *, solver: str = "adams", nfe: i
     to_bits = 1.0 / (dims * math.log(2.0))
     return {"nll_nats": mean, "nll_nats_ci": [mean - half, mean + half], "bits_per_dim": mean * to_bits,
             "bits_per_dim_ci": [(mean - half) * to_bits, (mean + half) * to_bits], "confidence": confidence,
-            "num_data": n, "dims": dims, "solver": solver, "divergence": divergence, "nfe": nfe_used}
+            "num_data": n, "dims": dims, "solver": solver or ("adams" if nfe else "adaptive"), "divergence": divergence, "nfe": nfe_used}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,6 +197,8 @@ def test_tune_solver_beats_the_default_solvers_on_held_out_noise(tuned_solver, t
     # stored and reloaded with its coefficients
     back = load_grid(save_grid(tuned_solver, tmp_path / "solver.safetensors"), f, "tuned-multistep", 4)
     torch.testing.assert_close(sample(f, x_hold, **back.sample_kwargs(f)).x, res.x)
+    # grid=tuned alone carries the tuned coefficients too (not a silently untuned solver)
+    torch.testing.assert_close(sample(f, x_hold, grid=back).x, res.x)
 
 
 def test_tune_solver_rejects_bad_input():

@@ -720,7 +720,7 @@ register_solver("dpm-solver", DPMSolverMultistep, fixed={"prediction": "noise"},
 register_solver("unipc", UniPC, description="UniPC predictor-corrector (order 1-3, noise/data, bh1/bh2: defaults by budget)",
                 **{**_EXP, "default_grid": "quadratic"})
 # Untuned it is DPM-Solver++(2M) (Taylor form). Pass a tune_solver result as **tuned.sample_kwargs(field):
-# sample(grid=tuned) uses a TunedGrid's solver, NFE and grid but not its tuned coefficients.
+# sample(grid=tuned) uses its solver, NFE, grid and tuned coefficients as well.
 register_solver("tuned-multistep", TunedMultistep, final_denoise=True,
                 description="linear multistep exponential integrator with free coefficients (tune_solver fits them)",
                 **{**_EXP, "default_grid": "quadratic"})

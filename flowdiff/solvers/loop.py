@@ -339,9 +339,10 @@ def sample(field: Any, x_init: Tensor, solver: str | None = None, nfe: int | Non
         raise TypeError(f"field must be a fd.Field or fd.InterpolantField (with .path and .nfe), got {type(field).__name__}")
     if not isinstance(field.path, (GaussianPath, StochasticInterpolant)):
         raise TypeError(f"field.path must be a GaussianPath or StochasticInterpolant, got {type(field.path).__name__}")
-    if hasattr(grid, "sample_kwargs"):  # a TunedGrid: its solver, nfe, grid and final denoise, checked against the field
+    if hasattr(grid, "sample_kwargs"):  # a TunedGrid: its solver, nfe, grid, final denoise and tuned options, checked
         tuned = grid.sample_kwargs(field, solver, nfe)
-        solver, nfe, grid, denoise_final = tuned["solver"], tuned["nfe"], tuned["grid"], tuned["denoise_final"]
+        solver, nfe, grid, denoise_final = tuned.pop("solver"), tuned.pop("nfe"), tuned.pop("grid"), tuned.pop("denoise_final")
+        options = {**tuned, **options}  # tune_solver's coefficients; options given here win
     if return_logp:  # the log-density sampler of the solvers layer (no import of flowdiff.likelihood)
         from .logp import sample_returning_logp
 
