@@ -28,7 +28,7 @@ from ..guidance import model_num_classes, stratified_labels
 from ..paths import GaussianPath
 from .base import require_gaussian_path
 from .grids import finite_log_snr
-from .loop import interval
+from .loop import interval, sample
 
 __all__ = ["EMS", "HUTCHINSON_CHOICES", "estimate_ems", "jvp", "same_path_config"]
 
@@ -434,19 +434,21 @@ def _tricube(u: Tensor, lam: Tensor, bandwidth: float, need: int = 3) -> Tensor:
 
 
 def _pooled_statistics(l_sum: Tensor, mom: dict[str, Tensor], shift: dict[str, Tensor], n: float, lam: Tensor,
-                       bandwidth: float, degree: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+                       bandwidth: float, degree: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     r"""``l, s, b`` from per-knot sums, pooled across knots within ``bandwidth`` (in λ).
 
     For points drawn afresh at every knot the per-knot estimates are independent, so pooling
     neighbouring knots averages their noise (with common random numbers it would not):
 
-    * ``l`` and ``l'``: value and slope of a local quadratic fit (:func:`_local_weights`) of the
-      per-knot means of σ·diag;
-    * ``s``: one weighted regression of :math:`f^{(1)}` on ``f`` over the knots of the window,
-      :math:`s_k = \sum_j w_{kj}\,\mathrm{Cov}_j(f, f^{(1)})/c_j \big/ \sum_j w_{kj}\,\mathrm{Var}_j f/c_j`
-      (tricube weights, ``c_j`` the mean variance of ``f`` at knot ``j`` so that every knot counts
-      alike) instead of a ratio of noisy per-knot moments;
-    * ``b``: the local quadratic fit of the per-knot :math:`E f^{(1)} - s_k E f`.
+    * ``l`` and ``l'``: value and slope of a local cubic fit (:func:`_local_weights`) of the
+      per-knot means of σ·diag (a quadratic one biased l′, and through it s, by 0.05 at a
+      bandwidth of 1 on a Gaussian oracle);
+    * ``s``: one weighted regression of :math:`f^{(1)}` on ``f`` over the knots of the window with
+      a slope polynomial of ``degree`` in λ (default linear: on the digits UNet a quadratic slope
+      doubled the 8-NFE error, a noisier fit at the ends), each knot's moments divided by its mean
+      variance of ``f`` so that every knot counts alike, instead of a ratio of noisy per-knot
+      moments;
+    * ``b``: the local cubic fit of the per-knot :math:`E f^{(1)} - s_k E f`.
     """
     mL = l_sum / n
     value, slope = _local_weights(lam, bandwidth, 3)
@@ -505,13 +507,40 @@ def _error_estimate(lam: Tensor, full: tuple[Tensor, Tensor, Tensor],
     return {k: round(v, 6) for k, v in out.items()}
 
 
-def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: int = 512, batch_size: int = 256,
+def _sampling_check(field: Any, path: GaussianPath, ems: EMS, halves: Sequence[EMS], shape: tuple[int, ...],
+                    t0: float, t1: float, cond: dict, dtype: torch.dtype, device: torch.device, count: int, nfe: int,
+                    generator: torch.Generator) -> dict[str, float]:
+    r"""What the statistics do to DPM-Solver-v3 at ``nfe`` evaluations, measured on ``count`` starts.
+
+    Median per-sample RMS errors against a 40-call third-order DPM-Solver++ solve of the same
+    starts: ``v3`` with these EMS, ``dpm_solver++`` (the second-order multistep solver on the
+    same grid kind, what v3 improves on) and ``noise`` = the median RMS of
+    :math:`(x_1 - x_2)/2` between v3 with the two half-sample EMS, an estimate of the part of
+    the v3 error due to the statistics' sampling noise. Costs about (55 + 2·nfe)·count model
+    evaluations.
+    """
+    x0 = path.prior_sample((count, *shape), generator=generator, dtype=dtype, device=device)
+    common = dict(t_start=t0, t_end=t1, cond=cond, check_finite=False)
+    ref = sample(field, x0, solver="dpm-solver++3m", nfe=40, **common).x
+
+    def rms(x: Tensor, y: Tensor) -> float:
+        return float((x - y).flatten(1).pow(2).mean(1).sqrt().median())
+
+    v3 = [sample(field, x0, solver="dpm-solver-v3", nfe=nfe, ems=e, **common).x for e in (ems, *halves)]
+    base = sample(field, x0, solver="dpm-solver++", nfe=nfe, **common).x
+    out = {"nfe": nfe, "count": count, "v3": rms(v3[0], ref), "dpm_solver++": rms(base, ref),
+           "noise": rms(v3[1], v3[2]) / 2}
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 200, num_samples: int = 64, batch_size: int = 256,
                  hutchinson: bool | str | None = "auto", probes: int = 1, smooth: int = 0, t_start: float | None = None,
                  t_end: float | None = None, guidance_scale: float | None = None, cond: dict | None = None,
                  dtype: torch.dtype | None = None, progress: bool = True,
                  generator: torch.Generator | None = None, derivatives: str = "jvp", fd_step: float | None = None,
-                 max_error: float | None = 2.0, shrink: bool = False, points: str = "common",
-                 bandwidth: float = 0.0, record: Callable[..., None] | None = None) -> EMS:
+                 max_error: float | None = 2.0, shrink: bool = False, points: str = "fresh",
+                 bandwidth: float = 1.0, check: int | None = 64, check_nfe: int = 5,
+                 record: Callable[..., None] | None = None) -> EMS:
     r"""Estimate the empirical model statistics l, s, b of ``field`` from ``data`` (Zheng et al. 2023, §3.2).
 
     On ``num_lambdas`` knots uniform in λ between ``t_start`` and ``t_end`` (default the path's
@@ -521,32 +550,47 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
       forward-mode JVP (:func:`jvp`) per basis vector) or Hutchinson's estimator
       :math:`E[\sigma\,v\odot(\nabla_x\hat\varepsilon\,v)]` with Rademacher ``v``
       (``hutchinson``: ``"auto"`` = exact up to :data:`EXACT_DIAGONAL_MAX_DIM` dimensions);
-    * :math:`l' = dl/dλ` by central differences (``smooth = 0``) or a local quadratic fit over
-      ±``smooth`` knots. The official script averages central differences over ±5 knots
-      because its samples are fresh at every knot; with common random numbers l(λ) is smooth
-      and smoothing only adds bias (measured on a Gaussian oracle: 9 % error in s at the ends
-      with ±5, 0.4 % without);
+    * :math:`l' = dl/dλ`;
     * :math:`f = e^{-\lambda}\hat\varepsilon - l\,x/\alpha` and
       :math:`f^{(1)} = e^{-\lambda}((l - 1)\hat\varepsilon + \hat\varepsilon_\lambda) - l'x/\alpha`,
       with :math:`\hat\varepsilon_\lambda` the total derivative along the ODE (one JVP with
-      tangent :math:`(dx/dλ, dt/dλ)`); :math:`s = \mathrm{Cov}(f, f^{(1)})/\mathrm{Var}(f)`,
-      :math:`b = E f^{(1)} - s E f` per dimension (``s = 0`` where f does not vary).
+      tangent :math:`(dx/dλ, dt/dλ)`, batched with the probes' JVPs by :func:`torch.func.vmap`);
+      :math:`s = \mathrm{Cov}(f, f^{(1)})/\mathrm{Var}(f)`, :math:`b = E f^{(1)} - s E f` per
+      dimension (``s = 0`` where f does not vary).
 
-    The same data points, noise and probes are used at every λ (common random numbers), so
-    that the estimates are smooth in λ; f and f⁽¹⁾ are linear in l, l′, so running moments of
-    three vectors in a single pass suffice.
+    **Two estimators.** ``points="fresh", bandwidth > 0`` (the default): new points, noise and
+    probes at every knot, so that the per-knot estimates are independent, and one local fit
+    across the knots within ``bandwidth`` in λ (:func:`_pooled_statistics`: local cubic l and l′,
+    a regression slope s pooled over the window with a local linear trend, local cubic b). The window
+    averages the noise of about ``bandwidth·num_lambdas/range`` knots, so few points per knot
+    suffice; its bias is the smoothing bias of the statistics on the scale ``bandwidth``.
+    ``points="common", bandwidth=0`` (the former default): the same points at every knot
+    (common random numbers, smooth in λ, the noise does not average across knots), per-knot
+    statistics, l′ by central differences (``smooth = 0``) or a local quadratic over ±``smooth``
+    knots; it needs about 8× the model evaluations for the same v3 accuracy on the digits UNet
+    (docs/ems.md). f and f⁽¹⁾ are linear in l, l′, so running moments of three vectors in a single
+    pass suffice for both.
+
+    **Quality.** ``settings["error_estimate"]``: standard errors of l, s, b from two half-sample
+    estimates (:func:`_error_estimate`). ``settings["quality"]`` (``check`` starts, default 64):
+    DPM-Solver-v3 with these statistics at ``check_nfe`` evaluations against a 40-call
+    third-order solve, next to DPM-Solver++ on the same starts, and the part of the v3 error due
+    to the statistics' sampling noise (:func:`_sampling_check`); a ``UserWarning`` says when the
+    statistics do not beat DPM-Solver++ there (too noisy, or too few knots, to help).
+
+    **Class-conditional networks.** Every point is evaluated under one class in every call:
+    the data's label where ``data`` has labels (a dataset with ``.x`` and ``.y``), else a
+    stratified draw (``settings["labels"]``). A network that picks classes by batch size would
+    otherwise mix classes between the call that gives the ODE direction and the JVPs.
 
     Arguments:
         field: a :class:`~flowdiff.Field` (or any object with ``path`` and ``noise``/``denoise``).
         data: training data ``(N, *shape)``, a dataset (``.x``), an oracle with
             ``.sample(n, generator=...)`` or a callable ``(n, generator) -> tensor``.
         num_lambdas: knots (the official scripts use 120–1200). The cost is proportional to
-            ``num_lambdas × num_samples``; at a fixed cost, knots pay more than samples: on the
-            digits UNet, 480 knots × 256 points gave 0.80× the 12-NFE error (0.70× at 20) of
-            120 × 1024 (with common random numbers the noise of s and b at neighbouring knots
-            is partly independent and averages out in the step integrals); another seed at
-            120 × 1024 changed it by 1 %. On the d = 32 mixture the choice did not matter.
-        num_samples: data points per knot (the official scripts use 1024–4096).
+            ``num_lambdas × num_samples``.
+        num_samples: data points per knot (the official scripts use 1024–4096 with fresh points
+            and a ±5-knot moving average of l′).
         batch_size: points per model call.
         hutchinson: ``True``/``False``/``None`` (False and None: exact diagonal) or ``"auto"``.
         probes: Rademacher probes per point for Hutchinson.
@@ -565,7 +609,13 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
             default 1e-3 (float32) or 1e-6 (float64).
         max_error: warn (``UserWarning`` naming the settings and the values) when the estimated
             error ``settings["error_estimate"]["solver"]`` exceeds it; ``None``: never.
-        shrink: shrink ``s`` by its standard error (see :func:`_statistics`).
+        shrink: shrink ``s`` by its standard error (``bandwidth = 0`` only; see :func:`_statistics`).
+        points: ``"fresh"`` or ``"common"`` (see above).
+        bandwidth: half-width in λ of the fit across knots; 0: per-knot statistics.
+        check: starts of the sampling check (``None`` or 0: no check).
+        check_nfe: the evaluations of that check.
+        record: called as ``record(k, lo, A, B, C, l_rows)`` with every batch's per-point rows
+            (benchmarks; see :func:`_rows`).
 
     The standard errors of the statistics, from two half-sample estimates, are in
     ``ems.settings["error_estimate"]`` (see :func:`_error_estimate`).
@@ -586,6 +636,9 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
     if points not in POINTS_CHOICES:
         raise ValueError(f"points must be one of {POINTS_CHOICES}, got {points!r}")
     check_float("bandwidth", bandwidth, 0.0)
+    if check is not None:
+        check_int("check", check, 0)
+    check_int("check_nfe", check_nfe, 2)
     if max_error is not None:
         check_float("max_error", max_error, 0.0, low_open=True)
     t0, t1 = interval(field, None, t_start, t_end)
@@ -705,16 +758,30 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 400, num_samples: 
             f"(standard errors from two half-sample estimates: l {error['l']:.3g}, s {error['s']:.3g}, "
             f"b {error['b']:.3g}); use more samples (and knots)", stacklevel=2)
 
+    base_settings = {"path": path.config(), "t_start": t0, "t_end": t1}
+    ems = EMS(lam, l.reshape(K, *shape), s_stat.reshape(K, *shape), b_stat.reshape(K, *shape), base_settings)
+    quality = None
+    if check:
+        halves_ems = [EMS(lam, *(v.reshape(K, *shape) for v in half), base_settings) for half in halves]
+        quality = _sampling_check(field, path, ems, halves_ems, shape, t0, t1, cond, work_dtype, device, check,
+                                  check_nfe, torch.Generator(device=gen.device).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen))))
+        if quality["v3"] >= quality["dpm_solver++"]:
+            warnings.warn(
+                f"EMS from num_lambdas={num_lambdas} knots x num_samples={num_samples} points do not help DPM-Solver-v3: "
+                f"at {check_nfe} NFE on {check} starts its error is {quality['v3']:.3g} against {quality['dpm_solver++']:.3g} "
+                f"for DPM-Solver++ (of which about {quality['noise']:.3g} from the statistics' sampling noise); use "
+                f"more samples and knots, or DPM-Solver++", stacklevel=2)
+
     seconds = time.perf_counter() - start
     model_calls = getattr(field, "nfe", 0) - nfe0
     settings = {
-        "path": path.config(), "t_start": t0, "t_end": t1, "num_lambdas": num_lambdas, "num_samples": num_samples,
+        **base_settings, "num_lambdas": num_lambdas, "num_samples": num_samples,
         "hutchinson": not exact, "probes": probes if not exact else 0, "smooth": smooth,
         "guidance_scale": None if guidance_scale is None else float(guidance_scale),
         "prediction": getattr(field, "prediction", None), "dtype": str(work_dtype).replace("torch.", ""),
         "derivatives": derivatives, "shrink": bool(shrink), "points": points, "bandwidth": float(bandwidth),
         "labels": label_source, "fd_step": fd_step if derivatives == "fd" else None,
-        "error_estimate": error,
+        "error_estimate": error, "quality": quality,
         "cost": {"seconds": round(seconds, 3), "model_calls": int(model_calls), "jvp_calls": jvp_calls},
     }
     return EMS(lam, l.reshape(K, *shape), s_stat.reshape(K, *shape), b_stat.reshape(K, *shape), settings)
