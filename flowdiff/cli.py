@@ -707,8 +707,8 @@ def ems_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the statistics (default: <checkpoint>/ems.safetensors)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the data split and of the noise used for the estimate."),
-    knots: int = typer.Option(400, "--knots", min=2, help="Log-SNR knots the statistics are estimated at (the cost is proportional)."),
-    samples: int = typer.Option(512, "--samples", min=2, help="Training points noised at every knot (the cost is proportional)."),
+    knots: Optional[int] = typer.Option(None, "--knots", min=2, help="Log-SNR knots the statistics are estimated at (default estimate_ems's 200; the cost is proportional)."),
+    samples: Optional[int] = typer.Option(None, "--samples", min=2, help="Training points noised at every knot (default estimate_ems's 64, fresh at every knot; the cost is proportional)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Points per model call."),
     probes: int = typer.Option(1, "--probes", min=1, help="Hutchinson probes per point (for data of more than 32 dimensions)."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
@@ -727,10 +727,10 @@ def ems_cmd(
     if output is not None:
         _output_file(output)
     _set_threads(threads, None, dev)
+    sizes = {k: v for k, v in (("num_lambdas", knots), ("num_samples", samples)) if v is not None}
     if not _STATE["quiet"] and not sys.stderr.isatty():
-        typer.echo(f"ems: estimating at {knots} knots × {samples} points ...", err=True)
-    stats = ems_from_checkpoint(checkpoint, output, seed=seed, num_lambdas=knots, num_samples=samples,
-                                batch_size=batch_size, probes=probes, device=dev, dtype=weights,
+        typer.echo(f"ems: estimating at {knots or 'the default'} knots × {samples or 'the default'} points ...", err=True)
+    stats = ems_from_checkpoint(checkpoint, output, seed=seed, **sizes, batch_size=batch_size, probes=probes, device=dev, dtype=weights,
                                 progress=not _STATE["quiet"] and sys.stderr.isatty())
     cost = stats.cost
     typer.echo(f"EMS -> {stats.settings.get('file')} ({stats}); {cost.get('seconds', float('nan')):.0f} s, "

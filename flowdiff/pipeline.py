@@ -587,7 +587,7 @@ def ems_from_checkpoint(checkpoint: str | Path, output: str | Path | None = None
     dev, dt = field_device_dtype(field)
     dev, dt = dev or torch.device("cpu"), dt or torch.get_default_dtype()
     with model_context(dev, autocast):
-        ems = estimate_ems(field, dataset.x.to(device=dev, dtype=dt), generator=torch.Generator(device=dev).manual_seed(seed),
+        ems = estimate_ems(field, dataset.to(device=dev, dtype=dt), generator=torch.Generator(device=dev).manual_seed(seed),
                            **options)
     ems.settings["checkpoint"] = str(config.get("checkpoint_dir", checkpoint))
     ems.settings["data"] = str(name)
