@@ -96,8 +96,8 @@ def test_smc_multimodal_gmm_default_budget(bimodal):
     assert torch.allclose(emp.diagonal(), cov.diagonal(), rtol=0.25, atol=0.1), (emp.diagonal(), cov.diagonal())
 
 
-@pytest.mark.parametrize("m", [2, 3])  # diagonal and full-covariance twist
-def test_smc_gaussian_prior_exact(m):
+@pytest.mark.parametrize("m,schedule", [(2, "diffusion"), (3, "diffusion"), (3, "tempering")])
+def test_smc_gaussian_prior_exact(m, schedule):
     g = torch.Generator().manual_seed(1)
     d = 5
     a = torch.randn(d, d, generator=g, dtype=F64)
@@ -107,7 +107,8 @@ def test_smc_gaussian_prior_exact(m):
     post = linear_gaussian_posterior(prior, H, y, 0.2)
     n = 600
     res = fd.inverse.sample_posterior(_field(prior, "data"), Matrix(H), y, sigma_y=0.2, num_samples=n, nfe=600,
-                                      generator=torch.Generator().manual_seed(2))
+                                      generator=torch.Generator().manual_seed(2), schedule=schedule)
+    assert res.info["schedule"] == schedule and res.nfe <= 600
     mean, cov = post.mean(), post.covariance()
     assert torch.all((res.x.mean(0) - mean).abs() <= 5 * (cov.diagonal() / n).sqrt())
     assert torch.allclose(torch.cov(res.x.T), cov, atol=0.15 * float(cov.diagonal().max()))
@@ -152,6 +153,36 @@ def test_smc_float32_and_options(bimodal):
         fd.inverse.sample_posterior(field, Matrix(pb.H), pb.y, sigma_y=0.1, num_samples=3, nfe=50, groups=2)
     with pytest.raises(ValueError, match="twist"):
         fd.inverse.sample_posterior(field, Matrix(pb.H), pb.y, sigma_y=0.1, num_samples=2, nfe=50, twist="x")
+
+
+def test_tempered_smc_reaches_a_tail_posterior():
+    # d = 8, two precise measurements, the posterior's modes lie far in the tails of two prior modes
+    # (the case where the twisted diffusion schedule loses its particles): weights within 0.05.
+    pb = gmm_inverse_problem(8, 2, 0.05, seed=0, multimodal=True)
+    n = 300
+    res = fd.inverse.sample_posterior(_field(pb.prior), Matrix(pb.H), pb.y, sigma_y=pb.sigma_y, num_samples=n,
+                                      nfe=600, generator=torch.Generator().manual_seed(0))
+    assert res.info["schedule"] == "tempering" and res.nfe <= 600
+    assert mode_weight_tv(res.x, pb.posterior) <= 0.06
+    assert res.info["temperatures"] <= res.info["max_temps"] and min(res.info["accept"]) > 0.3
+
+
+def test_tempering_plan_and_schedule_option(bimodal):
+    for nfe in (200, 300, 1000, 5000):
+        cfg = smc_module.tempering_plan(nfe, 100)
+        spent = (cfg["prior_particles"] * (cfg["prior_steps"] + cfg["init_moves"] + 1) + 1 + cfg["particles"]
+                 + cfg["particles"] * cfg["moves"] * cfg["max_temps"] + 1)
+        assert spent <= nfe and cfg["prior_particles"] >= cfg["particles"] >= 2
+    with pytest.raises(ValueError, match="too small"):
+        smc_module.tempering_plan(30, 10)
+    field = _field(bimodal.prior)
+    run = fd.inverse.sample_posterior
+    small = run(field, Matrix(bimodal.H), bimodal.y, sigma_y=0.1, num_samples=4, nfe=100)
+    assert small.info["schedule"] == "diffusion"
+    with pytest.raises(ValueError, match="schedule must be"):
+        run(field, Matrix(bimodal.H), bimodal.y, sigma_y=0.1, num_samples=2, nfe=400, schedule="x")
+    with pytest.raises(TypeError, match="unknown option"):
+        run(field, Matrix(bimodal.H), bimodal.y, sigma_y=0.1, num_samples=2, nfe=400, schedule="tempering", twist="flat")
 
 
 # ----- TDS ----------------------------------------------------------------------------------

@@ -54,6 +54,21 @@ Linear Inverse Problem Solving: A Filtering Perspective", ICLR 2024), whose rand
 pseudo-observations :math:`y_t` are replaced here by the closed-form likelihood; it is not a
 re-implementation of either (``mcgdiff``/``fps`` are not registered).
 
+``smc(schedule="tempering")`` (the default from ``nfe >= 300``, :func:`_tempered_smc`): an SMC
+sampler in the sense of Del Moral, Doucet & Jasra (2006, "Sequential Monte Carlo samplers", JRSS B)
+at the data end of the path. Exact prior draws at :math:`t^*` (the path's safe end) from a
+2M-SDE reverse run (after Langevin moves that correct the non-pure-noise start), then the
+likelihood is tempered in, :math:`\pi_\beta \propto p_{t^*}(x)\,L(x)^\beta`, β from 0 to 1
+chosen adaptively by the ESS (Jasra, Stephens, Doucet & Tsagaris 2011), resampling each step and
+moving with a Metropolis-adjusted Langevin move that is exact for Gaussian modes (the
+preconditioned Crank–Nicolson Langevin proposal of Cotter, Roberts, Stuart & White 2013, with
+the diagonal precision of the tempered target; the prior's log-density difference in the
+Metropolis–Hastings ratio is the trapezoidal line integral of the score). The incremental
+weights :math:`L^{\Delta\beta}` are exact — no twist approximation — so the posterior weight
+of each prior mode is its count of prior draws times an unbiased evidence estimate: this is what
+the twisted diffusion schedule loses when the posterior lies far in the prior's tails
+(measured: d = 32, 16 measurements, σ_y = 0.05: mode-weight TV 0.27–0.57 → 0.02).
+
 ``tds``: the Twisted Diffusion Sampler (Wu, Trippe, Naesseth, Blei & Cunningham 2023,
 "Practical and Asymptotically Exact Conditional Sampling in Diffusion Models", NeurIPS 2023):
 twist :math:`\tilde p_t(y \mid x_t) = N(y; A\hat x(x_t), \sigma_y^2 I + r_t^2 A A^\top)`,
@@ -485,26 +500,51 @@ def _spectral_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num
 
 
 _SPECTRAL_OPTIONS = ("particles", "steps", "groups", "ess_threshold", "max_batch", "dtype", "solver_order", "grid", "sort", "twist", "lookahead", "full_limit")
+_TEMPERING_OPTIONS = ("max_batch", "dtype", "prior_steps", "prior_particles", "particles", "moves", "ess_target",
+                      "target_accept", "sort")
+#: ``schedule="auto"`` uses tempering from this budget on (evaluations per returned sample).
+TEMPERING_FROM_NFE = 300
 
 
 @register("smc", linear_only=True, needs_svd=True,
-          description="SMC with the flat-prior linear-Gaussian twist in the SVD domain (exact as K→∞, no VJPs); default")
+          description="SMC in the SVD domain (exact as K→∞, no VJPs): tempered resample-move from nfe 300, twisted diffusion below; default")
 def smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples: int, nfe: int,
-        generator: torch.Generator | None = None, **options: Any) -> tuple[Tensor, dict]:
+        generator: torch.Generator | None = None, schedule: str = "auto", **options: Any) -> tuple[Tensor, dict]:
     """The recommended SMC posterior sampler (see the module docstring).
 
     Options:
-        particles: ``K``, particles per returned sample (default: from :func:`plan`).
-        steps: ``S``, reverse-diffusion steps (default: from :func:`plan`).
-        groups: number of independent populations (default 1: one population of
-            ``K * num_samples``; ``num_samples`` gives one independent run per sample).
-        ess_threshold: resample a population when its ESS falls below this fraction (default 0.5).
-        max_batch: most rows per network call (default 65536).
-        dtype: working dtype of the network input (default: ``y``'s).
+        schedule: ``"tempering"`` (likelihood tempering at the data end with MALA moves, see
+            :func:`_tempered_smc`), ``"diffusion"`` (twisted SMC along the reverse diffusion) or
+            ``"auto"`` (default: tempering when ``nfe >= TEMPERING_FROM_NFE`` and the budget holds
+            its plan, the diffusion schedule otherwise).
+        diffusion schedule: ``particles`` (``K``, particles per returned sample), ``steps`` (``S``),
+            ``groups`` (independent populations, default 1), ``ess_threshold`` (0.5),
+            ``max_batch`` (65536), ``dtype``, ``solver_order``, ``grid``, ``sort``, ``twist``,
+            ``lookahead``, ``full_limit``.
+        tempering schedule: ``prior_steps``, ``prior_particles``, ``particles`` (per returned
+            sample in the tempering phase), ``moves`` (MALA moves per temperature),
+            ``ess_target`` (0.5), ``target_accept`` (0.6), ``max_batch``, ``dtype``, ``sort``
+            (defaults from :func:`tempering_plan`).
     """
+    if schedule not in ("auto", "diffusion", "tempering"):
+        raise ValueError(f"schedule must be 'auto', 'diffusion' or 'tempering', got {schedule!r}")
+    if schedule == "auto":
+        schedule = "diffusion"
+        if nfe >= TEMPERING_FROM_NFE and set(options) <= set(_TEMPERING_OPTIONS):
+            try:
+                tempering_plan(nfe, num_samples)
+                schedule = "tempering"
+            except ValueError:
+                pass
+    if schedule == "tempering":
+        _check_options("smc", options, _TEMPERING_OPTIONS)
+        return _tempered_smc(field, operator, y, sigma_y=sigma_y, num_samples=num_samples, nfe=nfe,
+                             generator=generator, **options)
     _check_options("smc", options, _SPECTRAL_OPTIONS)
-    return _spectral_smc(field, operator, y, sigma_y=sigma_y, num_samples=num_samples, nfe=nfe,
-                         generator=generator, name="smc", **options)
+    x, info = _spectral_smc(field, operator, y, sigma_y=sigma_y, num_samples=num_samples, nfe=nfe,
+                            generator=generator, name="smc", **options)
+    info["schedule"] = "diffusion"
+    return x, info
 
 
 _TDS_OPTIONS = ("particles", "steps", "ess_threshold", "max_batch", "sort")
@@ -616,3 +656,208 @@ def tds(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples: 
             "final_ess": final_ess, "times": times}
     return xhat[pick].to(work), info, float(vjp)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Tempered SMC at the data end (resample-move with score-only MALA): smc(schedule="tempering")
+# ----------------------------------------------------------------------------------------------
+
+def tempering_plan(nfe: int, num_samples: int, *, prior_steps: int | None = None, moves: int | None = None,
+                   particles: int | None = None, init_moves: int = 3, share: float = 0.5,
+                   temperatures: int = 60) -> dict[str, int]:
+    """Budget split of the tempered sampler (evaluations per returned sample, ``nfe`` in all).
+
+    The procedure (measured on the exact-posterior mixtures, docs/inverse.md): the prior phase
+    decides how many draws every prior mode holds (relative error ``1/sqrt(draws)`` of its
+    posterior weight); its step count grows like ``sqrt(nfe)`` (mode weights of the 2M-SDE prior
+    sampler: 0.075 TV at 10 steps, 0.02 at 20) between 12 and 40, plus ``init_moves`` Langevin
+    moves at the noise end and one score call. The tempering phase gets ``share`` of the budget:
+    ``moves`` (1) move per temperature (the Gaussian-exact Langevin move of
+    :func:`_tempered_smc` mixes a near-Gaussian mode in one move) and ``particles`` per returned
+    sample such that about ``temperatures`` (60) temperatures fit; its error falls like
+    1/(temperatures x particles). Raises ``ValueError`` when the budget cannot hold both phases.
+    """
+    budget = nfe - 1  # the final denoising of the returned samples
+    s_p = prior_steps or int(min(40, max(12, round(0.9 * math.sqrt(budget)))))
+    m = moves or 1
+    tb = int(share * budget)
+    k_t = particles or max(2, tb // (m * temperatures))
+    temps = tb // (k_t * m)
+    k_p = (budget - 1 - k_t - k_t * m * temps) // (s_p + init_moves + 1)
+    if temps < 4 or k_p < k_t:
+        raise ValueError(f"nfe={nfe} is too small for the tempered sampler (needs about {2 * k_t * (s_p + init_moves + 1)}); "
+                         "use schedule='diffusion'")
+    return {"prior_steps": s_p, "prior_particles": int(k_p), "init_moves": init_moves, "particles": k_t,
+            "moves": m, "max_temps": temps}
+
+
+def _tempered_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples: int, nfe: int,
+                  generator: torch.Generator | None, max_batch: int = 65536, dtype: torch.dtype | None = None,
+                  prior_steps: int | None = None, prior_particles: int | None = None, particles: int | None = None,
+                  moves: int | None = None, ess_target: float = 0.8, target_accept: float = 0.6,
+                  sort: bool = True) -> tuple[Tensor, dict]:
+    cfg = tempering_plan(nfe, num_samples, prior_steps=prior_steps, moves=moves, particles=particles)
+    if prior_particles is not None:
+        cfg["prior_particles"] = prior_particles
+    path = field.path
+    svd = _get_svd(operator)
+    in_shape = tuple(operator.in_shape)
+    d = math.prod(in_shape)
+    dev = y.device
+    work = dtype or (y.real.dtype if y.is_complex() else y.dtype)
+    if not work.is_floating_point:
+        work = torch.get_default_dtype()
+    f64 = torch.float64
+    sv = svd.s.to(device=dev, dtype=f64)
+    k = int(sv.numel())
+    ybar = svd.ut(y[None]).reshape(-1)[:k]
+    if ybar.is_complex():
+        raise ValueError("the spectral SMC needs real spectral coordinates U^T y; the operator returned complex ones")
+    c = ybar.to(f64) / sv
+    t_lo, t_hi = path.safe_interval
+    a_e, s_e = _alpha_sigma(path, t_hi)
+    a_0, s_0 = _alpha_sigma(path, t_lo)
+    # c_i given x = x_{t*}: c_i = x̄_i/α + (σ/α) ε_i + (σ_y/s_i) n_i (flat prior over the tiny σ*/α*).
+    v_lik = (sigma_y / sv) ** 2 + (s_e / a_e) ** 2
+    Np, Nt = cfg["prior_particles"] * num_samples, cfg["particles"] * num_samples
+    chunk = _Chunked(field, max_batch)
+
+    def call(kind: str, xb: Tensor, t: float) -> Tensor:
+        x = svd.v(xb.to(work)).reshape(xb.shape[0], *in_shape)
+        rows = []
+        for xc in x.split(max_batch):
+            out = field.score(xc, t) if kind == "score" else field.denoise(xc, t)
+            rows.append(out)
+        out = svd.vt(torch.cat(rows)).reshape(xb.shape[0], d).to(f64)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"the field returned non-finite values at t={t:.4g}")
+        return out
+
+    def mala(xb: Tensor, sc: Tensor, t: float, log_target: Any, grad_target: Any, cov: Tensor,
+             theta: float, n: int) -> tuple[Tensor, Tensor, float]:
+        """``n`` Metropolis-adjusted Langevin moves on p_t(x)·extra(x) with only the score known.
+
+        Proposal ``x' = x + θ C ∇log π(x) + sqrt(θ(2−θ)) C^{1/2} ξ`` with ``C`` the (diagonal)
+        inverse precision of the tempered target: an AR(1) move that leaves ``N(m, C)`` invariant,
+        so for a Gaussian target with that precision every move is accepted and ``θ = 1`` draws
+        independently (the preconditioned Crank–Nicolson Langevin idea of Cotter, Roberts,
+        Stuart & White 2013); MALA (Roberts & Tweedie 1996) as ``θ → 0``. The Metropolis–Hastings
+        ratio needs log p_t(x') − log p_t(x): the trapezoidal rule of the line integral of the
+        score, ½(s(x) + s(x'))·(x' − x), exact for Gaussian p_t; the extra factor is exact.
+        """
+        acc = 0.0
+        var = theta * (2.0 - theta) * cov
+        for _ in range(n):
+            mean = xb + theta * cov * (sc + grad_target(xb))
+            xn = mean + var.sqrt() * _randn(tuple(xb.shape), generator, f64, dev)
+            scn = call("score", xn, t)
+            back = xn + theta * cov * (scn + grad_target(xn))
+            log_a = (0.5 * ((sc + scn) * (xn - xb)).sum(-1) + log_target(xn) - log_target(xb)
+                     - 0.5 * ((xb - back) ** 2 / var).sum(-1) + 0.5 * ((xn - mean) ** 2 / var).sum(-1))
+            u = torch.rand(xb.shape[0], generator=generator, dtype=f64, device=torch.device("cpu")).to(dev)
+            ok = torch.log(u) < log_a
+            xb = torch.where(ok[:, None], xn, xb)
+            sc = torch.where(ok[:, None], scn, sc)
+            acc += float(ok.to(f64).mean())
+        return xb, sc, acc / max(n, 1)
+
+    zero = lambda xb: torch.zeros(xb.shape[0], dtype=f64, device=dev)  # noqa: E731
+    zero_g = lambda xb: torch.zeros_like(xb)  # noqa: E731
+    # 1. Prior phase. The path's noise end is not pure noise (α(t_lo) > 0): N(0, σ_0²) is first
+    #    corrected towards p_{t_lo} by MALA moves, then a 2M-SDE reverse run brings it to t*.
+    times = log_snr_grid(path, cfg["prior_steps"])
+    xbar = _randn((Np, d), generator, f64, dev) * s_0
+    sc = call("score", xbar, float(times[0]))
+    xbar, sc, acc0 = mala(xbar, sc, float(times[0]), zero, zero_g,
+                          torch.full((d,), s_0 * s_0, dtype=f64, device=dev), 1.0, cfg["init_moves"])
+    prev_hat = prev_h = None
+    for j in range(cfg["prior_steps"]):
+        t, s = float(times[j]), float(times[j + 1])
+        xh = call("denoise", xbar, t)
+        cx, ch, v = _ancestral(path, t, s)
+        h = float(path.log_snr(s)) - float(path.log_snr(t))
+        data = xh if prev_hat is None else xh + (xh - prev_hat) * (0.5 * h / prev_h)
+        xbar = cx * xbar + ch * data + math.sqrt(v) * _randn((Np, d), generator, f64, dev)
+        prev_hat, prev_h = xh, h
+    del prev_hat, xh
+    # 2. Prior precision per spectral coordinate at t* (MALA preconditioner): Hutchinson's
+    #    diagonal estimate of −∂score/∂x̄ from central differences on a few particles.
+    n_probe = max(1, min(256, num_samples // 2, Np))
+    z = torch.where(torch.rand(n_probe, d, generator=generator, dtype=f64) < 0.5, -1.0, 1.0).to(dev)
+    eps_fd = 1e-3 * s_e / a_e * max(1.0, float(xbar.std()))
+    pts = xbar[:n_probe]
+    both = call("score", torch.cat([pts + eps_fd * z, pts - eps_fd * z]), t_hi)
+    diag = (-(both[:n_probe] - both[n_probe:]) / (2 * eps_fd) * z).mean(0)
+    mean_prec = float(diag.mean())
+    fallback = mean_prec if mean_prec > 0 else 1.0 / float(xbar.var(0).mean())
+    lam = diag.clamp(min=0.25 * fallback, max=4.0 * fallback)
+    # 3. Adaptive tempering of the likelihood, p_{t*}(x) L(x)^β, β: 0 → 1 (Del Moral, Doucet &
+    #    Jasra 2006; Jasra et al. 2011): each β by bisection so that the ESS of the incremental
+    #    weights is ess_target; resample (the first time from Np down to Nt particles), then
+    #    MALA moves that leave the tempered target invariant.
+    def log_lik(xb: Tensor) -> Tensor:
+        r = c - xb[:, :k] / a_e
+        return -0.5 * (r * r / v_lik).sum(-1)
+
+    def grad_lik(xb: Tensor) -> Tensor:
+        g = torch.zeros_like(xb)
+        g[:, :k] = (c - xb[:, :k] / a_e) / (v_lik * a_e)
+        return g
+
+    sc = None
+    beta, temps, accs, betas = 0.0, 0, [], []
+    theta = 1.0
+    log_w = torch.zeros(Np, dtype=f64, device=dev)
+    while beta < 1.0:
+        ll = log_lik(xbar)
+
+        def ess_of(db: float) -> float:
+            return float(effective_sample_size((db * ll)[None])[0]) / ll.shape[0]
+
+        # First step: one importance step from the Np exact prior draws down to an ESS of Nt, so
+        # that the Nt resampled particles come from about Nt distinct prior draws (a rarely
+        # drawn prior mode that the measurement favours keeps all of its draws); then ess_target.
+        target = ess_target
+        if temps == 0:
+            target = min(ess_target, Nt / Np)
+        elif len(betas) >= 2 and betas[-2] > 0 and betas[-1] > betas[-2]:
+            # Budget: about log(1/β)/log(β_j/β_{j-1}) more steps are needed at this pace; with R
+            # left, widen the steps (the step count scales like 1/sqrt(log(1/target))).
+            need = math.log(1.0 / beta) / math.log(betas[-1] / betas[-2])
+            left = cfg["max_temps"] - temps - 1
+            if left > 0 and need > left:
+                target = math.exp(math.log(ess_target) * (need / left) ** 2)
+        if temps >= cfg["max_temps"] - 1 or ess_of(1.0 - beta) >= target:
+            db = 1.0 - beta
+        else:
+            lo, hi = 0.0, 1.0 - beta
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if ess_of(mid) >= target else (lo, mid)
+            db = max(lo, 1e-12)
+        beta = 1.0 if db >= 1.0 - beta else beta + db
+        log_w = db * ll
+        temps += 1
+        betas.append(beta)
+        order = torch.argsort(_leading_direction_key(xbar))[None] if sort else None
+        idx = systematic_resample(log_w[None], Nt, generator, order)[0]
+        xbar = xbar[idx]
+        sc = call("score", xbar, t_hi) if sc is None else sc[idx]
+        b = beta
+        prec = lam.clone()
+        prec[:k] = prec[:k] + b / (a_e * a_e * v_lik)
+        xbar, sc, acc = mala(xbar, sc, t_hi, lambda xb: b * log_lik(xb), lambda xb: b * grad_lik(xb),
+                             1.0 / prec, theta, cfg["moves"])
+        accs.append(acc)
+        theta = min(1.0, theta * math.exp(acc - target_accept))
+    # 4. The returned samples: num_samples of the Nt particles (equal weights after the last
+    #    resample-move), denoised at t*.
+    order = torch.argsort(_leading_direction_key(xbar))[None] if sort else None
+    pick = systematic_resample(torch.zeros(1, Nt, dtype=f64, device=dev), num_samples, generator, order)[0]
+    out = call("denoise", xbar[pick], t_hi)
+    if sigma_y == 0.0:
+        out[:, :k] = c
+    x = svd.v(out.to(work)).reshape(num_samples, *in_shape)
+    info = {"schedule": "tempering", **cfg, "temperatures": temps, "betas": betas, "accept": accs,
+            "init_accept": acc0, "prior_precision": mean_prec}
+    return x, info
