@@ -37,6 +37,7 @@ from ._utils import TimeLike, batch_time, check_time_range, expand_like
 from .paths import PREDICTIONS, GaussianPath, StochasticInterpolant, VP
 
 __all__ = [
+    "gaussian_ems_statistics",
     "GaussianMixture", "Gaussian", "InterpolantOracle", "random_mixture",
     "LinearGaussianPosterior", "linear_gaussian_posterior", "mode_weight_tv", "GMMInverseProblem", "gmm_inverse_problem",
     "TiltedMixture", "tilted_mixture", "tilted_problem", "gaussian_kl", "mixture_kl", "mode_frequencies",
@@ -1011,3 +1012,32 @@ def tilted_problem(dim: int, num_modes: int = 4, seed: int = 0, temperature: flo
     a = a / a.norm().clamp_min(1e-12)
     b = a @ means[0]
     return tilted_mixture(prior, a[None], b[None], scale=float(scales[0, 0]) + 1.0, temperature=temperature)
+
+
+def gaussian_ems_statistics(mean: Tensor, cov: Tensor, lambdas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Closed-form empirical model statistics ``l, s, b`` of DPM-Solver-v3 (Zheng et al. 2023,
+    §3.2) for data :math:`N(\mu, C)` at log-SNRs ``lambdas``, each of shape ``(K, d)``, float64.
+
+    With :math:`P = (I + e^{2\lambda}C)^{-1}` the noise predictor is :math:`\sigma\hat\varepsilon =
+    P(x - \alpha\mu)`, so :math:`l = \operatorname{diag}P` and :math:`l' = \operatorname{diag}P'`,
+    :math:`P' = -P(2e^{2\lambda}C)P`; with :math:`M = P - \operatorname{diag} l`,
+    :math:`s_j = [M(I + e^{2\lambda}C)(M' - MP)^\top]_{jj} / [M(I + e^{2\lambda}C)M^\top]_{jj}` and
+    :math:`b = -l'\circ\mu + s\circ l\circ\mu`.
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
+    cov = torch.as_tensor(cov, dtype=torch.float64)
+    eye = torch.eye(mean.numel(), dtype=torch.float64)
+    ls, ss, bs = [], [], []
+    for lam in torch.as_tensor(lambdas, dtype=torch.float64).tolist():
+        e2 = math.exp(2 * lam)
+        p = torch.linalg.inv(eye + e2 * cov)
+        dp = -p @ (2 * e2 * cov) @ p
+        l, dl = torch.diagonal(p), torch.diagonal(dp)
+        m, dm = p - torch.diag(l), dp - torch.diag(dl)
+        var = torch.diagonal(m @ (eye + e2 * cov) @ m.T)
+        cv = torch.diagonal(m @ (eye + e2 * cov) @ (dm - m @ p).T)
+        s = torch.where(var > 1e-14, cv / var.clamp_min(1e-300), torch.zeros_like(var))
+        ls.append(l)
+        ss.append(s)
+        bs.append(-dl * mean + s * l * mean)
+    return torch.stack(ls), torch.stack(ss), torch.stack(bs)

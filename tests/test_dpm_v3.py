@@ -33,23 +33,9 @@ def exact_field(oracle, prediction: str = "noise") -> fd.Field:
 
 
 def gaussian_ems(mean: torch.Tensor, cov: torch.Tensor, lambdas: torch.Tensor, path) -> EMS:
-    d = mean.numel()
-    eye = torch.eye(d, dtype=torch.float64)
-    ls, ss, bs = [], [], []
-    for lam in lambdas.tolist():
-        e2 = math.exp(2 * lam)
-        p = torch.linalg.inv(eye + e2 * cov)
-        dp = -p @ (2 * e2 * cov) @ p
-        l, dl = torch.diagonal(p), torch.diagonal(dp)
-        m, dm = p - torch.diag(l), dp - torch.diag(dl)
-        var = torch.diagonal(m @ (eye + e2 * cov) @ m.T)
-        cv = torch.diagonal(m @ (eye + e2 * cov) @ (dm - m @ p).T)
-        s = torch.where(var > 1e-14, cv / var.clamp_min(1e-300), torch.zeros_like(var))
-        ls.append(l)
-        ss.append(s)
-        bs.append(-dl * mean + s * l * mean)
-    settings = {"path": path.config(), "closed_form": True}
-    return EMS(lambdas, torch.stack(ls), torch.stack(ss), torch.stack(bs), settings)
+    """Closed-form EMS of N(mean, cov) (fd.testing.gaussian_ems_statistics) as an EMS on ``path``."""
+    l, s, b = fd.testing.gaussian_ems_statistics(mean, cov, lambdas)
+    return EMS(lambdas, l, s, b, {"path": path.config(), "closed_form": True})
 
 
 def flow_map(x: torch.Tensor, s: float, t: float, path, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:

@@ -24,24 +24,9 @@ COV3 = _A @ _A.T + 0.1 * torch.eye(3, dtype=torch.float64)
 
 
 def gaussian_ems(mean: torch.Tensor, cov: torch.Tensor, lambdas: torch.Tensor) -> EMS:
-    """Closed-form EMS of N(μ, C) (as in tests/test_dpm_v3.py): with P = (I + e^{2λ}C)⁻¹,
-    σε̂ = P(x − αμ), l = diag P, l' = diag P', P' = −P(2e^{2λ}C)P; with M = P − diag l,
-    s = [M P⁻¹(M' − MP)ᵀ]_jj / [M P⁻¹ Mᵀ]_jj and b = −l'∘μ + s∘l∘μ."""
-    eye = torch.eye(mean.numel(), dtype=torch.float64)
-    ls, ss, bs = [], [], []
-    for lam in lambdas.tolist():
-        e2 = math.exp(2 * lam)
-        p = torch.linalg.inv(eye + e2 * cov)
-        dp = -p @ (2 * e2 * cov) @ p
-        l, dl = torch.diagonal(p), torch.diagonal(dp)
-        m, dm = p - torch.diag(l), dp - torch.diag(dl)
-        var = torch.diagonal(m @ (eye + e2 * cov) @ m.T)
-        cv = torch.diagonal(m @ (eye + e2 * cov) @ (dm - m @ p).T)
-        s = torch.where(var > 1e-14, cv / var.clamp_min(1e-300), torch.zeros_like(var))
-        ls.append(l)
-        ss.append(s)
-        bs.append(-dl * mean + s * l * mean)
-    return EMS(lambdas, torch.stack(ls), torch.stack(ss), torch.stack(bs), {"path": VP.config()})
+    """Closed-form EMS of N(mean, cov) on the VP path (fd.testing.gaussian_ems_statistics)."""
+    l, s, b = fd.testing.gaussian_ems_statistics(mean, cov, lambdas)
+    return EMS(lambdas, l, s, b, {"path": VP.config()})
 
 
 def gaussian_field() -> tuple[fd.Field, object]:
