@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all)")
     parser.add_argument("--samples", type=int, default=1000, help="samples per problem at budget 100")
     parser.add_argument("--samples-big", type=int, default=100, help="samples per problem at budget 1000")
+    parser.add_argument("--budgets", nargs="*", type=int, default=[100, 1000], help="evaluation budgets (default 100 1000)")
+    parser.add_argument("--stem", default="inverse_gmm", help="results file stem (a partial run: another stem)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--rerender", action="store_true",
                         help="rebuild the .md tables from the saved .json rows (no sampling)")
@@ -360,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         specs, budgets, samples = QUICK_SPECS, [20], {20: 100}
     else:
         specs = FULL_SPECS
-        budgets, samples = [100, 1000], {100: args.samples, 1000: args.samples_big}
+        budgets = args.budgets
+        samples = {b: args.samples if b < 1000 else args.samples_big for b in budgets}
     cases = [make_case(*spec) for spec in specs]
     todo = runners(args.methods)
     rows = []
@@ -380,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "problems": [{"label": c.label, "sigma_y": c.problem.sigma_y,
                              "weights": c.problem.posterior.weights.tolist()} for c in cases]}
     if not args.no_write:
-        write_results("inverse_gmm_quick" if args.quick else "inverse_gmm", lines, payload)
+        write_results("inverse_gmm_quick" if args.quick else args.stem, lines, payload)
     return {"rows": rows, "lines": lines, "cases": cases}
 
 
