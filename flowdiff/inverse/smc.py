@@ -54,7 +54,7 @@ Linear Inverse Problem Solving: A Filtering Perspective", ICLR 2024), whose rand
 pseudo-observations :math:`y_t` are replaced here by the closed-form likelihood; it is not a
 re-implementation of either (``mcgdiff``/``fps`` are not registered).
 
-``smc(schedule="tempering")`` (the default from ``nfe >= 300``, :func:`_tempered_smc`): an SMC
+``smc(schedule="tempering")`` (method ``"tempered-smc"`` from ``nfe >= 300``, :func:`_tempered_smc`): an SMC
 sampler in the sense of Del Moral, Doucet & Jasra (2006, "Sequential Monte Carlo samplers", JRSS B)
 at the data end of the path. Exact prior draws at :math:`t^*` (the path's safe end) from a
 2M-SDE reverse run (after Langevin moves that correct the non-pure-noise start), then the
@@ -510,16 +510,20 @@ TEMPERING_FROM_NFE = 300
 
 
 @register("smc", linear_only=True, needs_svd=True,
-          description="SMC in the SVD domain (exact as K→∞, no VJPs): tempered resample-move from nfe 300, twisted diffusion below; default")
+          description="SMC in the SVD domain along the reverse diffusion (exact as K→∞, no VJPs); default")
 def smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples: int, nfe: int,
-        generator: torch.Generator | None = None, schedule: str = "auto", **options: Any) -> tuple[Tensor, dict]:
+        generator: torch.Generator | None = None, schedule: str = "diffusion", **options: Any) -> tuple[Tensor, dict]:
     """The recommended SMC posterior sampler (see the module docstring).
 
     Options:
-        schedule: ``"tempering"`` (likelihood tempering at the data end with MALA moves, see
-            :func:`_tempered_smc`), ``"diffusion"`` (twisted SMC along the reverse diffusion) or
-            ``"auto"`` (default: tempering when ``nfe >= TEMPERING_FROM_NFE`` and the budget holds
-            its plan, the diffusion schedule otherwise).
+        schedule: ``"diffusion"`` (default: twisted SMC along the reverse diffusion),
+            ``"tempering"`` (likelihood tempering at the data end with MALA moves, see
+            :func:`_tempered_smc`) or ``"auto"`` (tempering when ``nfe >= TEMPERING_FROM_NFE`` and
+            the budget holds its plan, the diffusion schedule otherwise; method ``"tempered-smc"``).
+            Tempering is measured on exact Gaussian-mixture fields (TV 0.004-0.023 on the 12
+            benchmark problems at nfe 1000); on the trained digits UNet it lost to the diffusion
+            schedule (inpainting PSNR 11.6-12.7 dB at nfe 400-1000 against 16.8 at 200: its
+            Langevin moves use the network's score at the data end), hence not the default.
         diffusion schedule: ``particles`` (``K``, particles per returned sample), ``steps`` (``S``),
             ``groups`` (independent populations, default 1), ``ess_threshold`` (0.5),
             ``max_batch`` (65536), ``dtype``, ``solver_order``, ``grid``, ``sort``, ``twist``,
@@ -548,6 +552,16 @@ def smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples: 
                             generator=generator, name="smc", **options)
     info["schedule"] = "diffusion"
     return x, info
+
+
+@register("tempered-smc", linear_only=True, needs_svd=True,
+          description="smc with schedule='auto': tempered resample-move at the data end from nfe 300 (exact fields; posteriors in the prior's tails), diffusion SMC below")
+def tempered_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples: int, nfe: int,
+                 generator: torch.Generator | None = None, **options: Any) -> tuple[Tensor, dict]:
+    """:func:`smc` with ``schedule="auto"``: the tempered resample-move schedule when the budget
+    holds its plan (``nfe >= TEMPERING_FROM_NFE``), the twisted diffusion schedule otherwise."""
+    return smc(field, operator, y, sigma_y=sigma_y, num_samples=num_samples, nfe=nfe, generator=generator,
+               schedule=options.pop("schedule", "auto"), **options)
 
 
 _TDS_OPTIONS = ("particles", "steps", "ess_threshold", "max_batch", "sort")
