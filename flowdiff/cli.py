@@ -813,7 +813,7 @@ def finetune(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="The pretrained run (a checkpoint folder or a training --output folder)."),
     reward: str = typer.Option(..., "--reward", help="Reward: 'gaussian:A=1,0;b=3;scale=1' (log-density of the region Ax≈b), 'classifier:label=3' (digits classifier log-probability), 'threshold:A=1,0;c=0.5' or 'threshold:c=0.5' (indicator/count of Ax > c)."),
     beta: float = typer.Option(0.04, "--beta", help="KL weight β > 0 (the temperature of the tilted target p·exp(r/β))."),
-    method: str = typer.Option("flow-grpo", "--method", help="flow-grpo, dance-grpo or g2rpo."),
+    method: str = typer.Option("g2rpo", "--method", help="g2rpo (default; the measured best, docs/rl.md), flow-grpo or dance-grpo."),
     output: Path = typer.Option(Path("runs/finetune"), "--output", "-o", help="Run folder of the fine-tuned model (checkpoints/, metrics.jsonl); sample it with `flowdiff sample -c`."),
     steps: int = typer.Option(200, "--steps", help="Optimizer updates (>= 1)."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (> 0)."),

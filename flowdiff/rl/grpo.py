@@ -87,7 +87,9 @@ class GRPOConfig:
     """Settings of a GRPO-family fine-tuning run (module docstring).
 
     Attributes:
-        method: ``"flow-grpo"``, ``"dance-grpo"`` or ``"g2rpo"``.
+        method: ``"g2rpo"`` (default: at equal rollouts it reached the exact tilted target where
+            Flow-GRPO and DanceGRPO stalled, benchmarks/results/rl_gmm.md), ``"flow-grpo"`` or
+            ``"dance-grpo"``.
         beta: KL weight β > 0 (the temperature of the tilted target :math:`p\\,e^{r/\\beta}`).
         group_size: rollouts per group G ≥ 2 (advantages are normalised within a group).
         groups: groups per rollout.
@@ -106,7 +108,7 @@ class GRPOConfig:
         seed: seed of the rollout noise.
     """
 
-    method: str = "flow-grpo"
+    method: str = "g2rpo"
     beta: float = 0.04
     group_size: int = 8
     groups: int = 16
