@@ -674,7 +674,9 @@ def estimate_ems(field: Any, data: Any, *, num_lambdas: int = 200, num_samples: 
         """Points, labels, noise and probes for one knot (``points="fresh"``) or all of them."""
         xs, ys = (x1, labels) if first else _draw_data(data, num_samples, gen)
         xs = xs.to(work_dtype)
-        if label_source == "stratified":
+        if label_source is None:  # an unconditional network (or labels given in cond): the data's labels unused
+            ys = None
+        elif label_source == "stratified":
             ys = stratified_labels(num_samples, num_classes, generator=gen)
         if ys is not None:
             ys = ys.to(device)
