@@ -185,6 +185,10 @@ def test_bad_input_gives_one_clear_error(tmp_path):
         RolloutSource(Residual(), Residual(), PATH, "velocity", GaussianFeatureReward(A, B),
                       GRPOConfig(method="flow-grpo", diffusion=fd.paths.Window(1.0, 0.9999, 1.0).config()),
                       data_shape=(2,))
+    with pytest.raises(ValueError, match="no stochastic branch"):  # g2rpo: zero g on its branch steps
+        RolloutSource(Residual(), Residual(), PATH, "velocity", GaussianFeatureReward(A, B),
+                      GRPOConfig(method="g2rpo", diffusion=fd.paths.Window(1.0, 0.9999, 1.0).config()),
+                      data_shape=(2,))
     # a reward of the wrong shape or NaN stops fine-tuning at the first rollout with the same message
     for bad, match in ((lambda z: z.sum(), r"shape \(B,\)"), (lambda z: z[:, 0] / 0 * 0, "non-finite")):
         with pytest.raises(ValueError, match=match):

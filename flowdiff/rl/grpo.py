@@ -273,6 +273,12 @@ class RolloutSource:
     def transitions_per_rollout(self) -> int:
         c = self.config
         if c.method == "g2rpo":
+            sde = set(self._sde_steps())
+            zero = [k for k in range(c.branches()) if k not in sde]
+            if zero:
+                raise ValueError(f"g2rpo branches at the first {c.branches()} steps, but the diffusion coefficient {self.g!r} "
+                                 f"is zero at steps {zero}: no stochastic branch there; choose branch_steps or a diffusion "
+                                 f"that is nonzero on them")
             return c.groups * c.branches() * c.group_size
         return c.groups * c.group_size * self.train_steps_per_trajectory()
 
