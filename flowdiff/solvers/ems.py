@@ -369,6 +369,23 @@ def _fd_along(eps_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, 
     return (eps_fn(x + h * tangent, t + h * dt) - eps) / h
 
 
+def _f_moments(mom: dict[str, Tensor], shift: dict[str, Tensor], n: Any, l: Tensor,
+               l_prime: Tensor) -> tuple[dict[str, Tensor], tuple[Tensor, ...], tuple[Tensor, ...], Tensor, Tensor]:
+    """From the sums of A, B, C and their products over ``n`` points: the means, the central
+    moments (Var A, Var B, Cov AB, Cov AC, Cov BC), E A, E B, E C (shifted back), and
+    Var f and Cov(f, f⁽¹⁾) for f = A − l B, f⁽¹⁾ = l A + C − l′ B."""
+    mean = {key: mom[key] / n for key in mom}
+    var_a = mean["AA"] - mean["A"] ** 2
+    var_b = mean["BB"] - mean["B"] ** 2
+    cov_ab = mean["AB"] - mean["A"] * mean["B"]
+    cov_ac = mean["AC"] - mean["A"] * mean["C"]
+    cov_bc = mean["BC"] - mean["B"] * mean["C"]
+    ea, eb, ec = mean["A"] + shift["A"], mean["B"] + shift["B"], mean["C"] + shift["C"]
+    var_f = var_a - 2 * l * cov_ab + l * l * var_b
+    cov_ff = l * var_a + cov_ac - l_prime * cov_ab - l * l * cov_ab - l * cov_bc + l * l_prime * var_b
+    return mean, (var_a, var_b, cov_ab, cov_ac, cov_bc), (ea, eb, ec), var_f, cov_ff
+
+
 def _statistics(l_sum: Tensor, mom: dict[str, Tensor], shift: dict[str, Tensor], n: float, lam: Tensor,
                 smooth: int, shrink: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     r"""``l, s, b`` from the sums over ``n`` points of σ·diag and of the shifted moments of A, B, C.
@@ -381,15 +398,7 @@ def _statistics(l_sum: Tensor, mom: dict[str, Tensor], shift: dict[str, Tensor],
     """
     l = l_sum / n
     l_prime = _derivative(l, lam, smooth)
-    mean = {key: mom[key] / n for key in mom}
-    var_a = mean["AA"] - mean["A"] ** 2
-    var_b = mean["BB"] - mean["B"] ** 2
-    cov_ab = mean["AB"] - mean["A"] * mean["B"]
-    cov_ac = mean["AC"] - mean["A"] * mean["C"]
-    cov_bc = mean["BC"] - mean["B"] * mean["C"]
-    ea, eb, ec = mean["A"] + shift["A"], mean["B"] + shift["B"], mean["C"] + shift["C"]
-    var_f = var_a - 2 * l * cov_ab + l * l * var_b
-    cov_ff = l * var_a + cov_ac - l_prime * cov_ab - l * l * cov_ab - l * cov_bc + l * l_prime * var_b
+    mean, (var_a, var_b, cov_ab, cov_ac, cov_bc), (ea, eb, ec), var_f, cov_ff = _f_moments(mom, shift, n, l, l_prime)
     mean_f = ea - l * eb
     mean_f1 = l * ea + ec - l_prime * eb
     # Where f is (numerically) deterministic the regression has no slope: s = 0, b = E f⁽¹⁾.
@@ -454,15 +463,7 @@ def _pooled_statistics(l_sum: Tensor, mom: dict[str, Tensor], shift: dict[str, T
     value, slope = _local_weights(lam, bandwidth, 3)
     l = value @ mL
     l_prime = slope @ mL
-    mean = {key: mom[key] / n for key in mom}
-    var_a = mean["AA"] - mean["A"] ** 2
-    var_b = mean["BB"] - mean["B"] ** 2
-    cov_ab = mean["AB"] - mean["A"] * mean["B"]
-    cov_ac = mean["AC"] - mean["A"] * mean["C"]
-    cov_bc = mean["BC"] - mean["B"] * mean["C"]
-    ea, eb, ec = mean["A"] + shift["A"], mean["B"] + shift["B"], mean["C"] + shift["C"]
-    var_f = var_a - 2 * l * cov_ab + l * l * var_b
-    cov_ff = l * var_a + cov_ac - l_prime * cov_ab - l * l * cov_ab - l * cov_bc + l * l_prime * var_b
+    mean, (var_a, var_b, cov_ab, cov_ac, cov_bc), (ea, eb, ec), var_f, cov_ff = _f_moments(mom, shift, n, l, l_prime)
     # The regression f⁽¹⁾ ≈ s(λ_j) f + b_j over the window, with s(λ) a polynomial of ``degree``
     # in u = λ_j − λ_k (local polynomial regression, so that the slope's curvature does not bias
     # it), weighted so that every knot counts alike: per dimension a small normal system.
