@@ -311,6 +311,16 @@ def _get_svd(operator: Any) -> Any:
     return svd
 
 
+def _problem_setup(operator: Any, y: Tensor, dtype: torch.dtype | None) -> tuple[Any, tuple[int, ...], int, torch.device, torch.dtype]:
+    """The operator's SVD, its input shape and size, y's device and the working dtype (``dtype``, else
+    y's real dtype, else the default)."""
+    in_shape = tuple(operator.in_shape)
+    work = dtype or (y.real.dtype if y.is_complex() else y.dtype)
+    if not work.is_floating_point:
+        work = torch.get_default_dtype()
+    return _get_svd(operator), in_shape, math.prod(in_shape), y.device, work
+
+
 def _spectral_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples: int, nfe: int,
                   generator: torch.Generator | None, name: str, particles: int | None = None,
                   steps: int | None = None, groups: int = 1, ess_threshold: float = 0.5,
@@ -326,13 +336,7 @@ def _spectral_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num
     max_batch = _positive_int_or_none("max_batch", max_batch) or 65536
     S, K = plan(nfe, sigma_y, particles=particles, steps=steps, extra=1)
     path = field.path
-    svd = _get_svd(operator)
-    in_shape = tuple(operator.in_shape)
-    d = math.prod(in_shape)
-    dev = y.device
-    work = dtype or (y.real.dtype if y.is_complex() else y.dtype)
-    if not work.is_floating_point:
-        work = torch.get_default_dtype()
+    svd, in_shape, d, dev, work = _problem_setup(operator, y, dtype)
     sv = svd.s.to(device=dev, dtype=torch.float64)
     k = int(sv.numel())
     ybar = svd.ut(y[None]).reshape(-1)[:k]
@@ -717,13 +721,7 @@ def _tempered_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num
     if prior_particles is not None:
         cfg["prior_particles"] = prior_particles
     path = field.path
-    svd = _get_svd(operator)
-    in_shape = tuple(operator.in_shape)
-    d = math.prod(in_shape)
-    dev = y.device
-    work = dtype or (y.real.dtype if y.is_complex() else y.dtype)
-    if not work.is_floating_point:
-        work = torch.get_default_dtype()
+    svd, in_shape, d, dev, work = _problem_setup(operator, y, dtype)
     f64 = torch.float64
     sv = svd.s.to(device=dev, dtype=f64)
     k = int(sv.numel())
