@@ -8,6 +8,9 @@ from . import inverse  # operators and posterior samplers
 from . import forward_models  # priors learned from indirect observations (EM)
 from . import interop  # diffusers models as fields; imports no diffusers itself
 from . import particles, rl, steer  # reward steering and RL fine-tuning (issue 15)
+from . import graphs, timeseries, trajectories, pde  # other modalities (issues 16, 17, 21)
+from . import certify, quant  # deployment and trust (issue 19)
+from . import flowmaps, fractional, mean_reverting  # more SDE families and few-step generation (issue 18)
 from .fields import Field, InterpolantField
 from .paths import GaussianPath, StochasticInterpolant
 from .likelihood import bits_per_dim, log_likelihood, sample_with_logp
@@ -17,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "paths", "testing", "solvers", "losses", "couplings", "nn", "data", "metrics", "train",
-    "likelihood", "fokker_planck", "interop", "inverse", "forward_models", "particles", "steer", "rl", "log_likelihood", "bits_per_dim", "sample_with_logp",
+    "likelihood", "fokker_planck", "interop", "inverse", "forward_models", "particles", "steer", "rl",
+    "graphs", "timeseries", "trajectories", "pde", "certify", "quant", "flowmaps", "fractional", "mean_reverting", "log_likelihood", "bits_per_dim", "sample_with_logp",
     "Field", "InterpolantField", "GaussianPath", "StochasticInterpolant", "sample", "SampleResult", "__version__",
 ]

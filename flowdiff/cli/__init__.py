@@ -1,5 +1,6 @@
 """The ``flowdiff`` command: ``train``, ``sample``, ``eval``, ``likelihood``, ``ems``, ``tune-grid``,
-``solvers``, ``restore``, ``finetune`` and ``demo`` (docs/cli.md).
+``solvers``, ``restore``, ``finetune``, ``forecast`` and ``demo`` (docs/cli.md); the modality modules
+in this package add their own (``quantize``, ``certify``, ...).
 
 Errors. Every mistake a user can make ends in one line ``error: ...`` on stderr that names the
 value and what is allowed, with exit status 2 for usage errors (unknown names, values out of
@@ -41,6 +42,41 @@ _STATE: dict[str, bool] = {"quiet": False, "debug": False}
 THREADS_HELP = "CPU threads for torch (default: 1 for small networks, else min(cores/2, 4) — docs/cli.md; 0: torch's own default)."
 DEVICE_HELP = "Device: cpu, cuda, cuda:N or mps (an error names the ones this machine has)."
 
+# ---------------------------------------------------------------------------------------------
+# extension points for the other modalities (graphs, time series, trajectories, PDE fields, ...)
+# ---------------------------------------------------------------------------------------------
+# A modality's command module (flowdiff/cli/<name>.py, imported at the end of this file) registers
+# handlers here; ``train``/``sample``/``eval``/``forecast`` ask each handler's predicate in turn and
+# hand the whole command to the first that claims it.
+#
+#   TRAIN_HANDLERS:    (claims(data: str, task: str | None) -> bool,
+#                       run(options: dict, explicit: set[str]) -> None)
+#                      ``options`` holds every ``train`` option (config file merged) and ``explicit`` the
+#                      names the user set (command line or --config), so a modality can use its own defaults.
+#   SAMPLE_HANDLERS:   (claims(checkpoint: Path) -> bool, run(options: dict, explicit: set[str]) -> None)
+#   EVAL_HANDLERS:     (claims(samples: Path) -> bool, run(options: dict, explicit: set[str]) -> None)
+#   FORECAST_HANDLERS: (claims(checkpoint: Path) -> bool, run(options: dict, explicit: set[str]) -> None)
+Handler = tuple[Callable[..., bool], Callable[[dict, set], None]]
+TRAIN_HANDLERS: list[Handler] = []
+SAMPLE_HANDLERS: list[Handler] = []
+EVAL_HANDLERS: list[Handler] = []
+FORECAST_HANDLERS: list[Handler] = []
+
+
+def _explicit(ctx: Any) -> set[str]:
+    """Names of the parameters of ``ctx``'s command that the user gave on the command line."""
+    import click
+
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)}
+
+
+def _claimed(handlers: list[Handler], *key: Any) -> Optional[Callable[[dict, set], None]]:
+    for claims, run in handlers:
+        if claims(*key):
+            return run
+    return None
+
 
 def _debug() -> bool:
     return _STATE["debug"] or os.environ.get("FLOWDIFF_DEBUG", "") not in ("", "0")
@@ -60,8 +96,8 @@ def _fail(message: str, code: int) -> None:
 
 def _exit_code_of(error: BaseException) -> int:
     """1 for data, checkpoint, I/O and numerical failures; 2 for the rest (bad values, usage)."""
-    from .data import DataError
-    from .train import CheckpointError, NonFiniteLossError
+    from ..data import DataError
+    from ..train import CheckpointError, NonFiniteLossError
 
     if isinstance(error, (DataError, CheckpointError, NonFiniteLossError, OSError)):
         return 1
@@ -73,7 +109,7 @@ def _exit_code_of(error: BaseException) -> int:
 @contextlib.contextmanager
 def _user_errors():
     """Turn the library's one-line errors into ``error: ...`` and the exit status of :func:`_exit_code_of`."""
-    from .train import CheckpointError
+    from ..train import CheckpointError
 
     try:
         yield
@@ -102,7 +138,7 @@ def _set_threads(threads: Optional[int], model: Any = None, device: Any = None) 
     """Apply ``--threads`` (``None``: :func:`flowdiff._utils.default_threads`; 0: leave torch's); returns it."""
     import torch
 
-    from ._utils import check_int, default_threads
+    from .._utils import check_int, default_threads
 
     if threads is None:
         threads = default_threads(model, device)
@@ -113,7 +149,7 @@ def _set_threads(threads: Optional[int], model: Any = None, device: Any = None) 
 
 
 def _progress(total: Optional[int], desc: str, unit: str) -> Any:
-    from .train.logs import Progress
+    from ..train.logs import Progress
 
     return Progress(total, desc, enabled=not _STATE["quiet"], unit=unit)
 
@@ -126,14 +162,14 @@ def _check_name(kind: str, value: str, valid: list[str], allow_path: bool = Fals
 
 
 def _valid_solvers() -> list[str]:
-    from . import solvers
+    from .. import solvers
 
     return list(solvers.available())
 
 
 def _device_dtype(device: str, dtype: str) -> tuple[Any, Any, Any]:
     """``(device, weights dtype, autocast dtype)`` from ``--device``/``--dtype``; usage errors exit 2."""
-    from .pipeline import resolve_device, resolve_dtype
+    from ..pipeline import resolve_device, resolve_dtype
 
     try:
         dev = resolve_device(device)
@@ -157,13 +193,13 @@ def _checked_output(check: Any, path: Path, option: str) -> Path:
 
 def _output_dir(folder: Path, option: str = "--output") -> Path:
     """Create and check an output folder before any work."""
-    from .pipeline import check_output_dir
+    from ..pipeline import check_output_dir
 
     return _checked_output(check_output_dir, folder, option)
 
 
 def _output_file(file: Path, option: str = "--output") -> Path:
-    from .pipeline import check_output_file
+    from ..pipeline import check_output_file
 
     return _checked_output(check_output_file, file, option)
 
@@ -194,7 +230,7 @@ _OPTION_TYPES: dict[str, tuple] = {
 
 def _check_option(key: str, value: Any, source: str) -> Any:
     """``value`` of option ``key`` checked against :data:`_OPTION_TYPES` (usage error otherwise)."""
-    from ._utils import check_float, check_int
+    from .._utils import check_float, check_int
 
     spec = _OPTION_TYPES.get(key)
     if spec is None:
@@ -247,11 +283,11 @@ def _remove_if_left_empty(folder: Path, existed: bool):
 
 
 def _train_impl(opts: dict[str, Any]) -> Path:
-    from .data import available_datasets
-    from .losses import available_time_samplers, available_weightings
-    from .nn import available_networks
-    from .paths import available_paths
-    from .pipeline import DTYPES, train_run
+    from ..data import available_datasets
+    from ..losses import available_time_samplers, available_weightings
+    from ..nn import available_networks
+    from ..paths import available_paths
+    from ..pipeline import DTYPES, train_run
 
     for key in list(opts):
         opts[key] = _check_option(key, opts[key], "command line")
@@ -303,6 +339,7 @@ def _train_impl(opts: dict[str, Any]) -> Path:
 @app.command()
 @_command
 def train(
+    ctx: typer.Context,
     data: str = typer.Option("checkerboard", "--data", help="Built-in dataset name (checkerboard, eight_gaussians, moons, spirals, pinwheel, rings, gmm, digits) or a path to a folder of images, a .npy or a .pt file."),
     path: str = typer.Option("linear", "--path", help="Gaussian path: vp, subvp, ve, edm, linear (rectified flow), trig, cosine, ddpm."),
     prediction: str = typer.Option("velocity", "--prediction", help="What the network predicts: noise, data, velocity, score or v."),
@@ -330,6 +367,9 @@ def train(
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW's decoupled weight decay."),
     coupling: Optional[str] = typer.Option(None, "--coupling", help="How noise and data are paired: independent (default) or ot (exact minibatch optimal transport)."),
     ema_sigma_rel: Optional[float] = typer.Option(None, "--ema-sigma-rel", help="Use EDM2's power-function EMA of this relative width (e.g. 0.1) instead of --ema-decay."),
+    task: Optional[str] = typer.Option(None, "--task", help="What to train for where a data set allows several tasks: e.g. forecast (a time series .csv: --context, --horizon)."),
+    context: Optional[int] = typer.Option(None, "--context", help="Context length (time steps or frames) of a forecasting task."),
+    horizon: Optional[int] = typer.Option(None, "--horizon", help="Forecast horizon (time steps or frames) of a forecasting task."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file whose keys (the long option names with underscores: data, path, prediction, network, steps, batch, lr, output, seed, weighting, time_sampler, ema_decay, ema_sigma_rel, checkpoint_every, threads, device, dtype, precondition, sigma_data, label_dropout, lr_schedule, warmup_steps, grad_clip, weight_decay, coupling, network_kwargs) override the defaults; command-line options given explicitly win; an unknown key or a value of the wrong type is an error."),
 ) -> None:
     """Train a model and write checkpoints (safetensors + config.json) to --output.
@@ -361,6 +401,12 @@ def train(
         for key, value in loaded.items():
             if key not in given:
                 opts[key] = _check_option(key, value, str(config))
+    explicit = _explicit(ctx) | (set(loaded) if config is not None else set())
+    handler = _claimed(TRAIN_HANDLERS, str(opts["data"]), task)
+    if handler is not None:
+        return handler({**opts, "task": task, "context": context, "horizon": horizon}, explicit)
+    if task is not None or context is not None or horizon is not None:
+        _fail(f"--task/--context/--horizon apply to forecasting data (a time series .csv or nbody), not to --data {opts['data']}", 2)
     if not opts.get("grad_clip"):
         opts["grad_clip"] = None
     _train_impl(opts)
@@ -374,8 +420,8 @@ def train(
 def _load_field_or_exit(checkpoint: Path, device: Any = "cpu", dtype: Any = None, unlabeled: str = "mixture"):
     import torch
 
-    from .pipeline import load_field
-    from .train import CheckpointError
+    from ..pipeline import load_field
+    from ..train import CheckpointError
 
     try:
         return load_field(checkpoint, device=device, dtype=dtype or torch.float32, unlabeled=unlabeled)
@@ -403,11 +449,11 @@ def _parse_solver_options(pairs: list[str]) -> dict[str, Any]:
 
 def _sample_options(field: Any, solver: str, nfe: Optional[int], ems: Optional[Path], grid: Optional[str]) -> dict:
     """Solver options from the command line: EMS statistics and a grid kind or tuned-grid file."""
-    from .solvers.grids import GRID_KINDS
+    from ..solvers.grids import GRID_KINDS
 
     options: dict = {}
     if ems is not None:
-        from .solvers import EMS
+        from ..solvers import EMS
 
         try:
             options["ems"] = EMS.load(ems)
@@ -419,7 +465,7 @@ def _sample_options(field: Any, solver: str, nfe: Optional[int], ems: Optional[P
         if grid in GRID_KINDS:
             options["grid"] = grid
         elif Path(grid).is_file():
-            from .solvers import load_grid
+            from ..solvers import load_grid
 
             try:
                 tuned = load_grid(grid)
@@ -436,7 +482,7 @@ def _sample_impl(checkpoint: Path, solver: Optional[str], nfe: Optional[int], co
                  guidance_scale: Optional[float] = None, device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 4096, threads: Optional[int] = None,
                  solver_options: Optional[dict] = None) -> tuple[Path, Path, Any]:
-    from ._utils import check_int
+    from .._utils import check_int
 
     with _user_errors():
         count = check_int("--count", count, 1)
@@ -459,8 +505,8 @@ def _sample_body(checkpoint: Path, solver: Optional[str], nfe: Optional[int], co
                  solver_options: Optional[dict]) -> tuple[Path, Path, Any]:
     import torch
 
-    from .pipeline import generate, save_samples_png
-    from .solvers import default_solver, get_solver
+    from ..pipeline import generate, save_samples_png
+    from ..solvers import default_solver, get_solver
 
     field, cfg = _load_field_or_exit(checkpoint, dev, weights)
     _set_threads(threads, field.model, dev)
@@ -490,7 +536,7 @@ def _sample_body(checkpoint: Path, solver: Optional[str], nfe: Optional[int], co
     reference = None
     data = (cfg.get("extra") or {}).get("dataset")
     if x.ndim == 2 and x.shape[1] == 2 and data:
-        from .data import load_dataset
+        from ..data import load_dataset
 
         try:
             reference = load_dataset(data, split="heldout", seed=(cfg.get("extra") or {}).get("seed", 0)).x
@@ -504,6 +550,7 @@ def _sample_body(checkpoint: Path, solver: Optional[str], nfe: Optional[int], co
 @app.command()
 @_command
 def sample(
+    ctx: typer.Context,
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder (its latest checkpoint)."),
     solver: Optional[str] = typer.Option(None, "--solver", help="Solver name; `flowdiff solvers` lists them (default: the library's, fd.solvers.default_solver)."),
     nfe: Optional[int] = typer.Option(None, "--nfe", help="Budget of model evaluations, final denoise included (default 50; for the adaptive dopri5 a cap, default the library's)."),
@@ -522,7 +569,10 @@ def sample(
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance of the adaptive solver (dopri5)."),
     solver_option: list[str] = typer.Option([], "--solver-option", help="KEY=VALUE passed to the solver (repeatable), e.g. --solver-option order=3."),
 ) -> None:
-    """Sample a trained model: writes samples.pt (tensors) and samples.png."""
+    """Sample a trained model: writes samples.pt (tensors) and samples.png (graph runs: edge lists / SMILES and a drawing)."""
+    handler = _claimed(SAMPLE_HANDLERS, checkpoint)
+    if handler is not None:
+        return handler(dict(ctx.params), _explicit(ctx))
     options = _parse_solver_options(solver_option)
     if rtol is not None:
         options["rtol"] = rtol
@@ -567,27 +617,31 @@ def _checkpoint_of_samples(blob: Any, file: Path) -> Optional[Path]:
 @app.command(name="eval")
 @_command
 def eval_(
+    ctx: typer.Context,
     samples: Path = typer.Option(..., "--samples", "-s", help="A samples.pt written by `flowdiff sample`, or a folder holding one."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset to compare with (held-out split); default: the one the checkpoint was trained on."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the data split (use the training seed)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write metrics.json (default: beside the samples)."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
-    """Metrics of samples against held-out data (sliced-W2, energy distance, MMD; digits Fréchet), with the data-vs-data floor."""
+    """Metrics of samples against held-out data (sliced-W2, energy distance, MMD; digits Fréchet; graph MMDs), with the data-vs-data floor."""
+    handler = _claimed(EVAL_HANDLERS, samples)
+    if handler is not None:
+        return handler(dict(ctx.params), _explicit(ctx))
     _set_threads(threads)
     _eval_impl(samples, data, seed, output)
 
 
 def _eval_impl(samples: Path, data: Optional[str], seed: int, output: Optional[Path]) -> dict:
-    from .data import available_datasets
-    from .pipeline import evaluate_samples, write_json
+    from ..data import available_datasets
+    from ..pipeline import evaluate_samples, write_json
 
     file, blob = _samples_blob(samples)
     x = blob["x"] if isinstance(blob, dict) else blob
     if data is None:
         ckpt = _checkpoint_of_samples(blob, file)
         if ckpt is not None:
-            from .train import CheckpointError, load_checkpoint
+            from ..train import CheckpointError, load_checkpoint
 
             try:
                 _, _, cfg = load_checkpoint(ckpt)
@@ -633,9 +687,9 @@ def likelihood(
     in nats per datum and bits per dimension, with a 95% confidence interval over the data."""
     import torch
 
-    from ._utils import check_int
-    from .data import DataError, available_datasets, load_dataset
-    from .pipeline import likelihood_of_data, write_json
+    from .._utils import check_int
+    from ..data import DataError, available_datasets, load_dataset
+    from ..pipeline import likelihood_of_data, write_json
 
     ckpt = checkpoint_arg or checkpoint
     if ckpt is None:
@@ -719,7 +773,7 @@ def ems_cmd(
 
     The cost, reported at the end, is about knots × samples / batch_size forward passes plus as
     many forward-mode JVPs (which cost 3–5 forward passes each on a CPU)."""
-    from .pipeline import ems_from_checkpoint
+    from ..pipeline import ems_from_checkpoint
 
     if dtype not in ("float32", "float64"):
         _fail(f"--dtype {dtype!r} is not allowed for EMS; valid: float32, float64", 2)
@@ -754,7 +808,7 @@ def tune_grid_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
 ) -> None:
     """Fit the step locations of a solver at a given NFE to a trained model (reuse with `sample --grid FILE`)."""
-    from .pipeline import tune_grid_from_checkpoint
+    from ..pipeline import tune_grid_from_checkpoint
 
     _check_name("solver", solver, _valid_solvers())
     if dtype not in ("float32", "float64"):
@@ -833,8 +887,8 @@ def finetune(
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Fine-tune a trained model toward a reward with Flow-GRPO, DanceGRPO or G²RPO (fd.rl; docs/rl.md)."""
-    from . import rl
-    from .guidance import check_class_label, model_num_classes
+    from .. import rl
+    from ..guidance import check_class_label, model_num_classes
 
     config = rl.GRPOConfig(method=method, beta=beta, group_size=group_size, groups=groups, num_steps=num_steps,
                            updates_per_rollout=updates_per_rollout, kl=kl, clip_range=clip_range, seed=seed)
@@ -937,10 +991,10 @@ def restore(
     """Restore measured images with a trained prior: writes restore.pt, a PNG grid (measurement, samples, truth), metrics.json."""
     import torch
 
-    from ._utils import check_float, check_int
-    from .data import available_datasets, load_dataset
-    from .inverse import available
-    from .pipeline import RESTORE_TASKS, restore as restore_images, save_restore_png, write_json
+    from .._utils import check_float, check_int
+    from ..data import available_datasets, load_dataset
+    from ..inverse import available
+    from ..pipeline import RESTORE_TASKS, restore as restore_images, save_restore_png, write_json
 
     with _user_errors():
         count = check_int("--count", count, 1)
@@ -1001,13 +1055,39 @@ def restore(
 
 
 # ---------------------------------------------------------------------------------------------
+# forecast (time series and trajectory runs register their handlers)
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+@_command
+def forecast(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A forecasting run folder (`flowdiff train --task forecast` on a series, or --data nbody)."),
+    context: Optional[Path] = typer.Option(None, "--context", help="The observed past: a .csv/.npy series (time series) or a .npy of shape (B, frames, particles, 3) (trajectories); default: the run's held-out data."),
+    num_samples: int = typer.Option(100, "--num-samples", "-n", help="Sample paths per forecast (>= 1)."),
+    output: Path = typer.Option(Path("runs/forecast"), "--output", "-o", help="Folder for the samples, quantiles and the PNG."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the sampling noise."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+) -> None:
+    """Forecast with a trained run: writes sample paths, quantiles and a PNG (fan chart or trajectory plot)."""
+    handler = _claimed(FORECAST_HANDLERS, checkpoint)
+    if handler is None:
+        if not checkpoint.exists():
+            _fail(f"checkpoint not found: {checkpoint}", 1)
+        _fail(f"{checkpoint} is not a forecasting run (train one with `flowdiff train --data SERIES.csv --task forecast` "
+              f"or `flowdiff train --data nbody`)", 2)
+    handler(dict(ctx.params), _explicit(ctx))
+
+
+# ---------------------------------------------------------------------------------------------
 # global options and the entry point
 # ---------------------------------------------------------------------------------------------
 
 
 def _version(value: bool) -> None:
     if value:
-        from .train.logs import flowdiff_version
+        from ..train.logs import flowdiff_version
 
         import torch
 
@@ -1089,5 +1169,5 @@ def _run(args: list[str]) -> Any:
     return code
 
 
-if __name__ == "__main__":
-    main()
+# Commands of the other modalities register on ``app`` and in the handler lists above.
+from . import certify, graphs, pde, quant, timeseries, trajectories  # noqa: E402,F401

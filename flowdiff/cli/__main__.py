@@ -1,0 +1,5 @@
+"""``python -m flowdiff.cli``: the ``flowdiff`` command."""
+
+from . import main
+
+main()

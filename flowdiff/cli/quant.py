@@ -1,0 +1,1 @@
+"""`flowdiff` commands for quant (registered on flowdiff.cli.app and its handler lists)."""
