@@ -1,0 +1,510 @@
+r"""GeoTDM: geometric trajectory diffusion (Han, Xu, Lou, Ye, Ermon, NeurIPS 2024, *Geometric
+Trajectory Diffusion Models*), for N-body and other 3-D point-cloud trajectories.
+
+**Conditional forecasting.** Given context frames :math:`x_c` ``(C, N, 3)``, the future ``(F, N, 3)`` is
+generated as :math:`x = x_r + s\,r` where :math:`x_r = \mathrm{prior}(x_c)` is the learnable equivariant
+prior mean (:class:`~flowdiff.trajectories.egtn.GeometricPrior`), :math:`s` a fixed scalar scale (the RMS
+of the constant-velocity residual of the training data) and the residual :math:`r` follows a Gaussian path
+of this library (default the cosine VP path; ``t = 0`` noise, ``t = 1`` data):
+:math:`r_t = \alpha(t) r + \sigma(t)\varepsilon`. This is GeoTDM's data-dependent prior
+:math:`q(x_t\mid x_0, x_c) = N(\sqrt{\bar\alpha} x_0 + (1 - \sqrt{\bar\alpha}) x_r, (1-\bar\alpha) I)`, i.e.
+:math:`p_{\mathrm{noise}} = N(x_r, s^2 I)`. The denoiser sees positions :math:`x_r + s\,r_t` for the future
+frames concatenated after the context frames along time, runs the EGTN and reads the prediction off the
+future frames' output positions: ``"data"`` :math:`(x_{out} - x_r)/s`, or ``"noise"``
+:math:`(x_{out} - x_{in})/s` (GeoTDM's ε-parametrisation). Both are translation-invariant and
+rotation-equivariant, so with an equivariant prior every sample of the forecast distribution is
+E(3)-equivariant. The prior is trained jointly with the denoiser; we add an explicit regression term
+:math:`\lVert x_r - x_0\rVert^2 / s^2` to the diffusion loss (GeoTDM trains it through the diffusion loss
+only), which makes the prior a useful deterministic forecast from the first steps.
+
+**Sampling noise.** The initial noise :math:`\varepsilon` is drawn in the :func:`canonical_frame` of the
+context and turned into world coordinates, so the same seed gives exactly rotated/translated samples for a
+rotated/translated context (not only equal distributions).
+
+**Unconditional generation** (``context_frames=0``): the whole trajectory is diffused on the
+zero-centre-of-mass subspace (mean over frames and particles removed from data, noise and prediction),
+GeoTDM's translation-invariant density; rotation invariance comes from the equivariant denoiser and the
+isotropic noise.
+
+Sampling uses the library's solvers (:func:`flowdiff.sample`) on a :class:`flowdiff.Field`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import paths as _paths
+from .._utils import check_float, check_int
+from ..fields import Field
+from ..nn.embeddings import sinusoidal_features
+from ..solvers import sample as _sample
+from .egtn import EGTN, GeometricPrior, canonical_frame
+
+__all__ = ["GeoTDM", "DeterministicEGTN", "TrajectoryDenoiser", "check_trajectories"]
+
+_PATHS = {"cosine": lambda: _paths.Cosine(), "vp": lambda: _paths.VP(), "linear": lambda: _paths.Linear()}
+
+
+def check_trajectories(data: Any, name: str = "trajectories", min_frames: int = 1) -> Tensor:
+    """``data`` (array, tensor or a list of ``(frames, particles, 3)`` arrays) as a float64 tensor
+    ``(N, frames, particles, 3)``; a ``ValueError`` for a wrong shape, inconsistent particle or frame
+    counts, NaN/Inf or too few frames, a ``TypeError`` for a non-numeric input."""
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise ValueError(f"{name} is an empty list")
+        shapes = [tuple(np.shape(item)) for item in data]
+        for i, s in enumerate(shapes):
+            if len(s) != 3 or s[-1] != 3:
+                raise ValueError(f"{name}[{i}] must have shape (frames, particles, 3), got {s}")
+        if len({s[1] for s in shapes}) > 1:
+            raise ValueError(f"{name} have inconsistent particle counts {sorted({s[1] for s in shapes})}; "
+                             f"every trajectory must hold the same particles")
+        if len({s[0] for s in shapes}) > 1:
+            raise ValueError(f"{name} have inconsistent frame counts {sorted({s[0] for s in shapes})}")
+        data = np.stack([np.asarray(item.detach().cpu() if isinstance(item, Tensor) else item) for item in data])
+    if isinstance(data, Tensor):
+        x = data.detach()
+    else:
+        try:
+            arr = np.asarray(data)
+        except ValueError as error:  # ragged nesting
+            raise ValueError(f"{name} is ragged (inconsistent particle or frame counts): {error}") from None
+        if arr.dtype == object:
+            raise ValueError(f"{name} is ragged (inconsistent particle or frame counts)")
+        if not np.issubdtype(arr.dtype, np.number):
+            raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(arr))
+    if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must be a real array, got dtype {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (N, frames, particles, 3), got {tuple(x.shape)}")
+    if x.shape[0] < 1 or x.shape[2] < 2:
+        raise ValueError(f"{name} needs at least one trajectory of at least 2 particles, got shape {tuple(x.shape)}")
+    if x.shape[1] < min_frames:
+        raise ValueError(f"{name} has {x.shape[1]} frames, fewer than the {min_frames} required")
+    x = x.to(torch.float64)
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad.flatten(1).any(1)).flatten()[:5].tolist()
+        raise ValueError(f"{name} holds {int(bad.sum())} NaN/Inf values (trajectories {rows}...)")
+    return x
+
+
+class TrajectoryDenoiser(nn.Module):
+    """The GeoTDM denoiser ``model(x, t, context=..., prior=...)`` for a :class:`flowdiff.Field`.
+
+    ``x`` ``(B, F, N, 3)`` is the residual state on the path (units of ``scale``), ``t`` ``(B,)``,
+    ``context`` ``(B, C, N, 3)`` and ``prior`` ``(B, F, N, 3)`` (both ``None`` when unconditional). Returns
+    the ``prediction`` (``"data"`` or ``"noise"``) for ``x`` (module docstring of
+    :mod:`flowdiff.trajectories.model`).
+    """
+
+    def __init__(self, context_frames: int, future_frames: int, hidden: int = 64, layers: int = 4,
+                 heads: int = 4, prediction: str = "data", scale: float = 1.0):
+        super().__init__()
+        if prediction not in ("data", "noise"):
+            raise ValueError(f"prediction must be 'data' or 'noise', got {prediction!r}")
+        self.context_frames, self.future_frames = context_frames, future_frames
+        self.prediction, self.scale = prediction, float(scale)
+        self.egtn = EGTN(32 + 16 + 1, hidden, layers, heads)
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, prior: Tensor | None = None) -> Tensor:
+        b, f, n, _ = x.shape
+        conditional = context is not None and context.shape[1] > 0
+        future = x * self.scale + (prior if prior is not None else 0.0)
+        pos = torch.cat([context, future], dim=1) if conditional else future
+        frames = pos.shape[1]
+        time_features = sinusoidal_features(t.to(x.dtype).reshape(-1), 32)
+        frame_index = torch.arange(frames, dtype=x.dtype, device=x.device) - (frames - f)
+        frame_features = sinusoidal_features(frame_index, 16, scale=1.0, max_period=200.0)
+        flag = (frame_index >= 0).to(x.dtype).reshape(frames, 1)
+        features = torch.cat([time_features[:, None, None, :].expand(b, frames, n, 32),
+                              frame_features[None, :, None, :].expand(b, frames, n, 16),
+                              flag[None, :, None, :].expand(b, frames, n, 1)], dim=-1)
+        out, _ = self.egtn(pos, features)
+        out = out[:, frames - f:]
+        if self.prediction == "data":
+            pred = (out - (prior if prior is not None else 0.0)) / self.scale
+        else:
+            pred = (out - future) / self.scale
+        if not conditional:  # zero centre of mass over frames and particles
+            pred = pred - pred.mean(dim=(1, 2), keepdim=True)
+        return pred
+
+
+class _Net(nn.Module):
+    def __init__(self, denoiser: TrajectoryDenoiser, prior: GeometricPrior | None):
+        super().__init__()
+        self.denoiser, self.prior = denoiser, prior
+
+
+class GeoTDM:
+    r"""Geometric trajectory diffusion: fit on trajectories, forecast or generate (module docstring).
+
+    Arguments:
+        hidden, layers, heads: EGTN width, number of (spatial, temporal) layer pairs, attention heads.
+        prior_layers, prior_rank: layers of the prior's EGTN and rank of its learned correction (0: the
+            constant-velocity prior, not learned).
+        path: ``"cosine"`` (default), ``"vp"`` or ``"linear"``.
+        prediction: ``"data"`` (default) or ``"noise"`` (GeoTDM's ε).
+        steps, batch_size, lr: AdamW updates, batch, peak learning rate (linear warm-up, cosine decay).
+        ema_decay: EMA of the weights used for sampling.
+        solver, nfe: sampler (:func:`flowdiff.solvers.available`) and model calls per forecast.
+        seed: seed of the initial weights and the training batches.
+        time_limit: seconds of wall time for :meth:`fit`; when the speed measured over the first updates
+            says ``steps`` would not fit, fewer steps are planned (and the schedule shortened to match),
+            so a fit ends within the limit on a slow or loaded machine. ``None``: no limit.
+        device, dtype: where and in which precision to train and sample (default CPU float32).
+        verbose: print the loss every 200 steps.
+
+    Attributes after :meth:`fit`: ``context_frames``, ``future_frames``, ``particles``, ``scale``,
+    ``history`` (loss per step), ``fit_seconds``, ``steps_done``.
+    """
+
+    deterministic = False
+
+    def __init__(self, hidden: int = 64, layers: int = 4, heads: int = 4, prior_layers: int = 2, prior_rank: int = 4,
+                 path: str = "cosine", prediction: str = "data", steps: int = 3000, batch_size: int = 64,
+                 lr: float = 1e-3, ema_decay: float = 0.995, solver: str = "dpm-solver++", nfe: int = 20,
+                 seed: int = 0, time_limit: float | None = 480.0, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, verbose: bool = False):
+        self.hidden, self.layers = check_int("hidden", hidden, 4), check_int("layers", layers, 1)
+        self.heads = check_int("heads", heads, 1)
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={hidden} must be a multiple of heads={heads}")
+        self.prior_layers = check_int("prior_layers", prior_layers, 0)
+        self.prior_rank = check_int("prior_rank", prior_rank, 0)
+        if path not in _PATHS:
+            raise ValueError(f"path must be one of {', '.join(_PATHS)}, got {path!r}")
+        if prediction not in ("data", "noise"):
+            raise ValueError(f"prediction must be 'data' or 'noise', got {prediction!r}")
+        self.path_name, self.prediction = path, prediction
+        self.steps, self.batch_size = check_int("steps", steps, 1), check_int("batch_size", batch_size, 1)
+        self.lr = check_float("lr", lr, 0.0, low_open=True)
+        self.ema_decay = check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
+        self.solver, self.nfe = solver, check_int("nfe", nfe, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.time_limit = None if time_limit is None else check_float("time_limit", time_limit, 0.0, low_open=True)
+        self.device, self.dtype = torch.device(device), dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.verbose = bool(verbose)
+        self.net: _Net | None = None
+        self.ema: _Net | None = None
+        self.history: list[float] = []
+
+    # ------------------------------------------------------------------ configuration / state
+    def _config(self) -> dict:
+        return dict(hidden=self.hidden, layers=self.layers, heads=self.heads, prior_layers=self.prior_layers,
+                    prior_rank=self.prior_rank, path=self.path_name, prediction=self.prediction, steps=self.steps,
+                    batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, solver=self.solver,
+                    nfe=self.nfe, seed=self.seed, time_limit=self.time_limit)
+
+    def _build(self, context_frames: int, future_frames: int, particles: int, scale: float) -> None:
+        self.context_frames, self.future_frames, self.particles = context_frames, future_frames, particles
+        self.scale = float(scale)
+        denoiser = TrajectoryDenoiser(context_frames, future_frames, self.hidden, self.layers, self.heads,
+                                      self.prediction, self.scale)
+        prior = None
+        if context_frames > 0:
+            prior = GeometricPrior(context_frames, future_frames, self.hidden, self.prior_layers, self.prior_rank)
+        self.net = _Net(denoiser, prior).to(self.device, self.dtype)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.path = _PATHS[self.path_name]()
+
+    def _require_fit(self) -> _Net:
+        if self.ema is None:
+            raise RuntimeError("this GeoTDM is not fitted yet: call fit(trajectories, context_frames=...) first")
+        return self.ema
+
+    @property
+    def field(self) -> Field:
+        """The fitted (EMA) denoiser as a :class:`flowdiff.Field` on the residual; condition it with
+        ``context=`` and ``prior=`` (see :meth:`prior_mean`)."""
+        return Field(self._require_fit().denoiser, self.path, prediction=self.prediction)
+
+    # ------------------------------------------------------------------ training
+    def fit(self, trajectories: Any, context_frames: int = 10, future_frames: int | None = None,
+            callback: Callable[[int, float], None] | None = None) -> "GeoTDM":
+        """Train on ``trajectories`` ``(N, frames, particles, 3)`` (array, tensor or list of arrays).
+
+        Arguments:
+            trajectories: training trajectories; windows of ``context_frames + future_frames`` frames are
+                drawn from them at random start frames.
+            context_frames: observed frames a forecast is conditioned on (0: unconditional generation of
+                ``future_frames`` frames).
+            future_frames: forecast horizon (default: all remaining frames).
+            callback: ``callback(step, loss)`` after every update (monitoring; the EMA model is usable).
+
+        Returns:
+            ``self``.
+        """
+        context_frames = check_int("context_frames", context_frames, 0)
+        data = check_trajectories(trajectories, "trajectories", min_frames=context_frames + 1)
+        frames = data.shape[1]
+        if future_frames is None:
+            future_frames = frames - context_frames
+        future_frames = check_int("future_frames", future_frames, 1, frames - context_frames)
+        window = context_frames + future_frames
+        data = data.to(self.device, self.dtype)
+        # centre each trajectory (the model is translation-equivariant; this only helps float32)
+        data = data - data.mean(dim=(1, 2), keepdim=True)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        scale = self._data_scale(data, context_frames, window)
+        self._build(context_frames, future_frames, data.shape[2], scale)
+        net = self.net
+        assert net is not None and self.ema is not None
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        warmup = min(200, max(1, self.steps // 10))
+        total = self.steps
+        start = time.perf_counter()
+        self.history = []
+        step = 0
+        while step < total:
+            lr = self.lr * (step + 1) / warmup if step < warmup else \
+                self.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = self._batch(data, window, gen)
+            loss = self._loss(net, batch, gen)
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"GeoTDM training loss became {float(loss)} at step {step + 1}; "
+                                         f"lower lr={self.lr} or check the data scale")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            with torch.no_grad():
+                decay = min(self.ema_decay, (1 + step) / (10 + step))
+                for pe, p in zip(self.ema.parameters(), net.parameters()):
+                    pe.lerp_(p, 1 - decay)
+            self.history.append(float(loss.detach()))
+            step += 1
+            if callback is not None:
+                callback(step, self.history[-1])
+            if self.verbose and step % 200 == 0:
+                print(f"step {step}/{total} loss {np.mean(self.history[-200:]):.4f} "
+                      f"{time.perf_counter() - start:.0f}s", flush=True)
+            if self.time_limit is not None and step == 20:  # plan the run from the measured speed
+                per_step = (time.perf_counter() - start) / step
+                budget = int(self.time_limit * 0.97 / per_step)
+                if budget < total:
+                    total = max(budget, step + 1)
+        self.steps_done, self.fit_seconds = step, time.perf_counter() - start
+        return self
+
+    def _data_scale(self, data: Tensor, context_frames: int, window: int) -> float:
+        clip = data[:, :window]
+        if context_frames == 0:
+            centred = clip - clip.mean(dim=(1, 2), keepdim=True)
+            return float(centred.pow(2).mean().sqrt().clamp_min(1e-6))
+        probe = GeometricPrior(context_frames, window - context_frames, rank=0).to(data.device, data.dtype)
+        residual = clip[:, context_frames:] - probe(clip[:, :context_frames])
+        return float(residual.pow(2).mean().sqrt().clamp_min(1e-6))
+
+    def _batch(self, data: Tensor, window: int, gen: torch.Generator) -> Tensor:
+        idx = torch.randint(data.shape[0], (self.batch_size,), generator=gen)
+        starts = torch.randint(data.shape[1] - window + 1, (self.batch_size,), generator=gen)
+        frame_idx = starts[:, None] + torch.arange(window)[None]
+        batch = data[idx[:, None].to(data.device), frame_idx.to(data.device)]
+        return batch - batch[:, :max(self.context_frames, 1)].mean(dim=(1, 2), keepdim=True)
+
+    def _loss(self, net: _Net, batch: Tensor, gen: torch.Generator) -> Tensor:
+        c = self.context_frames
+        context, future = batch[:, :c], batch[:, c:]
+        b = batch.shape[0]
+        extra = 0.0
+        if c > 0:
+            assert net.prior is not None
+            prior = net.prior(context)
+            extra = (prior - future).pow(2).mean() / self.scale ** 2
+            residual = (future - prior) / self.scale
+        else:
+            prior = None
+            residual = (future - future.mean(dim=(1, 2), keepdim=True)) / self.scale
+        if self.deterministic:
+            t = torch.full((b,), float(self.path.t_max), dtype=batch.dtype, device=batch.device)
+            pred = net.denoiser(torch.zeros_like(residual), t, context=context if c else None, prior=prior)
+            return (pred - residual).pow(2).mean() + extra
+        lo, hi = float(self.path.t_min), float(self.path.t_max)
+        t = (lo + (hi - lo) * torch.rand(b, generator=gen)).to(batch.device, batch.dtype)
+        eps = torch.randn(residual.shape, generator=gen).to(batch.device, batch.dtype)
+        if c == 0:
+            eps = eps - eps.mean(dim=(1, 2), keepdim=True)
+        coef = self.path.table(t)
+        alpha = coef.alpha.to(batch.dtype).reshape(-1, 1, 1, 1)
+        sigma = coef.sigma.to(batch.dtype).reshape(-1, 1, 1, 1)
+        xt = alpha * residual + sigma * eps
+        pred = net.denoiser(xt, t, context=context if c else None, prior=prior)
+        target = residual if self.prediction == "data" else eps
+        return (pred - target).pow(2).mean() + extra
+
+    # ------------------------------------------------------------------ inference
+    def _context(self, context: Any) -> tuple[Tensor, bool, Any]:
+        is_tensor = isinstance(context, Tensor)
+        like = context if is_tensor else None
+        ctx = check_trajectories(context, "context", min_frames=1)
+        if ctx.shape[1] != self.context_frames:
+            raise ValueError(f"context has {ctx.shape[1]} frames; this model was fit with "
+                             f"context_frames={self.context_frames}")
+        if ctx.shape[2] != self.particles:
+            raise ValueError(f"context has {ctx.shape[2]} particles; this model was fit on {self.particles}")
+        return ctx.to(self.device, self.dtype), is_tensor, like
+
+    @staticmethod
+    def _out(x: Tensor, is_tensor: bool, like: Any) -> Any:
+        if is_tensor:
+            return x.to(like.device, like.dtype if like.is_floating_point() else torch.float64)
+        return x.detach().cpu().double().numpy()
+
+    @torch.no_grad()
+    def prior_mean(self, context: Any) -> Any:
+        """The learned prior mean :math:`x_r` ``(B, future_frames, N, 3)`` of a context ``(B, C, N, 3)``."""
+        net = self._require_fit()
+        if self.context_frames == 0:
+            raise ValueError("an unconditional GeoTDM (context_frames=0) has no prior mean")
+        ctx, is_tensor, like = self._context(context)
+        centre = ctx.mean(dim=(1, 2), keepdim=True)
+        return self._out(net.prior(ctx - centre) + centre, is_tensor, like)
+
+    @torch.no_grad()
+    def forecast(self, context: Any, num_samples: int = 5, seed: int | None = None,
+                 generator: torch.Generator | None = None, nfe: int | None = None, solver: str | None = None,
+                 batch_size: int = 1024) -> Any:
+        """Forecast the future frames of each context.
+
+        Arguments:
+            context: ``(B, context_frames, particles, 3)`` array or tensor.
+            num_samples: samples per context (K).
+            seed / generator: the sampling noise (default: seed 0, so a call is reproducible).
+            nfe, solver: override the sampler set at construction.
+            batch_size: systems x samples per solver call.
+
+        Returns:
+            ``(B, K, future_frames, particles, 3)``: numpy float64 for array input, else a tensor of the
+            context's dtype and device.
+        """
+        net = self._require_fit()
+        if self.context_frames == 0:
+            raise ValueError("this GeoTDM was fit unconditionally (context_frames=0): use generate(num_samples)")
+        num_samples = check_int("num_samples", num_samples, 1)
+        ctx, is_tensor, like = self._context(context)
+        gen = self._generator(seed, generator)
+        b, f, n = ctx.shape[0], self.future_frames, self.particles
+        centre = ctx.mean(dim=(1, 2), keepdim=True)
+        ctx = ctx - centre
+        prior = net.prior(ctx)
+        frame = canonical_frame(ctx)  # (B, 3, 3)
+        z = torch.randn((b, num_samples, f, n, 3), generator=gen, dtype=torch.float64).to(self.device, self.dtype)
+        noise = torch.einsum("bij,bkfnj->bkfni", frame, z)
+        if self.deterministic:
+            noise = torch.zeros_like(noise)
+        rep = lambda a: a.unsqueeze(1).expand(b, num_samples, *a.shape[1:]).reshape(b * num_samples, *a.shape[1:])
+        ctx_r, prior_r, noise = rep(ctx), rep(prior), noise.reshape(b * num_samples, f, n, 3)
+        out = torch.empty_like(noise)
+        for lo in range(0, b * num_samples, batch_size):
+            sl = slice(lo, lo + batch_size)
+            out[sl] = self._solve(net, noise[sl], ctx_r[sl], prior_r[sl], gen, nfe, solver)
+        future = prior_r + self.scale * out
+        return self._out(future.reshape(b, num_samples, f, n, 3) + centre.unsqueeze(1), is_tensor, like)
+
+    def _solve(self, net: _Net, x0: Tensor, context: Tensor | None, prior: Tensor | None, gen, nfe, solver) -> Tensor:
+        if self.deterministic:
+            t = torch.full((x0.shape[0],), float(self.path.t_max), dtype=x0.dtype, device=x0.device)
+            return net.denoiser(x0, t, context=context, prior=prior)
+        field = Field(net.denoiser, self.path, prediction=self.prediction)
+        cond = {} if context is None else {"context": context, "prior": prior}
+        res = _sample(field, x0, solver=solver or self.solver, nfe=nfe or self.nfe, cond=cond, generator=gen)
+        return res.x
+
+    def _generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+        if generator is not None and seed is not None:
+            raise ValueError("give either seed or generator, not both")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            return generator
+        return torch.Generator().manual_seed(check_int("seed", 0 if seed is None else seed, 0))
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, seed: int | None = None, generator: torch.Generator | None = None,
+                 nfe: int | None = None, solver: str | None = None, noise: Tensor | None = None) -> np.ndarray:
+        """Unconditional samples ``(num_samples, future_frames, particles, 3)`` (numpy float64) of a model
+        fit with ``context_frames=0``, centred (zero mean over frames and particles). ``noise`` (optional,
+        ``(num_samples, frames, particles, 3)``) replaces the drawn initial noise (it is centred first)."""
+        net = self._require_fit()
+        if self.context_frames != 0:
+            raise ValueError(f"generate() needs a model fit with context_frames=0; this one conditions on "
+                             f"{self.context_frames} frames: use forecast(context)")
+        num_samples = check_int("num_samples", num_samples, 1)
+        gen = self._generator(seed, generator)
+        shape = (num_samples, self.future_frames, self.particles, 3)
+        if noise is None:
+            z = torch.randn(shape, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
+        else:
+            z = check_trajectories(noise, "noise").to(self.device, self.dtype)
+            if tuple(z.shape) != shape:
+                raise ValueError(f"noise must have shape {shape}, got {tuple(z.shape)}")
+        z = z - z.mean(dim=(1, 2), keepdim=True)
+        x = self._solve(net, z, None, None, gen, nfe, solver)
+        return (self.scale * x).detach().cpu().double().numpy()
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """Everything :meth:`from_state` needs: the configuration, the shapes and the EMA weights."""
+        self._require_fit()
+        return {"config": self._config(), "deterministic": self.deterministic, "dtype": str(self.dtype).split(".")[-1],
+                "shape": dict(context_frames=self.context_frames, future_frames=self.future_frames,
+                              particles=self.particles, scale=self.scale),
+                "weights": {k: v.detach().cpu() for k, v in self.ema.state_dict().items()}}
+
+    def save(self, file: str | Path) -> Path:
+        """Write :meth:`state_dict` to ``file`` atomically (temporary file, then rename)."""
+        file = Path(file)
+        tmp = file.with_name(file.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(file)
+        return file
+
+    @classmethod
+    def from_state(cls, state: dict, device: str | torch.device = "cpu") -> "GeoTDM":
+        kind = DeterministicEGTN if state.get("deterministic") else GeoTDM
+        dtype = {"float32": torch.float32, "float64": torch.float64}[state.get("dtype", "float32")]
+        model = kind(**state["config"], device=device, dtype=dtype)
+        shape = state["shape"]
+        model._build(shape["context_frames"], shape["future_frames"], shape["particles"], shape["scale"])
+        model.ema.load_state_dict(state["weights"])
+        model.net.load_state_dict(state["weights"])
+        return model
+
+    @classmethod
+    def load(cls, file: str | Path, device: str | torch.device = "cpu") -> "GeoTDM":
+        """A model written by :meth:`save`."""
+        try:
+            state = torch.load(Path(file), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a corrupt or foreign file
+            raise ValueError(f"{file} is not a GeoTDM checkpoint: {error}") from None
+        if not isinstance(state, dict) or "config" not in state or "weights" not in state:
+            raise ValueError(f"{file} is not a GeoTDM checkpoint")
+        return cls.from_state(state, device)
+
+
+class DeterministicEGTN(GeoTDM):
+    """The deterministic baseline: the same prior and EGTN, trained by mean-square regression of the
+    future (one network call at the data end of the path, no noise); ``forecast`` returns K identical
+    samples. Its spatial layers are EGNN layers (Satorras et al. 2021), so this is the "deterministic
+    EGNN" of the GeoTDM comparison with GeoTDM's temporal attention added."""
+
+    deterministic = True
