@@ -1,1 +1,31 @@
-"""Few-step generation: consistency models (Song et al., ICML 2023), consistency distillation and training, two-time flow maps (issue 18)."""
+r"""Few-step generation: flow maps and consistency models (issue 18).
+
+A flow map :math:`X_{s\to t}` is the solution map of a Gaussian path's probability-flow ODE; learning it
+directly replaces tens of solver steps by one to four network calls.
+
+* :class:`FlowMap` — the map with the boundary condition :math:`X_{s\to s} = x` exact by construction
+  (a DDIM step with a learned data prediction; :mod:`flowdiff.flowmaps.model`); ``two_time=False`` is a
+  consistency model (Song, Dhariwal, Chen & Sutskever 2023, "Consistency Models").
+  :class:`TwoTimeNetwork` makes a network of :mod:`flowdiff.nn` two-time; :func:`student_from_teacher`
+  copies a trained field's network into a student that starts as the teacher.
+* Training (:mod:`flowdiff.flowmaps.training`): :func:`consistency_distillation` (any solver of the
+  teacher as the ODE step), :func:`consistency_training` (no teacher), :func:`flow_map_distillation`
+  (a two-time map by self-consistency, with a teacher or teacher-free).
+* Sampling (:mod:`flowdiff.flowmaps.sampling`): :func:`sample` with 1, 2, 4, ... network calls;
+  :func:`ode_flow_map`, the reference map of a field by a fine ODE solve.
+
+>>> student = fd.flowmaps.student_from_teacher(field)                        # doctest: +SKIP
+>>> fd.flowmaps.flow_map_distillation(field, student, data, steps=2000)      # doctest: +SKIP
+>>> fd.flowmaps.sample(student, (64, 2), steps=2).x                          # doctest: +SKIP
+"""
+
+from .model import FlowMap, TwoTimeNetwork, student_from_teacher
+from .sampling import RENOISE, ode_flow_map, sample, sample_times
+from .training import (
+    LOSSES, FlowMapTraining, consistency_distillation, consistency_training, flow_map_distillation
+)
+
+__all__ = [
+    "FlowMap", "TwoTimeNetwork", "student_from_teacher", "sample", "sample_times", "ode_flow_map", "RENOISE",
+    "FlowMapTraining", "LOSSES", "consistency_distillation", "consistency_training", "flow_map_distillation",
+]
