@@ -10,7 +10,8 @@ import torch
 
 import flowdiff as fd
 from flowdiff.trajectories import (EGTN, DeterministicEGTN, GeometricPrior, GeoTDM, ade_fde, canonical_frame,
-                                   constant_velocity, last_frame, nbody_energy, simulate_charged, simulate_springs)
+                                   constant_velocity, last_frame, nbody_energy, pair_features, simulate_charged,
+                                   simulate_springs)
 
 D = torch.float64
 
@@ -77,19 +78,21 @@ def test_simulator_errors():
 @pytest.mark.parametrize("reflect", [False, True])
 def test_egtn_is_e3_and_permutation_equivariant(reflect):
     torch.manual_seed(0)
-    net = EGTN(3, hidden=16, layers=2, heads=4).to(D)
+    net = EGTN(3, hidden=16, layers=2, heads=4, edge_features=9).to(D)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.2 * torch.randn_like(p))  # zero-initialised coordinate heads made non-trivial
-    x, h = torch.randn(2, 6, 5, 3, dtype=D), torch.randn(2, 6, 5, 3, dtype=D)
+    x, h, ctx = torch.randn(2, 6, 5, 3, dtype=D), torch.randn(2, 6, 5, 3, dtype=D), torch.randn(2, 3, 5, 3, dtype=D)
     q, b = _orthogonal(1, reflect), torch.randn(3, dtype=D)
-    y, g = net(x, h)
-    y2, g2 = net(x @ q.T + b, h)
+    e = pair_features(ctx)
+    torch.testing.assert_close(pair_features(ctx @ q.T + b), e, atol=1e-12, rtol=0)
+    y, g = net(x, h, e)
+    y2, g2 = net(x @ q.T + b, h, e)
     assert (y - x).abs().max() > 1e-2  # the positions really move
     torch.testing.assert_close(y2, y @ q.T + b, atol=1e-12, rtol=0)
     torch.testing.assert_close(g2, g, atol=1e-12, rtol=0)
     perm = torch.tensor([3, 0, 4, 1, 2])
-    y3, g3 = net(x[:, :, perm], h[:, :, perm])
+    y3, g3 = net(x[:, :, perm], h[:, :, perm], e[:, perm][:, :, perm])
     torch.testing.assert_close(y3, y[:, :, perm], atol=1e-12, rtol=0)
 
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..nn.embeddings import sinusoidal_features
 
-__all__ = ["EGTN", "SpatialLayer", "TemporalLayer", "GeometricPrior", "canonical_frame"]
+__all__ = ["EGTN", "SpatialLayer", "TemporalLayer", "GeometricPrior", "canonical_frame", "pair_features"]
 
 
 def _norm(v: Tensor) -> Tensor:
@@ -66,13 +66,18 @@ class SpatialLayer(nn.Module):
         self.node = _mlp(2 * hidden, hidden, hidden)
         self.norm = nn.LayerNorm(hidden)
 
-    def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        self.edge_e = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: Tensor, h: Tensor, edges: Tensor | None = None) -> tuple[Tensor, Tensor]:
         n = x.shape[-2]
         diff = x.unsqueeze(-2) - x.unsqueeze(-3)  # (..., N, N, 3): x_i - x_j
         d2 = (diff * diff).sum(-1, keepdim=True)
         hn = self.norm(h)
-        # the first edge layer on [h_i, h_j, d2] split into per-node parts (N instead of N^2 products)
-        m = self.edge_out(self.edge_i(hn).unsqueeze(-2) + self.edge_j(hn).unsqueeze(-3) + self.edge_d(d2))
+        # the first edge layer on [h_i, h_j, d2, e_ij] split into parts (N instead of N^2 products for h)
+        pre = self.edge_i(hn).unsqueeze(-2) + self.edge_j(hn).unsqueeze(-3) + self.edge_d(d2)
+        if edges is not None:  # (B, N, N, H), the same for every frame
+            pre = pre + self.edge_e(edges).unsqueeze(1)
+        m = self.edge_out(pre)
         # the self-pair i = j: its coordinate term vanishes (x_i - x_i = 0); its message is subtracted
         x = x + (diff * (self.coord(m) / ((d2 + 1e-12).sqrt() + 1.0))).sum(-2) / max(n - 1, 1)
         messages = m.sum(-2) - torch.diagonal(m, dim1=-3, dim2=-2).transpose(-1, -2)
@@ -134,21 +139,23 @@ class EGTN(nn.Module):
     returns the updated positions (equivariant) and features ``(B, T, N, H)`` (invariant).
     """
 
-    def __init__(self, in_features: int, hidden: int = 64, layers: int = 4, heads: int = 4):
+    def __init__(self, in_features: int, hidden: int = 64, layers: int = 4, heads: int = 4, edge_features: int = 0):
         super().__init__()
         self.embed = _mlp(in_features + 1, hidden, hidden)
+        self.edge_embed = _mlp(edge_features, hidden, hidden) if edge_features else None
         self.blocks = nn.ModuleList()
         for _ in range(layers):
             self.blocks.append(SpatialLayer(hidden))
             self.blocks.append(TemporalLayer(hidden, heads))
         self.final_norm = nn.LayerNorm(hidden)
 
-    def forward(self, x: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, features: Tensor, edges: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # an invariant geometric input: each particle's distance to its frame's centroid
         radius = _norm(x - x.mean(-2, keepdim=True))
         h = self.embed(torch.cat([features, radius], dim=-1))
+        e = self.edge_embed(edges) if (self.edge_embed is not None and edges is not None) else None
         for block in self.blocks:
-            x, h = block(x, h)
+            x, h = block(x, h, e) if isinstance(block, SpatialLayer) else block(x, h)
         return x, self.final_norm(h)
 
 
@@ -163,13 +170,39 @@ def _context_features(context: Tensor) -> Tensor:
     return torch.cat([vel, acc], dim=-1)
 
 
+def pair_features(context: Tensor) -> Tensor:
+    r"""Invariant pair (edge) features ``(B, N, N, 3 C)`` of the context frames ``(B, C, N, 3)``: per frame
+    the distance :math:`d_{ij}`, the radial relative velocity :math:`\hat r_{ij}\cdot(v_i - v_j)` and the radial
+    relative acceleration :math:`\hat r_{ij}\cdot(a_i - a_j)` (finite differences, zero where undefined).
+
+    GeoTDM feeds known interactions as edge attributes (the charges' products :math:`q_i q_j` on N-body);
+    here they are unknown, and these features let the network infer them from the context (an inverse-square
+    attraction or repulsion shows in the radial acceleration). Invariant, so equivariance is kept."""
+    b, c, n, _ = context.shape
+    diff = context.unsqueeze(-2) - context.unsqueeze(-3)  # (B, C, N, N, 3)
+    dist = _norm(diff)
+    unit = diff / (dist + 1e-9)
+    vel = torch.zeros_like(context)
+    acc = torch.zeros_like(context)
+    if c > 1:
+        vel[:, 1:] = context[:, 1:] - context[:, :-1]
+    if c > 2:
+        acc[:, 1:-1] = context[:, 2:] - 2 * context[:, 1:-1] + context[:, :-2]
+    rel_v = ((vel.unsqueeze(-2) - vel.unsqueeze(-3)) * unit).sum(-1, keepdim=True)
+    rel_a = ((acc.unsqueeze(-2) - acc.unsqueeze(-3)) * unit).sum(-1, keepdim=True)
+    # scales: frame differences are ~0.05 (velocity) and ~0.01 (acceleration) on the charged task
+    feats = torch.asinh(torch.cat([dist, 10.0 * rel_v, 100.0 * rel_a], dim=-1))  # (B, C, N, N, 3)
+    return feats.permute(0, 2, 3, 1, 4).reshape(b, n, n, 3 * c)
+
+
 class GeometricPrior(nn.Module):
     """GeoTDM's learnable equivariant prior mean :math:`x_r` from the context frames (module docstring).
 
     ``forward(context)`` with ``context`` ``(B, C, N, 3)`` returns ``(B, F, N, 3)``.
     """
 
-    def __init__(self, context_frames: int, future_frames: int, hidden: int = 64, layers: int = 2, rank: int = 4):
+    def __init__(self, context_frames: int, future_frames: int, hidden: int = 64, layers: int = 2, rank: int = 4,
+                 refine_layers: int = 0):
         super().__init__()
         self.context_frames, self.future_frames = context_frames, future_frames
         base = torch.zeros(context_frames, future_frames)
@@ -181,20 +214,31 @@ class GeometricPrior(nn.Module):
         self.register_buffer("base", base)
         self.learned = context_frames >= 2 and rank > 0 and layers > 0
         if self.learned:
-            self.net = EGTN(2, hidden, layers)
+            self.net = EGTN(2, hidden, layers, edge_features=3 * context_frames)
             self.weights = nn.Linear(hidden, rank)
             self.future = nn.Parameter(torch.zeros(rank, future_frames))
+        self.refine = EGTN(17, hidden, refine_layers, edge_features=3 * context_frames) if refine_layers > 0 else None
 
     def forward(self, context: Tensor) -> Tensor:
         base = self.base.to(context.dtype)
         prior = torch.einsum("cs,bcnd->bsnd", base, context)
-        if not self.learned:
-            return prior
-        _, h = self.net(context, _context_features(context))
-        w = self.weights(h[:, :-1])  # (B, C-1, N, rank): per-particle invariant weights
-        delta = torch.einsum("bcnr,rs->bcsn", w, self.future.to(context.dtype))
-        rel = context[:, :-1] - context[:, -1:]  # x_c^(t') - x_c^(last): the affine constraint built in
-        return prior + torch.einsum("bcsn,bcnd->bsnd", delta, rel)
+        if self.learned:
+            _, h = self.net(context, _context_features(context), pair_features(context))
+            w = self.weights(h[:, :-1])  # (B, C-1, N, rank): per-particle invariant weights
+            delta = torch.einsum("bcnr,rs->bcsn", w, self.future.to(context.dtype))
+            rel = context[:, :-1] - context[:, -1:]  # x_c^(t') - x_c^(last): the affine constraint built in
+            prior = prior + torch.einsum("bcsn,bcnd->bsnd", delta, rel)
+        if self.refine is not None:
+            # an EGTN moves the affine forecast, appended to the context, by equivariant updates
+            b, c, n, _ = context.shape
+            frames = c + prior.shape[1]
+            index = torch.arange(frames, dtype=context.dtype, device=context.device) - c
+            feats = torch.cat([sinusoidal_features(index, 16, scale=1.0, max_period=200.0),
+                               (index >= 0).to(context.dtype)[:, None]], dim=-1)
+            out, _ = self.refine(torch.cat([context, prior], dim=1), feats[None, :, None, :].expand(b, frames, n, 17),
+                                 pair_features(context))
+            prior = out[:, c:]
+        return prior
 
 
 _FRAME_WEIGHTS: dict[tuple, Tensor] = {}

@@ -46,7 +46,7 @@ from .._utils import check_float, check_int
 from ..fields import Field
 from ..nn.embeddings import sinusoidal_features
 from ..solvers import sample as _sample
-from .egtn import EGTN, GeometricPrior, canonical_frame
+from .egtn import EGTN, GeometricPrior, canonical_frame, pair_features
 
 __all__ = ["GeoTDM", "DeterministicEGTN", "TrajectoryDenoiser", "check_trajectories"]
 
@@ -114,7 +114,7 @@ class TrajectoryDenoiser(nn.Module):
             raise ValueError(f"prediction must be 'data' or 'noise', got {prediction!r}")
         self.context_frames, self.future_frames = context_frames, future_frames
         self.prediction, self.scale = prediction, float(scale)
-        self.egtn = EGTN(32 + 16 + 1, hidden, layers, heads)
+        self.egtn = EGTN(32 + 16 + 1, hidden, layers, heads, edge_features=3 * context_frames)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, prior: Tensor | None = None) -> Tensor:
         b, f, n, _ = x.shape
@@ -129,7 +129,7 @@ class TrajectoryDenoiser(nn.Module):
         features = torch.cat([time_features[:, None, None, :].expand(b, frames, n, 32),
                               frame_features[None, :, None, :].expand(b, frames, n, 16),
                               flag[None, :, None, :].expand(b, frames, n, 1)], dim=-1)
-        out, _ = self.egtn(pos, features)
+        out, _ = self.egtn(pos, features, pair_features(context) if conditional else None)
         out = out[:, frames - f:]
         if self.prediction == "data":
             pred = (out - (prior if prior is not None else 0.0)) / self.scale
@@ -171,8 +171,8 @@ class GeoTDM:
 
     deterministic = False
 
-    def __init__(self, hidden: int = 64, layers: int = 4, heads: int = 4, prior_layers: int = 2, prior_rank: int = 4,
-                 path: str = "cosine", prediction: str = "data", steps: int = 3000, batch_size: int = 64,
+    def __init__(self, hidden: int = 32, layers: int = 4, heads: int = 4, prior_layers: int = 2, prior_rank: int = 4,
+                 refine_layers: int = 2, path: str = "cosine", prediction: str = "data", steps: int = 3000, batch_size: int = 32,
                  lr: float = 1e-3, ema_decay: float = 0.995, solver: str = "dpm-solver++", nfe: int = 20,
                  seed: int = 0, time_limit: float | None = 480.0, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, verbose: bool = False):
@@ -182,6 +182,7 @@ class GeoTDM:
             raise ValueError(f"hidden={hidden} must be a multiple of heads={heads}")
         self.prior_layers = check_int("prior_layers", prior_layers, 0)
         self.prior_rank = check_int("prior_rank", prior_rank, 0)
+        self.refine_layers = check_int("refine_layers", refine_layers, 0)
         if path not in _PATHS:
             raise ValueError(f"path must be one of {', '.join(_PATHS)}, got {path!r}")
         if prediction not in ("data", "noise"):
@@ -204,7 +205,7 @@ class GeoTDM:
     # ------------------------------------------------------------------ configuration / state
     def _config(self) -> dict:
         return dict(hidden=self.hidden, layers=self.layers, heads=self.heads, prior_layers=self.prior_layers,
-                    prior_rank=self.prior_rank, path=self.path_name, prediction=self.prediction, steps=self.steps,
+                    prior_rank=self.prior_rank, refine_layers=self.refine_layers, path=self.path_name, prediction=self.prediction, steps=self.steps,
                     batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, solver=self.solver,
                     nfe=self.nfe, seed=self.seed, time_limit=self.time_limit)
 
@@ -215,7 +216,8 @@ class GeoTDM:
                                       self.prediction, self.scale)
         prior = None
         if context_frames > 0:
-            prior = GeometricPrior(context_frames, future_frames, self.hidden, self.prior_layers, self.prior_rank)
+            prior = GeometricPrior(context_frames, future_frames, self.hidden, self.prior_layers, self.prior_rank,
+                                   self.refine_layers)
         self.net = _Net(denoiser, prior).to(self.device, self.dtype)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.path = _PATHS[self.path_name]()
