@@ -85,12 +85,13 @@ def gmm_part(args: argparse.Namespace) -> dict:
     x0 = path.prior_sample((2000, 2), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = fd.sample(teacher, x0, solver="dpm-solver++3m", nfe=400, grid="logsnr", denoise_final=False).state
     ref_check = rms(fd.sample(teacher, x0, solver="unipc", nfe=400, grid="logsnr", denoise_final=False).state, ref)
-    t0 = time.process_time()
-    ems = fd.solvers.estimate_ems(teacher, data[:4096].double(), progress=False,
-                                  generator=torch.Generator().manual_seed(3))
-    ems_cpu = time.process_time() - t0
-    teachers = {}
-    for nfe in (1, 2, 4, 10):
+    teachers, ems_cpu = {}, float("nan")
+    for nfe in () if args.no_teacher else (1, 2, 4, 10):
+        if nfe == 1:
+            t0 = time.process_time()
+            ems = fd.solvers.estimate_ems(teacher, data[:4096].double(), progress=False,
+                                          generator=torch.Generator().manual_seed(3))
+            ems_cpu = time.process_time() - t0
         teachers[nfe] = teacher_errors(teacher, x0, ref, nfe, ems=ems)
         print("teacher", nfe, {k: round(v, 4) for k, v in teachers[nfe].items()}, flush=True)
 
@@ -144,7 +145,7 @@ def digits_part(args: argparse.Namespace) -> dict:
         return float(digits_frechet_distance(x.clamp(-1, 1), held, clf))
 
     teachers = {}
-    for nfe in (1, 2, 4, 10, 20):
+    for nfe in () if args.no_teacher else (1, 2, 4, 10, 20):
         row = {}
         for name in ["ddim", "dpm-solver++2m", "dpm-solver++3m", "unipc", "heun"]:
             try:
@@ -190,19 +191,21 @@ def render(payload: dict) -> list[str]:
         for name, s in gmm["students"].items():
             rows.append([name, *(f"{s['errors'][str(k)] if str(k) in s['errors'] else s['errors'][k]:.4f}" for k in STEPS),
                          f"{s['cpu_s']:.0f}", s["teacher_nfe"]])
-        for nfe in STEPS:
+        for nfe in STEPS if gmm["teachers"] else ():
             t = gmm["teachers"][str(nfe)] if str(nfe) in gmm["teachers"] else gmm["teachers"][nfe]
             best = min(t, key=t.get)
             cells = ["-"] * len(STEPS)
             cells[STEPS.index(nfe)] = f"{t[best]:.4f}"
             rows.append([f"teacher best at {nfe} NFE ({best})", *cells, "-", "-"])
         t10 = gmm["teachers"].get("10", gmm["teachers"].get(10))
-        best10 = min(t10, key=t10.get)
-        rows.append([f"teacher best at 10 NFE ({best10}): {t10[best10]:.4f}", "", "", "", "-", "-"])
+        if t10:
+            best10 = min(t10, key=t10.get)
+            rows.append([f"teacher best at 10 NFE ({best10}): {t10[best10]:.4f}", "", "", "", "-", "-"])
         lines += markdown_table(["model", "1 step", "2 steps", "4 steps", "train CPU s", "teacher calls"], rows)
-        t4 = gmm["teachers"].get("4", gmm["teachers"].get(4))
-        lines += ["", "Teacher solvers at 4 NFE: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(t4.items(), key=lambda kv: kv[1])),
-                  f"(DPM-Solver-v3 with EMS estimated on the exact field: {gmm['ems_cpu_s']:.0f} CPU s).", ""]
+        for nfe in (2, 4, 10) if gmm["teachers"] else ():
+            t = gmm["teachers"].get(str(nfe), gmm["teachers"].get(nfe))
+            lines += ["", f"Teacher solvers at {nfe} NFE: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(t.items(), key=lambda kv: kv[1]))]
+        lines += ["", f"DPM-Solver-v3 uses EMS estimated on the exact field ({gmm['ems_cpu_s']:.0f} CPU s).", ""]
     dig = payload.get("digits")
     if dig:
         lines += [metadata_line(dig["meta"]), "",
@@ -214,7 +217,7 @@ def render(payload: dict) -> list[str]:
             fr, init = s["frechet"], s["frechet_at_init"]
             rows.append([name, *(f"{fr.get(str(k), fr.get(k)):.1f} (init {init.get(str(k), init.get(k)):.1f})" for k in STEPS),
                          f"{s['cpu_s']:.0f}", s["teacher_nfe"]])
-        for nfe in (1, 2, 4, 10, 20):
+        for nfe in (1, 2, 4, 10, 20) if dig["teachers"] else ():
             t = dig["teachers"].get(str(nfe), dig["teachers"].get(nfe))
             if t:
                 best = min(t, key=t.get)
@@ -233,21 +236,39 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=359)
     parser.add_argument("--checkpoint", default="/tmp/runs/digits")
     parser.add_argument("--only", nargs="*", help="student recipes to run (default all)")
+    parser.add_argument("--no-teacher", action="store_true", help="skip the teacher rows (run them in another process)")
+    parser.add_argument("--stem", default="flow_maps", help="results file stem (partial runs in parallel)")
+    parser.add_argument("--merge", nargs="*", help="merge these results stems into flow_maps.{md,json} and exit")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    old = RESULTS / "flow_maps.json"
+    if args.merge:
+        payload = {}
+        for stem in args.merge:
+            part = json.loads((RESULTS / f"{stem}.json").read_text())
+            for key, value in part.items():
+                mine = payload.setdefault(key, {})
+                for k, v in value.items():
+                    if isinstance(v, dict) and k in ("teachers", "students"):
+                        mine.setdefault(k, {}).update(v)
+                    elif k not in mine or k == "meta" and not mine.get("teachers"):
+                        mine[k] = v
+        text = render(payload)
+        print("\n".join(text))
+        write_results("flow_maps", text, payload)
+        return
+    old = RESULTS / f"{args.stem}.json"
     payload = json.loads(old.read_text()) if old.exists() else {}
     if args.part in ("gmm", "all"):
         meta = run_metadata(part="gmm", steps=args.gmm_steps)
         payload["gmm"] = {"meta": meta, **gmm_part(args)}
-        write_results("flow_maps", render(json.loads(json.dumps(payload, default=float))), payload)
+        write_results(args.stem, render(json.loads(json.dumps(payload, default=float))), payload)
     if args.part in ("digits", "all"):
         meta = run_metadata(part="digits", steps=args.digits_steps)
         payload["digits"] = {"meta": meta, **digits_part(args)}
     payload = json.loads(json.dumps(payload, default=float))
     text = render(payload)
     print("\n".join(text))
-    write_results("flow_maps", text, payload)
+    write_results(args.stem, text, payload)
 
 
 if __name__ == "__main__":

@@ -410,7 +410,7 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
                           grid: str | Sequence[float] = "logsnr", solver: str = "heun", substeps: int = 1,
                           groups: int | None = 4, loss: str = "l2", huber_c: float | None = None,
                           target_ema: float = 0.99, grad_clip: float | None = 1.0, denoise_weight: float = 1.0,
-                          base_order: int = 2,
+                          base_order: int = 2, aligned: bool = True,
                           seed: int = 0, callback: Callable[[int, float], None] | None = None,
                           solver_options: dict | None = None) -> FlowMapTraining:
     r"""A two-time flow map :math:`X_{s\to t}` trained by self-consistency (module docstring).
@@ -421,6 +421,8 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
             ``None`` (teacher-free, shortcut-style: the model's own diagonal, trained by the
             denoising regression with weight ``denoise_weight``).
         student: a **two-time** :class:`~flowdiff.flowmaps.FlowMap`.
+        aligned: jumps of :math:`2^m` intervals start at multiples of :math:`2^m` (the jumps of the
+            1-, 2-, 4-, … step samplers and their halves: ``2N − 1`` maps to learn); ``False``: any start.
         base_order: teacher-free only: the single-interval target is the model's own DDIM step
             (``1``) or the second-order exponential-integrator step (``2``, default: its diagonal
             data prediction at both ends, linear in λ, as DPM-Solver-2 / EDM's Heun; two target
@@ -432,6 +434,8 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
     bins = check_int("bins", bins, 1)
     denoise_weight = check_float("denoise_weight", denoise_weight, 0.0)
     base_order = check_int("base_order", base_order, 1, 2)
+    if not isinstance(aligned, bool):
+        raise TypeError(f"aligned must be True or False, got {aligned!r}")
     step_fn = _TeacherStep(teacher, solver, substeps, dict(solver_options or {})) if teacher is not None else None
     g = _grid(student, bins, grid)
     x1, cond = loop.draw(loop.batch, loop.generator)
@@ -443,7 +447,9 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
         batch = x1.shape[0]
         m = loop.randint(levels, batch)
         d = 2 ** m
-        i = loop.randint(bins - d + 1, batch)
+        # aligned: jumps i -> i + d start at multiples of d (the jumps a 1-, 2-, 4-, ... step sampler makes,
+        # and the halves their targets are made of; shortcut models draw t on the multiples of d too)
+        i = loop.randint(bins // d, batch) * d if aligned else loop.randint(bins - d + 1, batch)
         base = (m == 0).nonzero().squeeze(1)
         if step_fn is not None and base.numel():  # single intervals: from `groups` intervals, one solver call each
             i[base] = _bins_for_groups(loop, bins, groups, base.numel())
