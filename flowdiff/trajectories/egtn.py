@@ -28,7 +28,11 @@ constant-velocity extrapolation plus a learned per-particle correction of rank `
 :math:`\Delta W^{(i)}_{t's} = \sum_r w^{(i)}_{t'r} u_{rs}` for :math:`t' <` the last frame, whose last row makes
 each column sum to zero (the paper's rank-one :math:`w_{t'} w_s`, generalised; per particle instead of
 one weight per frame — still invariant weights, so still equivariant). ``u`` starts at zero, so training
-starts from the constant-velocity forecast.
+starts from the constant-velocity forecast. Two additions of ours, both E(3)-equivariant: an optional
+refinement EGTN (``refine_layers``) that moves the affine forecast appended to the context, and invariant
+*pair features* of the context (:func:`pair_features`) as edge attributes of the spatial layers — GeoTDM
+gives the N-body networks the known interactions :math:`q_i q_j` as edge attributes; here they are not
+given and must be inferred from the context's radial relative accelerations.
 """
 
 from __future__ import annotations

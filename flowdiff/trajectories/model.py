@@ -108,8 +108,10 @@ class TrajectoryDenoiser(nn.Module):
     """
 
     def __init__(self, context_frames: int, future_frames: int, hidden: int = 64, layers: int = 4,
-                 heads: int = 4, prediction: str = "data", scale: float = 1.0):
+                 heads: int = 4, prediction: str = "data", scale: float = 1.0, path: Any = None,
+                 sigma_data: float = 0.5):
         super().__init__()
+        self.path, self.sigma_data = path, float(sigma_data)
         if prediction not in ("data", "noise"):
             raise ValueError(f"prediction must be 'data' or 'noise', got {prediction!r}")
         self.context_frames, self.future_frames = context_frames, future_frames
@@ -131,7 +133,17 @@ class TrajectoryDenoiser(nn.Module):
                               flag[None, :, None, :].expand(b, frames, n, 1)], dim=-1)
         out, _ = self.egtn(pos, features, pair_features(context) if conditional else None)
         out = out[:, frames - f:]
-        if self.prediction == "data":
+        if self.prediction == "data" and self.path is not None:
+            # EDM preconditioning (Karras et al. 2022) of the data prediction: D = c_skip x_t + c_out F with
+            # F the network's displacement of the future frames; at init F = 0 and D is the Bayes-optimal
+            # linear denoiser of a residual of scale sigma_data (near 0, i.e. the prior, at high noise)
+            coef = self.path.table(t.reshape(-1))
+            a = coef.alpha.to(x.dtype).reshape(-1, 1, 1, 1)
+            sg = coef.sigma.to(x.dtype).reshape(-1, 1, 1, 1)
+            sd2 = self.sigma_data ** 2
+            norm = (a * a * sd2 + sg * sg).sqrt()
+            pred = (a * sd2 / norm ** 2) * x + (sg * self.sigma_data / norm) * (out - future) / self.scale
+        elif self.prediction == "data":
             pred = (out - (prior if prior is not None else 0.0)) / self.scale
         else:
             pred = (out - future) / self.scale
@@ -212,15 +224,17 @@ class GeoTDM:
     def _build(self, context_frames: int, future_frames: int, particles: int, scale: float) -> None:
         self.context_frames, self.future_frames, self.particles = context_frames, future_frames, particles
         self.scale = float(scale)
+        self.path = _PATHS[self.path_name]()
+        # the residual (x - x_r)/s has RMS 1 under the constant-velocity prior (s's definition) and less under
+        # the learned prior; unconditional data are scaled to RMS 1
         denoiser = TrajectoryDenoiser(context_frames, future_frames, self.hidden, self.layers, self.heads,
-                                      self.prediction, self.scale)
+                                      self.prediction, self.scale, self.path, 0.5 if context_frames else 1.0)
         prior = None
         if context_frames > 0:
             prior = GeometricPrior(context_frames, future_frames, self.hidden, self.prior_layers, self.prior_rank,
                                    self.refine_layers)
         self.net = _Net(denoiser, prior).to(self.device, self.dtype)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.path = _PATHS[self.path_name]()
 
     def _require_fit(self) -> _Net:
         if self.ema is None:
