@@ -90,7 +90,7 @@ from .loop import Run
 
 __all__ = [
     "DEISSolver", "DPMSolverMultistep", "DPMSolverSinglestep", "EtaStep", "SDEDPMSolverPP2", "TunedMultistep",
-    "UniPC", "lagrange_exp_weights", "singlestep_orders", "tuned_multistep_base", "tuned_multistep_sizes"
+    "UniPC", "guarded_orders", "lagrange_exp_weights", "singlestep_orders", "tuned_multistep_base", "tuned_multistep_sizes"
 ]
 
 PREDICTION_FORMS = ("data", "noise")
@@ -368,18 +368,23 @@ class DPMSolverMultistep(ExponentialSolver):
     (Lu et al. 2022b, Alg. 2 and App. B; module docstring): one evaluation per step; warm-up with
     lower orders; ``lower_order_final`` default: below 10 steps, as the official code."""
 
-    options = {"order": 3, "prediction": "noise", "solver_type": "dpmsolver", "lower_order_final": 10}
+    options = {"order": 3, "prediction": "noise", "solver_type": "dpmsolver", "lower_order_final": 10, "guard": None}
 
     def __init__(self, run: Run, options: dict):
         super().__init__(run, options)
         self.order = self.setup(3)
         self.solver_type = check_choice(self.name, "solver_type", self.opts["solver_type"], SOLVER_TYPES)
+        self.guard = _check_guard(self.name, self.opts["guard"])  # off by default: the official method, unchanged
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
         data, noise = self.run.evaluate(x, i)
         hist = self.history(self.form.pick(data, noise), 3)
         k = min(self.order, self.warmup(i), lower_order_final(self.opts["lower_order_final"], self.run.steps, i, self.order, self.name))
-        return _multistep_update(self.form, x, i, k, self.solver_type, hist, data), data
+        if self.guard is None or k == 1 or self.form.sigma[i + 1] == 0.0:
+            return _multistep_update(self.form, x, i, k, self.solver_type, hist, data), data
+        updates = [_multistep_update(self.form, x, i, q, self.solver_type, hist, data) for q in range(1, k + 1)]
+        orders = guarded_orders((self.form.s[i + 1] / self.form.s[i]) * x, updates, self.guard)
+        return _pick_by_order(orders, updates), data
 
 
 def _unipc_coefficients(rks: list[float], hh: float, variant: str, order: int) -> tuple[list[list[float]], list[float], float, float]:
@@ -400,6 +405,50 @@ def _unipc_coefficients(rks: list[float], hh: float, variant: str, order: int) -
 def _solve(rows: list[list[float]], b: list[float]) -> list[float]:
     a = torch.tensor(rows, dtype=torch.float64)
     return torch.linalg.solve(a, torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+def guarded_orders(x_base: Tensor, updates: list[Tensor], theta: float) -> Tensor:
+    r"""Per-sample order of a multistep step under the stability guard (issue 12).
+
+    ``updates[k]`` is the step's result at order ``k + 1`` (``updates[0]`` the first-order,
+    exponential-Euler one) and ``x_base`` the linear part alone (:math:`\frac{\sigma_t}{\sigma_s}x`
+    in data form). The order-``p`` method adds a correction :math:`c_p = x^{(p)} - x^{(p-1)}` to
+    the order-``p − 1`` one (:math:`c_1 = x^{(1)} - x_{base}`, the prediction's own term); these
+    are the successive terms of the Taylor expansion of the prediction inside the exponential
+    integral, which shrink on a smooth trajectory (by about the step's h times the ratio of
+    successive derivatives). When a sample's :math:`\lVert c_p\rVert > \theta\lVert c_{p-1}\rVert`
+    its finite differences do not resolve the prediction any more (they amplify model error or a
+    turn of the trajectory the step is too long for): that sample takes order ``p − 1`` for the
+    smallest failing ``p`` (first order, which is always stable, if even ``c_2`` fails). Returns the order per
+    sample, ``(B,)`` int64 (``1 … len(updates)``). Measurements: :class:`UniPC`'s ``guard``.
+    """
+    order = torch.full((x_base.shape[0],), len(updates), dtype=torch.long, device=x_base.device)
+    norms = [(updates[0] - x_base).flatten(1).norm(dim=1)]
+    norms += [(updates[k] - updates[k - 1]).flatten(1).norm(dim=1) for k in range(1, len(updates))]
+    for p in range(2, len(updates) + 1):  # p: the 1-based order under test; the first failure decides
+        bad = (order >= p) & ~(norms[p - 1] <= theta * norms[p - 2])  # NaN counts as bad
+        order = torch.where(bad, torch.full_like(order, p - 1), order)
+    return order
+
+
+def _pick_by_order(order: Tensor, updates: list[Tensor]) -> Tensor:
+    """``updates[order − 1]`` per sample (``order`` as from :func:`guarded_orders`)."""
+    out = updates[-1]
+    for k in range(len(updates) - 1, 0, -1):
+        if bool((order == k).any()):
+            mask = (order == k).view(-1, *([1] * (out.ndim - 1)))
+            out = torch.where(mask, updates[k - 1], out)
+    return out
+
+
+def _check_guard(name: str, value: Any) -> float | None:
+    """The ``guard`` option: ``None``/``False``/0 (off) or θ > 0."""
+    if value is None or value is False or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: guard must be None/False/0 (off) or a finite threshold > 0 "
+                         f"(ratio of successive order corrections), got {value!r}")
+    return float(value)
 
 
 def _unipc_step(f: _Form, x: Tensor, i: int, order: int, variant: str, hist: list[Tensor], lams: list[float],
@@ -467,10 +516,21 @@ class UniPC(ExponentialSolver):
             those noise fields, while on data- and velocity-prediction digits models data/bh2 has
             0.2–0.5× the error of noise/bh1 at 15–20 NFE (benchmarks/results/solvers_trained.md).
         lower_order_final: see the module docstring (default: always, as diffusers' UniPC).
+        guard: the stability guard θ of :func:`guarded_orders` (``None``, the default: off): a
+            sample whose order-p correction outgrows θ times its order-(p−1) one takes the lower
+            order on that step (predictor and its corrector). Off by default because no θ helped
+            everywhere it was measured (benchmarks/results/guard.md, same noise and grid): θ = 1
+            gives UniPC-3 in data form 0.45–0.9x the unguarded error at 8–12 NFE on the exact
+            mixtures and the digits UNet, but 1.1–1.3x at 10–20 NFE on a stiff single Gaussian
+            (3.5–7.8x on a log-SNR grid of 12–16 steps), 1.1–1.2x for noise forms, and 1.8–2.6x
+            at 25–30 NFE on a model with a time-oscillating error; θ = 4 almost never acts. The
+            defaults avoid the unstable regime instead: order 2 below ``UNIPC_ORDER3_STEPS``
+            steps and data prediction below ``UNIPC_DATA_STEPS``, which θ = 1 never lowered. ``dpm-solver``/``dpm-solver++`` multistep take the
+            same option, also off by default (the official method).
     """
 
     options = {"order": None, "variant": None, "prediction": None, "corrector": True, "disable_corrector": (),
-               "lower_order_final": True}
+               "lower_order_final": True, "guard": None}
     corrects = True
 
     def __init__(self, run: Run, options: dict):
@@ -487,8 +547,10 @@ class UniPC(ExponentialSolver):
         self.variant = check_choice(self.name, "variant", default_variant if o["variant"] is None else o["variant"],
                                     UNIPC_VARIANTS)
         self.disabled = {int(j) for j in o["disable_corrector"]}
+        self.guard = _check_guard(self.name, o["guard"])
         self.lams: list[float] = []
         self.prev_order = 0
+        self.prev_orders: Tensor | None = None  # per-sample orders of the last predictor under the guard
 
     def _evaluate(self, x: Tensor, i: int) -> None:
         data, noise = self.run.evaluate(x, i)
@@ -498,8 +560,14 @@ class UniPC(ExponentialSolver):
         self._evaluate(x, i)
         run = self.run
         if self.opts["corrector"] and (i - 1) not in self.disabled and math.isfinite(run.h(i - 1)):
-            x = _unipc_step(self.form, self.memory["x_prev"], i - 1, self.prev_order, self.variant, self.memory["hist"],
-                            self.lams, self.memory["now"][1])
+            args = (self.form, self.memory["x_prev"], i - 1)
+            rest = (self.variant, self.memory["hist"], self.lams, self.memory["now"][1])
+            orders = self.prev_orders
+            if orders is None or bool((orders == self.prev_order).all()):
+                x = _unipc_step(*args, self.prev_order, *rest)
+            else:  # the guard lowered some samples' predictor: their corrector takes the same order
+                x = _pick_by_order(orders, [_unipc_step(*args, q, *rest) if bool((orders == q).any()) else x
+                                            for q in range(1, self.prev_order + 1)])
         return x
 
     def step(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -510,10 +578,14 @@ class UniPC(ExponentialSolver):
         hist = self.history(m, self.order)
         self.lams = (self.lams + [self.form.lam[i]])[-self.order:]
         k = min(self.order, self.warmup(i), lower_order_final(self.opts["lower_order_final"], run.steps, i, self.order, self.name))
-        self.memory["x_prev"], self.prev_order = x, k
+        self.memory["x_prev"], self.prev_order, self.prev_orders = x, k, None
         if run.sigma[i + 1] == 0.0:
             return run.alpha[i + 1] * data, data  # step to σ = 0: exact first-order limit, no −∞·0
-        return _unipc_step(self.form, x, i, k, self.variant, hist, self.lams, None), data
+        if self.guard is None or k == 1:
+            return _unipc_step(self.form, x, i, k, self.variant, hist, self.lams, None), data
+        updates = [_unipc_step(self.form, x, i, q, self.variant, hist, self.lams, None) for q in range(1, k + 1)]
+        self.prev_orders = guarded_orders((self.form.s[i + 1] / self.form.s[i]) * x, updates, self.guard)
+        return _pick_by_order(self.prev_orders, updates), data
 
 
 def _exp_moment(n: int, delta: float) -> float:
