@@ -3,8 +3,8 @@ Trajectory Diffusion Models*), for N-body and other 3-D point-cloud trajectories
 
 **Conditional forecasting.** Given context frames :math:`x_c` ``(C, N, 3)``, the future ``(F, N, 3)`` is
 generated as :math:`x = x_r + s\,r` where :math:`x_r = \mathrm{prior}(x_c)` is the learnable equivariant
-prior mean (:class:`~flowdiff.trajectories.egtn.GeometricPrior`), :math:`s` a fixed scalar scale (the RMS
-of the constant-velocity residual of the training data) and the residual :math:`r` follows a Gaussian path
+prior mean (:class:`~flowdiff.trajectories.egtn.GeometricPrior`), :math:`s` a fixed scale per future frame
+(the RMS of the constant-velocity residual of the training data in that frame: small for the first frames) and the residual :math:`r` follows a Gaussian path
 of this library (default the cosine VP path; ``t = 0`` noise, ``t = 1`` data):
 :math:`r_t = \alpha(t) r + \sigma(t)\varepsilon`. This is GeoTDM's data-dependent prior
 :math:`q(x_t\mid x_0, x_c) = N(\sqrt{\bar\alpha} x_0 + (1 - \sqrt{\bar\alpha}) x_r, (1-\bar\alpha) I)`, i.e.
@@ -108,14 +108,16 @@ class TrajectoryDenoiser(nn.Module):
     """
 
     def __init__(self, context_frames: int, future_frames: int, hidden: int = 64, layers: int = 4,
-                 heads: int = 4, prediction: str = "data", scale: float = 1.0, path: Any = None,
+                 heads: int = 4, prediction: str = "data", scale: float | list[float] = 1.0, path: Any = None,
                  sigma_data: float = 0.5):
         super().__init__()
         self.path, self.sigma_data = path, float(sigma_data)
         if prediction not in ("data", "noise"):
             raise ValueError(f"prediction must be 'data' or 'noise', got {prediction!r}")
         self.context_frames, self.future_frames = context_frames, future_frames
-        self.prediction, self.scale = prediction, float(scale)
+        self.prediction = prediction
+        scale_t = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        self.register_buffer("scale", scale_t.expand(future_frames).clone().reshape(1, future_frames, 1, 1))
         self.egtn = EGTN(32 + 16 + 1, hidden, layers, heads, edge_features=3 * context_frames)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, prior: Tensor | None = None) -> Tensor:
@@ -221,9 +223,9 @@ class GeoTDM:
                     batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, solver=self.solver,
                     nfe=self.nfe, seed=self.seed, time_limit=self.time_limit)
 
-    def _build(self, context_frames: int, future_frames: int, particles: int, scale: float) -> None:
+    def _build(self, context_frames: int, future_frames: int, particles: int, scale: list[float]) -> None:
         self.context_frames, self.future_frames, self.particles = context_frames, future_frames, particles
-        self.scale = float(scale)
+        self.scale = [float(v) for v in scale]
         self.path = _PATHS[self.path_name]()
         # the residual (x - x_r)/s has RMS 1 under the constant-velocity prior (s's definition) and less under
         # the learned prior; unconditional data are scaled to RMS 1
@@ -319,14 +321,19 @@ class GeoTDM:
         self.steps_done, self.fit_seconds = step, time.perf_counter() - start
         return self
 
-    def _data_scale(self, data: Tensor, context_frames: int, window: int) -> float:
+    def _data_scale(self, data: Tensor, context_frames: int, window: int) -> list[float]:
+        """Per future frame: the RMS of the constant-velocity residual (conditional), so that the diffused
+        residual has about unit variance in every frame and the noise is small where the future is nearly
+        certain (the first frames); unconditional: the RMS of the centred positions, the same for all frames."""
         clip = data[:, :window]
+        future = window - context_frames
         if context_frames == 0:
             centred = clip - clip.mean(dim=(1, 2), keepdim=True)
-            return float(centred.pow(2).mean().sqrt().clamp_min(1e-6))
-        probe = GeometricPrior(context_frames, window - context_frames, rank=0).to(data.device, data.dtype)
+            return [float(centred.pow(2).mean().sqrt().clamp_min(1e-6))] * future
+        probe = GeometricPrior(context_frames, future, rank=0).to(data.device, data.dtype)
         residual = clip[:, context_frames:] - probe(clip[:, :context_frames])
-        return float(residual.pow(2).mean().sqrt().clamp_min(1e-6))
+        rms = residual.pow(2).mean(dim=(0, 2, 3)).sqrt()
+        return rms.clamp_min(max(1e-6, 1e-3 * float(rms.max()))).tolist()
 
     def _batch(self, data: Tensor, window: int, gen: torch.Generator) -> Tensor:
         idx = torch.randint(data.shape[0], (self.batch_size,), generator=gen)
@@ -335,19 +342,23 @@ class GeoTDM:
         batch = data[idx[:, None].to(data.device), frame_idx.to(data.device)]
         return batch - batch[:, :max(self.context_frames, 1)].mean(dim=(1, 2), keepdim=True)
 
+    def _scale_like(self, x: Tensor) -> Tensor:
+        return torch.tensor(self.scale, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+
     def _loss(self, net: _Net, batch: Tensor, gen: torch.Generator) -> Tensor:
         c = self.context_frames
+        s = self._scale_like(batch)
         context, future = batch[:, :c], batch[:, c:]
         b = batch.shape[0]
         extra = 0.0
         if c > 0:
             assert net.prior is not None
             prior = net.prior(context)
-            extra = (prior - future).pow(2).mean() / self.scale ** 2
-            residual = (future - prior) / self.scale
+            extra = ((prior - future) / s).pow(2).mean()
+            residual = (future - prior) / s
         else:
             prior = None
-            residual = (future - future.mean(dim=(1, 2), keepdim=True)) / self.scale
+            residual = (future - future.mean(dim=(1, 2), keepdim=True)) / s
         if self.deterministic:
             t = torch.full((b,), float(self.path.t_max), dtype=batch.dtype, device=batch.device)
             pred = net.denoiser(torch.zeros_like(residual), t, context=context if c else None, prior=prior)
@@ -431,7 +442,7 @@ class GeoTDM:
         for lo in range(0, b * num_samples, batch_size):
             sl = slice(lo, lo + batch_size)
             out[sl] = self._solve(net, noise[sl], ctx_r[sl], prior_r[sl], gen, nfe, solver)
-        future = prior_r + self.scale * out
+        future = prior_r + self._scale_like(out) * out
         return self._out(future.reshape(b, num_samples, f, n, 3) + centre.unsqueeze(1), is_tensor, like)
 
     def _solve(self, net: _Net, x0: Tensor, context: Tensor | None, prior: Tensor | None, gen, nfe, solver) -> Tensor:
@@ -473,7 +484,7 @@ class GeoTDM:
                 raise ValueError(f"noise must have shape {shape}, got {tuple(z.shape)}")
         z = z - z.mean(dim=(1, 2), keepdim=True)
         x = self._solve(net, z, None, None, gen, nfe, solver)
-        return (self.scale * x).detach().cpu().double().numpy()
+        return (self._scale_like(x) * x).detach().cpu().double().numpy()
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
