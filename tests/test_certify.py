@@ -210,3 +210,30 @@ def test_gaussian_augmentation_and_rrcm_learn_a_separable_problem():
     assert bool(((prediction == labels[:8]) | (prediction == -1)).all())
     with pytest.raises(ValueError, match="labels"):
         train_rrcm(images, labels[:10], 0.5)
+
+
+def test_certify_command_writes_the_table_and_the_curve(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flowdiff.cli import app
+    from test_quant import tiny_checkpoint
+
+    run = tiny_checkpoint(tmp_path / "run")
+    torch.manual_seed(0)
+    classifier = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)))
+    classifier.save(str(tmp_path / "classifier.pt"))
+    invoke = lambda *args: CliRunner().invoke(app, [str(a) for a in args])  # noqa: E731
+    res = invoke("certify", "-c", run, "--classifier", tmp_path / "classifier.pt", "--sigma", 0.25, "--n", 40, "--n0", 5,
+                 "--count", 3, "-o", tmp_path / "out", "--threads", 1)
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "out" / "certify.json").read_text())
+    assert len(result["radius"]) == 3 and result["units"] == "unit" and set(result["certified_accuracy"]) == {
+        "0.0", "0.25", "0.5", "0.75", "1.0"}
+    assert result["t_star"] == pytest.approx(1 / 1.5)  # sigma/alpha = 2 * 0.25 on the linear path: t = 1/(1 + 0.5)
+    assert (tmp_path / "out" / "certify.png").read_bytes()[:4] == b"\x89PNG"
+    for args, word in ((("--n0", 40), "--n0"), (("--sigma", 0), "--sigma"), (("--alpha", 1), "--alpha"),
+                       (("--units", "pixels"), "--units"), (("--classifier", tmp_path / "none.pt"), "TorchScript")):
+        res = invoke("certify", "-c", run, "--n", 40, "--n0", 5, *args, "-o", tmp_path / "bad")
+        assert res.exit_code == 2 and word in res.output, res.output

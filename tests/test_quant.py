@@ -219,3 +219,45 @@ def test_bad_input_is_refused_with_the_value():
     with pytest.raises(ValueError, match="non-finite"):
         quantize(field.model, 8, calibration=(torch.full((2, *SHAPE), float("nan")), torch.zeros(2)))
     assert isinstance(CalibrationSet(torch.zeros(2, 1), torch.zeros(2)), CalibrationSet)
+
+
+def tiny_checkpoint(folder):
+    """A class-conditional digits UNet checkpoint written directly (no training: the commands only need a network)."""
+    from flowdiff.nn import build_network
+    from flowdiff.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+
+    kwargs = {"channels": [8, 16], "num_res_blocks": 1, "num_classes": 10}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = build_network("unet", (1, 8, 8), **kwargs)
+    path = {"name": "Linear", "t_min": 0.001, "t_max": 0.999}
+    config = {"format": CHECKPOINT_FORMAT, "version": 1, "path": path,
+              "model": {"name": "unet", "data_shape": [1, 8, 8], "kwargs": kwargs},
+              "data": {"name": "digits", "shape": [1, 8, 8], "num_classes": 10},
+              "extra": {"dataset": "digits", "seed": 0, "prediction": "data", "path": path}}
+    save_checkpoint(folder, 1, net.state_dict(), net.state_dict(), config, {}, 1)
+    return folder
+
+
+def test_quantize_command_writes_the_model_and_its_report(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flowdiff.cli import app
+    from flowdiff.pipeline import load_field
+
+    run = tiny_checkpoint(tmp_path / "run")
+    invoke = lambda *args: CliRunner().invoke(app, [str(a) for a in args])  # noqa: E731
+    res = invoke("quantize", "-c", run, "--bits", 8, "--calibration", "ndtc", "--samples", 8, "--nfe", 4,
+                 "--report-samples", 4, "-o", tmp_path / "q", "--threads", 1)
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["settings"]["calibration"] == "ndtc" and len(report["relative_error"]) == 4
+    assert (tmp_path / "q" / "error.png").read_bytes()[:4] == b"\x89PNG"
+    field, _ = load_field(run)
+    restored = load_quantized(field.model, tmp_path / "q" / "quantized.pt")
+    assert len(quantized_layers(restored)) > 0
+    for args, word in (((" --bits", 17), "--bits"), (("--calibration", "normal"), "ndtc"), (("--solver", "magic"), "ddim")):
+        res = invoke("quantize", "-c", run, *[a.strip() if isinstance(a, str) else a for a in args], "-o", tmp_path / "bad")
+        assert res.exit_code == 2 and word in res.output, res.output
