@@ -274,3 +274,16 @@ def test_sensors_helper():
     assert x.shape == (3, 16, 1) and y.shape == (3, 16) and x.abs().max() <= 0.95 + 1e-6
     with pytest.raises(ValueError, match="outside the domain"):
         fd.pde.sensors(p, 4, x=torch.full((1, 4, 1), 2.0))
+
+
+@pytest.mark.parametrize("name", ["burgers", "cavity"])
+def test_rgnp_runs_on_multi_dimensional_problems(name):
+    p = fd.pde.get(name)
+    m = fd.pde.RGNP(p, steps=2, batch=2, points=8, width=8, depth=1, degree=3, calibration=0).fit()
+    z, w = p.sample_params(2, torch.Generator().manual_seed(0))
+    x = p.uniform_points(2, 5, torch.Generator().manual_seed(1))
+    mean, std = m.predict(z, w, x)
+    shape = (2, 5) if name == "burgers" else (2, 5, 3)
+    assert mean.shape == std.shape == shape and torch.isfinite(mean).all()
+    zm, zsd = m.invert(x, mean, w)
+    assert zm.shape == (2, 2)

@@ -90,7 +90,7 @@ def collocation_solve(problem: Problem, z: Tensor, w: Tensor, *, degree: int = 4
     cost = (r**2).sum(-1)
     converged = torch.zeros(b, dtype=torch.bool)
     for _ in range(iterations):
-        delta = 1e-6 * (1 + coef.abs().amax(-1, keepdim=True))  # (b, 1)
+        delta = math.sqrt(torch.finfo(dtype).eps) * (1 + coef.abs().amax(-1, keepdim=True))  # (b, 1)
         pert = coef[:, None, :] + delta[:, :, None] * eye[None]  # (b, k, k)
         r_pert = residual(pert.reshape(b * k, k), k).reshape(b, k, -1)
         jac = ((r_pert - r[:, None, :]) / delta[:, :, None]).transpose(1, 2)  # (b, M, k)

@@ -77,7 +77,7 @@ class PriorModel:
 
 
 def sample_posterior(log_likelihood: Callable[[Tensor], Tensor], prior: PriorModel, prior_draws: Tensor, n: int, *,
-                     chains: int = 32, burn_in: int = 300, thin: int = 10, generator: Optional[torch.Generator] = None,
+                     chains: int = 32, burn_in: int = 500, thin: int = 10, generator: Optional[torch.Generator] = None,
                      cases: int) -> tuple[Tensor, dict]:
     """Samples (n, B, dz) of :math:`p(z\\mid y_b) \\propto p(z)\\,L_b(z)` for B cases.
 
@@ -110,6 +110,7 @@ def sample_posterior(log_likelihood: Callable[[Tensor], Tensor], prior: PriorMod
     keep = math.ceil(n / chains)
     total = burn_in + keep * thin
     kept, accepted, evaluations = [], 0.0, p + chains
+    window: list[Tensor] = []
     for step in range(total):
         noise = torch.randn(b, chains, dz, generator=generator, dtype=dtype)
         proposal = state + scale[..., None] * torch.einsum("bij,bcj->bci", chol, noise)
@@ -127,6 +128,17 @@ def sample_posterior(log_likelihood: Callable[[Tensor], Tensor], prior: PriorMod
         rate = accept.to(dtype).mean(1, keepdim=True)
         if step < burn_in:
             scale = scale * torch.exp((rate - 0.234) / math.sqrt(1 + step / 10))
+            # adaptive Metropolis (Haario et al. 2001): every 50 steps the proposal covariance becomes that of the
+            # chains' recent states (all chains pooled), so directions the importance start missed open up
+            window.append(state.clone())
+            if len(window) == 50:
+                pooled = torch.cat(window, dim=1)  # (B, 50 C, dz)
+                centred = pooled - pooled.mean(1, keepdim=True)
+                emp = centred.transpose(1, 2) @ centred / (pooled.shape[1] - 1)
+                emp = emp + 1e-10 * torch.eye(dz, dtype=dtype) + 1e-6 * torch.diag_embed(torch.diagonal(emp, dim1=1, dim2=2))
+                new_chol, info = torch.linalg.cholesky_ex(emp)
+                chol = torch.where((info == 0)[:, None, None], new_chol, chol)
+                window = []
         else:
             accepted += float(rate.mean())
             if (step - burn_in + 1) % thin == 0:
@@ -140,7 +152,7 @@ def sample_posterior(log_likelihood: Callable[[Tensor], Tensor], prior: PriorMod
 
 def gold_posterior(problem, x_obs: Tensor, y_obs: Tensor, w: Tensor, noise: float, n: int = 256, *,
                    generator: Optional[torch.Generator] = None, solver: Optional[Callable] = None, chains: int = 16,
-                   burn_in: int = 400, thin: int = 10, prior_draws: int = 4096) -> tuple[Tensor, dict]:
+                   burn_in: int = 1000, thin: int = 10, prior_draws: int = 4096) -> tuple[Tensor, dict]:
     """The gold posterior of ``z`` from sensor readings, with the reference solver as the forward map.
 
     Arguments:

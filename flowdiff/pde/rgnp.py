@@ -141,7 +141,10 @@ class RGNP:
             near the paper's 0.01; the learned scale let the sample variance swamp the residual in our runs).
         inverse: train the GICNet amortised inverse alongside.
         calibration: number of instances solved to calibrate the std (0: none); ``calibration_points`` each.
-        width, depth, frequencies, max_frequency: the forward network.
+        net: ``"chebyshev"`` (default: an MLP of (z, w) gives the coefficients of a tensor Chebyshev basis of
+            ``degree`` modes per axis, default 32 / 16 / 8 in 1 / 2 / 3 dimensions) or ``"fourier"`` (the paper's
+            Fourier-feature MLP over (x, z, w): ``frequencies`` geometric from 0.25 to ``max_frequency``).
+        width, depth: the MLP.
         device, dtype: where and in which precision to train.
     """
 
@@ -149,7 +152,7 @@ class RGNP:
                  steps: int = 6000, lr: float = 2e-3, noise="auto", grid: str = "random", inverse: bool = True,
                  calibration: int = 64, calibration_points: int = 64, width: int = 128, depth: int = 4,
                  frequencies: int = 16, max_frequency: float = 4.0, min_variance: float = 1e-6, margin: float = 1e-5,
-                 net: str = "chebyshev", degree: int = 32,
+                 net: str = "chebyshev", degree: Optional[int] = None,
                  device="cpu", dtype: torch.dtype = torch.float32) -> None:
         if not isinstance(problem, Problem):
             raise TypeError(f"problem must be a flowdiff.pde.Problem, got {type(problem).__name__}")
@@ -194,8 +197,9 @@ class RGNP:
         self.z_mean, self.z_std = self.cond_mean[:p.dz], self.cond_std[:p.dz]
         rank = cfg["rank"] if cfg["family"] == "lowrank" else 0
         if cfg["net"] == "chebyshev":
+            degree = cfg["degree"] or {1: 32, 2: 16}.get(p.dim, 8)
             self.net = ChebyshevNet(p.dim, self.fields, p.dz + p.dw, rank=rank, width=cfg["width"], depth=cfg["depth"],
-                                    degree=cfg["degree"], min_variance=cfg["min_variance"]).to(self.device, self.dtype)
+                                    degree=degree, min_variance=cfg["min_variance"]).to(self.device, self.dtype)
         else:
             self.net = ForwardNet(p.dim, self.fields, p.dz + p.dw, rank=rank, width=cfg["width"], depth=cfg["depth"],
                                   frequencies=cfg["frequencies"], max_frequency=cfg["max_frequency"],
@@ -351,7 +355,10 @@ class RGNP:
                                                x.to(self.device, self.dtype))
                 return mean[..., 0].cpu()
 
-            sol = collocation_solve(p, z, w, initial=initial)
+            try:
+                sol = collocation_solve(p, z, w, initial=initial)
+            except (RuntimeError, TypeError):  # a residual written for float32 only
+                sol = collocation_solve(p, z, w, initial=initial, dtype=torch.float32, tol=1e-6)
             self.history["calibration_converged"] = int(sol.converged.sum())
             keep = sol.converged
 
@@ -547,7 +554,7 @@ class RGNP:
         return (-0.5 * ((y - mean) ** 2 / var + torch.log(var))).sum(dim=(2, 3)).double()
 
     def posterior(self, x_obs: Tensor, y_obs: Tensor, w: Tensor, noise, n: int = 256, *,
-                  generator: Optional[torch.Generator] = None, chains: int = 32, burn_in: int = 300, thin: int = 10,
+                  generator: Optional[torch.Generator] = None, chains: int = 32, burn_in: int = 500, thin: int = 10,
                   prior_draws: int = 4096) -> Tensor:
         """Posterior samples of z (n, B, dz) from sparse noisy sensors, all B cases in one call.
 
@@ -561,7 +568,7 @@ class RGNP:
         The likelihood is the model's Gaussian predictive at the sensors (calibrated std, so the model error is
         counted) plus the sensor noise; the prior is the problem's (``log_prior``, ``support``, or estimated from
         ``sample_params`` draws: :class:`~flowdiff.pde.mcmc.PriorModel`). Sampling: importance-resampled prior
-        draws, then adaptive random-walk Metropolis (``chains`` per case). ``self.last_posterior`` holds the
+        draws, then adaptive random-walk Metropolis (``chains`` per case), the proposal covariance re-estimated from the pooled chains every 50 burn-in steps. ``self.last_posterior`` holds the
         acceptance rate and the number of likelihood evaluations.
         """
         self._require_fit()

@@ -1,0 +1,210 @@
+r"""PDE solution fields: Random Grid Neural Processes against baselines and a gold posterior (issue 21).
+
+Vadeboncoeur et al., *Random Grid Neural Processes for Parametric PDEs*, ICML 2023. For one built-in problem
+(default: the 1-D nonlinear Poisson problem with Chebyshev conductivity) and each method:
+
+* forward, on ``--cases`` prior draws against the reference solver at the interior nodes of a 201-node mesh:
+  relative L2 of the mean (median, mean), coverage of the central 95 % interval (the ELBO's own std and the
+  calibrated std), Gaussian NLL per point, RMS PDE residual of the mean, training CPU seconds;
+* inverse, on ``--inverse-cases`` draws: the amortised GICNet from the full noise-free field, and the surrogate
+  posterior (:meth:`RGNP.posterior`) from M noisy sensors (M in ``--sensors``, noise ``--noise``, uniform in
+  |x| <= 0.9): z relative error of the posterior mean, coverage of 90 % and 95 % intervals, and the distance to the
+  gold posterior (:func:`flowdiff.pde.gold_posterior`, MCMC with the reference solver) for M = 16:
+  |mean - gold mean| / gold std and std / gold std (medians over case and coordinate);
+* cost: ``predict`` for 1,000 new draws against the reference solver on the same draws, as a ratio.
+
+Methods: ``rgnp-diag`` (default model), ``rgnp-lowrank`` (rank 2), ``fixed-grid`` (PDDLVM: the same ELBO on a
+fixed grid), ``pinn`` (deterministic, mean-squared residual; its error bar comes from the calibration only),
+``rgnp-fourier`` (the paper's Fourier-feature MLP as the forward net). Not here yet: the flowdiff diffusion prior
+over (z, w, u) through ``fd.inverse`` (see docs/pde.md).
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/pde.py --methods rgnp-diag`` (about 5 CPU minutes per method with the
+default 6,000 steps). Writes ``benchmarks/results/pde_<problem>.md/.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, metadata_line, run_metadata, write_results  # noqa: E402
+
+import flowdiff as fd  # noqa: E402
+from flowdiff.pde import reference as R  # noqa: E402
+
+METHODS = {
+    "rgnp-diag": dict(),
+    "rgnp-lowrank": dict(family="lowrank", rank=2),
+    "fixed-grid": dict(grid="fixed"),
+    "pinn": dict(family="deterministic"),
+    "rgnp-fourier": dict(net="fourier"),
+}
+
+
+def mesh_points(problem, b: int, nodes: int = 201) -> torch.Tensor:
+    lo, hi = problem.domain[0]
+    return torch.linspace(lo, hi, nodes)[1:-1].reshape(1, -1, 1).expand(b, -1, 1).contiguous()
+
+
+def residual_rms_of_mean(model, z, w, x) -> float:
+    x = x.clone().requires_grad_(True)
+    mean, _, _ = model._outputs(z, w, x)
+    u = model.problem.compose(mean[..., 0], x, w)
+    r = model.problem.residual(u, x, z, w).detach()
+    return float(r.pow(2).mean().sqrt())
+
+
+def forward_metrics(model, problem, cases: int, seed: int) -> dict:
+    z, w = problem.sample_params(cases, torch.Generator().manual_seed(seed))
+    x = mesh_points(problem, cases)
+    truth = problem.reference(z, w, x).float()
+    out = {}
+    for label, calibrated in (("raw", False), ("calibrated", True)):
+        mean, std = model.predict(z, w, x, calibrated=calibrated)
+        err = mean - truth
+        out[f"coverage95_{label}"] = float((err.abs() <= 1.96 * std).float().mean())
+        var = std.double() ** 2 + 1e-30
+        out[f"nll_{label}"] = float((0.5 * (err.double() ** 2 / var + torch.log(2 * math.pi * var))).mean())
+    rel = err.norm(dim=1) / truth.norm(dim=1)
+    out.update(rel_l2_median=float(rel.median()), rel_l2_mean=float(rel.mean()),
+               residual_rms=residual_rms_of_mean(model, z, w, problem.uniform_points(cases, 64, torch.Generator().manual_seed(seed + 1), margin=0.01)))
+    return out
+
+
+def cost_ratio(model, problem, draws: int = 1000) -> dict:
+    z, w = problem.sample_params(draws, torch.Generator().manual_seed(99))
+    x = mesh_points(problem, draws)
+    t0 = time.process_time()
+    model.predict(z, w, x)
+    t_pred = time.process_time() - t0
+    t0 = time.process_time()
+    R.poisson_solve(z.numpy().astype(np.float64), w.numpy().astype(np.float64), nodes=201)
+    t_solve = time.process_time() - t0
+    return {"predict_cpu_s": t_pred, "solver_cpu_s": t_solve, "predict_over_solver": t_pred / t_solve}
+
+
+def inverse_cases(problem, cases: int, m: int, noise: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    z, w = problem.sample_params(cases, g)
+    x = problem.uniform_points(cases, m, g, margin=0.05)
+    y = problem.reference(z, w, x).float()
+    y = y + noise * torch.randn(y.shape, generator=g)
+    return z, w, x, y
+
+
+def z_metrics(samples: torch.Tensor, z: torch.Tensor) -> dict:
+    mean = samples.mean(0)
+    lo90, hi90 = samples.quantile(0.05, 0), samples.quantile(0.95, 0)
+    lo95, hi95 = samples.quantile(0.025, 0), samples.quantile(0.975, 0)
+    return {"z_rel_err": float(((mean - z).norm(dim=1) / z.norm(dim=1)).mean()),
+            "z_rmse": float((mean - z).pow(2).mean().sqrt()),
+            "coverage90": float(((z >= lo90) & (z <= hi90)).float().mean()),
+            "coverage95": float(((z >= lo95) & (z <= hi95)).float().mean())}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problem", default="poisson", choices=["poisson"])
+    ap.add_argument("--methods", default="rgnp-diag")
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the model's)")
+    ap.add_argument("--cases", type=int, default=100)
+    ap.add_argument("--inverse-cases", type=int, default=40)
+    ap.add_argument("--sensors", default="8,16,32")
+    ap.add_argument("--noise", type=float, default=0.02)
+    ap.add_argument("--gold", type=int, default=1, help="1: run the gold posterior at 16 sensors")
+    ap.add_argument("--stem", default=None)
+    ap.add_argument("--model-dir", default=None, help="save each fitted model here (or load it when present)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    problem = fd.pde.get(args.problem)
+    sensors = [int(s) for s in args.sensors.split(",") if s]
+    results = {}
+    gold = None
+    if args.gold:
+        z, w, x, y = inverse_cases(problem, args.inverse_cases, 16, args.noise, seed=500)
+        t0 = time.process_time()
+        # the 201-node mesh (within 5e-4 of the limit, far below the sensor noise) keeps the MCMC affordable
+        solver = lambda z_, w_, x_: fd.pde.problems._poisson_reference(z_, w_, x_, 201)  # noqa: E731
+        gs, info = fd.pde.gold_posterior(problem, x, y, w, args.noise, n=256, generator=torch.Generator().manual_seed(3),
+                                         solver=solver, prior_draws=2048)
+        gold = {"samples": gs.float(), "cpu_s": time.process_time() - t0, "solver_calls": info["solver_calls"],
+                **z_metrics(gs.float(), z)}
+        print(f"gold: {gold['cpu_s']:.0f} CPU s, z rel err {gold['z_rel_err']:.3f}, cov90 {gold['coverage90']:.3f}",
+              flush=True)
+    for name in [m for m in args.methods.split(",") if m]:
+        kwargs = dict(METHODS[name])
+        if args.steps:
+            kwargs["steps"] = args.steps
+        t0, w0 = time.process_time(), time.perf_counter()
+        saved = Path(args.model_dir) / f"{args.problem}_{name}.pt" if args.model_dir else None
+        if saved is not None and saved.exists():
+            model = fd.pde.RGNP.load(saved, problem)
+            train_cpu = model.history.get("total_cpu_seconds")
+        else:
+            model = fd.pde.RGNP(problem, **kwargs).fit(seed=0)
+            train_cpu = time.process_time() - t0
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                model.save(saved)
+        row = {"train_cpu_s": train_cpu, "train_wall_s": time.perf_counter() - w0,
+               "calibration": model.history.get("calibration")}
+        row.update(forward_metrics(model, problem, args.cases, seed=777))
+        row.update(cost_ratio(model, problem))
+        # amortised inverse from the full field on the 201-node mesh (another grid than training)
+        zf, wf = problem.sample_params(args.inverse_cases, torch.Generator().manual_seed(600))
+        xf = mesh_points(problem, args.inverse_cases)
+        m_inv, s_inv = model.invert(xf, problem.reference(zf, wf, xf).float(), wf)
+        row["amortised_full"] = {"z_rel_err": float(((m_inv - zf).norm(dim=1) / zf.norm(dim=1)).mean()),
+                                 "coverage95": float(((m_inv - zf).abs() <= 1.96 * s_inv).float().mean())}
+        for m in sensors:
+            z, w, x, y = inverse_cases(problem, args.inverse_cases, m, args.noise, seed=500 if m == 16 else 500 + m)
+            t0 = time.process_time()
+            zs = model.posterior(x, y, w, noise=args.noise, n=256, generator=torch.Generator().manual_seed(4))
+            entry = {"cpu_s": time.process_time() - t0, **z_metrics(zs, z)}
+            mi, si = model.invert(x, y, w)
+            entry["amortised_z_rel_err"] = float(((mi - z).norm(dim=1) / z.norm(dim=1)).mean())
+            if m == 16 and gold is not None:
+                gm, gsd = gold["samples"].mean(0), gold["samples"].std(0)
+                entry["mean_dist_over_gold_std"] = float(((zs.mean(0) - gm).abs() / gsd).median())
+                entry["std_over_gold_std"] = float((zs.std(0) / gsd).median())
+                entry["err_over_gold_err"] = entry["z_rmse"] / gold["z_rmse"]
+            row[f"sensors_{m}"] = entry
+        results[name] = row
+        print(name, {k: v for k, v in row.items() if not isinstance(v, dict)}, flush=True)
+    meta = run_metadata(problem=args.problem, steps=args.steps, noise=args.noise)
+    lines = [f"# PDE fields: {args.problem}", "", metadata_line(meta), "", "## Forward (100 draws, 199 interior nodes)", ""]
+    lines += markdown_table(["method", "rel-L2 median", "rel-L2 mean", "cov95 raw", "cov95 calibrated", "NLL calibrated",
+                             "residual RMS", "train CPU s", "predict/solver cost"],
+                            [[k, f"{r['rel_l2_median']:.4f}", f"{r['rel_l2_mean']:.4f}", f"{r['coverage95_raw']:.3f}",
+                              f"{r['coverage95_calibrated']:.3f}", f"{r['nll_calibrated']:.2f}", f"{r['residual_rms']:.3g}",
+                              f"{r['train_cpu_s']:.0f}", f"{r['predict_over_solver']:.3g}"] for k, r in results.items()])
+    lines += ["", f"## Inverse ({args.inverse_cases} cases, sensor noise {args.noise})", ""]
+    rows = []
+    if gold is not None:
+        rows.append(["gold MCMC (reference solver)", "16", f"{gold['z_rel_err']:.3f}", f"{gold['coverage90']:.3f}",
+                     f"{gold['coverage95']:.3f}", "0", "1", "1", f"{gold['cpu_s']:.0f}"])
+    for k, r in results.items():
+        rows.append([f"{k} amortised, full field", "201", f"{r['amortised_full']['z_rel_err']:.3f}", "",
+                     f"{r['amortised_full']['coverage95']:.3f}", "", "", "", ""])
+        for m in sensors:
+            e = r[f"sensors_{m}"]
+            rows.append([f"{k} posterior", str(m), f"{e['z_rel_err']:.3f}", f"{e['coverage90']:.3f}", f"{e['coverage95']:.3f}",
+                         f"{e.get('mean_dist_over_gold_std', float('nan')):.3f}", f"{e.get('std_over_gold_std', float('nan')):.3f}",
+                         f"{e.get('err_over_gold_err', float('nan')):.3f}", f"{e['cpu_s']:.0f}"])
+    lines += markdown_table(["method", "sensors", "z rel err", "cov90", "cov95", "|mean-gold|/gold std",
+                             "std/gold std", "RMSE/gold RMSE", "CPU s"], rows)
+    print("\n".join(lines))
+    payload = {"meta": meta, "results": results,
+               "gold": None if gold is None else {k: v for k, v in gold.items() if k != "samples"}}
+    write_results(args.stem or f"pde_{args.problem}", lines, payload)
+
+
+if __name__ == "__main__":
+    main()
