@@ -252,8 +252,8 @@ def test_cli_train_and_forecast(tmp_path, capsys):
                  "-o", str(tmp_path / "r2")]) == 1
     assert "needs at least 16" in capsys.readouterr().err
     holey = tmp_path / "holey.csv"
-    holey.write_text("value\n1\n2\n\n4\n" + "\n".join(str(v) for v in range(30)))
+    holey.write_text("value\n1\n2\nNaN\n4\n" + "\n".join(str(v) for v in range(30)))
     assert _cli(["train", "--data", str(holey), "--task", "forecast", "--context", "12", "--horizon", "4",
-                 "-o", str(tmp_path / "r3")]) == 1
+                 "--steps", "2", "-o", str(tmp_path / "r3")]) == 1
     assert "missing" in capsys.readouterr().err
     assert _cli(["forecast", "-c", str(run), "--context", str(short), "-o", str(out)]) == 1

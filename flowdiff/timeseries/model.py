@@ -154,7 +154,7 @@ class TSDiff:
 
     def __init__(self, context_length: int, prediction_length: int, season_length: int = 1, *,
                  lags: Sequence[int] = (), hidden: int = 64, blocks: int | None = None,
-                 diffusion_steps: int = 100, beta_end: float = 0.1, train_steps: int = 3000,
+                 diffusion_steps: int = 100, beta_end: float = 0.1, train_steps: int = 2000,
                  batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.995, grad_clip: float = 0.5,
                  guidance: str = "quantile", guidance_scale: float | None = None, time_features: bool = True,
                  difference: int | str = "auto", detrend: bool = False, log: bool | str = False,
@@ -497,7 +497,9 @@ class TSDiff:
             mean = (x - beta / (1 - ab).sqrt() * eps) / (1 - beta).sqrt()
             var = beta * (1 - ab_prev) / (1 - ab)
             if guided:
-                mean = mean - scale * var * grad
+                # safeguard: windows are standardised, so no step needs to move a value by more than one
+                # standard deviation; an untrained or badly scaled model otherwise diverges (1/sqrt(abar) ~ 13)
+                mean = mean - (scale * var * grad).clamp(-1.0, 1.0)
             if k > 0:
                 mean = mean + var.sqrt() * torch.randn(x.shape, generator=generator, dtype=self.dtype).to(self.device)
             x = mean
