@@ -155,6 +155,8 @@ def test_numpy_in_numpy_out_reproducible_and_save_load(tiny, data, tmp_path):
     assert isinstance(out, np.ndarray) and out.shape == (2, 3, 4, 5, 3) and out.dtype == np.float64
     np.testing.assert_array_equal(out, tiny.forecast(data[:2, :4], num_samples=3))
     assert not np.array_equal(out, tiny.forecast(data[:2, :4], num_samples=3, seed=1))
+    cold = tiny.forecast(data[:2, :4], num_samples=2, temperature=0.0)  # no noise: one probability-flow image
+    np.testing.assert_array_equal(cold[:, 0], cold[:, 1])
     f32 = tiny.forecast(torch.from_numpy(data[:2, :4]).float(), 2)
     assert f32.dtype == torch.float32
     loaded = GeoTDM.load(tiny.save(tmp_path / "m.pt"))

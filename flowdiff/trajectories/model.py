@@ -167,6 +167,9 @@ class GeoTDM:
         hidden, layers, heads: EGTN width, number of (spatial, temporal) layer pairs, attention heads.
         prior_layers, prior_rank: layers of the prior's EGTN and rank of its learned correction (0: the
             constant-velocity prior, not learned).
+        refine_layers: layers of the prior's refinement EGTN (0: the paper's affine prior alone).
+        frame_scale: scale the residual per future frame instead of by one number.
+        temperature: default factor on the initial noise of :meth:`forecast`.
         path: ``"cosine"`` (default), ``"vp"`` or ``"linear"``.
         prediction: ``"data"`` (default) or ``"noise"`` (GeoTDM's ε).
         steps, batch_size, lr: AdamW updates, batch, peak learning rate (linear warm-up, cosine decay).
@@ -186,7 +189,7 @@ class GeoTDM:
     deterministic = False
 
     def __init__(self, hidden: int = 32, layers: int = 4, heads: int = 4, prior_layers: int = 2, prior_rank: int = 4,
-                 refine_layers: int = 2, path: str = "cosine", prediction: str = "data", steps: int = 3000, batch_size: int = 32,
+                 refine_layers: int = 2, frame_scale: bool = False, temperature: float = 1.0, path: str = "cosine", prediction: str = "data", steps: int = 3000, batch_size: int = 32,
                  lr: float = 1e-3, ema_decay: float = 0.995, solver: str = "dpm-solver++", nfe: int = 20,
                  seed: int = 0, time_limit: float | None = 480.0, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, verbose: bool = False):
@@ -197,6 +200,8 @@ class GeoTDM:
         self.prior_layers = check_int("prior_layers", prior_layers, 0)
         self.prior_rank = check_int("prior_rank", prior_rank, 0)
         self.refine_layers = check_int("refine_layers", refine_layers, 0)
+        self.frame_scale = bool(frame_scale)
+        self.temperature = check_float("temperature", temperature, 0.0)
         if path not in _PATHS:
             raise ValueError(f"path must be one of {', '.join(_PATHS)}, got {path!r}")
         if prediction not in ("data", "noise"):
@@ -219,7 +224,8 @@ class GeoTDM:
     # ------------------------------------------------------------------ configuration / state
     def _config(self) -> dict:
         return dict(hidden=self.hidden, layers=self.layers, heads=self.heads, prior_layers=self.prior_layers,
-                    prior_rank=self.prior_rank, refine_layers=self.refine_layers, path=self.path_name, prediction=self.prediction, steps=self.steps,
+                    prior_rank=self.prior_rank, refine_layers=self.refine_layers, frame_scale=self.frame_scale,
+                    temperature=self.temperature, path=self.path_name, prediction=self.prediction, steps=self.steps,
                     batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, solver=self.solver,
                     nfe=self.nfe, seed=self.seed, time_limit=self.time_limit)
 
@@ -322,9 +328,9 @@ class GeoTDM:
         return self
 
     def _data_scale(self, data: Tensor, context_frames: int, window: int) -> list[float]:
-        """Per future frame: the RMS of the constant-velocity residual (conditional), so that the diffused
-        residual has about unit variance in every frame and the noise is small where the future is nearly
-        certain (the first frames); unconditional: the RMS of the centred positions, the same for all frames."""
+        """The RMS of the constant-velocity residual (conditional; per future frame with ``frame_scale``:
+        unit variance in every frame, small noise where the future is nearly certain), or of the centred
+        positions (unconditional), one value per future frame."""
         clip = data[:, :window]
         future = window - context_frames
         if context_frames == 0:
@@ -332,6 +338,8 @@ class GeoTDM:
             return [float(centred.pow(2).mean().sqrt().clamp_min(1e-6))] * future
         probe = GeometricPrior(context_frames, future, rank=0).to(data.device, data.dtype)
         residual = clip[:, context_frames:] - probe(clip[:, :context_frames])
+        if not self.frame_scale:
+            return [float(residual.pow(2).mean().sqrt().clamp_min(1e-6))] * future
         rms = residual.pow(2).mean(dim=(0, 2, 3)).sqrt()
         return rms.clamp_min(max(1e-6, 1e-3 * float(rms.max()))).tolist()
 
@@ -407,7 +415,7 @@ class GeoTDM:
     @torch.no_grad()
     def forecast(self, context: Any, num_samples: int = 5, seed: int | None = None,
                  generator: torch.Generator | None = None, nfe: int | None = None, solver: str | None = None,
-                 batch_size: int = 1024) -> Any:
+                 batch_size: int = 1024, temperature: float | None = None) -> Any:
         """Forecast the future frames of each context.
 
         Arguments:
@@ -416,6 +424,8 @@ class GeoTDM:
             seed / generator: the sampling noise (default: seed 0, so a call is reproducible).
             nfe, solver: override the sampler set at construction.
             batch_size: systems x samples per solver call.
+            temperature: factor on the initial noise (default the constructor's ``temperature``, 1: the
+                model's distribution; below 1: samples nearer the probability-flow image of the prior mean).
 
         Returns:
             ``(B, K, future_frames, particles, 3)``: numpy float64 for array input, else a tensor of the
@@ -433,7 +443,8 @@ class GeoTDM:
         prior = net.prior(ctx)
         frame = canonical_frame(ctx)  # (B, 3, 3)
         z = torch.randn((b, num_samples, f, n, 3), generator=gen, dtype=torch.float64).to(self.device, self.dtype)
-        noise = torch.einsum("bij,bkfnj->bkfni", frame, z)
+        temperature = self.temperature if temperature is None else check_float("temperature", temperature, 0.0)
+        noise = temperature * torch.einsum("bij,bkfnj->bkfni", frame, z)
         if self.deterministic:
             noise = torch.zeros_like(noise)
         rep = lambda a: a.unsqueeze(1).expand(b, num_samples, *a.shape[1:]).reshape(b * num_samples, *a.shape[1:])
