@@ -115,10 +115,10 @@ def sample_posterior(log_likelihood: Callable[[Tensor], Tensor], prior: PriorMod
         noise = torch.randn(b, chains, dz, generator=generator, dtype=dtype)
         proposal = state + scale[..., None] * torch.einsum("bij,bcj->bci", chol, noise)
         lp = prior(proposal)
-        ll = torch.full_like(lp, -math.inf)
         ok = torch.isfinite(lp)
-        if ok.any():
-            ll = log_likelihood(proposal)
+        # proposals outside the prior's support are never passed to the forward map (a solver may fail there)
+        ll = log_likelihood(torch.where(ok[..., None], proposal, state))
+        ll = torch.where(ok, ll, torch.full_like(ll, -math.inf))
         target = torch.nan_to_num(lp + ll, nan=-math.inf)
         evaluations += chains
         u = torch.rand(b, chains, generator=generator, dtype=dtype)

@@ -94,6 +94,9 @@ def poisson_solve(z: np.ndarray, w: np.ndarray, nodes: int = 201, tol: float = 1
         upper = -d_right[:, 1:] / h
         lower = d_left[:, :-1] / h
         step = thomas(lower, diag, upper, -res)
+        # damped Newton: no update larger than 0.5 in max norm (full steps overshoot for extreme conductivities)
+        big = np.abs(step).max(axis=1, keepdims=True)
+        step = step * np.minimum(1.0, 0.5 / np.maximum(big, 1e-300))
         u[:, 1:-1] += step
         if np.max(np.abs(step)) < tol:
             break
