@@ -167,6 +167,12 @@ def test_float64_model_save_load_and_conditional(tmp_path):
     path = model.save(tmp_path / "m.pt")
     again = TS.TSDiff.load(path)
     assert again.config() == model.config()
+    with pytest.raises(ValueError, match="not a ConditionalTSDiff checkpoint"):
+        TS.ConditionalTSDiff.load(path)
+    lagged = TS.TSDiff(8, 3, 4, lags=(4, 8), hidden=4, blocks=1, train_steps=2, batch_size=4, diffusion_steps=5).fit(series)
+    assert lagged.forecast(series, 2).shape == (2, 3)
+    with pytest.raises(ValueError, match="at least 16"):  # context_length + the largest lag
+        lagged.forecast(series[:12], 2)
     cond = TS.ConditionalTSDiff(8, 3, 1, hidden=4, blocks=1, train_steps=3, batch_size=4, diffusion_steps=5).fit(series)
     assert cond.forecast(series, 4).shape == (4, 3)
 

@@ -433,7 +433,8 @@ class TSDiff:
             seed: seed of the sampling noise (default: the model's seed).
             missing: ``"raise"`` (NaN in the context is an error) or ``"mask"`` (NaN marks a missing
                 observation, left out of the guidance energy as in the paper's missing-value scenarios).
-            return_windows: also return the whole normalised-back windows ``(…, S, C, L)``.
+            return_windows: also return the sampled windows in the modelled representation (differenced
+                at lag ``difference``, de-standardised), ``(…, S, channels, length)``.
 
         Returns:
             ``(num_samples, prediction_length)`` for one context, ``(B, num_samples, prediction_length)``
@@ -578,7 +579,7 @@ class TSDiff:
         """Write config and EMA weights to ``path`` (a ``.pt`` file) atomically; returns the path."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"kind": "flowdiff.timeseries.TSDiff", "config": self.config(), "state": self.state_dict()}, tmp)
+        torch.save({"kind": f"flowdiff.timeseries.{type(self).__name__}", "config": self.config(), "state": self.state_dict()}, tmp)
         tmp.replace(path)
         return path
 
@@ -586,8 +587,10 @@ class TSDiff:
     def load(cls, path: str | Path, device: Any = "cpu") -> "TSDiff":
         """Load a model written by :meth:`save`."""
         blob = torch.load(Path(path), map_location="cpu", weights_only=False)
-        if not isinstance(blob, dict) or blob.get("kind") != "flowdiff.timeseries.TSDiff":
-            raise ValueError(f"{path} is not a TSDiff checkpoint")
+        kind = f"flowdiff.timeseries.{cls.__name__}"
+        if not isinstance(blob, dict) or blob.get("kind") != kind:
+            found = blob.get("kind") if isinstance(blob, dict) else type(blob).__name__
+            raise ValueError(f"{path} is not a {cls.__name__} checkpoint (found {found!r})")
         model = cls(**blob["config"], device=device)
         model._build()
         assert model.ema is not None and model.net is not None
