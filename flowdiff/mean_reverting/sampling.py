@@ -33,7 +33,10 @@ counterpart among the library's integrators and is not offered (the paper finds 
 stable at low NFE). Baselines, through the same shift: ``euler-maruyama`` (its default ε(t) is
 the reverse diffusion, :math:`\bar\sigma^2\dot\lambda = \lambda^2\theta = \sigma_s^2/2`: Euler–
 Maruyama on the IR-SDE reverse SDE) and ``ddpm`` (η = 1: the exact Gaussian posterior
-:math:`q(x_{t'} \mid x_t, \hat x_0)`, IR-SDE's "optimal reverse path" posterior sampler).
+:math:`q(x_{t'} \mid x_t, \hat x_0)`, IR-SDE's "optimal reverse path" posterior sampler; the same update as
+``sde-dpm-solver++1``, i.e. SDE-MRS of order 1, on the same grid). Measured speed-ups
+(docs/mean_reverting.md): about 4–5× fewer evaluations than Euler–Maruyama on digits restoration,
+2.5–5× on an exact mixture; not the paper's 10–20×.
 """
 
 from __future__ import annotations
