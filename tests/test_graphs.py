@@ -114,14 +114,14 @@ def test_s4_reaches_the_exact_gaussian_system(snr):
     mean = torch.tensor([1.0, -0.5, 0.3, 2.0], dtype=torch.float64)
     var = torch.tensor([0.5, 0.1, 1.0, 0.02], dtype=torch.float64)
     field = fd.Field(Gaussian(mean, torch.diag(var), path=path).model("noise"), path, "noise")
-    x = torch.randn(20000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = s4_sample(field, x, steps=800, snr=snr, scale_eps=1.0, generator=torch.Generator().manual_seed(1),
+    x = torch.randn(8000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = s4_sample(field, x, steps=500, snr=snr, scale_eps=1.0, generator=torch.Generator().manual_seed(1),
                     components={"x": slice(0, 2), "adj": slice(2, 4)})
-    torch.testing.assert_close(out.mean(0), mean, rtol=0, atol=0.03)
-    torch.testing.assert_close(out.var(0) / var, torch.ones(4, dtype=torch.float64), rtol=0, atol=0.08)
+    torch.testing.assert_close(out.mean(0), mean, rtol=0, atol=0.04)
+    torch.testing.assert_close(out.var(0) / var, torch.ones(4, dtype=torch.float64), rtol=0, atol=0.1)
     # a wrong score (variance halved) is detected by the same check
     wrong = fd.Field(Gaussian(mean, torch.diag(var / 2), path=path).model("noise"), path, "noise")
-    bad = s4_sample(wrong, x, steps=200, snr=snr, scale_eps=1.0, generator=torch.Generator().manual_seed(1))
+    bad = s4_sample(wrong, x[:2000], steps=100, snr=snr, scale_eps=1.0, generator=torch.Generator().manual_seed(1))
     assert (bad.var(0) / var).max() < 0.7
 
 
@@ -294,7 +294,7 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     assert "1 empty" in err
     assert _cli(["train", "--data", str(user), "--steps", "2", "-o", str(run), "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert _cli(["train", "--data", "community_small", "--prediction", "velocity", "-o", str(tmp_path / "r2")]) == 2
+    assert _cli(["train", "--data", "community_small", "--prediction", "v", "-o", str(tmp_path / "r2")]) == 2
     out = tmp_path / "samples"
     assert _cli(["sample", "-c", str(run), "--nfe", "4", "--grid", "logsnr", "-n", "6", "-o", str(out), "--quiet"]) == 0
     assert (out / "graphs.txt").is_file() and (out / "graphs.png").is_file()

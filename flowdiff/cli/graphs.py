@@ -60,8 +60,10 @@ def _run_train(options: dict, explicit: set) -> None:
     explicit = _really_explicit("train", options, explicit)
 
     cfg = GraphTrainConfig(data=str(options["data"]))
-    if "prediction" in explicit and options["prediction"] != "noise":
-        _fail(f"--prediction {options['prediction']}: GDSS graph models predict noise (use --prediction noise or omit it)", 2)
+    if "prediction" in explicit:
+        if options["prediction"] not in ("noise", "data"):
+            _fail(f"--prediction {options['prediction']}: graph models predict noise (GDSS) or data (default)", 2)
+        cfg.prediction = options["prediction"]
     if "network" in explicit and options["network"] not in ("auto", "gdss"):
         _fail(f"--network {options['network']}: graph data use the GDSS networks (auto or gdss)", 2)
     mapping = {"steps": "steps", "batch": "batch_size", "lr": "lr", "seed": "seed", "ema_decay": "ema",

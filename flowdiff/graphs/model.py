@@ -92,8 +92,12 @@ class GDSSNetwork(nn.Module):
     """The joint noise-prediction network ``(z, t, mask) -> ε̂`` (packed): :class:`~flowdiff.graphs.nets.ScoreNetworkX`
     for X and :class:`~flowdiff.graphs.nets.ScoreNetworkA` for A, each on the whole noisy graph."""
 
-    def __init__(self, max_nodes: int, num_features: int, network: dict | None = None):
+    def __init__(self, max_nodes: int, num_features: int, network: dict | None = None, prediction: str = "noise"):
         super().__init__()
+        if prediction not in ("noise", "data"):
+            raise ValueError(f"unknown prediction {prediction!r}; valid: noise (GDSS), data")
+        #: what the raw output is read as on present entries: ε̂ (GDSS) or the data prediction x̂
+        self.prediction = prediction
         cfg = {"x": {**DEFAULT_NETWORK["x"], **((network or {}).get("x", {}))},
                "a": {**DEFAULT_NETWORK["a"], **((network or {}).get("a", {}))}}
         unknown = set(network or {}) - {"x", "a"}
@@ -128,6 +132,8 @@ class _JointNoise:
         out = self.network(z, t, mask)
         valid = self.network.layout.valid(mask.to(z.dtype))
         sigma = self.path.sigma(t).to(z.dtype)[:, None]
+        if self.network.prediction == "data":
+            out = (z - self.path.alpha(t).to(z.dtype)[:, None] * out) / sigma
         return valid * out + (1 - valid) * z / sigma
 
 
@@ -169,10 +175,14 @@ class GraphField(Field):
 
 def gdss_loss(network: GDSSNetwork, path: GaussianPath, batch: GraphBatch, generator: torch.Generator | None = None,
               t: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Per-component denoising score matching (GDSS eq. 7) with noise prediction.
+    """Per-component denoising score matching (GDSS eq. 7).
 
-    Returns ``(loss, parts)``: the batch mean of ``½Σ(ε̂_X−ε_X)² + ½Σ(ε̂_A−ε_A)²`` over present entries,
-    and ``parts = {"x": …, "adj": …}``.
+    Noise prediction (GDSS): the batch mean of ``½Σ(ε̂_X−ε_X)² + ½Σ(ε̂_A−ε_A)²`` over present entries.
+    Data prediction: the same score-matching loss with the min-SNR-5 weighting of Hang et al. (2023,
+    "Efficient Diffusion Training via Min-SNR Weighting Strategy"): ``½ min(SNR, 5) Σ(x̂ − x)²`` per component,
+    SNR = α²/σ² (= the ε-loss weighted by min(SNR, 5)/SNR ≤ 1: less weight near the data end, where the
+    ε of a {0, 1} adjacency is nearly unpredictable and dominated the unweighted loss).
+    Returns ``(loss, parts)`` with ``parts = {"x": …, "adj": …}``.
     """
     layout = network.layout
     z1 = layout.pack(batch.x, batch.adj)
@@ -185,7 +195,11 @@ def gdss_loss(network: GDSSNetwork, path: GaussianPath, batch: GraphBatch, gener
     valid = layout.valid(batch.mask.to(z1.dtype))
     zt = alpha * z1 + sigma * noise
     out = network(zt, t, batch.mask)
-    sq = 0.5 * (out - noise) ** 2 * valid
+    if getattr(network, "prediction", "noise") == "data":
+        snr = (alpha / sigma) ** 2
+        sq = 0.5 * torch.clamp(snr, max=5.0) * (out - z1) ** 2 * valid
+    else:
+        sq = 0.5 * (out - noise) ** 2 * valid
     parts = {name: sq[:, sl].sum(1).mean() for name, sl in layout.components.items()}
     return parts["x"] + parts["adj"], {k: float(v.detach()) for k, v in parts.items()}
 
@@ -216,6 +230,7 @@ class GraphTrainConfig:
     num_features: int | None = None
     path: dict = dc_field(default_factory=lambda: {"name": "vp", "beta_min": 0.1, "beta_max": 20.0})
     network: dict = dc_field(default_factory=dict)
+    prediction: str = "data"
     checkpoint_every: int = 500
     keep_last: int = 2
     log_every: int = 100
@@ -308,8 +323,9 @@ def train_gdss(output_dir: str | Path, config: GraphTrainConfig | None = None, r
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    network = GDSSNetwork(info["max_nodes"], info["num_features"], cfg.network).to(device)
+    network = GDSSNetwork(info["max_nodes"], info["num_features"], cfg.network, cfg.prediction).to(device)
     info["network"] = network.network_config
+    info["prediction"] = cfg.prediction
     path = path_from_config(info["path"])
     data = to_dense(graphs, info["max_nodes"], info["num_features"], device=device)
     opt = torch.optim.Adam(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -384,7 +400,8 @@ def load_graph_field(run: str | Path, which: str = "ema", device: Any = "cpu") -
     if config.get("kind") != GRAPH_RUN_KIND:
         raise CheckpointError(f"{config['checkpoint_dir']} is not a GDSS graph checkpoint (kind {config.get('kind')!r})")
     info = config["graphs"]
-    network = GDSSNetwork(info["max_nodes"], info["num_features"], info["network"]).to(device)
+    network = GDSSNetwork(info["max_nodes"], info["num_features"], info["network"],
+                          info.get("prediction", "noise")).to(device)
     try:
         network.load_state_dict(ema_state if which == "ema" else model_state)
     except RuntimeError as error:
