@@ -70,7 +70,7 @@ def test_linear_classifier_radius_is_the_distance_within_clopper_pearson_slack()
 
 
 def test_clopper_pearson_against_beta_quantile_and_statsmodels():
-    from statsmodels.stats.proportion import proportion_confint
+    proportion_confint = pytest.importorskip("statsmodels.stats.proportion").proportion_confint
 
     alpha = 0.001
     for k, n in ((0, 100), (1, 100), (57, 100), (990, 1000), (1000, 1000), (99_000, 100_000)):
