@@ -77,7 +77,7 @@ def teacher_errors(field: fd.Field, x0: torch.Tensor, ref: torch.Tensor, nfe: in
     return out
 
 
-def gmm_part(args: argparse.Namespace) -> dict:
+def gmm_part(args: argparse.Namespace, save=lambda part: None) -> dict:
     path = fd.paths.Linear()
     gm = random_mixture(2, 4, seed=0, path=path)
     teacher = fd.Field(gm.model("data"), path, "data")
@@ -99,7 +99,7 @@ def gmm_part(args: argparse.Namespace) -> dict:
 
     def student(two_time: bool, seed: int) -> fd.flowmaps.FlowMap:
         torch.manual_seed(seed)
-        net = fd.nn.Preconditioned(fd.nn.MLP(2, hidden=128, depth=3), path, "data", sigma_data=sigma_data)
+        net = fd.nn.Preconditioned(fd.nn.MLP(2, hidden=args.gmm_hidden, depth=3), path, "data", sigma_data=sigma_data)
         return fd.flowmaps.FlowMap(fd.flowmaps.TwoTimeNetwork(net) if two_time else net, path, "data", two_time=two_time)
 
     n = args.gmm_steps
@@ -119,14 +119,17 @@ def gmm_part(args: argparse.Namespace) -> dict:
         model = student(name.startswith("FM"), seed=0)
         res = train(model)
         errs = {k: rms(fd.flowmaps.sample(model, x0.float(), steps=k).x, ref) for k in STEPS}
-        students[name] = {"errors": errs, "cpu_s": res.cpu_seconds, "wall_s": res.wall_seconds,
+        students[name] = {"errors": errs, "cpu_s": res.cpu_seconds, "hidden": args.gmm_hidden, "wall_s": res.wall_seconds,
                           "teacher_nfe": res.teacher_nfe, "final_loss": sum(res.losses[-100:]) / len(res.losses[-100:])}
+        students[name]["steps"] = n
         print(name, {k: round(v, 4) for k, v in errs.items()}, f"cpu {res.cpu_seconds:.0f}s", flush=True)
+        save({"reference_check": ref_check, "ems_cpu_s": ems_cpu, "teachers": teachers, "students": students,
+              "training_steps": n})
     return {"reference_check": ref_check, "ems_cpu_s": ems_cpu, "teachers": teachers, "students": students,
             "training_steps": n}
 
 
-def digits_part(args: argparse.Namespace) -> dict:
+def digits_part(args: argparse.Namespace, save=lambda part: None) -> dict:
     from flowdiff.metrics import DigitsFeatureExtractor, digits_frechet_distance, load_digits_split
     from flowdiff.pipeline import load_field
 
@@ -173,8 +176,11 @@ def digits_part(args: argparse.Namespace) -> dict:
         scores = {k: fid(fd.flowmaps.sample(model, x0, steps=k).x) for k in STEPS}
         students[name] = {"frechet": scores, "frechet_at_init": init, "cpu_s": res.cpu_seconds,
                           "wall_s": res.wall_seconds, "teacher_nfe": res.teacher_nfe}
+        students[name]["steps"] = n
         print(name, "init", {k: round(v, 2) for k, v in init.items()}, "trained",
               {k: round(v, 2) for k, v in scores.items()}, f"cpu {res.cpu_seconds:.0f}s", flush=True)
+        save({"floor": floor, "count": count, "teachers": teachers, "students": students, "training_steps": n,
+              "batch": args.digits_batch, "checkpoint": str(args.checkpoint)})
     return {"floor": floor, "count": count, "teachers": teachers, "students": students, "training_steps": n,
             "batch": args.digits_batch, "checkpoint": str(args.checkpoint)}
 
@@ -190,18 +196,18 @@ def render(payload: dict) -> list[str]:
         rows = []
         for name, s in gmm["students"].items():
             rows.append([name, *(f"{s['errors'][str(k)] if str(k) in s['errors'] else s['errors'][k]:.4f}" for k in STEPS),
-                         f"{s['cpu_s']:.0f}", s["teacher_nfe"]])
+                         s.get("steps", gmm["training_steps"]), f"{s['cpu_s']:.0f}", s["teacher_nfe"]])
         for nfe in STEPS if gmm["teachers"] else ():
             t = gmm["teachers"][str(nfe)] if str(nfe) in gmm["teachers"] else gmm["teachers"][nfe]
             best = min(t, key=t.get)
             cells = ["-"] * len(STEPS)
             cells[STEPS.index(nfe)] = f"{t[best]:.4f}"
-            rows.append([f"teacher best at {nfe} NFE ({best})", *cells, "-", "-"])
+            rows.append([f"teacher best at {nfe} NFE ({best})", *cells, "-", "-", "-"])
         t10 = gmm["teachers"].get("10", gmm["teachers"].get(10))
         if t10:
             best10 = min(t10, key=t10.get)
-            rows.append([f"teacher best at 10 NFE ({best10}): {t10[best10]:.4f}", "", "", "", "-", "-"])
-        lines += markdown_table(["model", "1 step", "2 steps", "4 steps", "train CPU s", "teacher calls"], rows)
+            rows.append([f"teacher best at 10 NFE ({best10}): {t10[best10]:.4f}", "", "", "", "-", "-", "-"])
+        lines += markdown_table(["model", "1 step", "2 steps", "4 steps", "updates", "train CPU s", "teacher calls"], rows)
         for nfe in (2, 4, 10) if gmm["teachers"] else ():
             t = gmm["teachers"].get(str(nfe), gmm["teachers"].get(nfe))
             lines += ["", f"Teacher solvers at {nfe} NFE: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(t.items(), key=lambda kv: kv[1]))]
@@ -216,13 +222,13 @@ def render(payload: dict) -> list[str]:
         for name, s in dig["students"].items():
             fr, init = s["frechet"], s["frechet_at_init"]
             rows.append([name, *(f"{fr.get(str(k), fr.get(k)):.1f} (init {init.get(str(k), init.get(k)):.1f})" for k in STEPS),
-                         f"{s['cpu_s']:.0f}", s["teacher_nfe"]])
+                         s.get("steps", dig["training_steps"]), f"{s['cpu_s']:.0f}", s["teacher_nfe"]])
         for nfe in (1, 2, 4, 10, 20) if dig["teachers"] else ():
             t = dig["teachers"].get(str(nfe), dig["teachers"].get(nfe))
             if t:
                 best = min(t, key=t.get)
-                rows.append([f"teacher best at {nfe} NFE ({best})", f"{t[best]:.1f}", "", "", "-", "-"])
-        lines += markdown_table(["model", "1 step", "2 steps", "4 steps", "train CPU s", "teacher calls"], rows)
+                rows.append([f"teacher best at {nfe} NFE ({best})", f"{t[best]:.1f}", "", "", "-", "-", "-"])
+        lines += markdown_table(["model", "1 step", "2 steps", "4 steps", "updates", "train CPU s", "teacher calls"], rows)
         lines.append("")
     return lines
 
@@ -231,6 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["gmm", "digits", "all"], default="gmm")
     parser.add_argument("--gmm-steps", type=int, default=3000)
+    parser.add_argument("--gmm-hidden", type=int, default=128, help="width of the GMM students' MLP")
     parser.add_argument("--digits-steps", type=int, default=300)
     parser.add_argument("--digits-batch", type=int, default=64)
     parser.add_argument("--count", type=int, default=359)
@@ -248,7 +255,10 @@ def main() -> None:
             for key, value in part.items():
                 mine = payload.setdefault(key, {})
                 for k, v in value.items():
-                    if isinstance(v, dict) and k in ("teachers", "students"):
+                    if isinstance(v, dict) and k == "students":  # a wider student is its own row
+                        mine.setdefault(k, {}).update({(f"{n} (width {r['hidden']})" if r.get("hidden", 128) != 128 else n): r
+                                                       for n, r in v.items()})
+                    elif isinstance(v, dict) and k == "teachers":
                         mine.setdefault(k, {}).update(v)
                     elif k not in mine or k == "meta" and not mine.get("teachers"):
                         mine[k] = v
@@ -258,13 +268,19 @@ def main() -> None:
         return
     old = RESULTS / f"{args.stem}.json"
     payload = json.loads(old.read_text()) if old.exists() else {}
+    def saver(key: str, meta: dict):
+        def save(part: dict) -> None:  # after every student: an interrupted run keeps its rows
+            payload[key] = {"meta": meta, **part}
+            write_results(args.stem, render(json.loads(json.dumps(payload, default=float))), payload)
+        return save
+
     if args.part in ("gmm", "all"):
         meta = run_metadata(part="gmm", steps=args.gmm_steps)
-        payload["gmm"] = {"meta": meta, **gmm_part(args)}
+        payload["gmm"] = {"meta": meta, **gmm_part(args, saver("gmm", meta))}
         write_results(args.stem, render(json.loads(json.dumps(payload, default=float))), payload)
     if args.part in ("digits", "all"):
         meta = run_metadata(part="digits", steps=args.digits_steps)
-        payload["digits"] = {"meta": meta, **digits_part(args)}
+        payload["digits"] = {"meta": meta, **digits_part(args, saver("digits", meta))}
     payload = json.loads(json.dumps(payload, default=float))
     text = render(payload)
     print("\n".join(text))
