@@ -230,7 +230,7 @@ class GraphTrainConfig:
     num_features: int | None = None
     path: dict = dc_field(default_factory=lambda: {"name": "vp", "beta_min": 0.1, "beta_max": 20.0})
     network: dict = dc_field(default_factory=dict)
-    prediction: str = "data"
+    prediction: str = "noise"
     checkpoint_every: int = 500
     keep_last: int = 2
     log_every: int = 100
