@@ -246,3 +246,53 @@ def test_mrs_table_covers_the_paper():
     assert {o for k, _, o in MRS_SOLVERS if k == "ode"} == {1, 2, 3}
     for name, _ in MRS_SOLVERS.values():
         fd.solvers.get_solver(name)
+
+
+def _issue_problem(dim: int, seed: int):
+    path, mixture, mu, x_init = _problem(dim=dim, batch=64, seed=seed)
+    model = mixture_model(mixture, "noise")
+    ref = mrs_sample(model, mu, path, "noise", solver="dopri5", nfe=3000, x_init=x_init, rtol=1e-10, atol=1e-10)
+    return path, mixture, mu, x_init, model, (lambda x: float((x - ref.x).norm(dim=1).mean()))
+
+
+@pytest.mark.parametrize("dim,seed", [(8, 0), (4, 3)])
+def test_issue18_default_mrs_at_10_nfe_against_dpm_solver_and_euler(dim, seed):
+    """Issue 18's check, the part that holds: the default MRS (UniPC through the shift on
+    ``mrs_grid``) at 10 NFE has at most the error of DPM-Solver++(2M) on the equivalent Gaussian
+    problem of y (its default grid, and the MRS member ode/data/2 run on the same grid is that
+    solver to round-off), and is within 2x of 100-step Euler (its default grid) with 10x fewer
+    evaluations. Measured (docs/mean_reverting.md): 0.018 vs DPM-Solver++ 0.060 vs Euler 0.018 (D = 8)."""
+    path, mixture, mu, x_init, model, err = _issue_problem(dim, seed)
+    default = mrs_sample(model, mu, path, "noise", nfe=10, x_init=x_init)
+    assert default.nfe == 10
+    y_field = fd.Field(mixture.model("noise"), path, "noise")
+    dpm = {kind: err(fd.sample(y_field, x_init - mu, solver="dpm-solver++2m", nfe=10, **opts).x + mu)
+           for kind, opts in (("midpoint", {}), ("taylor", {"solver_type": "taylor"}))}
+    assert err(default.x) <= 0.5 * min(dpm.values()), (err(default.x), dpm)
+    grid = fd.mean_reverting.sampling.mrs_grid(path, 9)
+    member = mrs_sample(model, mu, path, "noise", order=2, nfe=10, x_init=x_init)
+    same = fd.sample(y_field, x_init - mu, solver="dpm-solver++2m", nfe=10, grid=grid, solver_type="taylor")
+    assert torch.allclose(member.x, same.x + mu, atol=1e-10)
+    euler = err(mrs_sample(model, mu, path, "noise", solver="euler", nfe=101, x_init=x_init).x)
+    assert err(default.x) <= 2.0 * euler, (err(default.x), euler)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18's 'far below 100 steps' is not met on the exact mixture: the best 10-NFE "
+                   "MRS has about the error of 100-step Euler on the ODE (docs/mean_reverting.md)")
+def test_issue18_mrs_far_below_euler_at_100_steps():
+    path, mixture, mu, x_init, model, err = _issue_problem(8, 0)
+    default = err(mrs_sample(model, mu, path, "noise", nfe=10, x_init=x_init).x)
+    euler = err(mrs_sample(model, mu, path, "noise", solver="euler", nfe=101, x_init=x_init).x)
+    assert default < 0.5 * euler, (default, euler)
+
+
+def test_mrs_grid_is_the_default_of_the_ode_members_up_to_12_nfe():
+    path, mixture, mu, x_init = _problem(batch=8)
+    model = mixture_model(mixture, "noise")
+    res = mrs_sample(model, mu, path, "noise", nfe=10, x_init=x_init)
+    assert torch.allclose(res.grid, fd.mean_reverting.sampling.mrs_grid(path, 9))
+    assert float(path.sigma(res.grid[1]) / path.alpha(res.grid[1])) == pytest.approx(3.0, rel=1e-6)
+    own = mrs_sample(model, mu, path, "noise", nfe=20, x_init=x_init)  # above GRID_MAX_NFE: the solver's grid
+    assert torch.allclose(own.grid, fd.solvers.make_grid(path, "quadratic", 19))
+    sde = mrs_sample(model, mu, path, "noise", kind="sde", nfe=10, x_init=x_init, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(sde.grid, fd.solvers.make_grid(path, "quadratic", 9))

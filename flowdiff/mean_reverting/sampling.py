@@ -53,7 +53,8 @@ from ..solvers import SampleResult, get_solver, sample
 from .field import check_mu, shifted_field
 from .sde import IRSDE
 
-__all__ = ["BASELINES", "MRS_SOLVERS", "mrs_sample", "mrs_solver"]
+__all__ = ["BASELINES", "DEFAULT_SOLVER", "GRID_MAX_NFE", "GRID_SIGMA_MAX", "GRID_SIGMA_MIN_SCALE", "MRS_SOLVERS",
+           "mrs_grid", "mrs_sample", "mrs_solver"]
 
 #: (kind, form, order) -> (solver name on y, its options) — module docstring.
 MRS_SOLVERS: dict[tuple[str, str, int], tuple[str, dict[str, Any]]] = {
@@ -66,6 +67,18 @@ MRS_SOLVERS: dict[tuple[str, str, int], tuple[str, dict[str, Any]]] = {
     ("sde", "data", 1): ("sde-dpm-solver++1", {}),
     ("sde", "data", 2): ("sde-dpm-solver++2", {"solver_type": "heun"}),
 }
+#: The solver of :func:`mrs_sample` when no member is named: UniPC (data form, bh2, order 2 below
+#: 20 steps) through the shift, on :func:`mrs_grid`. Chosen on five exact mixtures (D = 2, 4, 8, 8, 16,
+#: seeds 0-3) at 10 NFE: mean error to the reference ODE solution 0.018, against 0.091 for MRS
+#: ode/data/2 on its default (quadratic) grid, 0.050 for that member on this grid (docs/mean_reverting.md).
+DEFAULT_SOLVER = "unipc"
+#: :func:`mrs_grid`'s largest noise level σ̃ = σ̄/α where the log-SNR-uniform steps begin.
+GRID_SIGMA_MAX = 3.0
+#: :func:`mrs_grid`'s last node before the final denoise: σ̃ = ``GRID_SIGMA_MIN_SCALE / (steps + 1)``.
+GRID_SIGMA_MIN_SCALE = 0.3
+#: :func:`mrs_sample` uses :func:`mrs_grid` up to this many evaluations (above, UniPC switches to
+#: noise form / order 3 and the solvers' own grids are better: 0.0216 against 0.107 at 20 NFE).
+GRID_MAX_NFE = 12
 #: The baselines of the MRS paper, as solver names on y.
 BASELINES = {"euler-maruyama": "euler-maruyama", "posterior": "ddpm"}
 
@@ -79,6 +92,25 @@ def mrs_solver(kind: str = "ode", form: str = "data", order: int = 2) -> tuple[s
         raise ValueError(f"no MRS solver for kind={kind!r}, form={form!r}, order={order!r}{hint}; valid kind/form/order: {valid}")
     name, options = MRS_SOLVERS[key]
     return name, dict(options)
+
+
+def mrs_grid(path: GaussianPath, steps: int, t_start: float | None = None, t_end: float | None = None) -> Tensor:
+    r"""The default time grid of the MRS ODE members: :func:`flowdiff.solvers.jump_grid` with
+    :math:`\tilde\sigma_{hi}` = :data:`GRID_SIGMA_MAX` and :math:`\tilde\sigma_{lo}` =
+    :data:`GRID_SIGMA_MIN_SCALE` ``/(steps + 1)`` (σ̃ = σ̄/α of the IR-SDE path of ``y``).
+
+    The IR-SDE starts at σ̃ = λ/α(t_min) = 50 (λ = 0.5, terminal α = 0.01) and ends at σ̃ ≈ 3e-4;
+    a log-SNR-uniform or time-quadratic grid spends most of 10 steps where the denoiser of
+    ``y`` hardly changes, and its last step into σ̃ ≈ 0 costs the largest error. This grid jumps
+    to σ̃ = 3 in one step, spreads the rest log-SNR-uniformly down to σ̃ = 0.03 (9 steps) and
+    leaves the rest to the final denoise. Measured on exact mixtures (five problems, D = 2-16):
+    at 10 NFE it divides the error of UniPC by 3.5 and of DPM-Solver++(2M) by 1.8 against their
+    default grids; (σ̃_hi, σ̃_lo·(N+1)) = (3, 0.3) was the best of {1, 2, 3, 7, 50} × {0.1, 0.2, 0.3, 0.45}.
+    """
+    from ..solvers import jump_grid
+
+    return jump_grid(path, steps, t_start, t_end, sigma_max=GRID_SIGMA_MAX,
+                     sigma_min=GRID_SIGMA_MIN_SCALE / (int(steps) + 1))
 
 
 def mrs_sample(model: Callable[..., Tensor], mu: Tensor, path: GaussianPath, prediction: str = "noise", *,
@@ -95,7 +127,8 @@ def mrs_sample(model: Callable[..., Tensor], mu: Tensor, path: GaussianPath, pre
         path: the :class:`~flowdiff.mean_reverting.IRSDE` (any Gaussian path of ``y = x − μ`` works).
         prediction: what ``model`` outputs: ``noise``, ``data``, ``velocity``, ``score`` or ``v``.
         kind, form, order: the MRS member (:func:`mrs_solver`): ``ode``/``sde`` (default ``ode``),
-            ``data``/``noise`` (default ``data``), 1–3 (default 2).
+            ``data``/``noise`` (default ``data``), 1–3 (default 2). With none of them (and no
+            ``solver``): :data:`DEFAULT_SOLVER` (UniPC on ``y``), the best measured at 5-20 NFE.
         solver: instead of (kind, form), any solver name of :func:`flowdiff.sample` (e.g. the
             baselines ``"euler-maruyama"`` and ``"ddpm"``, or ``"unipc"``); ``order`` is then that
             solver's ``order`` option.
@@ -104,7 +137,10 @@ def mrs_sample(model: Callable[..., Tensor], mu: Tensor, path: GaussianPath, pre
         generator: for the start and the stochastic solvers.
         cond: further keyword arguments of every model call (``mu`` is passed by this function).
         options: passed to :func:`flowdiff.sample` (``grid``, ``hooks``, ``t_start``, solver options, ...);
-            they override the MRS member's defaults.
+            they override the MRS member's defaults. Without ``grid``, the ODE members and the
+            default solver run on :func:`mrs_grid` when ``nfe`` ≤ :data:`GRID_MAX_NFE` (with the
+            final denoise, ``denoise_final=True``); otherwise, and for the SDE members and the other
+            solvers, on the solver's own default grid.
 
     Returns:
         A :class:`~flowdiff.SampleResult` in ``x`` coordinates (``x``, ``state``, ``denoised``
@@ -122,15 +158,24 @@ def mrs_sample(model: Callable[..., Tensor], mu: Tensor, path: GaussianPath, pre
     if not isinstance(x_init, Tensor):
         raise TypeError(f"x_init must be a torch.Tensor, got {type(x_init).__name__}")
     mu = check_mu(mu, x_init, "x_init")
-    if solver is None:
-        solver, defaults = mrs_solver(kind or "ode", form or "data", 2 if order is None else order)
+    ode_member = False
+    if solver is None and kind is None and form is None and order is None:
+        solver, ode_member = DEFAULT_SOLVER, True
+    elif solver is None:
+        kind = kind or "ode"
+        solver, defaults = mrs_solver(kind, form or "data", 2 if order is None else order)
         options = {**defaults, **options}
+        ode_member = kind == "ode"
     else:
         get_solver(solver)  # a clear error for an unknown name before any work
         if kind is not None or form is not None:
             raise ValueError(f"give either solver={solver!r} or the MRS member (kind={kind!r}, form={form!r}), not both")
         if order is not None:
             options = {**options, "order": order}
+    jump = options.get("grid") is None and options.get("denoise_final", True) and isinstance(nfe, int)
+    if ode_member and jump and 2 <= nfe <= GRID_MAX_NFE:
+        # one evaluation per step for every ODE member and UniPC: nfe - 1 steps + the final denoise
+        options["grid"] = mrs_grid(path, max(int(nfe) - 1, 1), options.get("t_start"), options.get("t_end"))
     field = shifted_field(model, path, mu, prediction)
     res = sample(field, x_init - mu, solver=solver, nfe=nfe, generator=generator, cond=cond, **options)
     shift = (lambda v: None if v is None else v + mu)
