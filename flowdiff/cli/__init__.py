@@ -65,10 +65,9 @@ FORECAST_HANDLERS: list[Handler] = []
 
 def _explicit(ctx: Any) -> set[str]:
     """Names of the parameters of ``ctx``'s command that the user gave on the command line."""
-    import click
-
+    # typer may vendor its own click, whose ParameterSource is another enum class: compare by name.
     return {name for name in ctx.params
-            if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)}
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
 
 
 def _claimed(handlers: list[Handler], *key: Any) -> Optional[Callable[[dict, set], None]]:
