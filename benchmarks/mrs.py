@@ -1,10 +1,13 @@
 """MRS (Li et al. 2025, "Mean-Reverting Diffusion: Faster Sampling for Image Restoration") against
 Euler–Maruyama and IR-SDE's posterior sampler, on exact mean-reverting fields and on digits restoration.
 
-1. Exact mixture, ODE (D = 8, x₀ − μ ~ 3-component mixture, μ ~ N(0, I) per sample,
-   ``IRSDE(stationary_std=0.5)``): mean L2 error to the reference solution (dopri5, rtol = atol =
-   1e-10) of the MRS ODE members at 5/10/20 NFE, DPM-Solver++(2M) run directly on the equivalent
-   Gaussian problem of ``y = x − μ``, and Euler at 100 steps.
+1. Exact mixture, ODE (x₀ − μ ~ 3-component mixture, μ ~ N(0, I) per sample,
+   ``IRSDE(stationary_std=0.5)``; D = 8 and five more (D, seed)): mean L2 error to the reference
+   solution (dopri5, rtol = atol = 1e-10) of the default MRS (UniPC on ``mrs_grid``), the MRS ODE
+   members at 5/10/20 NFE, DPM-Solver++(2M) run directly on the equivalent Gaussian problem of
+   ``y = x − μ``, and Euler at 100 steps (quadratic and uniform grids).
+1b. Exact mixture, SDE, pathwise: Euler–Maruyama (10-200 steps) and SDE-MRS orders 1-2 (5-20 NFE)
+   driven by one Brownian path, error to the 20 000-step Euler–Maruyama solution on that path.
 2. Exact mixture, law of the samples (D = 2, 20 000 samples): sliced W2 of ``x − μ`` to exact draws
    for MRS ODE/SDE and the baselines (Euler–Maruyama on the IR-SDE reverse SDE, the posterior
    sampler = ``ddpm``) at 5–200 NFE. No final denoise anywhere (the state at t_max is returned;
@@ -36,6 +39,7 @@ import flowdiff as fd  # noqa: E402
 from flowdiff.mean_reverting import (  # noqa: E402
     DEGRADATIONS, IRSDE, MRS_SOLVERS, MeanConditioned, degrade, mean_reverting_loss, mixture_model, mrs_sample, mrs_solver
 )
+from flowdiff.mean_reverting.sampling import mrs_grid  # noqa: E402
 from flowdiff.testing import random_mixture, sliced_w2_to_mixture  # noqa: E402
 
 STATIONARY_STD = 0.5
@@ -49,38 +53,76 @@ def label(key) -> str:
 
 
 # --------------------------------------------------------------------------- exact mixture
-def ode_part(nfes: list[int], batch: int) -> tuple[list[str], dict]:
+PROBLEMS = [(8, 0), (8, 1), (2, 0), (4, 3), (16, 2), (32, 5)]  # (D, seed) of the ODE part
+
+
+def _ode_problem(dim: int, seed: int, batch: int):
     path = IRSDE(STATIONARY_STD)
-    mixture = random_mixture(8, 3, seed=0, spread=1.0).with_path(path)
-    g = torch.Generator().manual_seed(1)
-    mu = torch.randn(batch, 8, dtype=torch.float64, generator=g)
+    mixture = random_mixture(dim, 3, seed=seed, spread=1.0).with_path(path)
+    g = torch.Generator().manual_seed(seed + 1)
+    mu = torch.randn(batch, dim, dtype=torch.float64, generator=g)
     x_init = path.stationary_sample(mu, g)
     model = mixture_model(mixture, PREDICTION)
     ref = mrs_sample(model, mu, path, PREDICTION, solver="dopri5", nfe=20000, x_init=x_init, rtol=1e-10, atol=1e-10)
+    return path, mixture, mu, x_init, model, ref
 
-    def err(x):
-        return float((x - ref.x).norm(dim=1).mean())
 
+def _ode_methods(path, mixture, mu, x_init, model):
+    """name -> (nfe -> x) for every method of the ODE tables."""
     y_field = fd.Field(mixture.model(PREDICTION), path, PREDICTION)
-    rows, payload = [], {}
+
+    def run(**kw):
+        return lambda n: mrs_sample(model, mu, path, PREDICTION, nfe=n, x_init=x_init, **kw).x
+
+    methods = {"MRS default (unipc, mrs_grid up to 12 NFE)": run()}
     for key in ODE_KEYS:
-        vals = [err(mrs_sample(model, mu, path, PREDICTION, kind=key[0], form=key[1], order=key[2], nfe=n, x_init=x_init).x)
-                for n in nfes]
-        rows.append([label(key) + f" ({mrs_solver(*key)[0]})"] + [f"{v:.4f}" for v in vals])
-        payload[label(key)] = vals
-    same = []
-    direct = []
-    for n in nfes:
-        d = fd.sample(y_field, x_init - mu, solver="dpm-solver++2m", nfe=n, solver_type="taylor")
-        m = mrs_sample(model, mu, path, PREDICTION, order=2, nfe=n, x_init=x_init)
-        direct.append(err(d.x + mu))
-        same.append(float((d.x + mu - m.x).abs().max()))
-    rows.append(["DPM-Solver++(2M) on y directly"] + [f"{v:.4f}" for v in direct])
-    rows.append(["max abs difference MRS ode data o2 vs that"] + [f"{v:.1e}" for v in same])
-    euler = err(mrs_sample(model, mu, path, PREDICTION, solver="euler", nfe=101, x_init=x_init).x)
-    rows.append(["Euler (ODE), 100 steps + final denoise"] + [f"{euler:.4f}"] * len(nfes))
-    payload.update({"direct": direct, "max_diff": same, "euler100": euler})
-    return markdown_table(["method"] + [f"NFE {n}" for n in nfes], rows), payload
+        methods[label(key) + f" ({mrs_solver(*key)[0]})"] = run(kind=key[0], form=key[1], order=key[2])
+    methods["MRS ode data o2, its own quadratic grid"] = run(order=2, grid="quadratic")
+    methods["DPM-Solver++(2M) on y directly (library default)"] = (
+        lambda n: fd.sample(y_field, x_init - mu, solver="dpm-solver++2m", nfe=n).x + mu)
+    methods["DPM-Solver++(2M) Taylor on y directly, quadratic grid"] = (
+        lambda n: fd.sample(y_field, x_init - mu, solver="dpm-solver++2m", nfe=n, solver_type="taylor").x + mu)
+    return methods
+
+
+def ode_part(nfes: list[int], batch: int) -> tuple[list[str], dict]:
+    """Error to the reference ODE solution: all NFE on D = 8 (seed 0), 10 NFE on every problem."""
+    payload: dict = {}
+    table_rows: dict = {}
+    per_problem: dict = {}
+    for dim, seed in PROBLEMS:
+        path, mixture, mu, x_init, model, ref = _ode_problem(dim, seed, batch)
+
+        def err(x):
+            return float((x - ref.x).norm(dim=1).mean())
+
+        first = (dim, seed) == PROBLEMS[0]
+        for name, fn in _ode_methods(path, mixture, mu, x_init, model).items():
+            vals = {n: err(fn(n)) for n in (nfes if first else [10])}
+            per_problem.setdefault(name, {})[f"D{dim}s{seed}"] = vals[10]
+            if first:
+                table_rows[name] = vals
+        for grid in ("quadratic", "uniform"):
+            name = f"Euler (ODE), 100 steps + final denoise, {grid} grid" + (" (default)" if grid == "quadratic" else "")
+            v = err(mrs_sample(model, mu, path, PREDICTION, solver="euler", nfe=101, x_init=x_init, grid=grid).x)
+            per_problem.setdefault(name, {})[f"D{dim}s{seed}"] = v
+            if first:
+                table_rows[name] = {n: v for n in nfes}
+        if first:  # the MRS member on y is DPM-Solver++ on the same grid, to round-off
+            grid = mrs_grid(path, 9)
+            d = fd.sample(fd.Field(mixture.model(PREDICTION), path, PREDICTION), x_init - mu, solver="dpm-solver++2m",
+                          nfe=10, grid=grid, solver_type="taylor")
+            payload["max_diff_member_vs_direct"] = float((d.x + mu - mrs_sample(model, mu, path, PREDICTION, order=2, nfe=10,
+                                                                                x_init=x_init).x).abs().max())
+    rows = [[name] + [f"{vals[n]:.4f}" for n in nfes] for name, vals in table_rows.items()]
+    lines = markdown_table(["method (D = 8, seed 0)"] + [f"NFE {n}" for n in nfes], rows)
+    cols = list(next(iter(per_problem.values())).keys())
+    rows = [[name] + [f"{v[c]:.4f}" for c in cols] + [f"{sum(v.values()) / len(v):.4f}"] for name, v in per_problem.items()]
+    lines += ["", f"At 10 NFE on {len(PROBLEMS)} mixtures (D, seed); Euler rows at 100 steps. MRS ode data o2 on mrs_grid vs "
+              f"DPM-Solver++(2M) Taylor on y on the same grid: max |diff| {payload['max_diff_member_vs_direct']:.1e}.", ""]
+    lines += markdown_table(["method"] + cols + ["mean"], rows)
+    payload.update({"nfe_table": table_rows, "at_10_nfe": per_problem})
+    return lines, payload
 
 
 def law_part(nfes_mrs: list[int], nfes_base: list[int], n: int) -> tuple[list[str], dict]:
@@ -108,6 +150,116 @@ def law_part(nfes_mrs: list[int], nfes_base: list[int], n: int) -> tuple[list[st
         rows.append([name] + [f"{vals[c]:.4f}" if c in vals else "" for c in cols])
         payload[name] = vals
     lines = [f"Exact draws of the same size against the same reference (floor): {floor:.4f}.", ""]
+    return lines + markdown_table(["method"] + [f"NFE {c}" for c in cols], rows), payload
+
+
+# ---------------------------------------------------------------- pathwise (strong) error, SDE
+def pathwise_part(dim: int = 8, batch: int = 200, fine_steps: int = 20000, seed: int = 0,
+                  nfe_mrs=(5, 10, 20), nfe_em=(10, 20, 50, 100, 200)) -> tuple[list[str], dict]:
+    r"""Strong error of the SDE samplers: every method is driven by the SAME Brownian path W (fine
+    increments ΔW on a uniform grid of ``fine_steps`` intervals, drawn once) and compared with the
+    fine Euler–Maruyama solution of the reverse SDE on that path (additive noise: strong order 1).
+
+    * Euler–Maruyama with N steps: the uniform sub-grid, increments summed over each coarse step;
+    * SDE-MRS order 1 (= the posterior sampler) / order 2 (heun weight) on their time-quadratic grid
+      snapped to the fine grid: the step's noise :math:`\int_s^t \Phi(t, u)\sqrt{2\varepsilon(u)}\,dW_u`,
+      :math:`\Phi(t, u) = (\bar\sigma_t/\bar\sigma_u)e^{-(\lambda_t - \lambda_u)}`, summed over the same
+      fine increments (its law is exactly MRS's :math:`\bar\sigma_t\sqrt{1 - e^{-2h}}\,z`);
+    * for scale, the ODE members' error to the reference ODE solution is in the first table.
+
+    The step formulas are re-implemented here in y = x − μ (noise injected) and checked first
+    against the library's ``euler-maruyama`` / ``sde-dpm-solver++1/2`` with the library's own
+    normal draws (``max |diff|`` in the table header)."""
+    path = IRSDE(STATIONARY_STD)
+    mixture = random_mixture(dim, 3, seed=seed, spread=1.0).with_path(path)
+    g = torch.Generator().manual_seed(seed + 1)
+    mu = torch.randn(batch, dim, dtype=torch.float64, generator=g)
+    x_init = path.stationary_sample(mu, g)
+    y0 = x_init - mu
+    field = fd.Field(mixture.model("noise"), path, "noise")
+    fine = torch.linspace(path.t_min, path.t_max, fine_steps + 1, dtype=torch.float64)
+    tab = path.table(fine)
+    alpha, sigma, lam, dlam = tab.alpha, tab.sigma, tab.log_snr, tab.d_log_snr
+    da, ds = path.d_alpha(fine), path.d_sigma(fine)
+    eps = sigma**2 * dlam  # the reverse diffusion ε(t) = σ̄²λ̇ (= IR-SDE's σ_s²/2)
+
+    def denoise(y, k):
+        return field.denoise(y, torch.full((y.shape[0],), float(fine[k]), dtype=y.dtype))
+
+    def em(nodes, dws):
+        y = y0.clone()
+        for a, b, dw in zip(nodes[:-1], nodes[1:], dws):
+            d = denoise(y, a)
+            e_hat = (y - alpha[a] * d) / sigma[a]
+            drift = da[a] * d + (ds[a] - sigma[a] * dlam[a]) * e_hat
+            y = y + (fine[b] - fine[a]) * drift + torch.sqrt(2 * eps[a]) * dw
+        return y
+
+    def sde_mrs(nodes, noises, order):
+        y, prev = y0.clone(), None
+        for i, (a, b, z) in enumerate(zip(nodes[:-1], nodes[1:], noises)):
+            d = denoise(y, a)
+            h = float(lam[b] - lam[a])
+            em2h = -math.expm1(-2 * h)
+            y_new = (sigma[b] / sigma[a]) * math.exp(-h) * y + alpha[b] * em2h * d
+            last = i == len(nodes) - 2
+            if order == 2 and prev is not None and not last:  # lower order final, as the library
+                r = prev[1] / h
+                y_new = y_new + alpha[b] * (em2h / (-2 * h) + 1) * (d - prev[0]) / r
+            prev = (d, h)
+            y = y_new + z
+        return y
+
+    def library_noises(nodes, gen):  # the library's draws, as its sampler would make them
+        return [sigma[b] * math.sqrt(-math.expm1(-2 * float(lam[b] - lam[a]))) * torch.randn(y0.shape, generator=gen, dtype=y0.dtype)
+                for a, b in zip(nodes[:-1], nodes[1:])]
+
+    # 1. the re-implementations against the library (its own normal draws, seed 3)
+    checks = {}
+    nodes = list(range(0, fine_steps + 1, fine_steps // 20))
+    gen = torch.Generator().manual_seed(3)
+    dws = [torch.sqrt(fine[b] - fine[a]) * torch.randn(y0.shape, generator=gen, dtype=y0.dtype) for a, b in zip(nodes[:-1], nodes[1:])]
+    lib = fd.sample(field, y0, solver="euler-maruyama", grid=fine[nodes], denoise_final=False, generator=torch.Generator().manual_seed(3))
+    checks["euler-maruyama"] = float((lib.x - em(nodes, dws)).abs().max())
+    snap = lambda grid: sorted(set(int(round(float(v))) for v in (grid - path.t_min) / (fine[1] - fine[0])))  # noqa: E731
+    q_nodes = snap(fd.solvers.make_grid(path, "quadratic", 10))
+    for order, name in ((1, "sde-dpm-solver++1"), (2, "sde-dpm-solver++2")):
+        opts = {"solver_type": "heun"} if order == 2 else {}
+        lib = fd.sample(field, y0, solver=name, grid=fine[q_nodes], denoise_final=False, generator=torch.Generator().manual_seed(3), **opts)
+        mine = sde_mrs(q_nodes, library_noises(q_nodes, torch.Generator().manual_seed(3)), order)
+        checks[name] = float((lib.x - mine).abs().max())
+
+    # 2. one Brownian path, all methods
+    gen = torch.Generator().manual_seed(seed + 10)
+    dW = torch.randn((fine_steps, *y0.shape), generator=gen, dtype=y0.dtype) * torch.sqrt(torch.diff(fine)).view(-1, 1, 1)
+    t0 = time.process_time()
+    ref = em(list(range(fine_steps + 1)), list(dW))
+    ref_cpu = time.process_time() - t0
+    half = em(list(range(0, fine_steps + 1, 2)), list(dW.view(fine_steps // 2, 2, *y0.shape).sum(1)))
+    err = lambda y: float((y - ref).norm(dim=1).mean())  # noqa: E731
+    rows, payload = [], {"checks": checks, "ref_vs_half": err(half), "ref_cpu_s": ref_cpu}
+    cols = sorted(set(nfe_mrs) | set(nfe_em))
+    vals = {}
+    for n in nfe_em:
+        k = fine_steps // n
+        vals[n] = err(em(list(range(0, fine_steps + 1, k)), list(dW.view(n, k, *y0.shape).sum(1))))
+    rows.append(["Euler–Maruyama (uniform grid)"] + [f"{vals[c]:.4f}" if c in vals else "" for c in cols])
+    payload["Euler–Maruyama"] = vals
+    for order in (1, 2):
+        vals = {}
+        for n in nfe_mrs:
+            nodes = snap(fd.solvers.make_grid(path, "quadratic", n))
+            noises = []
+            for a, b in zip(nodes[:-1], nodes[1:]):
+                u = slice(a, b)
+                w = (sigma[b] / sigma[u]) * torch.exp(-(lam[b] - lam[u])) * torch.sqrt(2 * eps[u])
+                noises.append((w.view(-1, 1, 1) * dW[u]).sum(0))
+            vals[n] = err(sde_mrs(nodes, noises, order))
+        rows.append([f"MRS sde data o{order} (quadratic grid)"] + [f"{vals[c]:.4f}" if c in vals else "" for c in cols])
+        payload[f"MRS sde data o{order}"] = vals
+    lines = [f"D = {dim}, {batch} samples, reference: Euler–Maruyama with {fine_steps} uniform steps on the same path "
+             f"(its distance to the {fine_steps // 2}-step solution: {payload['ref_vs_half']:.1e}). Re-implemented steps vs the "
+             "library's, max |diff|: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()) + ".", ""]
     return lines + markdown_table(["method"] + [f"NFE {c}" for c in cols], rows), payload
 
 
@@ -228,7 +380,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2000)
     parser.add_argument("--count", type=int, default=200, help="held-out digits per task")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: ode law digits")
+    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: ode pathwise law digits")
     args = parser.parse_args()
     torch.set_num_threads(1)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -236,7 +388,11 @@ def main() -> None:
     payload: dict = {}
     if "ode" not in args.skip:
         table, payload["ode"] = ode_part([5, 10, 20], 200 if args.quick else 1000)
-        lines += ["## Exact mixture, ODE: mean L2 error to the reference solution (D = 8, λ = 0.5)", ""] + table + [""]
+        lines += ["## Exact mixture, ODE: mean L2 error to the reference solution (λ = 0.5)", ""] + table + [""]
+    if "pathwise" not in args.skip:
+        table, payload["pathwise"] = pathwise_part(batch=100 if args.quick else 200)
+        lines += ["## Exact mixture, SDE: pathwise error to a fine Euler–Maruyama solution on the same Brownian path", ""]
+        lines += table + [""]
     if "law" not in args.skip:
         table, payload["law"] = law_part([5, 10, 20], [10, 20, 50, 100, 200], 4000 if args.quick else 20000)
         lines += ["## Exact mixture, law of the samples: sliced W2 of x − μ to exact draws (D = 2)", ""] + table + [""]
