@@ -19,12 +19,14 @@ from flowdiff.nn.embeddings import (
     sinusoidal_features,
     validate_labels,
 )
+from flowdiff.nn.gicnet import GICNet
 from flowdiff.nn.mlp import MLP
 from flowdiff.nn.precond import Preconditioned
 from flowdiff.nn.registry import available_networks, build_network, register_network
 from flowdiff.nn.unet import UNet
 
 __all__ = [
+    "GICNet",
     "MLP",
     "UNet",
     "Preconditioned",

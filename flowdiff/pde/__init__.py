@@ -12,7 +12,7 @@ with reference solvers (issue 21).
 """
 
 from .collocation import collocation_solve
-from .gicnet import GICNet
+from ..nn.gicnet import GICNet
 from .mcmc import PriorModel, gold_posterior, sample_posterior
 from .problem import Problem, grad, sensors
 from .problems import available, burgers, cavity, get, poisson

@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .gicnet import GICNet
+from ..nn.gicnet import GICNet
 from .mcmc import PriorModel, sample_posterior
 from .problem import Problem
 

@@ -14,7 +14,7 @@ with bandwidths :math:`\ell_p` geometric from ``min_bandwidth`` to ``max_bandwid
 :math:`[a, 1]`: :math:`a + (1-a)\,\mathrm{sigmoid}(o)`). The output does not depend on the number or order of
 the points, which is what makes the inverse map usable on other grids than those of training.
 
-This module imports only torch, so that it can live in ``flowdiff.nn``.
+This module imports only torch (it lives in ``flowdiff.nn``; ``flowdiff.pde`` uses it for the amortised inverse).
 """
 
 from __future__ import annotations
