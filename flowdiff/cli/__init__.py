@@ -369,6 +369,7 @@ def train(
     task: Optional[str] = typer.Option(None, "--task", help="What to train for where a data set allows several tasks: e.g. forecast (a time series .csv: --context, --horizon)."),
     context: Optional[int] = typer.Option(None, "--context", help="Context length (time steps or frames) of a forecasting task."),
     horizon: Optional[int] = typer.Option(None, "--horizon", help="Forecast horizon (time steps or frames) of a forecasting task."),
+    season: Optional[int] = typer.Option(None, "--season", help="Season length of a time series forecasting task (default: estimated from the series' autocorrelation)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file whose keys (the long option names with underscores: data, path, prediction, network, steps, batch, lr, output, seed, weighting, time_sampler, ema_decay, ema_sigma_rel, checkpoint_every, threads, device, dtype, precondition, sigma_data, label_dropout, lr_schedule, warmup_steps, grad_clip, weight_decay, coupling, network_kwargs) override the defaults; command-line options given explicitly win; an unknown key or a value of the wrong type is an error."),
 ) -> None:
     """Train a model and write checkpoints (safetensors + config.json) to --output.
@@ -403,9 +404,9 @@ def train(
     explicit = _explicit(ctx) | (set(loaded) if config is not None else set())
     handler = _claimed(TRAIN_HANDLERS, str(opts["data"]), task)
     if handler is not None:
-        return handler({**opts, "task": task, "context": context, "horizon": horizon}, explicit)
-    if task is not None or context is not None or horizon is not None:
-        _fail(f"--task/--context/--horizon apply to forecasting data (a time series .csv or nbody), not to --data {opts['data']}", 2)
+        return handler({**opts, "task": task, "context": context, "horizon": horizon, "season": season}, explicit)
+    if task is not None or context is not None or horizon is not None or season is not None:
+        _fail(f"--task/--context/--horizon/--season apply to forecasting data (a time series .csv or nbody), not to --data {opts['data']}", 2)
     if not opts.get("grad_clip"):
         opts["grad_clip"] = None
     _train_impl(opts)
