@@ -10,11 +10,12 @@
 """
 
 from .field import MU, ShiftedModel, check_mu, mixture_model, shifted_field
-from .sampling import BASELINES, MRS_SOLVERS, mrs_sample, mrs_solver
+from .sampling import BASELINES, DEFAULT_SOLVER, MRS_SOLVERS, mrs_grid, mrs_sample, mrs_solver
 from .sde import IRSDE, SCHEDULES
 from .train import DEGRADATIONS, MeanConditioned, degrade, mean_reverting_loss
 
 __all__ = [
+    "DEFAULT_SOLVER", "mrs_grid",
     "BASELINES", "DEGRADATIONS", "IRSDE", "MRS_SOLVERS", "MU", "MeanConditioned", "SCHEDULES", "ShiftedModel",
     "check_mu", "degrade", "mean_reverting_loss", "mixture_model", "mrs_sample", "mrs_solver", "shifted_field",
 ]
