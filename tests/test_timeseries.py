@@ -4,6 +4,7 @@ benchmarks/timeseries.py, not here."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -157,6 +158,10 @@ def test_forecast_shapes_and_refine(tiny_model):
         refined = model.refine(series, base, method=method, iterations=2)
         assert refined.shape == (5, 4) and np.isfinite(refined).all()
     assert len(model.history) == 15 and np.isfinite(model.history).all()
+    # difference="auto": chosen by the in-sample rolling-origin backtest between none and the season
+    assert set(model.selection) == {0, 6} and all(np.isfinite(v) for v in model.selection.values())
+    assert model.difference == min(model.selection, key=model.selection.get)
+    assert model.config()["difference"] == model.difference
 
 
 def test_float64_model_save_load_and_conditional(tmp_path):
@@ -245,6 +250,13 @@ def test_cli_train_and_forecast(tmp_path, capsys):
     assert _cli(["train", "--data", str(csv), "--task", "forecast", "--context", "12", "--horizon", "4",
                  "--steps", "3", "-o", str(run), "--config", str(config), "-q"]) == 0
     assert (run / "tsdiff.pt").is_file() and (run / "run.json").is_file()
+    # --season is used as season_length when given
+    seasoned = tmp_path / "seasoned"
+    assert _cli(["train", "--data", str(csv), "--task", "forecast", "--context", "12", "--horizon", "4", "--season", "5",
+                 "--steps", "2", "-o", str(seasoned), "--config", str(config), "-q"]) == 0
+    assert json.loads((seasoned / "run.json").read_text())["season_length"] == 5
+    assert _cli(["train", "--data", str(csv), "--task", "forecast", "--context", "12", "--horizon", "4", "--season", "0",
+                 "-o", str(tmp_path / "r0")]) == 2
     out = tmp_path / "fc"
     assert _cli(["forecast", "-c", str(run), "-n", "6", "-o", str(out)]) == 0
     data = np.load(out / "forecast.npz")

@@ -5,7 +5,7 @@ Registered in the handler lists of :mod:`flowdiff.cli`: ``train`` claims ``--tas
 ``.npy`` or ``.txt`` series file; ``forecast`` claims a run folder holding ``tsdiff.pt``. The run folder gets
 ``tsdiff.pt`` (config and EMA weights, written atomically), ``run.json`` and ``series.npy`` (the training
 series: the default context of ``forecast``). The season length is estimated from the series'
-autocorrelation unless ``season_length`` is given in ``network_kwargs`` of a ``--config`` YAML file (with
+autocorrelation unless ``--season`` is given (or ``season_length`` in ``network_kwargs`` of a ``--config`` YAML file, with
 the other :class:`~flowdiff.timeseries.TSDiff` arguments, e.g. ``train_steps``).
 """
 
@@ -86,6 +86,10 @@ def _run_train(options: dict, explicit: set) -> None:
               f"needs at least {context + horizon}", 1)
     kwargs = dict(options.get("network_kwargs") or {})
     season = kwargs.pop("season_length", None)
+    if options.get("season") is not None:  # --season beats the config file and the estimate
+        season = options["season"]
+        if isinstance(season, bool) or not isinstance(season, int) or season < 1:
+            _fail(f"--season must be an integer >= 1, got {season!r}", 2)
     if season is None:
         season = estimate_season_length(values, max_lag=min(context // 2, values.size // 3))
     if "steps" in explicit:

@@ -183,9 +183,12 @@ class TSDiff:
         if self.guidance_scale is not None and not (self.guidance_scale >= 0 and math.isfinite(self.guidance_scale)):
             raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale!r}")
         self.time_features = bool(time_features)
+        # difference="auto": chosen in fit() by a rolling-origin backtest inside the training data between
+        # none and seasonal differencing (where a season is known and the context holds two of them); a
+        # non-seasonal series is modelled as is (first differences made Nile's forecasts random walks)
+        self.difference_mode = "auto" if difference == "auto" else "fixed"
+        self.selection: dict = {}
         if difference == "auto":
-            # seasonal differencing where a season is known and the context holds two of them; a
-            # non-seasonal series is modelled as is (first differences made Nile's forecasts random walks)
             difference = self.season_length if 1 < self.season_length <= self.context_length // 2 else 0
         self.difference = _check_positive_int("difference", difference, 0)
         if self.difference >= self.context_length:
@@ -198,8 +201,7 @@ class TSDiff:
         self.seed = int(seed)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.length = self.context_length + self.prediction_length - self.difference
-        self.inner_context = self.context_length - self.difference
+        self._set_difference(self.difference)
         self.max_lag = max(self.lags, default=0)
         self.channels = 1 + len(self.lags)
         betas = torch.linspace(1e-4, self.beta_end, self.diffusion_steps, dtype=torch.float64)
@@ -210,6 +212,11 @@ class TSDiff:
         self.ema: TSDiffNet | None = None
         self.history: list[float] = []
         self.fit_seconds = 0.0
+
+    def _set_difference(self, difference: int) -> None:
+        self.difference = int(difference)
+        self.length = self.context_length + self.prediction_length - self.difference
+        self.inner_context = self.context_length - self.difference
 
     # ------------------------------------------------------------------ data
     def _features(self) -> Tensor | None:
@@ -298,9 +305,58 @@ class TSDiff:
             i, n = short[0]
             raise ValueError(f"series[{i}] has {n} values; fit needs at least context_length + prediction_length"
                              f"{' + max(lags)' if self.max_lag else ''} = {need}")
+        steps = self.train_steps if train_steps is None else _check_positive_int("train_steps", train_steps, 1)
+        if self.difference_mode == "auto" and type(self) is TSDiff:
+            self._select_difference(items, steps, verbose)
+        return self._fit_fixed(items, steps, verbose)
+
+    #: validation origins (each one horizon long) held out at the end of each training series by fit's selection
+    VALIDATION_ORIGINS = 3
+
+    def _select_difference(self, items: list[np.ndarray], steps: int, verbose: bool) -> None:
+        """Choose ``difference`` (0 or the season) by a rolling-origin backtest inside the training data.
+
+        The last ``VALIDATION_ORIGINS`` horizons of every long-enough series are held out; one model per
+        candidate is trained on the rest with half the step budget (and a third of ``max_seconds``) and
+        forecasts the held-out origins (50 paths, the default guidance); the candidate with the lower pooled
+        CRPS (mean weighted quantile loss) is kept. Results in ``self.selection`` ({difference: CRPS}).
+        Rolling-origin evaluation: Tashman (2000), "Out-of-sample tests of forecasting accuracy".
+        """
+        from .metrics import mean_weighted_quantile_loss
+
+        seasonal = self.season_length if 1 < self.season_length <= self.context_length // 2 else 0
+        self.selection = {}
+        if not seasonal:
+            self._set_difference(0)
+            return
+        horizon, origins = self.prediction_length, self.VALIDATION_ORIGINS
+        need = self.context_length + self.prediction_length + self.max_lag
+        train, held = [], []
+        for a in items:
+            cut = a.size - origins * horizon
+            if cut >= need + seasonal:  # the shortened series still yields windows for both candidates
+                train.append(a[:cut])
+                held += [(a[:cut + j * horizon], a[cut + j * horizon: cut + (j + 1) * horizon]) for j in range(origins)]
+        if not held:  # too short to hold anything out: keep seasonal differencing
+            self._set_difference(seasonal)
+            return
+        held = held[:64]
+        contexts = [h for h, _ in held]
+        targets = np.stack([y for _, y in held])
+        for candidate in (0, seasonal):
+            config = {**self.config(), "difference": candidate, "train_steps": max(1, steps // 2),
+                      "max_seconds": self.max_seconds / 3}
+            trial = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(train, max(1, steps // 2), False)
+            samples = trial.forecast(contexts, 50)
+            self.selection[candidate] = float(mean_weighted_quantile_loss(samples, targets))
+            if verbose:
+                print(f"difference={candidate}: validation CRPS {self.selection[candidate]:.4f}")
+        self._set_difference(min(self.selection, key=self.selection.get))
+
+    def _fit_fixed(self, items: list[np.ndarray], steps: int, verbose: bool) -> "TSDiff":
+        need = self.context_length + self.prediction_length + self.max_lag
         windows = np.concatenate([self._represent(self._raw_windows(self._forward_transform(a, "series")))
                                   for a in items if a.size >= need])
-        steps = self.train_steps if train_steps is None else _check_positive_int("train_steps", train_steps, 1)
         data = torch.as_tensor(windows, device=self.device, dtype=self.dtype)
         data, _, _ = self._normalise(data, torch.ones_like(data))
         self._build()
