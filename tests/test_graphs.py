@@ -231,13 +231,20 @@ def test_train_resume_is_exact_and_generate(tmp_path):
         assert torch.equal(p, q)
     field = load_graph_field(tmp_path / "full")
     assert isinstance(field, GraphField) and field.layout.max_nodes == full.layout.max_nodes
-    graphs = generate(tmp_path / "full", 5, generator=0, steps=6, grid="log_snr", snr=0.0)
+    graphs = generate(tmp_path / "full", 5, generator=0, solver="s4", steps=6, grid="log_snr", snr=0.0,
+                      final_denoise=False)
     assert len(graphs) == 5 and all(isinstance(g, nx.Graph) for g in graphs)
-    again = generate(field, 5, generator=0, steps=6, grid="log_snr", snr=0.0)
+    again = generate(field, 5, generator=0, solver="s4", steps=6, grid="log_snr", snr=0.0,
+                      final_denoise=False)
     assert [sorted(g.edges()) for g in graphs] == [sorted(g.edges()) for g in again]
     # a library solver on the joint field, per component
-    lib = generate(field, 3, generator=1, solver="dpm-solver++2m", steps=5)
+    lib = generate(field, 3, generator=1, solver="dpm-solver++2m", steps=5, final_denoise=False)
     assert len(lib) == 3
+    # the default sampler (DPM-Solver++(2M) ODE, data prediction quantised at the end)
+    default = generate(field, 3, generator=1, steps=5)
+    assert len(default) == 3 and all(isinstance(g, nx.Graph) for g in default)
+    with pytest.raises(ValueError, match="threshold"):
+        generate(field, 1, threshold=1.5)
     with pytest.raises(ValueError, match="already holds a run"):
         train_gdss(tmp_path / "full", _tiny_config(), resume=False)
 

@@ -155,8 +155,10 @@ def _run_sample(options: dict, explicit: set) -> None:
     count = options["count"] if "count" in explicit else 100
     if count < 1:
         _fail(f"--count must be >= 1, got {count}", 2)
-    solver = options.get("solver") or "s4"
-    nfe = options.get("nfe") or 1000
+    from ..graphs.model import DEFAULT_SOLVER, DEFAULT_STEPS
+
+    solver = options.get("solver") or DEFAULT_SOLVER
+    nfe = options.get("nfe") or DEFAULT_STEPS
     if nfe < 1:
         _fail(f"--nfe must be >= 1, got {nfe}", 2)
     out = _output_dir(Path(options["output"]))
