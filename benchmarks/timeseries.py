@@ -87,6 +87,9 @@ def run_series(name: str, seed: int, origins: int, steps: int | None, methods: t
         model = TS.TSDiff(context, horizon, season, seed=seed, **options).fit(train)
         timing["tsdiff_fit_cpu_s"], timing["tsdiff_fit_wall_s"] = time.process_time() - cpu, time.perf_counter() - wall
         timing["tsdiff_steps"] = model.steps_done
+        # difference="auto": what fit's in-sample backtest chose, and its validation CRPS per candidate
+        timing["tsdiff_difference"] = model.difference
+        timing["tsdiff_selection"] = {str(k): v for k, v in model.selection.items()}
     if "conditional" in methods:
         cpu, wall = time.process_time(), time.perf_counter()
         cond = TS.ConditionalTSDiff(context, horizon, season, seed=seed, **options).fit(train)

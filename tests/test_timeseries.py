@@ -159,8 +159,9 @@ def test_forecast_shapes_and_refine(tiny_model):
         assert refined.shape == (5, 4) and np.isfinite(refined).all()
     assert len(model.history) == 15 and np.isfinite(model.history).all()
     # difference="auto": chosen by the in-sample rolling-origin backtest between none and the season
-    assert set(model.selection) == {0, 6} and all(np.isfinite(v) for v in model.selection.values())
-    assert model.difference == min(model.selection, key=model.selection.get)
+    assert set(model.selection) == {(d, s) for d in (0, 6) for s in (2.0, 4.0, 8.0)}
+    assert all(np.isfinite(v) for v in model.selection.values())
+    assert (model.difference, model.guidance_scale) == min(model.selection, key=model.selection.get)
     assert model.config()["difference"] == model.difference
 
 

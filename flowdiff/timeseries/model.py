@@ -146,7 +146,11 @@ class TSDiff:
         train_steps: optimiser updates of :meth:`fit`; ``max_seconds`` stops it earlier.
         batch_size, lr, ema_decay, grad_clip: training (Adam; sampling uses the EMA weights).
         guidance: ``"quantile"`` (TSDiff-Q, default), ``"mean-square"`` or ``"none"``.
-        guidance_scale: the scale ``s`` (see the module docstring).
+        guidance_scale: the scale ``s`` (see the module docstring); ``None``: chosen by :meth:`fit` among
+            half, once and twice the default (4 quantile, 2 mean-square) by an in-sample backtest.
+        difference: lag of the differencing inside the window (0: none); ``"auto"``: :meth:`fit` chooses
+            between 0 and the season by a rolling-origin backtest on the end of the training series
+            (validation CRPS; ``selection`` holds the scores), see ``_select_difference``.
         time_features: feed position-in-window and position-in-season channels to the network.
         seed: seeds the weights, the batches and (by default) the sampling noise.
         device, dtype: where the model lives (results follow the model's dtype).
@@ -180,6 +184,7 @@ class TSDiff:
             raise ValueError(f"guidance must be one of {', '.join(GUIDANCES)}, got {guidance!r}")
         self.guidance = guidance
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.scale_mode = "auto" if guidance_scale is None else "fixed"  # None: fit's backtest picks it
         if self.guidance_scale is not None and not (self.guidance_scale >= 0 and math.isfinite(self.guidance_scale)):
             raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale!r}")
         self.time_features = bool(time_features)
@@ -306,7 +311,7 @@ class TSDiff:
             raise ValueError(f"series[{i}] has {n} values; fit needs at least context_length + prediction_length"
                              f"{' + max(lags)' if self.max_lag else ''} = {need}")
         steps = self.train_steps if train_steps is None else _check_positive_int("train_steps", train_steps, 1)
-        if self.difference_mode == "auto" and type(self) is TSDiff:
+        if (self.difference_mode == "auto" or self.scale_mode == "auto") and type(self) is TSDiff:
             self._select_difference(items, steps, verbose)
         return self._fit_fixed(items, steps, verbose)
 
@@ -316,42 +321,58 @@ class TSDiff:
     def _select_difference(self, items: list[np.ndarray], steps: int, verbose: bool) -> None:
         """Choose ``difference`` (0 or the season) by a rolling-origin backtest inside the training data.
 
-        The last ``VALIDATION_ORIGINS`` horizons of every long-enough series are held out; one model per
+        The last ``VALIDATION_ORIGINS`` horizons of every series are held out (fewer where the rest would
+        give fewer than ``horizon + 1`` training windows; none: seasonal differencing is kept); one model per
         candidate is trained on the rest with half the step budget (and a third of ``max_seconds``) and
-        forecasts the held-out origins (50 paths, the default guidance); the candidate with the lower pooled
-        CRPS (mean weighted quantile loss) is kept. Results in ``self.selection`` ({difference: CRPS}).
+        forecasts the held-out origins (50 paths, the default guidance at half, once and twice its default
+        scale unless ``guidance_scale`` was given); the (difference, scale) pair with the lowest pooled CRPS
+        (mean weighted quantile loss) is kept. A series without a usable season only gets its scale chosen
+        (one trial model). Results in ``self.selection`` ({(difference, scale): CRPS}).
         Rolling-origin evaluation: Tashman (2000), "Out-of-sample tests of forecasting accuracy".
         """
         from .metrics import mean_weighted_quantile_loss
 
         seasonal = self.season_length if 1 < self.season_length <= self.context_length // 2 else 0
         self.selection = {}
-        if not seasonal:
-            self._set_difference(0)
-            return
-        horizon, origins = self.prediction_length, self.VALIDATION_ORIGINS
+        horizon = self.prediction_length
         need = self.context_length + self.prediction_length + self.max_lag
         train, held = [], []
         for a in items:
-            cut = a.size - origins * horizon
-            if cut >= need + seasonal:  # the shortened series still yields windows for both candidates
+            # as many origins (up to VALIDATION_ORIGINS) as leave at least horizon + 1 training windows
+            origins = min(self.VALIDATION_ORIGINS, (a.size - need - horizon) // horizon)
+            if origins >= 1:
+                cut = a.size - origins * horizon
                 train.append(a[:cut])
                 held += [(a[:cut + j * horizon], a[cut + j * horizon: cut + (j + 1) * horizon]) for j in range(origins)]
-        if not held:  # too short to hold anything out: keep seasonal differencing
-            self._set_difference(seasonal)
+        if not held:  # too short to hold anything out: keep seasonal differencing and the default scale
+            if self.difference_mode == "auto":
+                self._set_difference(seasonal)
             return
-        held = held[:64]
+        held = held[-16:]
         contexts = [h for h, _ in held]
         targets = np.stack([y for _, y in held])
-        for candidate in (0, seasonal):
+        default = 4.0 if self.guidance == "quantile" else 2.0
+        if self.scale_mode == "fixed" or self.guidance == "none":
+            default = self._default_scale(self.guidance)
+            scales = [default]
+        else:
+            scales = [default / 2, default, default * 2]
+        candidates = sorted({0, seasonal}) if self.difference_mode == "auto" else [self.difference]
+        if len(candidates) * len(scales) == 1:
+            return
+        for candidate in candidates:
             config = {**self.config(), "difference": candidate, "train_steps": max(1, steps // 2),
-                      "max_seconds": self.max_seconds / 3}
+                      "max_seconds": self.max_seconds / (len(candidates) + 1)}
             trial = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(train, max(1, steps // 2), False)
-            samples = trial.forecast(contexts, 50)
-            self.selection[candidate] = float(mean_weighted_quantile_loss(samples, targets))
-            if verbose:
-                print(f"difference={candidate}: validation CRPS {self.selection[candidate]:.4f}")
-        self._set_difference(min(self.selection, key=self.selection.get))
+            for scale in scales:
+                samples = trial.forecast(contexts, 50, guidance_scale=scale)
+                self.selection[(candidate, scale)] = float(mean_weighted_quantile_loss(samples, targets))
+                if verbose:
+                    print(f"difference={candidate} scale={scale}: validation CRPS {self.selection[(candidate, scale)]:.4f}")
+        difference, scale = min(self.selection, key=self.selection.get)
+        self._set_difference(difference)
+        if len(scales) > 1:
+            self.guidance_scale = float(scale)  # then used by forecast() for any guidance kind
 
     def _fit_fixed(self, items: list[np.ndarray], steps: int, verbose: bool) -> "TSDiff":
         need = self.context_length + self.prediction_length + self.max_lag
