@@ -231,7 +231,7 @@ def test_train_resume_is_exact_and_generate(tmp_path):
         assert torch.equal(p, q)
     field = load_graph_field(tmp_path / "full")
     assert isinstance(field, GraphField) and field.layout.max_nodes == full.layout.max_nodes
-    graphs = generate(tmp_path / "full", 5, generator=0, solver="s4", steps=6, grid="log_snr", snr=0.0,
+    graphs = generate(tmp_path / "full", 5, generator=0, solver="s4", steps=6, grid="log_snr", snr=0.0, weights="ema",
                       final_denoise=False)
     assert len(graphs) == 5 and all(isinstance(g, nx.Graph) for g in graphs)
     again = generate(field, 5, generator=0, solver="s4", steps=6, grid="log_snr", snr=0.0,

@@ -155,7 +155,7 @@ def _run_sample(options: dict, explicit: set) -> None:
     count = options["count"] if "count" in explicit else 100
     if count < 1:
         _fail(f"--count must be >= 1, got {count}", 2)
-    from ..graphs.model import DEFAULT_SOLVER, DEFAULT_STEPS
+    from ..graphs.model import DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_WEIGHTS
 
     solver = options.get("solver") or DEFAULT_SOLVER
     nfe = options.get("nfe") or DEFAULT_STEPS
@@ -163,7 +163,7 @@ def _run_sample(options: dict, explicit: set) -> None:
         _fail(f"--nfe must be >= 1, got {nfe}", 2)
     out = _output_dir(Path(options["output"]))
     _set_threads(options.get("threads") or 1)
-    field = load_graph_field(options["checkpoint"], device=options.get("device", "cpu"))
+    field = load_graph_field(options["checkpoint"], which=DEFAULT_WEIGHTS, device=options.get("device", "cpu"))
     started = time.process_time()
     grid = options.get("grid") or "uniform"
     if grid == "logsnr":
