@@ -311,9 +311,12 @@ class TSDiff:
             raise ValueError(f"series[{i}] has {n} values; fit needs at least context_length + prediction_length"
                              f"{' + max(lags)' if self.max_lag else ''} = {need}")
         steps = self.train_steps if train_steps is None else _check_positive_int("train_steps", train_steps, 1)
+        began = time.perf_counter()
         if (self.difference_mode == "auto" or self.scale_mode == "auto") and type(self) is TSDiff:
             self._select_difference(items, steps, verbose)
-        return self._fit_fixed(items, steps, verbose)
+        # max_seconds bounds the whole fit, the backtest's trial models included (at least a quarter is left)
+        budget = max(self.max_seconds - (time.perf_counter() - began), self.max_seconds / 4)
+        return self._fit_fixed(items, steps, verbose, budget)
 
     #: validation origins (each one horizon long) held out at the end of each training series by fit's selection
     VALIDATION_ORIGINS = 3
@@ -362,7 +365,7 @@ class TSDiff:
             return
         for candidate in candidates:
             config = {**self.config(), "difference": candidate, "train_steps": max(1, steps // 2),
-                      "max_seconds": self.max_seconds / (len(candidates) + 1)}
+                      "max_seconds": self.max_seconds / (2 * len(candidates) + 1)}
             trial = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(train, max(1, steps // 2), False)
             for scale in scales:
                 samples = trial.forecast(contexts, 50, guidance_scale=scale)
@@ -374,7 +377,7 @@ class TSDiff:
         if len(scales) > 1:
             self.guidance_scale = float(scale)  # then used by forecast() for any guidance kind
 
-    def _fit_fixed(self, items: list[np.ndarray], steps: int, verbose: bool) -> "TSDiff":
+    def _fit_fixed(self, items: list[np.ndarray], steps: int, verbose: bool, max_seconds: float | None = None) -> "TSDiff":
         need = self.context_length + self.prediction_length + self.max_lag
         windows = np.concatenate([self._represent(self._raw_windows(self._forward_transform(a, "series")))
                                   for a in items if a.size >= need])
@@ -415,7 +418,7 @@ class TSDiff:
             self.history.append(float(loss.detach()))
             if verbose and step % 500 == 0:
                 print(f"step {step} loss {float(loss):.4f}")
-            if time.perf_counter() - start > self.max_seconds:
+            if time.perf_counter() - start > (self.max_seconds if max_seconds is None else max_seconds):
                 break
         self.fit_seconds = time.perf_counter() - start
         self.steps_done = step + 1
