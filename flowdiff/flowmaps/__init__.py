@@ -10,7 +10,10 @@ directly replaces tens of solver steps by one to four network calls.
   copies a trained field's network into a student that starts as the teacher.
 * Training (:mod:`flowdiff.flowmaps.training`): :func:`consistency_distillation` (any solver of the
   teacher as the ODE step), :func:`consistency_training` (no teacher), :func:`flow_map_distillation`
-  (a two-time map by self-consistency, with a teacher or teacher-free).
+  (a two-time map by self-consistency, with a teacher or teacher-free, or ``objective="direct"``: every
+  jump regressed on the teacher's ODE solve).
+* :func:`save_flow_map` / :func:`load_flow_map` (:mod:`flowdiff.flowmaps.io`): a distilled student next to
+  its teacher run (``flowdiff distill``; ``flowdiff sample -c FOLDER --nfe 2`` samples it).
 * Sampling (:mod:`flowdiff.flowmaps.sampling`): :func:`sample` with 1, 2, 4, ... network calls;
   :func:`ode_flow_map`, the reference map of a field by a fine ODE solve.
 
@@ -19,13 +22,15 @@ directly replaces tens of solver steps by one to four network calls.
 >>> fd.flowmaps.sample(student, (64, 2), steps=2).x                          # doctest: +SKIP
 """
 
+from .io import FLOW_MAP_FILE, is_flow_map_folder, load_flow_map, save_flow_map
 from .model import FlowMap, TwoTimeNetwork, student_from_teacher
 from .sampling import RENOISE, ode_flow_map, sample, sample_times
 from .training import (
-    LOSSES, FlowMapTraining, consistency_distillation, consistency_training, flow_map_distillation
+    LOSSES, OBJECTIVES, FlowMapTraining, consistency_distillation, consistency_training, flow_map_distillation
 )
 
 __all__ = [
     "FlowMap", "TwoTimeNetwork", "student_from_teacher", "sample", "sample_times", "ode_flow_map", "RENOISE",
     "FlowMapTraining", "LOSSES", "consistency_distillation", "consistency_training", "flow_map_distillation",
+    "OBJECTIVES", "FLOW_MAP_FILE", "is_flow_map_folder", "load_flow_map", "save_flow_map",
 ]

@@ -8,6 +8,7 @@ Daems, Opper, Crevecoeur, Birdal (ICLR 2024), "Variational Inference for SDEs Dr
 * :class:`FractionalSDE` — the prior :math:`dX = [-\theta(X-\mu) + f(X,t)]dt + \sigma d\hat B^H` on the augmented
   state (X, Y_1..Y_K), with a learnable Hurst index; :class:`VariationalPosterior` — the controlled posterior
   (:class:`ControlNet` and/or the exact guided control of a linear prior); :func:`elbo`, :func:`fit`;
+  :func:`fit_hurst` (learn H: exact likelihood by default, or the ELBO);
   :func:`log_likelihood` (exact, Kalman) and :func:`gp_posterior` (analytic GP posterior) as references.
 * :func:`simulate_fbm` (Davies–Harte / Cholesky), :func:`simulate_fou`, :func:`estimate_hurst` (variogram).
 
@@ -22,7 +23,10 @@ from .sde import (
     FractionalSDE,
     VariationalPosterior,
     elbo,
+    HURST_METHODS,
+    HurstFit,
     fit,
+    fit_hurst,
     gp_posterior,
     log_likelihood,
 )
@@ -31,5 +35,5 @@ from .simulate import estimate_hurst, fgn_autocovariance, simulate_fbm, simulate
 __all__ = [
     "MAfBM", "check_hurst", "fbm_covariance", "geometric_speeds", "lower_gamma_regularized", "ou_step_matrices",
     "FractionalSDE", "VariationalPosterior", "ControlNet", "ELBOResult", "FitResult", "elbo", "fit",
-    "log_likelihood", "gp_posterior", "simulate_fbm", "simulate_fou", "estimate_hurst", "fgn_autocovariance",
+    "fit_hurst", "HurstFit", "HURST_METHODS", "log_likelihood", "gp_posterior", "simulate_fbm", "simulate_fou", "estimate_hurst", "fgn_autocovariance",
 ]

@@ -54,7 +54,7 @@ from .markov import KINDS, MAfBM, _psd_sqrt, check_hurst, geometric_speeds, ou_s
 
 __all__ = [
     "FractionalSDE", "VariationalPosterior", "ControlNet", "ELBOResult", "FitResult", "elbo", "fit",
-    "log_likelihood", "gp_posterior",
+    "log_likelihood", "gp_posterior", "fit_hurst", "HurstFit", "HURST_METHODS",
 ]
 
 
@@ -688,3 +688,99 @@ def gp_posterior(
     if observations is not None:
         mean = sol.T @ torch.as_tensor(observations, dtype=torch.float64).reshape(-1)
     return mean, var.clamp_min(0).sqrt()
+
+
+#: Methods of :func:`fit_hurst`.
+HURST_METHODS = ("likelihood", "elbo")
+
+
+@dataclass
+class HurstFit:
+    """The result of :func:`fit_hurst`: the fitted prior, its Hurst index, the iterates and the cost."""
+
+    hurst: float
+    sde: FractionalSDE
+    method: str
+    history: list[float] = field(default_factory=list)
+    objective: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0
+
+
+def fit_hurst(
+    times: Tensor,
+    observations: Tensor,
+    obs_std: float | Tensor,
+    *,
+    method: str = "likelihood",
+    hurst_init: float = 0.5,
+    num_processes: int = 8,
+    gamma_max: float = 200.0,
+    kind: str = "I",
+    horizon: float | None = None,
+    theta_init: float = 0.5,
+    learn_sigma: bool = True,
+    learn_theta: bool = True,
+    steps: int | None = None,
+    lr: float = 0.05,
+    dt: float = 0.05,
+    refine: float = 0.1,
+    num_samples: int = 4,
+    generator: torch.Generator | None = None,
+) -> HurstFit:
+    r"""Learn the Hurst index of noisy observations of fractional Ornstein–Uhlenbeck paths (the documented entry point).
+
+    The model is the MA-fBM prior :math:`dX = -\theta X dt + \sigma d\hat B^H` (Daems et al. 2024; K =
+    ``num_processes`` OU processes, speeds up to ``gamma_max``, weights optimal on ``[0, horizon]``), with H, σ
+    and θ learnt by Adam through the differentiable ω(H).
+
+    * ``method="likelihood"`` (default): the exact log marginal likelihood of the discretised model
+      (:func:`log_likelihood`, a Kalman filter; 150 steps by default). Measured (docs/fractional.md, 16 fOU
+      paths, 20 observations with noise 0.1): Ĥ = 0.307 / 0.499 / 0.708 for H = 0.3 / 0.5 / 0.7, ≈ 10 CPU s each.
+    * ``method="elbo"``: the variational fit of the paper (:func:`fit`, guided posterior, 150 steps by
+      default; Ĥ the mean of the last quarter of the iterates). Its piecewise-constant-control gap biases Ĥ
+      upwards at small H (0.429 for H = 0.3 at dt = 0.05, refine = 0.1); use a finer ``dt``/``refine``.
+
+    Arguments:
+        times: (N,) observation times (> 0; the paths start at X(0) = 0).
+        observations: (P, N) or (P, N, 1) observed values (P paths).
+        obs_std: the observation noise standard deviation.
+
+    Returns:
+        :class:`HurstFit`.
+    """
+    import time
+
+    if method not in HURST_METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(HURST_METHODS)}")
+    check_hurst(hurst_init, "hurst_init")
+    steps = check_int("steps", 150 if steps is None else steps, low=1)
+    times = torch.as_tensor(times, dtype=torch.float64)
+    obs = torch.as_tensor(observations, dtype=torch.float64)
+    if obs.ndim == 2:
+        obs = obs[..., None]
+    if obs.ndim != 3 or obs.shape[-1] != 1 or obs.shape[1] != times.numel():
+        raise ValueError(f"observations must be (P, N) or (P, N, 1) with N = len(times) = {times.numel()}, "
+                         f"got shape {tuple(torch.as_tensor(observations).shape)}")
+    t_end = float(times.max()) if horizon is None else check_float("horizon", horizon, 0.0, low_open=True)
+    sde = FractionalSDE(hurst_init, num_processes=num_processes, gamma_max=gamma_max, kind=kind, horizon=t_end,
+                        theta=theta_init, learn_hurst=True, learn_sigma=learn_sigma, learn_theta=learn_theta).double()
+    start = time.process_time()
+    if method == "likelihood":
+        opt = torch.optim.Adam([p for p in sde.parameters() if p.requires_grad], lr=check_float("lr", lr, 0.0, low_open=True))
+        history, objective = [], []
+        for _ in range(steps):
+            loss = -log_likelihood(sde, times, obs, obs_std, dt=dt).sum() / obs.numel()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append(float(sde.hurst.detach()))
+            objective.append(-float(loss.detach()))
+        hurst = history[-1]
+    else:
+        post = VariationalPosterior(sde, control=None, guide=True)
+        res = fit(sde, post, times, obs, obs_std, steps=steps, lr=lr, num_samples=num_samples, dt=dt, refine=refine,
+                  generator=generator)
+        history, objective = res.hurst, res.elbo
+        tail = history[-max(1, steps // 4):]
+        hurst = sum(tail) / len(tail)
+    return HurstFit(float(hurst), sde, method, history, objective, time.process_time() - start)
