@@ -15,6 +15,10 @@ from .metrics import (clustering_mmd, degree_mmd, erdos_renyi_like, evaluate_gra
 from .model import (DEFAULT_NETWORK, GDSSNetwork, GraphField, GraphLayout, GraphTrainConfig, gdss_loss, generate,
                     load_graph_field, s4_sample, train_gdss)
 from .nets import ScoreNetworkA, ScoreNetworkX
+from . import molecules
+from .molecules import (MOLECULE_DATASETS, MoleculeDataError, MoleculeSamples, MoleculeTrainConfig, decode_molecules,
+                        generate_molecules, molecule_dataset, molecule_metrics, nspdk_mmd, smiles_to_dense,
+                        train_molecules)
 
 __all__ = [
     "DATASETS", "GraphBatch", "GraphDataError", "check_graphs", "community_small", "degree_features", "ego_like",
@@ -22,5 +26,7 @@ __all__ = [
     "write_graphs", "clustering_mmd", "degree_mmd", "erdos_renyi_like", "evaluate_graphs", "gaussian_emd_kernel",
     "graph_mmd", "mmd_squared", "orbit_counts", "orbit_mmd", "spectral_mmd", "DEFAULT_NETWORK", "GDSSNetwork",
     "GraphField", "GraphLayout", "GraphTrainConfig", "gdss_loss", "generate", "load_graph_field", "s4_sample",
-    "train_gdss", "ScoreNetworkA", "ScoreNetworkX",
+    "train_gdss", "ScoreNetworkA", "ScoreNetworkX", "molecules", "MOLECULE_DATASETS", "MoleculeDataError",
+    "MoleculeSamples", "MoleculeTrainConfig", "decode_molecules", "generate_molecules", "molecule_dataset",
+    "molecule_metrics", "nspdk_mmd", "smiles_to_dense", "train_molecules",
 ]
