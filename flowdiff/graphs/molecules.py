@@ -271,10 +271,11 @@ def _max_valence(Chem: Any, atomic_num: int, charge: int) -> int:
     return max(valences) if valences else 0
 
 
-def _explicit_valences(mol: Any) -> list[int]:
-    val = [0] * mol.GetNumAtoms()
+def _explicit_valences(mol: Any) -> list[float]:
+    """Sum of bond orders per atom (aromatic bonds count 1.5; the molecules built here are kekulized)."""
+    val = [0.0] * mol.GetNumAtoms()
     for b in mol.GetBonds():
-        o = int(round(b.GetBondTypeAsDouble()))
+        o = b.GetBondTypeAsDouble()
         val[b.GetBeginAtomIdx()] += o
         val[b.GetEndAtomIdx()] += o
     return val
@@ -287,7 +288,7 @@ def check_valency(mol: Any) -> list[int]:
     Chem = _chem()
     val = _explicit_valences(mol)
     return [a.GetIdx() for a in mol.GetAtoms()
-            if val[a.GetIdx()] > _max_valence(Chem, a.GetAtomicNum(), a.GetFormalCharge())]
+            if val[a.GetIdx()] > _max_valence(Chem, a.GetAtomicNum(), a.GetFormalCharge()) + 1e-6]
 
 
 def _construct(Chem: Any, symbols: Sequence[str], bonds: dict[tuple[int, int], int], charges: bool) -> Any:
