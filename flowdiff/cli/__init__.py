@@ -976,9 +976,10 @@ def demo(
 @app.command()
 @_command
 def restore(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder (an image model)."),
-    task: str = typer.Option("inpaint", "--task", help="inpaint (centre box), inpaint-random (half the pixels), superres (2x2 average), blur (3x3 Gaussian), mri (half the Fourier coefficients)."),
-    method: str = typer.Option("pgdm", "--method", help="Posterior sampler: `python -c 'import flowdiff; print(flowdiff.inverse.available())'` lists them."),
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint folder or a training --output folder (an image model); for --method mrs a `flowdiff restore-train` folder."),
+    task: str = typer.Option("inpaint", "--task", help="inpaint (centre box), inpaint-random (half the pixels), superres (2x2 average), blur (3x3 Gaussian), mri (half the Fourier coefficients); --method mrs: denoise, deblur, inpaint (a random 4x4 square)."),
+    method: str = typer.Option("pgdm", "--method", help="Posterior sampler: `python -c 'import flowdiff; print(flowdiff.inverse.available())'` lists them; or mrs (a mean-reverting model, MRS sampler, default 10 NFE, 1 sample)."),
     input: Optional[str] = typer.Option(None, "--input", help="Clean images to measure and restore: a .pt/.npy file of (N, C, H, W) or a dataset name (its held-out split). Default: the checkpoint's dataset."),
     output: Path = typer.Option(Path("runs/restore"), "--output", "-o", help="Folder for restore.pt, restore.png and metrics.json."),
     count: int = typer.Option(8, "--count", "-n", help="Number of images to restore."),
@@ -996,6 +997,12 @@ def restore(
     from ..inverse import available
     from ..pipeline import RESTORE_TASKS, restore as restore_images, save_restore_png, write_json
 
+    if method == "mrs":  # mean-reverting restoration model + MRS (flowdiff/cli/fewstep.py)
+        from .fewstep import restore_mrs
+
+        given = _explicit(ctx)
+        return restore_mrs(checkpoint, task, input, output, count, samples if "samples" in given else 1,
+                           nfe if "nfe" in given else 10, seed, threads)
     with _user_errors():
         count = check_int("--count", count, 1)
         samples = check_int("--samples", samples, 1)
@@ -1170,4 +1177,4 @@ def _run(args: list[str]) -> Any:
 
 
 # Commands of the other modalities register on ``app`` and in the handler lists above.
-from . import certify, graphs, pde, quant, timeseries, trajectories  # noqa: E402,F401
+from . import certify, fewstep, graphs, pde, quant, timeseries, trajectories  # noqa: E402,F401

@@ -413,7 +413,7 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
                           groups: int | None = 4, loss: str = "l2", huber_c: float | None = None,
                           target_ema: float = 0.99, grad_clip: float | None = 1.0, denoise_weight: float = 1.0,
                           base_order: int = 2, aligned: bool = True, objective: str = "self-consistency",
-                          seed: int = 0, callback: Callable[[int, float], None] | None = None,
+                          jumps: Sequence[int] | None = None, seed: int = 0, callback: Callable[[int, float], None] | None = None,
                           solver_options: dict | None = None) -> FlowMapTraining:
     r"""A two-time flow map :math:`X_{s\to t}` trained by self-consistency (module docstring).
 
@@ -439,6 +439,9 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
             update, one solver call each. Needs a teacher. On the 2-D exact mixture the
             self-consistent map stalled at the fit of the mid-SNR single intervals (2-step error
             0.29), the direct one does not compound them (docs/flowmaps.md).
+        jumps: ``objective="direct"`` only: the jump lengths (in grid intervals, powers of two up to
+            ``N``) to train, e.g. ``(N, N // 2, N // 4)`` for the maps of the 1-, 2- and 4-step
+            samplers alone; default every :math:`2^m`.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
@@ -456,8 +459,19 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
     x1, cond = loop.draw(loop.batch, loop.generator)
     _check_student(student, teacher, x1, cond, two_time_needed=True)
     levels = int(math.floor(math.log2(bins))) + 1
+    if jumps is not None:
+        if objective != "direct":
+            raise ValueError("jumps= selects the jumps of objective='direct'; self-consistency needs every halving")
+        try:
+            jumps = sorted({int(j) for j in jumps})
+        except (TypeError, ValueError):
+            raise TypeError(f"jumps must be a sequence of integers, got {jumps!r}") from None
+        bad = [j for j in jumps if j < 1 or j > bins or j & (j - 1)]
+        if not jumps or bad:
+            raise ValueError(f"jumps must be powers of two from 1 to bins={bins}, got {list(jumps)}")
     if objective == "direct":
-        return _direct_flow_map(loop, teacher, student, step_fn, g, bins, levels, aligned, groups, solver)
+        allowed = torch.tensor([int(math.log2(j)) for j in jumps] if jumps is not None else list(range(levels)))
+        return _direct_flow_map(loop, teacher, student, step_fn, g, bins, allowed, aligned, groups, solver)
     for step in range(loop.steps):
         x1, cond = loop.draw(loop.batch, loop.generator)
         eps = loop.randn(x1)
@@ -498,7 +512,7 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
 
 
 def _direct_flow_map(loop: _Loop, teacher: Field, student: FlowMap, step_fn: _TeacherStep, g: Tensor, bins: int,
-                     levels: int, aligned: bool, groups: int | None, solver: str) -> FlowMapTraining:
+                     levels: Tensor, aligned: bool, groups: int | None, solver: str) -> FlowMapTraining:
     """``flow_map_distillation(objective="direct")``: each jump regressed on the teacher's solve over it."""
     n_groups = 4 if groups is None else int(groups)
     for step in range(loop.steps):
@@ -506,7 +520,7 @@ def _direct_flow_map(loop: _Loop, teacher: Field, student: FlowMap, step_fn: _Te
         eps = loop.randn(x1)
         batch = x1.shape[0]
         # `n_groups` jumps (level uniform, start uniform among the allowed ones), the batch split among them
-        m = loop.randint(levels, n_groups)
+        m = levels[loop.randint(len(levels), n_groups)]
         d = 2 ** m
         i = loop.randint(bins // d, n_groups) * d if aligned else loop.randint(bins - d + 1, n_groups)
         which = loop.randint(n_groups, batch)
