@@ -652,7 +652,7 @@ class MoleculeTrainConfig:
     data_seed: int = 0
     test_fraction: float = 0.2
     seed: int = 0
-    steps: int = 4000
+    steps: int = 6000
     batch_size: int = 128
     lr: float = 5e-3
     lr_decay: float = 0.9995
@@ -810,37 +810,44 @@ def train_molecules(output_dir: str | Path, config: MoleculeTrainConfig | None =
     last_ckpt = None
     running: dict[str, float] = {}
     network.train()
-    while step < cfg.steps:
-        idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen).to(data.adj.device)
-        batch = data.index(idx)
-        if cfg.augment:
-            batch = permute(batch, generator=gen)
-        loss, parts = gdss_loss(network, path, batch, generator=gen)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(step + 1, "loss", float(loss), last_ckpt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
-        if not torch.isfinite(norm):
-            raise NonFiniteLossError(step + 1, "grad_norm", float(norm), last_ckpt)
-        opt.step()
-        sched.step()
-        ema.update(network)
-        step += 1
-        for k, v in parts.items():
-            running[k] = running.get(k, 0.0) + v
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            line = {"step": step, **{f"loss_{k}": v / n for k, v in running.items()},
-                    "lr": sched.get_last_lr()[0], "cpu_s": round(cpu_used + time.process_time() - cpu0, 1)}
-            running = {}
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(line) + "\n")
-            say(json.dumps(line))
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            last_ckpt = save()
-    if last_ckpt is None and not list_checkpoints(out):
-        save()
+    # Denormal floats appear in the weights after ~1000 steps and made each CPU step 2x slower (measured:
+    # 0.128 vs 0.062 CPU s per batch of 128); flushing them to zero changes nothing else.
+    flush = torch.set_flush_denormal(True)
+    try:
+        while step < cfg.steps:
+            idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen).to(data.adj.device)
+            batch = data.index(idx)
+            if cfg.augment:
+                batch = permute(batch, generator=gen)
+            loss, parts = gdss_loss(network, path, batch, generator=gen)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(step + 1, "loss", float(loss), last_ckpt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
+            if not torch.isfinite(norm):
+                raise NonFiniteLossError(step + 1, "grad_norm", float(norm), last_ckpt)
+            opt.step()
+            sched.step()
+            ema.update(network)
+            step += 1
+            for k, v in parts.items():
+                running[k] = running.get(k, 0.0) + v
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                line = {"step": step, **{f"loss_{k}": v / n for k, v in running.items()},
+                        "lr": sched.get_last_lr()[0], "cpu_s": round(cpu_used + time.process_time() - cpu0, 1)}
+                running = {}
+                with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(line) + "\n")
+                say(json.dumps(line))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                last_ckpt = save()
+        if last_ckpt is None and not list_checkpoints(out):
+            save()
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
     network.load_state_dict(ema.shadow)
     network.eval()
     return GraphField(network, path, info["node_distribution"], info)
