@@ -10,6 +10,8 @@ starts as a denoiser):
 * ``CD``: consistency distillation (one-time), teacher step Heun with 2 substeps per interval, N = 16 log-SNR bins;
 * ``CT``: consistency training (one-time, no teacher), N doubling 10 -> 80, pseudo-Huber;
 * ``FM-distill``: two-time flow map by self-consistency, single intervals from the teacher's Heun steps, N = 16;
+* ``FM-direct``: two-time flow map, every aligned jump (2N - 1 maps) regressed on the teacher's Heun solve over
+  it (2 substeps per interval; ``objective="direct"``), N = 16;
 * ``FM-train``: the same without a teacher (the model's own diagonal denoiser, shortcut-style).
 
 Consistency models sample with deterministic re-noising (so that the result is a function of the
@@ -110,6 +112,8 @@ def gmm_part(args: argparse.Namespace, save=lambda part: None) -> dict:
         "CT": lambda m: fd.flowmaps.consistency_training(m, data, bins=(10, 80), target_ema=0.95, **common),
         "FM-distill": lambda m: fd.flowmaps.flow_map_distillation(teacher, m, data, bins=16, solver="heun",
                                                                   substeps=2, **common),
+        "FM-direct": lambda m: fd.flowmaps.flow_map_distillation(teacher, m, data, bins=16, solver="heun", substeps=2,
+                                                                 objective="direct", **common),
         "FM-train": lambda m: fd.flowmaps.flow_map_distillation(None, m, data, bins=16, **common),
     }
     students = {}
