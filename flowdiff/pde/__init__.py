@@ -7,6 +7,9 @@ with reference solvers (issue 21).
 * :class:`RGNP` — the random-grid neural process: physics-only ELBO, closed-form predictive with a calibrated std,
   amortised GICNet inverse (:meth:`RGNP.invert`) and the surrogate Bayesian posterior (:meth:`RGNP.posterior`).
 * :class:`GICNet` — the grid-invariant convolutional network.
+* :class:`PDDLVM` (fixed grid) and :class:`PINN` (deterministic, residual MSE) — physics-informed baselines;
+  :class:`DiffusionPrior` — a flowdiff diffusion prior over (z, w, u on a mesh) trained on solver pairs, sampled
+  through :mod:`flowdiff.inverse` (with optional DiffusionPDE residual guidance).
 * :func:`gold_posterior` — MCMC with the reference solver; :func:`collocation_solve` — a spectral solver built from
   a problem's own residual (1-D).
 """
@@ -17,6 +20,9 @@ from .mcmc import PriorModel, gold_posterior, sample_posterior
 from .problem import Problem, grad, sensors
 from .problems import available, burgers, cavity, get, poisson
 from .rgnp import RGNP, NonFiniteTrainingError
+from .baselines import PDDLVM, PINN
+from .diffusion_prior import DiffusionPrior
 
 __all__ = ["Problem", "sensors", "grad", "poisson", "burgers", "cavity", "get", "available", "RGNP", "GICNet",
-           "NonFiniteTrainingError", "gold_posterior", "sample_posterior", "PriorModel", "collocation_solve"]
+           "NonFiniteTrainingError", "gold_posterior", "sample_posterior", "PriorModel", "collocation_solve",
+           "PDDLVM", "PINN", "DiffusionPrior"]
