@@ -158,11 +158,20 @@ def test_forecast_shapes_and_refine(tiny_model):
         refined = model.refine(series, base, method=method, iterations=2)
         assert refined.shape == (5, 4) and np.isfinite(refined).all()
     assert len(model.history) == 15 and np.isfinite(model.history).all()
-    # difference="auto": chosen by the in-sample rolling-origin backtest between none and the season
-    assert set(model.selection) == {(d, s) for d in (0, 6) for s in (2.0, 4.0, 8.0)}
+    # difference, scale and spread: chosen by the in-sample rolling-origin backtest
+    from flowdiff.timeseries.model import SPREADS, widen
+    assert set(model.selection) == {(d, s, f) for d in (0, 6) for s in (2.0, 4.0, 8.0) for f in SPREADS}
     assert all(np.isfinite(v) for v in model.selection.values())
-    assert (model.difference, model.guidance_scale) == min(model.selection, key=model.selection.get)
-    assert model.config()["difference"] == model.difference
+    assert (model.difference, model.guidance_scale, model.spread) == min(model.selection, key=model.selection.get)
+    assert model.config()["difference"] == model.difference and model.config()["spread"] == model.spread
+    # the spread rescales each path's deviation from the per-step median, nothing else
+    raw = model.forecast(series, 9, spread=1.0)
+    wide = model.forecast(series, 9, spread=2.0)
+    np.testing.assert_allclose(np.median(wide, 0), np.median(raw, 0), atol=1e-9)
+    np.testing.assert_allclose(wide - np.median(wide, 0), 2.0 * (raw - np.median(raw, 0)), atol=1e-9)
+    np.testing.assert_allclose(model.forecast(series, 9), widen(raw, model.spread), atol=1e-9)
+    with pytest.raises(ValueError, match="spread"):
+        model.forecast(series, 3, spread=0.0)
 
 
 def test_float64_model_save_load_and_conditional(tmp_path):

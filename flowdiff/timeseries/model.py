@@ -131,6 +131,16 @@ def check_context(context: Any, need: int, name: str = "context", missing: str =
     return out
 
 
+def widen(samples: np.ndarray, factor: float) -> np.ndarray:
+    """Scale every path's deviation from the per-step median over the paths (axis -2) by ``factor``."""
+    median = np.median(samples, axis=-2, keepdims=True)
+    return median + factor * (samples - median)
+
+
+#: spread factors fit's backtest chooses from (geometric, 0.5 … 4)
+SPREADS = tuple(float(f"{0.5 * 2 ** (i / 4):.3f}") for i in range(13))
+
+
 class TSDiff:
     """TSDiff (Kollovieh et al. 2023): fit an unconditional diffusion model on windows, forecast by self-guidance.
 
@@ -162,6 +172,7 @@ class TSDiff:
                  batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.995, grad_clip: float = 0.5,
                  guidance: str = "quantile", guidance_scale: float | None = None, time_features: bool = True,
                  difference: int | str = "auto", detrend: bool = False, log: bool | str = False,
+                 spread: float | None = None, profile: bool = False,
                  max_seconds: float = 480.0, seed: int = 0, device: Any = "cpu", dtype: Any = torch.float32):
         self.context_length = _check_positive_int("context_length", context_length, 2)
         self.prediction_length = _check_positive_int("prediction_length", prediction_length, 1)
@@ -188,6 +199,13 @@ class TSDiff:
         if self.guidance_scale is not None and not (self.guidance_scale >= 0 and math.isfinite(self.guidance_scale)):
             raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale!r}")
         self.time_features = bool(time_features)
+        # spread: factor on every sample's deviation from the per-step median of the forecast paths (1: the
+        # model's own spread); None: chosen by fit's backtest (a small model trained on one short series tends
+        # to memorise its windows and sample too narrow a conditional: 50 % coverage of 80 % intervals on Nile)
+        self.spread_mode = "auto" if spread is None else "fixed"
+        self.spread = None if spread is None else float(spread)
+        if self.spread is not None and not (self.spread > 0 and math.isfinite(self.spread)):
+            raise ValueError(f"spread must be finite and > 0, got {spread!r}")
         # difference="auto": chosen in fit() by a rolling-origin backtest inside the training data between
         # none and seasonal differencing (where a season is known and the context holds two of them); a
         # non-seasonal series is modelled as is (first differences made Nile's forecasts random walks)
@@ -202,6 +220,7 @@ class TSDiff:
             raise ValueError(f"log must be True or False, got {log!r}")
         self.log = bool(log)
         self.detrend = bool(detrend)
+        self.profile = bool(profile)
         self.max_seconds = float(max_seconds)
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -281,6 +300,14 @@ class TSDiff:
             dp = (pc[None] - pmean[:, None]) * mask
             slope = (dp * (ctx - mean[:, None])).sum(1) / (dp**2).sum(1).clamp(min=1e-12)
             loc = mean[:, None] + slope[:, None] * (pos[None] - pmean[:, None])
+        m = self.season_length
+        if self.profile and self.difference == 0 and 1 < m and 2 * m <= self.inner_context:
+            # the context's mean seasonal profile (phase means of its residuals), repeated over the window
+            phase = torch.nn.functional.one_hot(pos.long() % m, m).to(windows.dtype)  # (length, m)
+            resid = (ctx - loc[:, : self.inner_context]) * mask
+            counts = mask @ phase[: self.inner_context]
+            shape = (resid @ phase[: self.inner_context]) / counts.clamp(min=1)
+            loc = loc + shape @ phase.T
         resid = (ctx - loc[:, : self.inner_context]) * mask
         var = (resid**2).sum(1) / count
         floor = 1e-3 * ((ctx.abs() * mask).sum(1) / count) + 1e-8
@@ -312,7 +339,7 @@ class TSDiff:
                              f"{' + max(lags)' if self.max_lag else ''} = {need}")
         steps = self.train_steps if train_steps is None else _check_positive_int("train_steps", train_steps, 1)
         began = time.perf_counter()
-        if (self.difference_mode == "auto" or self.scale_mode == "auto") and type(self) is TSDiff:
+        if "auto" in (self.difference_mode, self.scale_mode, self.spread_mode) and type(self) is TSDiff:
             self._select_difference(items, steps, verbose)
         # max_seconds bounds the whole fit, the backtest's trial models included (at least a quarter is left)
         budget = max(self.max_seconds - (time.perf_counter() - began), self.max_seconds / 4)
@@ -347,7 +374,7 @@ class TSDiff:
                 cut = a.size - origins * horizon
                 train.append(a[:cut])
                 held += [(a[:cut + j * horizon], a[cut + j * horizon: cut + (j + 1) * horizon]) for j in range(origins)]
-        if not held:  # too short to hold anything out: keep seasonal differencing and the default scale
+        if not held:  # too short to hold anything out: keep seasonal differencing, the default scale and spread
             if self.difference_mode == "auto":
                 self._set_difference(seasonal)
             return
@@ -361,21 +388,29 @@ class TSDiff:
         else:
             scales = [default / 2, default, default * 2]
         candidates = sorted({0, seasonal}) if self.difference_mode == "auto" else [self.difference]
-        if len(candidates) * len(scales) == 1:
+        spreads = SPREADS if self.spread_mode == "auto" else [self.spread]
+        if len(candidates) * len(scales) * len(spreads) == 1:
             return
         for candidate in candidates:
             config = {**self.config(), "difference": candidate, "train_steps": max(1, steps // 2),
                       "max_seconds": self.max_seconds / (2 * len(candidates) + 1)}
             trial = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(train, max(1, steps // 2), False)
             for scale in scales:
-                samples = trial.forecast(contexts, 50, guidance_scale=scale)
-                self.selection[(candidate, scale)] = float(mean_weighted_quantile_loss(samples, targets))
+                samples = trial.forecast(contexts, 50, guidance_scale=scale, spread=1.0)
+                # the spread is scored on the same paths (it only rescales them)
+                for spread in spreads:
+                    score = float(mean_weighted_quantile_loss(widen(samples, spread), targets))
+                    self.selection[(candidate, scale, spread)] = score
                 if verbose:
-                    print(f"difference={candidate} scale={scale}: validation CRPS {self.selection[(candidate, scale)]:.4f}")
-        difference, scale = min(self.selection, key=self.selection.get)
+                    best = min(spreads, key=lambda f: self.selection[(candidate, scale, f)])
+                    print(f"difference={candidate} scale={scale}: validation CRPS {self.selection[(candidate, scale, 1.0)]:.4f} "
+                          f"(spread {best}: {self.selection[(candidate, scale, best)]:.4f})")
+        difference, scale, spread = min(self.selection, key=self.selection.get)
         self._set_difference(difference)
         if len(scales) > 1:
             self.guidance_scale = float(scale)  # then used by forecast() for any guidance kind
+        if self.spread_mode == "auto":
+            self.spread = float(spread)
 
     def _fit_fixed(self, items: list[np.ndarray], steps: int, verbose: bool, max_seconds: float | None = None) -> "TSDiff":
         need = self.context_length + self.prediction_length + self.max_lag
@@ -501,7 +536,7 @@ class TSDiff:
 
     def forecast(self, context: Any, num_samples: int = 100, *, guidance: str | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, missing: str = "raise",
-                 return_windows: bool = False) -> np.ndarray:
+                 spread: float | None = None, profile: bool = False, return_windows: bool = False) -> np.ndarray:
         """Sample ``num_samples`` forecasts of the next ``prediction_length`` steps after ``context``.
 
         Arguments:
@@ -513,6 +548,8 @@ class TSDiff:
             seed: seed of the sampling noise (default: the model's seed).
             missing: ``"raise"`` (NaN in the context is an error) or ``"mask"`` (NaN marks a missing
                 observation, left out of the guidance energy as in the paper's missing-value scenarios).
+            spread: factor on each path's deviation from the per-step median of the paths (default: the
+                one :meth:`fit`'s backtest chose, else 1 — the model's own spread).
             return_windows: also return the sampled windows in the modelled representation (differenced
                 at lag ``difference``, de-standardised), ``(…, S, channels, length)``.
 
@@ -539,6 +576,11 @@ class TSDiff:
         x = x.reshape(batch, num_samples, self.channels, self.length)
         windows = (x * scale_[:, None] + loc[:, None]).double().cpu().numpy()
         result = self._integrate(raw, windows[:, :, 0, self.inner_context:])
+        factor = (self.spread if self.spread is not None else 1.0) if spread is None else float(spread)
+        if not (factor > 0 and math.isfinite(factor)):
+            raise ValueError(f"spread must be finite and > 0, got {spread!r}")
+        if factor != 1.0:
+            result = widen(result, factor)
         if not np.isfinite(result).all():
             raise FloatingPointError("TSDiff.forecast produced non-finite samples (guidance_scale too large?)")
         if single:
@@ -647,8 +689,8 @@ class TSDiff:
                 "train_steps": self.train_steps, "batch_size": self.batch_size, "lr": self.lr,
                 "ema_decay": self.ema_decay, "grad_clip": self.grad_clip, "guidance": self.guidance,
                 "guidance_scale": self.guidance_scale, "time_features": self.time_features,
-                "difference": self.difference, "detrend": self.detrend, "log": self.log,
-                "max_seconds": self.max_seconds, "seed": self.seed}
+                "difference": self.difference, "detrend": self.detrend, "log": self.log, "profile": self.profile,
+                "spread": self.spread, "max_seconds": self.max_seconds, "seed": self.seed}
 
     def state_dict(self) -> dict:
         self._check_fitted()
