@@ -263,6 +263,82 @@ def pathwise_part(dim: int = 8, batch: int = 200, fine_steps: int = 20000, seed:
     return lines + markdown_table(["method"] + [f"NFE {c}" for c in cols], rows), payload
 
 
+# ---------------------------------------------------------------- issue 18's check, all six mixtures
+def _em_pathwise(path, field, y0: torch.Tensor, fine_steps: int, seed: int, coarse=(100,)) -> dict:
+    """Euler–Maruyama on the reverse SDE of ``y`` (uniform grid, the library's ``euler-maruyama`` step) driven
+    by one Brownian path of ``fine_steps`` increments: error of ``n`` coarse steps to the fine solution."""
+    fine = torch.linspace(path.t_min, path.t_max, fine_steps + 1, dtype=torch.float64)
+    tab = path.table(fine)
+    alpha, sigma, dlam = tab.alpha, tab.sigma, tab.d_log_snr
+    da, ds = path.d_alpha(fine), path.d_sigma(fine)
+    eps = sigma**2 * dlam
+
+    def em(stride, dws):
+        y = y0.clone()
+        for k, dw in enumerate(dws):
+            a = k * stride
+            d = field.denoise(y, torch.full((y.shape[0],), float(fine[a]), dtype=y.dtype))
+            e_hat = (y - alpha[a] * d) / sigma[a]
+            y = y + (fine[a + stride] - fine[a]) * (da[a] * d + (ds[a] - sigma[a] * dlam[a]) * e_hat) + torch.sqrt(2 * eps[a]) * dw
+        return y
+
+    gen = torch.Generator().manual_seed(seed)
+    dW = torch.randn((fine_steps, *y0.shape), generator=gen, dtype=y0.dtype) * torch.sqrt(torch.diff(fine)).view(-1, 1, 1)
+    ref = em(1, list(dW))
+    half = em(2, list(dW.view(fine_steps // 2, 2, *y0.shape).sum(1)))
+    out = {"ref_vs_half": float((half - ref).norm(dim=1).mean())}
+    for n in coarse:
+        k = fine_steps // n
+        out[n] = float((em(k, list(dW.view(n, k, *y0.shape).sum(1))) - ref).norm(dim=1).mean())
+    return out
+
+
+def issue_part(batch: int = 200, fine_steps: int = 10000) -> tuple[list[str], dict]:
+    """Issue 18: at 10 NFE, the default MRS against DPM-Solver++ on the equivalent Gaussian problem, Euler (ODE)
+    at 100 steps, and Euler–Maruyama at 100 steps (pathwise: error to a fine solution on the same Brownian path),
+    on the six mixtures of the ODE part; plus the SDE-MRS coupling check on a point mass."""
+    rows, payload = [], {}
+    for dim, seed in PROBLEMS:
+        path, mixture, mu, x_init, model, ref = _ode_problem(dim, seed, batch)
+        err = lambda x: float((x - ref.x).norm(dim=1).mean())  # noqa: E731
+        y_field = fd.Field(mixture.model(PREDICTION), path, PREDICTION)
+        r = {"default": err(mrs_sample(model, mu, path, PREDICTION, nfe=10, x_init=x_init).x),
+             "dpm": err(fd.sample(y_field, x_init - mu, solver="dpm-solver++2m", nfe=10).x + mu),
+             "euler_q": err(mrs_sample(model, mu, path, PREDICTION, solver="euler", nfe=101, x_init=x_init).x),
+             "euler_u": err(mrs_sample(model, mu, path, PREDICTION, solver="euler", nfe=101, x_init=x_init, grid="uniform").x)}
+        em = _em_pathwise(path, y_field, x_init - mu, fine_steps, seed + 10)
+        r["em100"], r["em_ref_vs_half"] = em[100], em["ref_vs_half"]
+        payload[f"D{dim}s{seed}"] = r
+        rows.append([f"D{dim}s{seed}", *(f"{r[k]:.4f}" for k in ("default", "dpm", "euler_q", "euler_u", "em100")),
+                     f"{r['default'] / r['dpm']:.2f}", f"{r['default'] / r['em100']:.2f}"])
+        print("issue", dim, seed, {k: round(v, 4) for k, v in r.items()}, flush=True)
+    mean = {k: sum(p[k] for p in payload.values()) / len(payload) for k in ("default", "dpm", "euler_q", "euler_u", "em100")}
+    rows.append(["mean", *(f"{mean[k]:.4f}" for k in ("default", "dpm", "euler_q", "euler_u", "em100")),
+                 f"{mean['default'] / mean['dpm']:.2f}", f"{mean['default'] / mean['em100']:.2f}"])
+    payload["mean"] = mean
+    lines = [f"{batch} samples per mixture; ODE errors to the dopri5 reference (rtol = atol = 1e-10); Euler–Maruyama: "
+             f"uniform grid, error to the {fine_steps}-step solution on the same Brownian path (that solution's distance "
+             f"to the {fine_steps // 2}-step one: max {max(p['em_ref_vs_half'] for k, p in payload.items() if k != 'mean'):.1e}).", ""]
+    lines += markdown_table(["mixture", "MRS default 10 NFE", "DPM-Solver++(2M) on y 10 NFE", "Euler ODE 100 (quadratic)",
+                             "Euler ODE 100 (uniform)", "Euler–Maruyama 100 (pathwise)", "MRS / DPM++", "MRS / EM-100"], rows)
+    # the coupling of SDE-MRS's exponential noise integral to the Brownian path: exact when x̂₀ is constant
+    global random_mixture
+    keep = random_mixture
+    try:
+        from flowdiff.testing import Gaussian
+        random_mixture = lambda dim, k, seed=0, spread=1.0: Gaussian(  # noqa: E731
+            torch.linspace(-1, 1, dim, dtype=torch.float64), 1e-6 * torch.eye(dim, dtype=torch.float64))
+        _, point = pathwise_part(dim=8, batch=50, fine_steps=4000, nfe_mrs=(5, 10), nfe_em=(10, 100))
+    finally:
+        random_mixture = keep
+    payload["point_mass"] = point
+    lines += ["", "Coupling check (data a point mass, so x̂₀ is constant and the exponential SDE step with the Brownian "
+              "path's noise integral is exact): pathwise error of SDE-MRS o1 / o2 at 10 NFE "
+              f"{point['MRS sde data o1'][10]:.4f} / {point['MRS sde data o2'][10]:.4f} against Euler–Maruyama at 100 steps "
+              f"{point['Euler–Maruyama'][100]:.4f} (D = 8, 50 samples, 4000-step reference)."]
+    return lines, payload
+
+
 # --------------------------------------------------------------------------- digits
 def build_model() -> MeanConditioned:
     return MeanConditioned(fd.nn.UNet(in_channels=2, channels=(32, 64), num_res_blocks=1))
@@ -381,8 +457,17 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200, help="held-out digits per task")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: ode pathwise law digits")
+    parser.add_argument("--issue", action="store_true", help="only issue 18's check on the six mixtures (results/mrs_issue.md)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.issue:
+        wall, cpu = time.perf_counter(), time.process_time()
+        table, payload = issue_part()
+        lines = ["# MRS: issue 18's check on exact mean-reverting mixtures", "", metadata_line(run_metadata()), ""] + table
+        lines += ["", f"Total: {time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU."]
+        print("\n".join(lines))
+        write_results("mrs_issue", "\n".join(lines), payload)
+        return
     wall, cpu = time.perf_counter(), time.process_time()
     lines = ["# MRS: mean-reverting SDE sampling, exact fields and digits restoration", "", metadata_line(run_metadata()), ""]
     payload: dict = {}
