@@ -89,6 +89,7 @@ def run_series(name: str, seed: int, origins: int, steps: int | None, methods: t
         timing["tsdiff_steps"] = model.steps_done
         # difference="auto": what fit's in-sample backtest chose, and its validation CRPS per candidate
         timing["tsdiff_difference"] = model.difference
+        timing["tsdiff_guidance_scale"], timing["tsdiff_spread"] = model.guidance_scale, model.spread
         timing["tsdiff_selection"] = {str(k): v for k, v in model.selection.items()}
     if "conditional" in methods:
         cpu, wall = time.process_time(), time.perf_counter()

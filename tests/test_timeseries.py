@@ -160,7 +160,7 @@ def test_forecast_shapes_and_refine(tiny_model):
     assert len(model.history) == 15 and np.isfinite(model.history).all()
     # difference, scale and spread: chosen by the in-sample rolling-origin backtest
     from flowdiff.timeseries.model import SPREADS, widen
-    assert set(model.selection) == {(d, s, f) for d in (0, 6) for s in (2.0, 4.0, 8.0) for f in SPREADS}
+    assert set(model.selection) == {(d, s, f) for d in (0, 6) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
     assert all(np.isfinite(v) for v in model.selection.values())
     assert (model.difference, model.guidance_scale, model.spread) == min(model.selection, key=model.selection.get)
     assert model.config()["difference"] == model.difference and model.config()["spread"] == model.spread

@@ -157,10 +157,15 @@ class TSDiff:
         batch_size, lr, ema_decay, grad_clip: training (Adam; sampling uses the EMA weights).
         guidance: ``"quantile"`` (TSDiff-Q, default), ``"mean-square"`` or ``"none"``.
         guidance_scale: the scale ``s`` (see the module docstring); ``None``: chosen by :meth:`fit` among
-            half, once and twice the default (4 quantile, 2 mean-square) by an in-sample backtest.
+            a quarter, half, once and twice the default (4 quantile, 2 mean-square) by an in-sample backtest.
         difference: lag of the differencing inside the window (0: none); ``"auto"``: :meth:`fit` chooses
             between 0 and the season by a rolling-origin backtest on the end of the training series
             (validation CRPS; ``selection`` holds the scores), see ``_select_difference``.
+        spread: factor on each forecast path's deviation from the per-step median of the paths (a
+            calibration of the model's spread); ``None``: chosen by the same backtest among ``SPREADS``.
+        profile: with ``difference=0`` on a seasonal series whose context holds two seasons, the level the
+            window is standardised around is the context mean plus the context's mean seasonal profile
+            (phase means), so the model learns deviations from it.
         time_features: feed position-in-window and position-in-season channels to the network.
         seed: seeds the weights, the batches and (by default) the sampling noise.
         device, dtype: where the model lives (results follow the model's dtype).
@@ -354,10 +359,12 @@ class TSDiff:
         The last ``VALIDATION_ORIGINS`` horizons of every series are held out (fewer where the rest would
         give fewer than ``horizon + 1`` training windows; none: seasonal differencing is kept); one model per
         candidate is trained on the rest with half the step budget (and a third of ``max_seconds``) and
-        forecasts the held-out origins (50 paths, the default guidance at half, once and twice its default
-        scale unless ``guidance_scale`` was given); the (difference, scale) pair with the lowest pooled CRPS
-        (mean weighted quantile loss) is kept. A series without a usable season only gets its scale chosen
-        (one trial model). Results in ``self.selection`` ({(difference, scale): CRPS}).
+        forecasts the held-out origins (50 paths, the default guidance at ¼, ½, 1 and 2 times its default
+        scale unless ``guidance_scale`` was given); each set of paths is also scored widened or narrowed by
+        the factors ``SPREADS`` (0.5 … 4, see :func:`widen`; unless ``spread`` was given), and the
+        (difference, scale, spread) triple with the lowest pooled CRPS (mean weighted quantile loss) is kept.
+        A series without a usable season only gets its scale and spread chosen (one trial model). Results in
+        ``self.selection`` ({(difference, scale, spread): CRPS}).
         Rolling-origin evaluation: Tashman (2000), "Out-of-sample tests of forecasting accuracy".
         """
         from .metrics import mean_weighted_quantile_loss
@@ -386,7 +393,7 @@ class TSDiff:
             default = self._default_scale(self.guidance)
             scales = [default]
         else:
-            scales = [default / 2, default, default * 2]
+            scales = [default / 4, default / 2, default, default * 2]
         candidates = sorted({0, seasonal}) if self.difference_mode == "auto" else [self.difference]
         spreads = SPREADS if self.spread_mode == "auto" else [self.spread]
         if len(candidates) * len(scales) * len(spreads) == 1:
