@@ -59,6 +59,13 @@ def sample_scores(field: fg.GraphField, name: str, seeds: list[int], num: int, s
     return {"scores": scores, "cpu_s": cpu, "wall_s": wall}
 
 
+def _one(run: str, weights: str, name: str, seed: int, num: int, solver: str, nfe: int, kw: dict) -> dict:
+    """One (sampler, seed) cell in a worker process (1 torch thread)."""
+    torch.set_num_threads(1)
+    field = fg.load_graph_field(run, which=weights)
+    return sample_scores(field, name, [seed], num, solver, nfe, **kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, help="a trained community_small GDSS run")
@@ -67,7 +74,12 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=100)
     ap.add_argument("--nfe", type=int, nargs="*", default=[200, 1000])
     ap.add_argument("--baselines-only", action="store_true")
+    ap.add_argument("--datasets", nargs="*", default=["community_small", "ego_like", "grid"],
+                    help="generators whose floor / ER baselines are tabulated")
+    ap.add_argument("--solvers", nargs="*", default=["s4-uniform", "s4-logsnr", "euler-maruyama", "sde-dpm"],
+                    help="samplers compared with the default at each --nfe")
     ap.add_argument("--stem", default="graphs")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes for the (sampler, seed) cells")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = list(range(args.seeds))
@@ -78,16 +90,17 @@ def main() -> None:
              "the GDSS kernels (biased). Floor: two independent fresh reference sets. ER: Erdős–Rényi with the "
              "node counts and densities of the second reference set.", ""]
     rows = []
-    for name in ("community_small", "ego_like", "grid"):
-        if name == "grid" and args.num > 20:
-            num = 20  # 100-361 nodes per graph: the orbit and spectral statistics are slow
-        else:
-            num = args.num
-        b = baselines(name, seeds, num)
-        payload[f"{name}_baselines"] = b
-        for label, key in (("real vs real (floor)", "floor"), ("Erdős–Rényi", "erdos_renyi")):
-            rows.append([name if num == args.num else f"{name} ({num} vs {num})", label,
-                         *(stats([r[m] for r in b[key]]) for m in ("degree", "clustering", "orbit", "average")), "", ""])
+
+    def add_baselines() -> None:
+        for name in args.datasets:
+            num = 20 if name == "grid" and args.num > 20 else args.num  # grid: 100-361 nodes, slow statistics
+            b = baselines(name, seeds, num)
+            payload[f"{name}_baselines"] = b
+            for label, key in (("real vs real (floor)", "floor"), ("Erdős–Rényi", "erdos_renyi")):
+                rows.append([name if num == args.num else f"{name} ({num} vs {num})", label,
+                             *(stats([r[m] for r in b[key]]) for m in ("degree", "clustering", "orbit", "average")),
+                             "", ""])
+
     run = args.run
     if args.train is not None and not args.baselines_only:
         c0, w0 = time.process_time(), time.time()
@@ -95,7 +108,6 @@ def main() -> None:
         payload["train"] = {"cpu_s": time.process_time() - c0, "wall_s": time.time() - w0}
         run = args.train
     if run is not None and not args.baselines_only:
-        field = fg.load_graph_field(run, which=fg.model.DEFAULT_WEIGHTS)
         metrics_file = Path(run) / "metrics.jsonl"
         if metrics_file.is_file():
             last = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()][-1]
@@ -103,21 +115,42 @@ def main() -> None:
         configs = [(f"default: DPM-Solver++(2M) ODE, {fg.model.DEFAULT_STEPS} NFE, {fg.model.DEFAULT_WEIGHTS} weights",
                     fg.model.DEFAULT_SOLVER, fg.model.DEFAULT_STEPS, {})]
         for nfe in args.nfe:
-            configs.append((f"S4 (uniform t, snr 0.15), {nfe} NFE", "s4", nfe, {"grid": "uniform"}))
-            configs.append((f"S4 (log-SNR grid, snr 0.15), {nfe} NFE", "s4", nfe, {"grid": "log_snr"}))
-            configs.append((f"Euler–Maruyama, {nfe} NFE", "euler-maruyama", nfe, {}))
-            configs.append((f"SDE-DPM-Solver++(2M), {nfe} NFE", "sde-dpm-solver++2", nfe, {}))
-        for label, solver, nfe, kw in configs:
-            try:
-                r = sample_scores(field, "community_small", seeds, args.num, solver, nfe, **kw)
-            except Exception as error:  # a diverging solver is a result too
-                rows.append(["community_small", label, f"failed: {type(error).__name__}", "", "", "", "", ""])
+            for key, label, solver, kw in (
+                    ("s4-uniform", f"S4 (uniform t, snr 0.15), {nfe} NFE", "s4", {"grid": "uniform"}),
+                    ("s4-logsnr", f"S4 (log-SNR grid, snr 0.15), {nfe} NFE", "s4", {"grid": "log_snr"}),
+                    ("s4-logsnr-nocorr", f"S4 (log-SNR grid, no corrector), {nfe} NFE", "s4",
+                     {"grid": "log_snr", "snr": 0.0}),
+                    ("euler-maruyama", f"Euler–Maruyama, {nfe} NFE", "euler-maruyama", {}),
+                    ("sde-dpm", f"SDE-DPM-Solver++(2M), {nfe} NFE", "sde-dpm-solver++2", {})):
+                if key in args.solvers:
+                    configs.append((label, solver, nfe, kw))
+        from concurrent.futures import ProcessPoolExecutor
+
+        cells = [(i, sd) for i in range(len(configs)) for sd in seeds]
+        results: dict = {}
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = {(i, sd): pool.submit(_one, str(run), fg.model.DEFAULT_WEIGHTS, "community_small", sd, args.num,
+                                            configs[i][1], configs[i][2], configs[i][3]) for i, sd in cells}
+            add_baselines()  # in the main process while the workers sample
+            for c, fut in futures.items():
+                try:
+                    results[c] = fut.result()
+                except Exception as error:  # a diverging solver is a result too
+                    results[c] = error
+        for i, (label, solver, nfe, kw) in enumerate(configs):
+            got = [results[(i, sd)] for sd in seeds]
+            bad = [g for g in got if isinstance(g, Exception)]
+            if bad:
+                rows.append(["community_small", label, f"failed: {type(bad[0]).__name__}", "", "", "", "", ""])
                 continue
+            r = {k: sum((g[k] for g in got), []) for k in ("scores", "cpu_s", "wall_s")}
             payload[label] = r
             rows.append(["community_small", label,
                          *(stats([s[m] for s in r["scores"]]) for m in ("degree", "clustering", "orbit", "average")),
                          f"{np.mean(r['cpu_s']) / args.num * 1000:.1f}", f"{np.mean(r['wall_s']) / args.num * 1000:.1f}"])
             print(rows[-1], flush=True)
+    else:
+        add_baselines()
     lines += markdown_table(["data", "generator", "degree", "clustering", "orbit", "average",
                              "CPU ms / graph", "wall ms / graph"], rows)
     if "train" in payload:

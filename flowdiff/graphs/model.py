@@ -361,37 +361,45 @@ def train_gdss(output_dir: str | Path, config: GraphTrainConfig | None = None, r
     last_ckpt = None
     running: dict[str, float] = {}
     network.train()
-    while step < cfg.steps:
-        idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen).to(data.adj.device)
-        batch = data.index(idx)
-        if cfg.augment:
-            batch = permute(batch, generator=gen)
-        loss, parts = gdss_loss(network, path, batch, generator=gen)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(step + 1, "loss", float(loss), last_ckpt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
-        if not torch.isfinite(norm):
-            raise NonFiniteLossError(step + 1, "grad_norm", float(norm), last_ckpt)
-        opt.step()
-        sched.step()
-        ema.update(network)
-        step += 1
-        for k, v in parts.items():
-            running[k] = running.get(k, 0.0) + v
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            line = {"step": step, **{f"loss_{k}": v / n for k, v in running.items()},
-                    "lr": sched.get_last_lr()[0], "cpu_s": round(cpu_used + time.process_time() - cpu0, 1)}
-            running = {}
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(line) + "\n")
-            say(json.dumps(line))
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+    # Denormal floats appear in the weights after ~1000 steps and make each CPU step ~1.5-2x slower (measured on
+    # community_small, batch 64: 0.21 CPU s/step before step 1000, 0.32 after); flushing them to zero changes
+    # nothing else.
+    flush = torch.set_flush_denormal(True)
+    try:
+        while step < cfg.steps:
+            idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen).to(data.adj.device)
+            batch = data.index(idx)
+            if cfg.augment:
+                batch = permute(batch, generator=gen)
+            loss, parts = gdss_loss(network, path, batch, generator=gen)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(step + 1, "loss", float(loss), last_ckpt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
+            if not torch.isfinite(norm):
+                raise NonFiniteLossError(step + 1, "grad_norm", float(norm), last_ckpt)
+            opt.step()
+            sched.step()
+            ema.update(network)
+            step += 1
+            for k, v in parts.items():
+                running[k] = running.get(k, 0.0) + v
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                line = {"step": step, **{f"loss_{k}": v / n for k, v in running.items()},
+                        "lr": sched.get_last_lr()[0], "cpu_s": round(cpu_used + time.process_time() - cpu0, 1)}
+                running = {}
+                with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(line) + "\n")
+                say(json.dumps(line))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                last_ckpt = save()
+        if last_ckpt is None and not list_checkpoints(out):
             last_ckpt = save()
-    if last_ckpt is None and not list_checkpoints(out):
-        last_ckpt = save()
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
     network.load_state_dict(ema.shadow)
     network.eval()
     return GraphField(network, path, info["node_distribution"], info)
@@ -573,28 +581,33 @@ def generate(model: str | Path | GraphField, num_graphs: int, generator: torch.G
     param = next(fld.network.parameters())
     dev, dtype = param.device, param.dtype
     graphs, adjs, masks = [], [], []
-    for start in range(0, num_graphs, batch_size):
-        b = min(batch_size, num_graphs - start)
-        mask = fld.sample_masks(b, generator=gen, dtype=dtype, device=dev)
-        z = torch.randn(b, fld.layout.size, generator=gen, dtype=dtype).to(dev)
-        if solver == "s4":
-            z = s4_sample(fld, z, steps=steps, snr=snr, scale_eps=scale_eps, cond={"mask": mask}, generator=gen,
-                          grid=grid)
-        else:
-            z = _solvers.sample(fld, z, solver=solver, nfe=steps, cond={"mask": mask}, generator=gen,
-                                **solver_options).x
-        if final_denoise:
-            with torch.no_grad():
-                z = fld.denoise(z, torch.full((b,), fld.path.t_max, dtype=dtype, device=dev), mask=mask)
-        if not torch.isfinite(z).all():
-            from ..solvers import NonFiniteStateError
+    flush = torch.set_flush_denormal(True)  # denormal weights slow CPU inference too (see train_gdss)
+    try:
+        for start in range(0, num_graphs, batch_size):
+            b = min(batch_size, num_graphs - start)
+            mask = fld.sample_masks(b, generator=gen, dtype=dtype, device=dev)
+            z = torch.randn(b, fld.layout.size, generator=gen, dtype=dtype).to(dev)
+            if solver == "s4":
+                z = s4_sample(fld, z, steps=steps, snr=snr, scale_eps=scale_eps, cond={"mask": mask}, generator=gen,
+                              grid=grid)
+            else:
+                z = _solvers.sample(fld, z, solver=solver, nfe=steps, cond={"mask": mask}, generator=gen,
+                                    **solver_options).x
+            if final_denoise:
+                with torch.no_grad():
+                    z = fld.denoise(z, torch.full((b,), fld.path.t_max, dtype=dtype, device=dev), mask=mask)
+            if not torch.isfinite(z).all():
+                from ..solvers import NonFiniteStateError
 
-            raise NonFiniteStateError(f"generate: the sampled graphs are not finite ({solver}, {steps} steps)")
-        _, adj = fld.layout.unpack(z)
-        adj = (mask_adjacency(adj, mask) > threshold).to(dtype)
-        graphs.extend(to_networkx(adj, mask, remove_isolated=remove_isolated))
-        adjs.append(adj)
-        masks.append(mask)
+                raise NonFiniteStateError(f"generate: the sampled graphs are not finite ({solver}, {steps} steps)")
+            _, adj = fld.layout.unpack(z)
+            adj = (mask_adjacency(adj, mask) > threshold).to(dtype)
+            graphs.extend(to_networkx(adj, mask, remove_isolated=remove_isolated))
+            adjs.append(adj)
+            masks.append(mask)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
     if return_adjacency:
         return graphs, (torch.cat(adjs), torch.cat(masks))
     return graphs
