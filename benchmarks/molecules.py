@@ -64,6 +64,12 @@ def main() -> None:
         run = args.train
     elif args.run is not None:
         run = args.run
+        log = run / "metrics.jsonl"
+        if log.is_file():  # the run's own record of its training (CPU seconds; wall time is not logged)
+            import json
+
+            last = json.loads(log.read_text().strip().splitlines()[-1])
+            train_info = {"steps": last["step"], "train_cpu_s": last["cpu_s"], "train_wall_s": None}
     else:
         ap.error("give --run or --train")
     train = (run / "train_smiles.txt").read_text().split()
@@ -91,7 +97,9 @@ def main() -> None:
                   "sample_wall_s": wall, "examples": [s for s in samples.smiles if s][:20]})
         print({k: v for k, v in m.items() if k != "examples"})
         payload["results"].append(m)
-        rows.append([f"flowdiff GDSS, qm9-like, {weights} weights", label, fmt(m["validity_wo_correction"], True),
+        rows.append([f"flowdiff GDSS, qm9-like, {weights} weights", label,
+                     f"{fmt(m['validity_wo_correction'], True)} / {fmt(m.get('validity_wo_correction_neutral'), True)}"
+                     f" / {fmt(m.get('valid_connected_wo_correction'), True)}",
                      fmt(m["validity"], True), fmt(m["uniqueness"], True), fmt(m["novelty"], True), fmt(m.get("fcd")),
                      fmt(m.get("nspdk")), f"{1000 * cpu / args.num:.1f}"])
     floor = next((r for r in payload["results"] if "fcd_floor" in r or "nspdk_floor" in r), {})
@@ -102,15 +110,17 @@ def main() -> None:
                  fmt(PAPER_QM9["novelty"], True), fmt(PAPER_QM9["fcd"]), fmt(PAPER_QM9["nspdk"]), "—"])
     meta = run_metadata()
     payload["meta"] = meta
-    header = ["model", "sampler", "valid w/o corr.", "valid", "unique", "novel", "FCD ↓", "NSPDK MMD² ↓",
+    header = ["model", "sampler", "valid w/o corr. (GDSS rule / no cations / connected)", "valid", "unique", "novel", "FCD ↓", "NSPDK MMD² ↓",
               "sampling CPU ms / molecule"]
     lines = ["# GDSS molecules (qm9-like)", "",
              f"{args.num} generated molecules per row (seed {args.seed}) vs {len(test)} held-out qm9-like molecules "
-             f"(training set {len(train)}). Novelty vs the training set. The last row is the paper's QM9 result, "
+             f"(training set {len(train)}). Validity without correction: GDSS's rule (an N/O/S one bond over its valence "
+             "becomes a cation), without that rule, and GDSS's rule with one fragment only. Novelty vs the training "
+             "set. The last row is the paper's QM9 result, "
              "a **different, much larger data set**, shown as context only.", ""]
     if train_info:
-        lines += [f"Training: {train_info['steps']} steps, {train_info['train_cpu_s']:.0f} CPU s "
-                  f"({train_info['train_wall_s']:.0f} s wall).", ""]
+        wall = f" ({train_info['train_wall_s']:.0f} s wall)" if train_info.get("train_wall_s") else ""
+        lines += [f"Training: {train_info['steps']} steps, {train_info['train_cpu_s']:.0f} CPU s{wall}.", ""]
     lines += markdown_table(header, rows) + ["", metadata_line(meta)]
     write_results("molecules", lines, payload)
     print("\n".join(lines))

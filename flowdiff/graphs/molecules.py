@@ -359,6 +359,8 @@ class MoleculeSamples:
     valid_wo_correction: list
     raw_smiles: list
     correct: bool = True
+    #: validity without correction and without GDSS's cation rule (every atom neutral), per molecule
+    valid_wo_correction_neutral: list = dc_field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.smiles)
@@ -389,6 +391,8 @@ def decode_molecules(x: Tensor, adj: Tensor, mask: Tensor, atoms: Sequence[str],
         mol = _construct(Chem, symbols, bonds, charges)
         ok = bool(symbols) and not check_valency(mol)
         out.valid_wo_correction.append(ok)
+        neutral = mol if not charges else _construct(Chem, symbols, bonds, False)
+        out.valid_wo_correction_neutral.append(bool(symbols) and not check_valency(neutral))
         out.raw_smiles.append(_raw_smiles(Chem, mol) if ok else None)
         if correct:
             fixed, _ = correct_valency(mol)
@@ -590,6 +594,11 @@ def molecule_metrics(samples: MoleculeSamples | Sequence[str | None], train_smil
     smiles = samples.smiles if isinstance(samples, MoleculeSamples) else list(samples)
     if isinstance(samples, MoleculeSamples):
         result["validity_wo_correction"] = float(np.mean(samples.valid_wo_correction))
+        if samples.valid_wo_correction_neutral:
+            result["validity_wo_correction_neutral"] = float(np.mean(samples.valid_wo_correction_neutral))
+        if samples.raw_smiles:
+            result["valid_connected_wo_correction"] = float(np.mean([bool(r) and "." not in r
+                                                                     for r in samples.raw_smiles]))
     valid = [s for s in smiles if s]
     result["num_valid"] = len(valid)
     result["num_test"] = len(test_smiles)
@@ -923,4 +932,5 @@ def generate_molecules(model: Any, num_molecules: int, generator: torch.Generato
         result.smiles += part.smiles
         result.valid_wo_correction += part.valid_wo_correction
         result.raw_smiles += part.raw_smiles
+        result.valid_wo_correction_neutral += part.valid_wo_correction_neutral
     return result
