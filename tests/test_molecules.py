@@ -77,6 +77,7 @@ def test_charge_rule_and_valid_molecules_untouched():
     x, adj, mask = dense(["N", "C", "C", "C", "C"], {(0, k): 1 for k in range(1, 5)})
     out = fm.decode_molecules(x, adj, mask, QM9_ATOMS, charges=True)
     assert out.valid_wo_correction == [True] and out.smiles == [canon("C[N+](C)(C)C")]
+    assert out.valid_wo_correction_neutral == [False]  # the same molecule without the cation rule
     # a valid molecule passes unchanged; thresholds 0.5 / 1.5 / 2.5 quantise noisy bond orders
     x, adj, mask = dense(["C", "C", "O"], {(0, 1): 1.4, (1, 2): 1.6})
     assert fm.decode_molecules(x + 0.2, adj, mask, QM9_ATOMS).smiles == [canon("CC=O")]
@@ -84,6 +85,9 @@ def test_charge_rule_and_valid_molecules_untouched():
     x, adj, mask = dense(["C", "C", "C", "O"], {(0, 1): 1, (1, 2): 1})
     out = fm.decode_molecules(x, adj, mask, QM9_ATOMS)
     assert out.valid_wo_correction == [True] and out.smiles == ["CCC"]
+    m = fm.molecule_metrics(out, ["CC"], ["CCO", "CCN"], fcd=False, floor=False)
+    assert m["validity_wo_correction"] == 1.0 and m["validity_wo_correction_neutral"] == 1.0
+    assert m["valid_connected_wo_correction"] == 0.0  # CCC.O is two fragments
 
 
 def test_correction_always_gives_rdkit_valid_molecules_on_random_graphs():
