@@ -64,8 +64,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--generation", action="store_true", help="also the unconditional generation table")
     parser.add_argument("--stem", default="trajectories")
+    parser.add_argument("--steps", type=int, default=None, help="fixed updates (implies no time limit)")
+    parser.add_argument("--load-geotdm", default=None,
+                        help="a GeoTDM checkpoint fit on the same training set (seed) instead of fitting here")
+    parser.add_argument("--load-det", default=None, help="the same for the deterministic EGTN")
+    parser.add_argument("--fit-note", default="", help="how the loaded checkpoints were fit (for the table)")
+    parser.add_argument("--test-seeds", type=int, default=1, help="independent test sets (ratio per set)")
+    parser.add_argument("--no-det", action="store_true", help="skip the deterministic EGTN")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    fit_kw = {} if args.steps is None else {"steps": args.steps, "time_limit": None}
     train = T.simulate_charged(args.train, 30, seed=args.seed)
     test = T.simulate_charged(args.test, 30, seed=args.seed + 1_000_003)
     ctx, fut = test[:, :10], test[:, 10:]
@@ -81,18 +89,39 @@ def main() -> None:
     add("constant velocity", cv)
     add("last frame", T.ade_fde(T.last_frame(ctx, 20), fut))
 
-    geo, cpu, wall = _timed(lambda: T.GeoTDM(seed=args.seed).fit(train, context_frames=10))
+    if args.load_geotdm:
+        geo, cpu, wall = T.GeoTDM.load(args.load_geotdm), None, None
+        geo.steps_done = args.fit_note or "loaded"
+    else:
+        geo, cpu, wall = _timed(lambda: T.GeoTDM(seed=args.seed, **fit_kw).fit(train, context_frames=10))
     add("GeoTDM prior alone", T.ade_fde(geo.prior_mean(ctx), fut), note="learned equivariant prior mean")
     samples, scpu, swall = _timed(lambda: geo.forecast(ctx, 5))
     m = T.ade_fde(samples, fut)
-    add("GeoTDM (K=5)", m, cpu, wall, f"{geo.steps_done} steps; sampling {scpu:.0f} CPU s for {len(ctx)}x5")
+    add("GeoTDM (K=5)", m, cpu, wall, f"{geo.steps_done} steps, temperature {geo.temperature}; "
+                                      f"sampling {scpu:.0f} CPU s for {len(ctx)}x5")
     payload["geotdm_vs_cv"] = {"ade_ratio": m["min_ade"] / cv["min_ade"], "fde_ratio": m["min_fde"] / cv["min_fde"]}
-    payload["equivariance_max_error_float64"] = _equivariance_error(geo, ctx[:20])
+    payload["equivariance_max_error_float64"] = _equivariance_error(geo, ctx[:10])
 
-    det, dcpu, dwall = _timed(lambda: T.DeterministicEGTN(seed=args.seed).fit(train, context_frames=10))
-    add("deterministic EGTN", T.ade_fde(det.forecast(ctx, 1), fut), dcpu, dwall, f"{det.steps_done} steps")
+    if not args.no_det:
+        if args.load_det:
+            det, dcpu, dwall = T.GeoTDM.load(args.load_det), None, None
+            det.steps_done = args.fit_note or "loaded"
+        else:
+            det, dcpu, dwall = _timed(lambda: T.DeterministicEGTN(seed=args.seed, **fit_kw).fit(train, context_frames=10))
+        add("deterministic EGTN", T.ade_fde(det.forecast(ctx, 1), fut), dcpu, dwall, f"{det.steps_done} steps")
+
+    seed_rows = []
+    for k in range(1, args.test_seeds):  # further independent test sets: the ratio to constant velocity
+        other = T.simulate_charged(args.test, 30, seed=args.seed + 1_000_003 + 7919 * k)
+        cvk = T.ade_fde(T.constant_velocity(other[:, :10], 20), other[:, 10:])
+        mk = T.ade_fde(geo.forecast(other[:, :10], 5, seed=k), other[:, 10:])
+        seed_rows.append([str(k), f"{cvk['min_ade']:.3f} / {cvk['min_fde']:.3f}", f"{mk['min_ade']:.3f} / {mk['min_fde']:.3f}",
+                          f"{mk['min_ade'] / cvk['min_ade']:.3f} / {mk['min_fde'] / cvk['min_fde']:.3f}"])
+        payload[f"test_set_{k}"] = {"cv": cvk, "geotdm": mk}
+        print(seed_rows[-1], flush=True)
 
     lines = [f"# N-body forecasting (charged particles, 10 -> 20 frames)", "",
+             f"Command: `python benchmarks/trajectories.py {' '.join(sys.argv[1:])}`", "",
              f"{args.train} training / {args.test} test systems (fresh seeds). "
              f"minADE/minFDE over K = 5 samples, ave = mean over samples. "
              f"GeoTDM/CV ratio: ADE {payload['geotdm_vs_cv']['ade_ratio']:.3f}, "
@@ -100,6 +129,10 @@ def main() -> None:
              f"rotated+reflected+translated context from the transformed forecast (same seed): "
              f"{payload['equivariance_max_error_float64']:.2e}.", ""]
     lines += markdown_table(["method", "minADE", "minFDE", "aveADE", "aveFDE", "fit CPU s / wall s", "note"], rows)
+    if seed_rows:
+        lines += ["", "Further independent test sets (same model):", ""]
+        lines += markdown_table(["test set", "constant velocity ADE / FDE", "GeoTDM minADE / minFDE",
+                                 "ratio ADE / FDE"], seed_rows)
 
     if args.generation:
         gen_train = train[:, 10:]

@@ -172,6 +172,27 @@ def test_deterministic_baseline_and_fit_improves_on_constant_velocity_prior(data
     assert np.isfinite(model.history).all() and len(model.history) == 30
 
 
+def test_time_limit_plans_steps_and_auto_threads_are_restored(data, monkeypatch, request):
+    # torch's thread count is faked (2), so the probe's switching is tested without real two-thread runs
+    # (which on a loaded machine can take seconds per update, the reason for the probe)
+    calls, current = [], [2]
+    real_threads, real_set = torch.get_num_threads(), torch.set_num_threads
+    real_set(1)
+    request.addfinalizer(lambda: real_set(real_threads))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: current[0])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), current.__setitem__(0, n)))
+    model = GeoTDM(hidden=8, layers=1, heads=2, prior_layers=1, steps=10_000, batch_size=4, nfe=2,
+                   time_limit=2.0).fit(data, context_frames=4)
+    assert calls[:2] == [1, 2] and current[0] == 2  # one thread, back to two, finally restored
+    assert model.threads_used in (1, 2) and set(model.thread_timing) == {1, 2}
+    assert 12 < model.steps_done < 10_000
+    calls.clear()
+    assert model.forecast(data[:1, :4], 2).shape == (1, 2, 4, 5, 3) and current[0] == 2
+    assert calls == ([] if model.threads_used == 2 else [1, 2])
+    with pytest.raises(ValueError, match="threads"):
+        GeoTDM(threads=0)
+
+
 def test_metrics_against_hand_computation():
     target = np.zeros((2, 3, 2, 3))
     samples = np.zeros((2, 2, 3, 2, 3))

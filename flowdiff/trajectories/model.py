@@ -31,6 +31,7 @@ Sampling uses the library's solvers (:func:`flowdiff.sample`) on a :class:`flowd
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -181,7 +182,13 @@ class GeoTDM:
         seed: seed of the initial weights and the training batches.
         time_limit: seconds of wall time for :meth:`fit`; when the speed measured over the first updates
             says ``steps`` would not fit, fewer steps are planned (and the schedule shortened to match),
-            so a fit ends within the limit on a slow or loaded machine. ``None``: no limit.
+            so a fit ends within the limit on a slow or loaded machine; the plan is renewed every 25
+            updates (only ever shortened) and the fit stops at the limit. ``None``: no limit.
+        threads: intra-op threads for :meth:`fit` and :meth:`forecast` (restored afterwards). ``"auto"``
+            (default): with a ``time_limit``, the first updates are timed with torch's current thread count
+            and with one thread and the faster is kept (on a loaded 2-core machine two threads were
+            measured over 10x slower per update than one); without a time limit torch's setting is left
+            alone. An int sets it; ``None`` never touches it.
         device, dtype: where and in which precision to train and sample (default CPU float32).
         verbose: print the loss every 200 steps.
 
@@ -194,8 +201,8 @@ class GeoTDM:
     def __init__(self, hidden: int = 32, layers: int = 4, heads: int = 4, prior_layers: int = 2, prior_rank: int = 4,
                  refine_layers: int = 2, frame_scale: bool = False, temperature: float = 0.4, path: str = "cosine", prediction: str = "data", steps: int = 3000, batch_size: int = 32,
                  lr: float = 1e-3, ema_decay: float = 0.995, solver: str = "dpm-solver++", nfe: int = 20,
-                 seed: int = 0, time_limit: float | None = 480.0, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, verbose: bool = False):
+                 seed: int = 0, time_limit: float | None = 480.0, threads: int | str | None = "auto",
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, verbose: bool = False):
         self.hidden, self.layers = check_int("hidden", hidden, 4), check_int("layers", layers, 1)
         self.heads = check_int("heads", heads, 1)
         if self.hidden % self.heads:
@@ -216,6 +223,11 @@ class GeoTDM:
         self.solver, self.nfe = solver, check_int("nfe", nfe, 1)
         self.seed = check_int("seed", seed, 0)
         self.time_limit = None if time_limit is None else check_float("time_limit", time_limit, 0.0, low_open=True)
+        if not (threads is None or threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool)
+                                                          and threads >= 1)):
+            raise ValueError(f"threads must be 'auto', None or a positive int, got {threads!r}")
+        self.threads = threads
+        self.threads_used: int | None = None  # chosen by fit ("auto"); forecast uses it too
         self.device, self.dtype = torch.device(device), dtype
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -230,7 +242,7 @@ class GeoTDM:
                     prior_rank=self.prior_rank, refine_layers=self.refine_layers, frame_scale=self.frame_scale,
                     temperature=self.temperature, path=self.path_name, prediction=self.prediction, steps=self.steps,
                     batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, solver=self.solver,
-                    nfe=self.nfe, seed=self.seed, time_limit=self.time_limit)
+                    nfe=self.nfe, seed=self.seed, time_limit=self.time_limit, threads=self.threads)
 
     def _build(self, context_frames: int, future_frames: int, particles: int, scale: list[float]) -> None:
         self.context_frames, self.future_frames, self.particles = context_frames, future_frames, particles
@@ -274,6 +286,7 @@ class GeoTDM:
         Returns:
             ``self``.
         """
+        fit_start = time.perf_counter()
         context_frames = check_int("context_frames", context_frames, 0)
         data = check_trajectories(trajectories, "trajectories", min_frames=context_frames + 1)
         frames = data.shape[1]
@@ -296,6 +309,26 @@ class GeoTDM:
         total = self.steps
         start = time.perf_counter()
         self.history = []
+        step = 0
+        original_threads = torch.get_num_threads()
+        probe = self.threads == "auto" and self.time_limit is not None and original_threads > 1
+        if isinstance(self.threads, int):
+            torch.set_num_threads(self.threads)
+        self.threads_used = torch.get_num_threads() if self.threads is not None else None
+        marks: dict[int, float] = {}
+        try:
+            self._train_loop(net, opt, params, data, window, gen, warmup, total, start, fit_start, probe, marks,
+                             callback)
+        finally:
+            if self.threads is not None:
+                torch.set_num_threads(original_threads)
+        return self
+
+    def _train_loop(self, net, opt, params, data, window, gen, warmup, total, start, fit_start, probe, marks,
+                    callback) -> None:
+        original_threads = torch.get_num_threads()
+        if probe:  # warm up and time 8 updates with one thread, then up to 8 with torch's thread count
+            torch.set_num_threads(1)
         step = 0
         while step < total:
             lr = self.lr * (step + 1) / warmup if step < warmup else \
@@ -322,13 +355,44 @@ class GeoTDM:
             if self.verbose and step % 200 == 0:
                 print(f"step {step}/{total} loss {np.mean(self.history[-200:]):.4f} "
                       f"{time.perf_counter() - start:.0f}s", flush=True)
-            if self.time_limit is not None and step == 20:  # plan the run from the measured speed
-                per_step = (time.perf_counter() - start) / step
-                budget = int(self.time_limit * 0.97 / per_step)
-                if budget < total:
-                    total = max(budget, step + 1)
-        self.steps_done, self.fit_seconds = step, time.perf_counter() - start
-        return self
+            if self.time_limit is not None and "planned" in marks:
+                now = time.perf_counter()
+                if now - fit_start >= self.time_limit * 0.97:  # hard stop (the load rose after planning)
+                    break
+                if step % 25 == 0:  # re-plan from the speed of the last 25 updates; only ever shorten
+                    per_step = (now - marks["last"]) / 25
+                    marks["last"] = now
+                    budget = step + int((self.time_limit * 0.97 - (now - fit_start)) / per_step)
+                    if budget < total:
+                        total = max(budget, step + 1)
+            if self.time_limit is not None and "planned" not in marks:
+                now = time.perf_counter()
+                plan = False
+                if step == 4:
+                    marks[4] = now
+                elif probe and step == 12:
+                    marks["one"] = (now - marks[4]) / 8
+                    marks[12] = now
+                    torch.set_num_threads(original_threads)
+                elif probe and step > 12:
+                    elapsed = now - marks[12]
+                    if step == 20 or elapsed > 8 * marks["one"]:  # done, or many threads can no longer win
+                        per_many = elapsed / (step - 12)
+                        if per_many >= marks["one"]:
+                            torch.set_num_threads(1)
+                        self.thread_timing = {original_threads: per_many, 1: marks["one"]}
+                        self.threads_used = torch.get_num_threads()
+                        per_step, plan = min(per_many, marks["one"]), True
+                elif not probe and step == 20:
+                    per_step, plan = (now - marks[4]) / 16, True
+                if plan:  # plan the run from the measured speed
+                    marks["planned"], marks["last"] = True, now
+                    left = self.time_limit * 0.97 - (now - fit_start)
+                    budget = step + int(max(left, 0.0) / per_step)
+                    if budget < total:
+                        total = max(budget, step + 1)
+                        warmup = min(warmup, max(1, total // 10))  # the shortened schedule keeps its shape
+        self.steps_done, self.fit_seconds = step, time.perf_counter() - fit_start
 
     def _data_scale(self, data: Tensor, context_frames: int, window: int) -> list[float]:
         """The RMS of the constant-velocity residual (conditional; per future frame with ``frame_scale``:
@@ -453,11 +517,26 @@ class GeoTDM:
         rep = lambda a: a.unsqueeze(1).expand(b, num_samples, *a.shape[1:]).reshape(b * num_samples, *a.shape[1:])
         ctx_r, prior_r, noise = rep(ctx), rep(prior), noise.reshape(b * num_samples, f, n, 3)
         out = torch.empty_like(noise)
-        for lo in range(0, b * num_samples, batch_size):
-            sl = slice(lo, lo + batch_size)
-            out[sl] = self._solve(net, noise[sl], ctx_r[sl], prior_r[sl], gen, nfe, solver)
+        with self._using_threads():
+            for lo in range(0, b * num_samples, batch_size):
+                sl = slice(lo, lo + batch_size)
+                out[sl] = self._solve(net, noise[sl], ctx_r[sl], prior_r[sl], gen, nfe, solver)
         future = prior_r + self._scale_like(out) * out
         return self._out(future.reshape(b, num_samples, f, n, 3) + centre.unsqueeze(1), is_tensor, like)
+
+    @contextlib.contextmanager
+    def _using_threads(self):
+        """torch's thread count set to ``threads`` (or the one ``fit`` chose with ``"auto"``), then restored."""
+        n = self.threads if isinstance(self.threads, int) else (self.threads_used if self.threads == "auto" else None)
+        old = torch.get_num_threads()
+        if n is None or n == old:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
 
     def _solve(self, net: _Net, x0: Tensor, context: Tensor | None, prior: Tensor | None, gen, nfe, solver) -> Tensor:
         if self.deterministic:
@@ -497,7 +576,8 @@ class GeoTDM:
             if tuple(z.shape) != shape:
                 raise ValueError(f"noise must have shape {shape}, got {tuple(z.shape)}")
         z = z - z.mean(dim=(1, 2), keepdim=True)
-        x = self._solve(net, z, None, None, gen, nfe, solver)
+        with self._using_threads():
+            x = self._solve(net, z, None, None, gen, nfe, solver)
         return (self._scale_like(x) * x).detach().cpu().double().numpy()
 
     # ------------------------------------------------------------------ persistence
