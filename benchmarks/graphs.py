@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--solvers", nargs="*", default=["s4-uniform", "s4-logsnr", "euler-maruyama", "sde-dpm"],
                     help="samplers compared with the default at each --nfe")
     ap.add_argument("--stem", default="graphs")
+    ap.add_argument("--weights", choices=["model", "ema"], default=None,
+                    help="which weights of the run (default: fg.model.DEFAULT_WEIGHTS)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes for the (sampler, seed) cells")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -109,10 +111,16 @@ def main() -> None:
         run = args.train
     if run is not None and not args.baselines_only:
         metrics_file = Path(run) / "metrics.jsonl"
+        if not metrics_file.is_file():  # a checkpoint folder RUN/checkpoints/step_N: the run's log up to step N
+            metrics_file = Path(run).resolve().parent.parent / "metrics.jsonl"
         if metrics_file.is_file():
-            last = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()][-1]
-            payload["train_log_last"] = last
-        configs = [(f"default: DPM-Solver++(2M) ODE, {fg.model.DEFAULT_STEPS} NFE, {fg.model.DEFAULT_WEIGHTS} weights",
+            log = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
+            cfg = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
+            upto = [x for x in log if "step" not in cfg or x["step"] <= cfg["step"]]
+            payload["train_log_last"] = (upto or log)[-1]
+        weights = args.weights or fg.model.DEFAULT_WEIGHTS
+        payload["weights"] = weights
+        configs = [(f"default: DPM-Solver++(2M) ODE, {fg.model.DEFAULT_STEPS} NFE, {weights} weights",
                     fg.model.DEFAULT_SOLVER, fg.model.DEFAULT_STEPS, {})]
         for nfe in args.nfe:
             for key, label, solver, kw in (
@@ -129,7 +137,7 @@ def main() -> None:
         cells = [(i, sd) for i in range(len(configs)) for sd in seeds]
         results: dict = {}
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {(i, sd): pool.submit(_one, str(run), fg.model.DEFAULT_WEIGHTS, "community_small", sd, args.num,
+            futures = {(i, sd): pool.submit(_one, str(run), weights, "community_small", sd, args.num,
                                             configs[i][1], configs[i][2], configs[i][3]) for i, sd in cells}
             add_baselines()  # in the main process while the workers sample
             for c, fut in futures.items():
@@ -156,7 +164,8 @@ def main() -> None:
     if "train" in payload:
         lines += ["", f"Training (defaults): {payload['train']['cpu_s']:.0f} CPU s, {payload['train']['wall_s']:.0f} s wall."]
     if "train_log_last" in payload:
-        lines += ["", f"Training log, last line: {json.dumps(payload['train_log_last'])}"]
+        lines += ["", f"Run: {run}, {payload.get('weights')} weights. Training log, last line: "
+                  f"{json.dumps(payload['train_log_last'])}"]
     md, js = write_results(args.stem, lines, payload)
     print("\n".join(lines))
     print(f"-> {md}, {js}")
