@@ -111,6 +111,37 @@ def z_metrics(samples: torch.Tensor, z: torch.Tensor) -> dict:
             "coverage95": float(((z >= lo95) & (z <= hi95)).float().mean())}
 
 
+def save_samples(args, name: str, label: str, m: int, zs: torch.Tensor) -> None:
+    if args.samples_dir and m == 16:
+        Path(args.samples_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(zs, Path(args.samples_dir) / f"{args.problem}_{name}_{label}_{m}.pt")
+
+
+def merge(args, problem) -> tuple[dict, dict]:
+    """Results of several runs (``--merge`` stems) with the gold distances computed from the saved samples."""
+    import json
+
+    from _common import RESULTS
+
+    results, gold = {}, None
+    cache = Path(args.gold_cache) if args.gold_cache else None
+    if cache is not None and cache.exists():
+        gold = torch.load(cache, weights_only=False)
+    for stem in args.merge.split(","):
+        payload = json.loads((RESULTS / f"{stem}.json").read_text())
+        for name, row in payload["results"].items():
+            for key, entry in row.items():
+                if not (key.startswith("sensors_16") and isinstance(entry, dict)) or gold is None:
+                    continue
+                label = "posterior" if key == "sensors_16" and name not in DIFFUSION else (
+                    "smc" if key == "sensors_16" else key.split("_", 2)[2])
+                path = Path(args.samples_dir or ".") / f"{args.problem}_{name}_{label}_16.pt"
+                if path.exists():
+                    gold_distances(entry, torch.load(path), gold)
+            results[name] = row
+    return results, gold
+
+
 def gold_distances(entry: dict, zs: torch.Tensor, gold) -> None:
     gm, gsd = gold["samples"].mean(0), gold["samples"].std(0)
     entry["mean_dist_over_gold_std"] = float(((zs.mean(0) - gm).abs() / gsd).median())
@@ -170,9 +201,6 @@ def diffusion_row(problem, pairs: int, args, sensors, gold, get_gold) -> dict:
                predict_over_solver=(t_pred / nf * 1000) / t_solve)
     print(f"diffusion {pairs} forward: {row['rel_l2_median']:.4f} median rel-L2, cov95 {row['coverage95_calibrated']:.3f}",
           flush=True)
-    if gold is None:
-        gold = get_gold()
-        row["_gold"] = gold
     n = args.diffusion_samples
     variants = [("smc", dict(method="smc"))]
     extra = [("dps", dict(method="dps", zeta=args.dps_zeta)),
@@ -189,6 +217,7 @@ def diffusion_row(problem, pairs: int, args, sensors, gold, get_gold) -> dict:
             entry["data_fit_rms"] = float(fit.pow(2).mean().sqrt())
             if m == 16 and gold is not None:
                 gold_distances(entry, zs, gold)
+            save_samples(args, f"diffusion-{pairs // 1000}k", label, m, zs)
             key = f"sensors_{m}" if label == "smc" else f"sensors_{m}_{label}"
             row[key] = entry
             print(f"diffusion {pairs} {label} {m} sensors: z rel err {entry['z_rel_err']:.3f}, cov90 "
@@ -237,6 +266,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model-dir", default=None, help="save each fitted model here (or load it when present)")
     ap.add_argument("--gold-cache", default=None, help="load the gold posterior from this file (or save it there)")
     ap.add_argument("--gold-wait", type=float, default=0.0, help="minutes to wait for --gold-cache to appear")
+    ap.add_argument("--samples-dir", default=None, help="save the 16-sensor posterior samples of z here")
+    ap.add_argument("--merge", default=None, help="comma-separated result stems to merge into one table (with the "
+                    "gold distances from --gold-cache and --samples-dir); no fitting")
     ap.add_argument("--diffusion-steps", type=int, default=4000)
     ap.add_argument("--diffusion-forward-cases", type=int, default=40)
     ap.add_argument("--diffusion-samples", type=int, default=128)
@@ -249,13 +281,14 @@ def main(argv=None) -> None:
     results = {}
     gold = None
     cache = Path(args.gold_cache) if args.gold_cache else None
-    if not args.gold_wait or (cache is not None and cache.exists()) or args.gold:
+    if args.merge:
+        results, gold = merge(args, problem)
+        args.methods = ""
+    elif not args.gold_wait or (cache is not None and cache.exists()) or args.gold:
         gold = load_gold(problem, args, cache)
     for name in [m for m in args.methods.split(",") if m]:
         if name in DIFFUSION:
-            results[name] = diffusion_row(problem, DIFFUSION[name], args, sensors, gold,
-                                          lambda: load_gold(problem, args, cache))
-            gold = gold or results[name].pop("_gold", None)
+            results[name] = diffusion_row(problem, DIFFUSION[name], args, sensors, gold, None)
             continue
         kwargs = dict(METHODS[name])
         cls = getattr(fd.pde, kwargs.pop("cls", "RGNP"))
@@ -282,13 +315,12 @@ def main(argv=None) -> None:
         m_inv, s_inv = model.invert(xf, problem.reference(zf, wf, xf).float(), wf)
         row["amortised_full"] = {"z_rel_err": float(((m_inv - zf).norm(dim=1) / zf.norm(dim=1)).mean()),
                                  "coverage95": float(((m_inv - zf).abs() <= 1.96 * s_inv).float().mean())}
-        if gold is None and cache is not None and args.gold_wait:
-            gold = load_gold(problem, args, cache)
         for m in sensors:
             z, w, x, y = inverse_cases(problem, args.inverse_cases, m, args.noise, seed=500 if m == 16 else 500 + m)
             t0 = time.process_time()
             zs = model.posterior(x, y, w, noise=args.noise, n=256, generator=torch.Generator().manual_seed(4))
             entry = {"cpu_s": time.process_time() - t0, **z_metrics(zs, z)}
+            save_samples(args, name, "posterior", m, zs)
             mi, si = model.invert(x, y, w)
             entry["amortised_z_rel_err"] = float(((mi - z).norm(dim=1) / z.norm(dim=1)).mean())
             if m == 16 and gold is not None:
