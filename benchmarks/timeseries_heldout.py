@@ -1,0 +1,85 @@
+r"""TSDiff with its defaults on series outside benchmarks/timeseries.py (issue 17's external check, locally).
+
+For each series: the last 3 horizons are held out (3 origins); ``fd.timeseries.TSDiff(context, horizon,
+season).fit(train)`` with the defaults (``--steps`` overrides ``train_steps``), then 100 paths per origin;
+CRPS (mean weighted quantile loss, 9 quantiles, pooled over the origins) against the probabilistic seasonal
+naive and Holt–Winters ETS (simulated paths); also the CRPS of the model's own spread (``spread=1``), the
+MAE of the sample median and the mean per-step sd. Settings: season > 1: context 3 seasons (hourly: 2),
+horizon one season; no season: context 24, horizon 8. The synthetic generators below use seeds never used to
+tune the model (Kollovieh et al. 2023, TSDiff; docs/timeseries.md has the table).
+
+    python benchmarks/timeseries_heldout.py real:nile 0 --steps 1000
+    python benchmarks/timeseries_heldout.py season7 777
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import flowdiff as fd
+from flowdiff.timeseries.model import SPREADS, widen
+
+TS = fd.timeseries
+
+
+def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
+    """(values, season) of a named synthetic generator or ``real:<name>`` (fd.timeseries.load_series)."""
+    rng = np.random.default_rng(seed)
+    if kind == "trend_season12":
+        t = np.arange(240)
+        return 50 + 0.2 * t + 10 * np.sin(2 * np.pi * t / 12 + rng.uniform(0, 6)) + 3 * rng.standard_normal(240), 12
+    if kind == "season7":
+        t = np.arange(200)
+        return (20 + 4 * np.sin(2 * np.pi * t / 7 + rng.uniform(0, 6)) + 2 * np.cos(4 * np.pi * t / 7)
+                + 2.0 * rng.standard_normal(200)), 7
+    if kind == "local_level":
+        return 1000 + np.cumsum(40 * rng.standard_normal(100)) + 120 * rng.standard_normal(100), 1
+    if kind == "hourly":
+        return TS.synthetic_panel(1, 216, seed=seed)[0], 24
+    if kind == "synth0":  # benchmarks/timeseries.py's synthetic_0
+        return TS.synthetic_panel(4, 8 * 24 + 24, seed=0)[0], 24
+    if kind.startswith("real:"):
+        return TS.load_series(kind[5:])
+    raise ValueError(f"unknown series kind {kind!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind")
+    parser.add_argument("seed", type=int)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "timeseries_heldout_rows.jsonl"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    values, season = generate(args.kind, args.seed)
+    context, horizon = ((3 * season if season < 24 else 2 * season), season) if season > 1 else (24, 8)
+    train, starts = TS.holdout_split(values, horizon, 3)
+    kwargs = {"max_seconds": 1e5} if args.steps is None else {"train_steps": args.steps, "max_seconds": 1e5}
+    cpu = time.process_time()
+    model = TS.TSDiff(context, horizon, season, **kwargs).fit(train)
+    fit_cpu = time.process_time() - cpu
+    truth = np.stack([values[o:o + horizon] for o in starts])
+    own = np.stack([model.forecast(values[:o], 100, spread=1.0) for o in starts])
+    paths = {"tsdiff": widen(own, model.spread or 1.0), "tsdiff_spread1": own,
+             "psnaive": np.stack([TS.probabilistic_seasonal_naive(values[:o], horizon, season, 100) for o in starts]),
+             "holt_winters": np.stack([TS.holt_winters(values[:o], horizon, season, 100) for o in starts])}
+    crps = {k: TS.mean_weighted_quantile_loss(v, truth) for k, v in paths.items()}
+    row = {"series": args.kind, "seed": args.seed, "steps": model.steps_done, "fit_cpu_s": round(fit_cpu),
+           "chosen": {"difference": model.difference, "scale": model.guidance_scale, "spread": model.spread},
+           "crps": crps, "ratio_psnaive": crps["tsdiff"] / crps["psnaive"], "ratio_hw": crps["tsdiff"] / crps["holt_winters"],
+           "mae_of_median": {k: float(np.abs(np.median(v, 1) - truth).mean()) for k, v in paths.items()},
+           "mean_sd": {k: float(v.std(1).mean()) for k, v in paths.items()},
+           "spread_scores_on_test": {f: TS.mean_weighted_quantile_loss(widen(own, f), truth) for f in SPREADS}}
+    print(json.dumps(row), flush=True)
+    with open(args.out, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
