@@ -15,8 +15,13 @@ Vadeboncoeur et al., *Random Grid Neural Processes for Parametric PDEs*, ICML 20
 
 Methods: ``rgnp-diag`` (default model), ``rgnp-lowrank`` (rank 2), ``fixed-grid`` (PDDLVM: the same ELBO on a
 fixed grid), ``pinn`` (deterministic, mean-squared residual; its error bar comes from the calibration only),
-``rgnp-fourier`` (the paper's Fourier-feature MLP as the forward net). Not here yet: the flowdiff diffusion prior
-over (z, w, u) through ``fd.inverse`` (see docs/pde.md).
+``rgnp-fourier`` (the paper's Fourier-feature MLP as the forward net), ``diffusion-2k`` / ``diffusion-20k``
+(:class:`flowdiff.pde.DiffusionPrior` trained on 2,000 / 20,000 reference solves; forward by SMC inpainting of u
+given (z, w); inverse through ``fd.inverse``: ``smc`` at every sensor count, ``dps`` and ``dps`` with DiffusionPDE's
+residual guidance at 16 sensors).
+
+Each method can run in its own process (``--stem pde_poisson_<method> --samples-dir D``, the gold posterior cached
+with ``--gold-cache``); ``--merge stem1,stem2,...`` then writes one table with the gold distances.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/pde.py --methods rgnp-diag`` (about 5 CPU minutes per method with the
 default 6,000 steps). Writes ``benchmarks/results/pde_<problem>.md/.json``.
