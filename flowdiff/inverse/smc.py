@@ -460,7 +460,7 @@ def _spectral_smc(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num
         else:
             aux = torch.zeros_like(log_w)
         ess = effective_sample_size(log_w + aux)
-        ess_trace.append(float(ess.mean()) / Kg)
+        ess_trace.append(float(ess.detach().mean()) / Kg)
         need = ess < ess_threshold * Kg
         if need.any():
             idx = systematic_resample((log_w + aux)[need], Kg, generator)
@@ -648,7 +648,7 @@ def tds(field: Field, operator: Any, y: Tensor, *, sigma_y: float, num_samples: 
         if j == S:
             break
         ess = effective_sample_size(log_w)
-        ess_trace.append(float(ess) / N)
+        ess_trace.append(float(ess.detach()) / N)
         if float(ess) < ess_threshold * N:
             order = torch.argsort(_leading_direction_key(xhat.reshape(N, -1).to(torch.float64)))[None] if sort else None
             keep = systematic_resample(log_w, N, generator, order)[0]
