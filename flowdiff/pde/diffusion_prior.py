@@ -36,6 +36,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import inverse, paths
+from .. import nn as fnn
+from ..fields import Field
+from ..losses import GaussianPathLoss
 from .problem import Problem
 
 __all__ = ["DiffusionPrior"]
@@ -115,8 +119,6 @@ class DiffusionPrior:
     def fit(self, seed: int = 0, *, data: Optional[tuple[Tensor, Tensor, Tensor]] = None,
             verbose: bool = False) -> "DiffusionPrior":
         """Solve ``pairs`` prior draws with the reference solver (or take ``data = (z, w, u_mesh)``), then train."""
-        import flowdiff as fd
-
         cfg, p = self.config, self.problem
         gen = torch.Generator().manual_seed(int(seed))
         torch.manual_seed(int(seed))
@@ -137,10 +139,10 @@ class DiffusionPrior:
         self.mean = v.mean(0)
         self.std = v.std(0).clamp_min(1e-6)
         data_std = (v - self.mean) / self.std
-        self.path = fd.paths.Linear()
-        net = fd.nn.MLP(self.dim, hidden=cfg["hidden"], depth=cfg["depth"])
-        self.model = fd.nn.Preconditioned(net, self.path, "data", sigma_data=1.0)
-        loss_fn = fd.losses.GaussianPathLoss(self.path, "data", weighting="edm", time_sampler="logit-normal",
+        self.path = paths.Linear()
+        net = fnn.MLP(self.dim, hidden=cfg["hidden"], depth=cfg["depth"])
+        self.model = fnn.Preconditioned(net, self.path, "data", sigma_data=1.0)
+        loss_fn = GaussianPathLoss(self.path, "data", weighting="edm", time_sampler="logit-normal",
                                              sigma_data=1.0)
         opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg["steps"]), eta_min=cfg["lr"] * 0.02)
@@ -160,7 +162,7 @@ class DiffusionPrior:
             if verbose and (step % 500 == 0 or step == cfg["steps"] - 1):
                 print(f"diffusion step {step} loss {sum(losses[-100:]) / len(losses[-100:]):.4f}", flush=True)
         self.model.eval()
-        self.field = fd.Field(self.model, self.path, "data")
+        self.field = Field(self.model, self.path, "data")
         self.history = {"loss": losses, "solve_cpu_seconds": solve_cpu, "train_cpu_seconds": time.process_time() - t0,
                         "solver_calls": self.solver_calls}
         self.fitted = True
@@ -195,8 +197,6 @@ class DiffusionPrior:
     def _operator(self, x: Optional[Tensor], y: Optional[Tensor], w: Tensor, noise: float, w_noise: float,
                   z: Optional[Tensor] = None, z_noise: float = 0.0):
         """The Matrix operator and measurement of one case (sensors and/or z, plus the known w)."""
-        import flowdiff as fd
-
         rows, meas = [], []
         if x is not None:
             r, off = self._point_rows(x, w)
@@ -216,7 +216,7 @@ class DiffusionPrior:
             sl = slice(self.dz, self.dz + self.dw)
             meas.append(scale * ((w.double() - self.mean[sl].double()) / self.std[sl].double()))
         H = torch.cat(rows).float()
-        return fd.inverse.Matrix(H), torch.cat(meas).float()
+        return inverse.Matrix(H), torch.cat(meas).float()
 
     # ------------------------------------------------------------------------------------------
     # PDE residual of a joint vector (for the guidance)
@@ -262,8 +262,6 @@ class DiffusionPrior:
     # sampling
     # ------------------------------------------------------------------------------------------
     def _sample(self, operator, y, *, n, method, nfe, generator, noise, w, pde_weight, pde_fraction, zeta):
-        import flowdiff as fd
-
         if method == "dps" and pde_weight > 0:
             self._residual_setup(w)
             steps = nfe
@@ -283,14 +281,14 @@ class DiffusionPrior:
                     out = out + pde_weight * torch.sqrt((r**2).sum(-1).clamp_min(1e-30))
                 return out[:, None]
 
-            op = fd.inverse.Nonlinear(loss_fn, (self.dim,), (1,))
-            res = fd.inverse.sample_posterior(self.field, op, torch.zeros(1), sigma_y=noise, method="dps",
+            op = inverse.Nonlinear(loss_fn, (self.dim,), (1,))
+            res = inverse.sample_posterior(self.field, op, torch.zeros(1), sigma_y=noise, method="dps",
                                               num_samples=n, nfe=nfe, generator=generator, zeta=zeta)
         elif method == "dps":
-            res = fd.inverse.sample_posterior(self.field, operator, y, sigma_y=noise, method="dps", num_samples=n,
+            res = inverse.sample_posterior(self.field, operator, y, sigma_y=noise, method="dps", num_samples=n,
                                               nfe=nfe, generator=generator, zeta=zeta)
         else:
-            res = fd.inverse.sample_posterior(self.field, operator, y, sigma_y=noise, method=method, num_samples=n,
+            res = inverse.sample_posterior(self.field, operator, y, sigma_y=noise, method=method, num_samples=n,
                                               nfe=nfe, generator=generator)
         return res
 
@@ -388,17 +386,15 @@ class DiffusionPrior:
     @classmethod
     def load(cls, path, problem: Problem) -> "DiffusionPrior":
         """Rebuild a saved prior for ``problem`` (the one it was fitted on)."""
-        import flowdiff as fd
-
         state = torch.load(path, map_location="cpu", weights_only=False)
         out = cls(problem, **state["config"])
         out.mean, out.std = state["mean"], state["std"]
-        out.path = fd.paths.Linear()
-        out.model = fd.nn.Preconditioned(fd.nn.MLP(out.dim, hidden=out.config["hidden"], depth=out.config["depth"]),
+        out.path = paths.Linear()
+        out.model = fnn.Preconditioned(fnn.MLP(out.dim, hidden=out.config["hidden"], depth=out.config["depth"]),
                                          out.path, "data", sigma_data=1.0)
         out.model.load_state_dict(state["model"])
         out.model.eval()
-        out.field = fd.Field(out.model, out.path, "data")
+        out.field = Field(out.model, out.path, "data")
         out.history, out.solver_calls, out.fitted = state["history"], state["solver_calls"], True
         return out
 
