@@ -40,10 +40,9 @@ import csv
 import functools
 import json
 import math
-import time
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field as dc_field
+from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -51,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import GraphBatch, GraphDataError, node_count_distribution, permute
+from .data import GraphBatch, GraphDataError, node_count_distribution
 
 __all__ = ["MOLECULE_DATASETS", "MoleculeDataError", "MoleculeTrainConfig", "MoleculeSamples", "molecule_dataset",
            "read_smiles", "clean_smiles", "smiles_to_dense", "dense_to_smiles", "decode_molecules", "correct_valency",
@@ -750,11 +749,10 @@ def train_molecules(output_dir: str | Path, config: MoleculeTrainConfig | None =
     All data checks (invalid SMILES skipped and counted, or one :class:`MoleculeDataError`) happen before the
     first update; a non-finite loss stops before the update (:class:`flowdiff.train.NonFiniteLossError`).
     """
-    from ..paths import get_path, path_from_config
-    from ..train import NonFiniteLossError
-    from ..train.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_write_text, list_checkpoints,
-                                    load_checkpoint, load_training_state, remove_temporary_files, save_checkpoint)
-    from .model import GRAPH_RUN_KIND, GDSSNetwork, GraphField, _EMA, gdss_loss
+    from ..paths import get_path
+    from ..train.checkpoint import (atomic_write_text, list_checkpoints, load_checkpoint, load_training_state,
+                                    remove_temporary_files)
+    from .model import GRAPH_RUN_KIND, GDSSNetwork, _fit
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -791,75 +789,9 @@ def train_molecules(output_dir: str | Path, config: MoleculeTrainConfig | None =
     network = GDSSNetwork(info["max_nodes"], info["num_features"], network_cfg, cfg.prediction).to(device)
     info["network"] = network.network_config
     info["prediction"] = cfg.prediction
-    path = path_from_config(info["path"])
     data = smiles_to_dense(train, info["molecules"]["atoms"], info["max_nodes"], device=device)
-    opt = torch.optim.Adam(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    ema = _EMA(network, cfg.ema)
-    step, cpu_used = 0, 0.0
-    if state is not None:
-        network.load_state_dict(model_state)
-        ema.shadow = {k: v.to(device) for k, v in ema_state.items()}
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        step, cpu_used = int(state["step"]), float(state.get("cpu_seconds", 0.0))
-    run_config = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": GRAPH_RUN_KIND,
-                  "train": asdict(cfg), "graphs": info}
-    cpu0 = time.process_time()
-
-    def save() -> Path:
-        training_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                          "step": step, "cpu_seconds": cpu_used + time.process_time() - cpu0}
-        return save_checkpoint(out, step, {k: v.detach().cpu() for k, v in network.state_dict().items()},
-                               {k: v.detach().cpu() for k, v in ema.shadow.items()},
-                               {**run_config, "step": step}, training_state, cfg.keep_last)
-
-    last_ckpt = None
-    running: dict[str, float] = {}
-    network.train()
-    # Denormal floats appear in the weights after ~1000 steps and made each CPU step 2x slower (measured:
-    # 0.128 vs 0.062 CPU s per batch of 128); flushing them to zero changes nothing else.
-    flush = torch.set_flush_denormal(True)
-    try:
-        while step < cfg.steps:
-            idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen).to(data.adj.device)
-            batch = data.index(idx)
-            if cfg.augment:
-                batch = permute(batch, generator=gen)
-            loss, parts = gdss_loss(network, path, batch, generator=gen)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(step + 1, "loss", float(loss), last_ckpt)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
-            if not torch.isfinite(norm):
-                raise NonFiniteLossError(step + 1, "grad_norm", float(norm), last_ckpt)
-            opt.step()
-            sched.step()
-            ema.update(network)
-            step += 1
-            for k, v in parts.items():
-                running[k] = running.get(k, 0.0) + v
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                line = {"step": step, **{f"loss_{k}": v / n for k, v in running.items()},
-                        "lr": sched.get_last_lr()[0], "cpu_s": round(cpu_used + time.process_time() - cpu0, 1)}
-                running = {}
-                with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(line) + "\n")
-                say(json.dumps(line))
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                last_ckpt = save()
-        if last_ckpt is None and not list_checkpoints(out):
-            save()
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
-    network.load_state_dict(ema.shadow)
-    network.eval()
-    return GraphField(network, path, info["node_distribution"], info)
+    resumed = (model_state, ema_state, state) if state is not None else None
+    return _fit(out, cfg, info, network, data, resumed, say, device)
 
 
 def _heavy_atom_counts(smiles: Sequence[str]) -> list[int]:
