@@ -55,28 +55,35 @@ def _really_explicit(command: str, options: dict, explicit: set) -> set:
 
 def _run_train(options: dict, explicit: set) -> None:
     from ..graphs import GraphDataError, GraphTrainConfig, train_gdss
+
+    _train_gdss_run(options, explicit, GraphTrainConfig(data=str(options["data"])), what="graph",
+                    run_files=("metrics.jsonl", "train_graphs.txt"), train=train_gdss, data_error=GraphDataError)
+
+
+def _train_gdss_run(options: dict, explicit: set, cfg: Any, *, what: str, run_files: tuple[str, ...],
+                    train: Any, data_error: type[Exception]) -> None:
+    """``flowdiff train`` for a GDSS run (graphs or molecules): the shared options onto ``cfg``, options of the
+    image/vector trainer refused, the run folder checked (--resume / --overwrite), then ``train``."""
     from ..train import CheckpointError, list_checkpoints
 
     explicit = _really_explicit("train", options, explicit)
-
-    cfg = GraphTrainConfig(data=str(options["data"]))
     if "prediction" in explicit:
         if options["prediction"] not in ("noise", "data"):
-            _fail(f"--prediction {options['prediction']}: graph models predict noise (GDSS) or data (default)", 2)
+            _fail(f"--prediction {options['prediction']}: {what} models predict noise (GDSS) or data", 2)
         cfg.prediction = options["prediction"]
     if "network" in explicit and options["network"] not in ("auto", "gdss"):
-        _fail(f"--network {options['network']}: graph data use the GDSS networks (auto or gdss)", 2)
+        _fail(f"--network {options['network']}: {what} data use the GDSS networks (auto or gdss)", 2)
     mapping = {"steps": "steps", "batch": "batch_size", "lr": "lr", "seed": "seed", "ema_decay": "ema",
                "checkpoint_every": "checkpoint_every", "grad_clip": "grad_clip", "weight_decay": "weight_decay"}
-    for option, field in mapping.items():
+    for option, name in mapping.items():
         if option in explicit:
-            setattr(cfg, field, options[option])
+            setattr(cfg, name, options[option])
     if "path" in explicit:
         cfg.path = {"name": options["path"]}
     unsupported = sorted(explicit & {"weighting", "time_sampler", "precondition", "sigma_data", "label_dropout",
                                      "coupling", "ema_sigma_rel", "lr_schedule", "warmup_steps", "task", "dtype"})
     if unsupported:
-        _fail(f"--{unsupported[0].replace('_', '-')} does not apply to graph data (GDSS); see docs/graphs.md", 2)
+        _fail(f"--{unsupported[0].replace('_', '-')} does not apply to {what} data (GDSS); see docs/graphs.md", 2)
     try:
         cfg.check()
     except ValueError as error:
@@ -88,7 +95,7 @@ def _run_train(options: dict, explicit: set) -> None:
     if has_run and not options.get("resume"):
         if options.get("overwrite"):
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            for name in ("metrics.jsonl", "train_graphs.txt"):
+            for name in run_files:
                 (out / name).unlink(missing_ok=True)
             has_run = False
         else:
@@ -102,15 +109,15 @@ def _run_train(options: dict, explicit: set) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train_gdss(out, cfg, resume=bool(options.get("resume")) and has_run, device=options.get("device", "cpu"),
-                       log=None if quiet else (lambda line: typer.echo(line, err=True)))
+            train(out, cfg, resume=bool(options.get("resume")) and has_run, device=options.get("device", "cpu"),
+                  log=None if quiet else (lambda line: typer.echo(line, err=True)))
         for w in caught:
             typer.echo(f"warning: {w.message}", err=True)
-    except GraphDataError as error:
+    except (data_error, CheckpointError) as error:
         _fail(_first_line(error), 1)
-    except CheckpointError as error:
-        _fail(_first_line(error), 1)
-    typer.echo(f"trained GDSS model -> {out} ({time.process_time() - started:.0f} CPU s)")
+    except ValueError as error:
+        _fail(_first_line(error), 2)
+    typer.echo(f"trained GDSS {what} model -> {out} ({time.process_time() - started:.0f} CPU s)")
 
 
 def _is_graph_checkpoint(checkpoint: Path) -> bool:
@@ -254,62 +261,10 @@ def _claims_molecule_train(data: str, task: Any = None) -> bool:
 
 def _run_molecule_train(options: dict, explicit: set) -> None:
     from ..graphs.molecules import MoleculeDataError, MoleculeTrainConfig, train_molecules
-    from ..train import CheckpointError, list_checkpoints
 
-    explicit = _really_explicit("train", options, explicit)
-    cfg = MoleculeTrainConfig(data=str(options["data"]))
-    if "prediction" in explicit:
-        if options["prediction"] not in ("noise", "data"):
-            _fail(f"--prediction {options['prediction']}: molecule models predict noise (GDSS) or data", 2)
-        cfg.prediction = options["prediction"]
-    if "network" in explicit and options["network"] not in ("auto", "gdss"):
-        _fail(f"--network {options['network']}: molecule data use the GDSS networks (auto or gdss)", 2)
-    mapping = {"steps": "steps", "batch": "batch_size", "lr": "lr", "seed": "seed", "ema_decay": "ema",
-               "checkpoint_every": "checkpoint_every", "grad_clip": "grad_clip", "weight_decay": "weight_decay"}
-    for option, name in mapping.items():
-        if option in explicit:
-            setattr(cfg, name, options[option])
-    if "path" in explicit:
-        cfg.path = {"name": options["path"]}
-    unsupported = sorted(explicit & {"weighting", "time_sampler", "precondition", "sigma_data", "label_dropout",
-                                     "coupling", "ema_sigma_rel", "lr_schedule", "warmup_steps", "task", "dtype"})
-    if unsupported:
-        _fail(f"--{unsupported[0].replace('_', '-')} does not apply to molecule data (GDSS); see docs/graphs.md", 2)
-    try:
-        cfg.check()
-    except ValueError as error:
-        _fail(_first_line(error), 2)
-    out = Path(options["output"])
-    if out.exists() and not out.is_dir():
-        _fail(f"--output {out} is a file; give a folder", 2)
-    has_run = out.is_dir() and bool(list_checkpoints(out))
-    if has_run and not options.get("resume"):
-        if options.get("overwrite"):
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            for name in ("metrics.jsonl", "train_smiles.txt", "test_smiles.txt"):
-                (out / name).unlink(missing_ok=True)
-            has_run = False
-        else:
-            _fail(f"--output {out} already holds a run; pass --resume to continue it or --overwrite to start over", 2)
-    _output_dir(out)
-    _set_threads(options.get("threads") or 1)
-    from . import _STATE
-
-    quiet = _STATE["quiet"]
-    started = time.process_time()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            train_molecules(out, cfg, resume=bool(options.get("resume")) and has_run,
-                            device=options.get("device", "cpu"),
-                            log=None if quiet else (lambda line: typer.echo(line, err=True)))
-        for w in caught:
-            typer.echo(f"warning: {w.message}", err=True)
-    except (MoleculeDataError, CheckpointError) as error:
-        _fail(_first_line(error), 1)
-    except ValueError as error:
-        _fail(_first_line(error), 2)
-    typer.echo(f"trained GDSS molecule model -> {out} ({time.process_time() - started:.0f} CPU s)")
+    _train_gdss_run(options, explicit, MoleculeTrainConfig(data=str(options["data"])), what="molecule",
+                    run_files=("metrics.jsonl", "train_smiles.txt", "test_smiles.txt"), train=train_molecules,
+                    data_error=MoleculeDataError)
 
 
 def _claims_molecule_sample(checkpoint: Path) -> bool:
