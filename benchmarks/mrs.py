@@ -346,13 +346,9 @@ def build_model() -> MeanConditioned:
 
 def degrade_mixed(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image degraded by one task drawn uniformly (the universal restoration setting)."""
-    task = torch.randint(0, len(DEGRADATIONS), (x.shape[0],), generator=generator)
-    mu = torch.empty_like(x)
-    for k, name in enumerate(DEGRADATIONS):
-        sel = task == k
-        if sel.any():
-            mu[sel] = degrade(x[sel], name, generator)
-    return mu
+    from flowdiff.mean_reverting.restore import _degrade_mixed
+
+    return _degrade_mixed(x, DEGRADATIONS, generator)
 
 
 def train(out: Path, steps: int, batch: int = 128) -> dict:

@@ -153,6 +153,33 @@ def _progress(total: Optional[int], desc: str, unit: str) -> Any:
     return Progress(total, desc, enabled=not _STATE["quiet"], unit=unit)
 
 
+def _restore_inputs(source: str, seed: int, count: int, shape: tuple[int, ...]) -> "torch.Tensor":
+    """The clean images ``flowdiff restore`` degrades: the first ``count`` of a ``.pt``/``.pth``/``.npy`` tensor
+    (or a dict with ``'x'``) or of a dataset's held-out split; exits 2 with one line on a wrong shape or NaN/Inf."""
+    import torch
+
+    from ..data import available_datasets, load_dataset
+
+    file = Path(source)
+    if file.is_file() and file.suffix in (".pt", ".pth", ".npy"):
+        import numpy as np
+
+        truth = torch.as_tensor(np.load(file)) if file.suffix == ".npy" else torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(truth, dict):
+            truth = truth.get("x")
+        if not isinstance(truth, torch.Tensor):
+            _fail(f"{file}: expected a tensor of images (N, C, H, W) (or a dict with 'x')", 2)
+    else:
+        _check_name("dataset", source, list(available_datasets()))
+        truth = load_dataset(source, split="heldout", seed=seed).x
+    truth = truth[:count].float()
+    if tuple(truth.shape[1:]) != tuple(shape):
+        _fail(f"the input images have shape {tuple(truth.shape[1:])} but the model was trained on {tuple(shape)}", 2)
+    if not torch.isfinite(truth).all():
+        _fail(f"{source}: the input images contain NaN or Inf", 2)
+    return truth
+
+
 def _check_name(kind: str, value: str, valid: list[str], allow_path: bool = False) -> None:
     if value in valid or (allow_path and Path(value).exists()):
         return
@@ -993,7 +1020,6 @@ def restore(
     import torch
 
     from .._utils import check_float, check_int
-    from ..data import available_datasets, load_dataset
     from ..inverse import available
     from ..pipeline import RESTORE_TASKS, restore as restore_images, save_restore_png, write_json
 
@@ -1020,23 +1046,7 @@ def restore(
     source = input or (cfg.get("extra") or {}).get("dataset")
     if not source:
         _fail("--input is required (the checkpoint does not name its dataset)", 2)
-    file = Path(source)
-    if file.is_file() and file.suffix in (".pt", ".pth", ".npy"):
-        import numpy as np
-
-        truth = torch.as_tensor(np.load(file)) if file.suffix == ".npy" else torch.load(file, map_location="cpu", weights_only=True)
-        if isinstance(truth, dict):
-            truth = truth.get("x")
-        if not isinstance(truth, torch.Tensor):
-            _fail(f"{file}: expected a tensor of images (N, C, H, W) (or a dict with 'x')", 2)
-    else:
-        _check_name("dataset", source, list(available_datasets()))
-        truth = load_dataset(source, split="heldout", seed=int((cfg.get("extra") or {}).get("seed", 0))).x
-    truth = truth[:count].float()
-    if tuple(truth.shape[1:]) != shape:
-        _fail(f"the input images have shape {tuple(truth.shape[1:])} but the model was trained on {shape}", 2)
-    if not torch.isfinite(truth).all():
-        _fail(f"{source}: the input images contain NaN or Inf", 2)
+    truth = _restore_inputs(source, int((cfg.get("extra") or {}).get("seed", 0)), count, shape)
     existed = output.exists()
     _output_dir(output)
     with _remove_if_left_empty(output, existed):

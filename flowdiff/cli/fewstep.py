@@ -20,7 +20,7 @@ import typer
 
 from . import (
     SAMPLE_HANDLERS, THREADS_HELP, _command, _fail, _load_field_or_exit, _output_dir, _remove_if_left_empty,
-    _set_threads, _user_errors, app,
+    _restore_inputs, _set_threads, _user_errors, app,
 )
 
 #: ``flowdiff distill --method`` values.
@@ -253,11 +253,9 @@ def restore_mrs(checkpoint: Path, task: str, input: Optional[str], output: Path,
                 seed: int, threads: Optional[int]) -> None:
     """``flowdiff restore --method mrs``: degrade ``count`` clean images with ``task``, restore each with
     ``samples`` MRS draws of ``nfe`` evaluations (the default MRS: UniPC through the shift on ``mrs_grid``)."""
-    import numpy as np
     import torch
 
     from .._utils import check_int
-    from ..data import load_dataset
     from ..mean_reverting import DEGRADATIONS, degrade, is_restoration_folder, load_restoration_model, mrs_sample
     from ..pipeline import save_samples_png, write_json
 
@@ -278,21 +276,7 @@ def restore_mrs(checkpoint: Path, task: str, input: Optional[str], output: Path,
     source = input or meta.get("data")
     if not source:
         _fail("--input is required (the model does not name its dataset)", 2)
-    file = Path(source)
-    if file.is_file() and file.suffix in (".pt", ".pth", ".npy"):
-        truth = torch.as_tensor(np.load(file)) if file.suffix == ".npy" else torch.load(file, map_location="cpu", weights_only=True)
-        if isinstance(truth, dict):
-            truth = truth.get("x")
-        if not isinstance(truth, torch.Tensor):
-            _fail(f"{file}: expected a tensor of images (N, C, H, W) (or a dict with 'x')", 2)
-    else:
-        with _user_errors():
-            truth = load_dataset(source, split="heldout", seed=int(meta.get("seed", 0))).x
-    truth = truth[:count].float()
-    if tuple(truth.shape[1:]) != shape:
-        _fail(f"the input images have shape {tuple(truth.shape[1:])} but the model was trained on {shape}", 2)
-    if not torch.isfinite(truth).all():
-        _fail(f"{source}: the input images contain NaN or Inf", 2)
+    truth = _restore_inputs(source, int(meta.get("seed", 0)), count, shape)
     existed = output.exists()
     _output_dir(output)
     with _remove_if_left_empty(output, existed):
