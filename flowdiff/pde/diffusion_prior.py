@@ -40,7 +40,7 @@ from .. import inverse, paths
 from .. import nn as fnn
 from ..fields import Field
 from ..losses import GaussianPathLoss
-from .problem import Problem
+from .problem import Problem, check_known_inputs
 
 __all__ = ["DiffusionPrior"]
 
@@ -403,13 +403,4 @@ class DiffusionPrior:
             raise ValueError("the diffusion prior is not fitted yet: call fit() first")
 
     def _as_w(self, w, b: int) -> Tensor:
-        dw = self.dw
-        if w is None and dw == 0:
-            return torch.zeros(b, 0)
-        if not isinstance(w, Tensor):
-            raise TypeError(f"w must be a tensor of shape ({b}, {dw}), got {type(w).__name__}")
-        if w.ndim == 1 and dw == 1 and w.shape[0] == b:
-            w = w.unsqueeze(1)
-        if tuple(w.shape) != (b, dw):
-            raise ValueError(f"w must have shape ({b}, {dw}), got {tuple(w.shape)}")
-        return w.float()
+        return check_known_inputs(w, b, self.dw).float()

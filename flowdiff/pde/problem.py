@@ -275,3 +275,17 @@ def _as_2d(value, n: int, label: str) -> Tensor:
     if value.ndim != 2 or value.shape[0] != n:
         raise ValueError(f"{label} must have shape (n, d) with n={n}, got {tuple(value.shape)}")
     return value
+
+
+def check_known_inputs(w, b: int, dw: int) -> Tensor:
+    """``w`` as a ``(b, dw)`` tensor (``None`` allowed when ``dw == 0``; a ``(b,)`` vector when ``dw == 1``);
+    TypeError/ValueError naming the expected shape otherwise."""
+    if w is None and dw == 0:
+        return torch.zeros(b, 0)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"w must be a tensor of shape ({b}, {dw}), got {type(w).__name__}")
+    if w.ndim == 1 and dw == 1 and w.shape[0] == b:
+        w = w.unsqueeze(1)
+    if tuple(w.shape) != (b, dw):
+        raise ValueError(f"w must have shape ({b}, {dw}), got {tuple(w.shape)}")
+    return w

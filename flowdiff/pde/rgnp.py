@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..nn.gicnet import GICNet
 from .mcmc import PriorModel, sample_posterior
-from .problem import Problem
+from .problem import Problem, check_known_inputs
 
 __all__ = ["RGNP", "ForwardNet", "NonFiniteTrainingError"]
 
@@ -628,16 +628,7 @@ class RGNP:
         return x
 
     def _as_w(self, w, b: int) -> Tensor:
-        dw = self.problem.dw
-        if w is None and dw == 0:
-            return torch.zeros(b, 0)
-        if not isinstance(w, Tensor):
-            raise TypeError(f"w must be a tensor of shape ({b}, {dw}), got {type(w).__name__}")
-        if w.ndim == 1 and dw == 1 and w.shape[0] == b:
-            w = w.unsqueeze(1)
-        if tuple(w.shape) != (b, dw):
-            raise ValueError(f"w must have shape ({b}, {dw}), got {tuple(w.shape)}")
-        return w
+        return check_known_inputs(w, b, self.problem.dw)
 
     def _check_inputs(self, z, w, x):
         x = self._as_points(x)
