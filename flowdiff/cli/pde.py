@@ -1,10 +1,11 @@
 """``flowdiff pde fit|infer``: Random Grid Neural Processes on the built-in PDE problems (issue 21, docs/pde.md).
 
-* ``flowdiff pde fit --problem poisson|burgers|cavity -o RUN`` trains an RGNP on the physics only, calibrates its
-  std, and writes ``RUN/model.pt``, ``RUN/metrics.json`` and ``RUN/forward.png`` (mean ± 2σ against the reference
+* ``flowdiff pde fit --problem poisson|burgers|cavity -o RUN [--family diag|lowrank|deterministic]
+  [--grid random|fixed]`` trains an RGNP (``--grid fixed``: the fixed-grid PDDLVM baseline) on the physics only,
+  calibrates its std, and writes ``RUN/model.pt``, ``RUN/metrics.json`` and ``RUN/forward.png`` (mean ± 2σ against the reference
   solver for a few draws).
 * ``flowdiff pde infer -c RUN --sensors FILE.csv --noise S [--w W ...]`` reads sensor rows ``x[,y[,t]],value``
-  (one case; a header line is allowed), samples the posterior of z and writes ``posterior.csv`` and
+  (the cavity: ``x,y,t,u,v,p``; one case; a header line is allowed), samples the posterior of z and writes ``posterior.csv`` and
   ``posterior.png`` next to the run (or into ``-o``).
 """
 
@@ -31,6 +32,10 @@ def fit_cmd(
     problem: str = typer.Option("poisson", "--problem", help="Built-in problem: poisson, burgers or cavity."),
     output: Path = typer.Option(..., "--output", "-o", help="Run folder to write (model.pt, metrics.json, forward.png)."),
     family: str = typer.Option("diag", help="Variational family: diag, lowrank or deterministic (PINN-style)."),
+    grid: str = typer.Option("random", help="Collocation grid: random (RGNP, fresh points per instance and step) or "
+                             "fixed (the PDDLVM baseline: one evenly spaced grid for every instance and step)."),
+    points: Optional[int] = typer.Option(None, help="Collocation points per instance (default: 32 random, 64 for the "
+                                         "cavity; fixed: 30 in 1-D, 6 x 6 in 2-D, 4^3 in 3-D)."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps (default: the model's, 6000)."),
     calibration: int = typer.Option(64, help="Instances solved to calibrate the std (0: none)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -46,22 +51,31 @@ def fit_cmd(
         _fail(f"unknown problem {problem!r}; valid: {', '.join(PROBLEMS)}", 2)
     if family not in ("diag", "lowrank", "deterministic"):
         _fail(f"unknown family {family!r}; valid: diag, lowrank, deterministic", 2)
+    if grid not in ("random", "fixed"):
+        _fail(f"unknown grid {grid!r}; valid: random, fixed", 2)
     if steps is not None and steps < 1:
         _fail(f"--steps must be >= 1, got {steps}", 2)
+    if points is not None and points < 2:
+        _fail(f"--points must be >= 2, got {points}", 2)
     out = _output_dir(output)
     if (out / "model.pt").exists() and not overwrite:
         _fail(f"{out} already holds a run (model.pt); pass --overwrite or another --output", 2)
     _set_threads(threads)
     prob = pde.get(problem)
     options = {} if problem == "poisson" else {"calibration": min(calibration, 16)}
-    model = pde.RGNP(prob, family=family, calibration=options.get("calibration", calibration),
-                     steps=steps or 6000)
+    kwargs = dict(family=family, calibration=options.get("calibration", calibration), steps=steps or 6000)
+    if problem == "cavity":  # the 3-D residual costs ~1.5 CPU s per step at batch 64 (docs/pde.md)
+        kwargs.update(batch=16)
+    if grid == "fixed":
+        model = pde.PDDLVM(prob, points=points or {1: 30, 2: 36}.get(prob.dim, 64), **kwargs)
+    else:
+        model = pde.RGNP(prob, points=points or (64 if problem == "cavity" else 32), **kwargs)
     total = model.config["steps"]
     with _progress(total, "pde fit", "step") as bar:
         model.fit(seed=seed, progress=lambda i, n, info: bar.update(1, residual=f"{info['residual_ms']:.2e}"))
     model.save(out / "model.pt")
     metrics = _forward_check(prob, model, out / "forward.png", seed)
-    metrics.update(problem=problem, family=family, steps=total, seed=seed,
+    metrics.update(problem=problem, family=family, grid=grid, points=model.config["points"], steps=total, seed=seed,
                    train_cpu_seconds=model.history.get("train_cpu_seconds"),
                    calibration=model.history.get("calibration"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
@@ -118,7 +132,8 @@ def _forward_check(prob, model, png: Path, seed: int, cases: int = 8) -> dict:
 @_command
 def infer_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Run folder written by 'flowdiff pde fit'."),
-    sensors: Path = typer.Option(..., "--sensors", help="CSV of sensor rows: coordinates then the reading."),
+    sensors: Path = typer.Option(..., "--sensors", help="CSV of sensor rows: coordinates then the reading (one per "
+                                 "field: x,y,t,u,v,p for the cavity)."),
     noise: float = typer.Option(..., "--noise", help="Sensor noise standard deviation (> 0)."),
     w: List[float] = typer.Option([], "--w", help="Known inputs w (repeat for each; default: their prior mean)."),
     samples: int = typer.Option(256, help="Posterior samples."),
@@ -153,8 +168,10 @@ def infer_cmd(
     if rows.ndim == 1:
         rows = rows[None]
     rows = rows[~np.isnan(rows).all(1)]  # a header line reads as NaN
-    if rows.ndim != 2 or rows.shape[1] != prob.dim + 1 or len(rows) == 0:
-        _fail(f"--sensors must hold rows of {prob.dim} coordinate(s) and one reading, got shape {rows.shape}", 1)
+    fields = model.fields
+    if rows.ndim != 2 or rows.shape[1] != prob.dim + fields or len(rows) == 0:
+        readings = "one reading" if fields == 1 else f"{fields} readings (one per field)"
+        _fail(f"--sensors must hold rows of {prob.dim} coordinate(s) and {readings}, got shape {rows.shape}", 1)
     if not np.isfinite(rows).all():
         _fail("--sensors holds non-finite values", 1)
     if w:
@@ -163,10 +180,9 @@ def infer_cmd(
         w_t = torch.tensor([w], dtype=torch.float32)
     else:
         w_t = model.cond_mean[prob.dz:].reshape(1, -1).float()
-    x = torch.tensor(rows[None, :, :-1], dtype=torch.float32)
-    y = torch.tensor(rows[None, :, -1], dtype=torch.float32)
-    if model.fields > 1:
-        _fail(f"infer reads one field per sensor; {prob.name} has {model.fields}", 2)
+    x = torch.tensor(rows[None, :, :prob.dim], dtype=torch.float32)
+    y = torch.tensor(rows[None, :, prob.dim:], dtype=torch.float32)
+    y = y[..., 0] if fields == 1 else y
     out = _output_dir(output or (checkpoint if checkpoint.is_dir() else checkpoint.parent))
     with _progress(None, "pde infer", "case") as bar:
         zs = model.posterior(x, y, w_t, noise=noise, n=samples, generator=torch.Generator().manual_seed(seed))
