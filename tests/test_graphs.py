@@ -249,6 +249,19 @@ def test_train_resume_is_exact_and_generate(tmp_path):
         train_gdss(tmp_path / "full", _tiny_config(), resume=False)
 
 
+def test_time_sampler_option(tmp_path):
+    field = train_gdss(tmp_path / "edm", _tiny_config(steps=2, time_sampler={"name": "edm", "p_mean": -0.5, "p_std": 1.5}))
+    assert isinstance(field, GraphField)
+    import json
+
+    saved = json.loads((tmp_path / "edm" / "checkpoints" / "step_00000002" / "config.json").read_text())
+    assert saved["train"]["time_sampler"] == {"name": "edm", "p_mean": -0.5, "p_std": 1.5}
+    with pytest.raises(ValueError, match="time_sampler"):
+        _tiny_config(time_sampler="cosine").check()
+    with pytest.raises(ValueError, match="time_sampler"):
+        _tiny_config(time_sampler=3).check()
+
+
 def test_bad_graph_input(tmp_path):
     gs = community_small(3, seed=0)
     with pytest.raises(GraphDataError, match="more than max_nodes=10"):

@@ -181,7 +181,7 @@ class GraphField(Field):
 
 
 def gdss_loss(network: GDSSNetwork, path: GaussianPath, batch: GraphBatch, generator: torch.Generator | None = None,
-              t: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+              t: Tensor | None = None, time_sampler: Any = None) -> tuple[Tensor, dict[str, float]]:
     """Per-component denoising score matching (GDSS eq. 7).
 
     Noise prediction (GDSS): the batch mean of ``½Σ(ε̂_X−ε_X)² + ½Σ(ε̂_A−ε_A)²`` over present entries.
@@ -189,12 +189,18 @@ def gdss_loss(network: GDSSNetwork, path: GaussianPath, batch: GraphBatch, gener
     "Efficient Diffusion Training via Min-SNR Weighting Strategy"): ``½ min(SNR, 5) Σ(x̂ − x)²`` per component,
     SNR = α²/σ² (= the ε-loss weighted by min(SNR, 5)/SNR ≤ 1: less weight near the data end, where the
     ε of a {0, 1} adjacency is nearly unpredictable and dominated the unweighted loss).
+    ``time_sampler``: a :class:`flowdiff.losses.TimeSampler` for ``t`` (its importance weights multiply the
+    per-graph loss); default ``t ~ U[t_min, t_max]`` (GDSS).
     Returns ``(loss, parts)`` with ``parts = {"x": …, "adj": …}``.
     """
     layout = network.layout
     z1 = layout.pack(batch.x, batch.adj)
     b = z1.shape[0]
-    if t is None:
+    weight = None
+    if t is None and time_sampler is not None:
+        t, weight = time_sampler.sample(b, generator=generator, dtype=z1.dtype)
+        t, weight = t.clamp(path.t_min, path.t_max).to(z1.device), weight.to(z1.device)
+    elif t is None:
         t = path.t_min + (path.t_max - path.t_min) * torch.rand(b, generator=generator, dtype=z1.dtype)
         t = t.to(z1.device)
     noise = torch.randn(z1.shape, generator=generator, dtype=z1.dtype).to(z1.device)
@@ -207,6 +213,8 @@ def gdss_loss(network: GDSSNetwork, path: GaussianPath, batch: GraphBatch, gener
         sq = 0.5 * torch.clamp(snr, max=5.0) * (out - z1) ** 2 * valid
     else:
         sq = 0.5 * (out - noise) ** 2 * valid
+    if weight is not None:
+        sq = sq * weight[:, None]
     parts = {name: sq[:, sl].sum(1).mean() for name, sl in layout.components.items()}
     return parts["x"] + parts["adj"], {k: float(v.detach()) for k, v in parts.items()}
 
@@ -238,6 +246,7 @@ class GraphTrainConfig:
     path: dict = dc_field(default_factory=lambda: {"name": "vp", "beta_min": 0.1, "beta_max": 20.0})
     network: dict = dc_field(default_factory=dict)
     prediction: str = "noise"
+    time_sampler: Any = "uniform"
     checkpoint_every: int = 500
     keep_last: int = 2
     log_every: int = 100
@@ -255,7 +264,25 @@ class GraphTrainConfig:
                 raise ValueError(f"{name} must be a finite number in ({lo:g}, {hi:g}], got {v!r}")
         if not isinstance(self.path, dict) or "name" not in self.path:
             raise ValueError(f"path must be a dict with a 'name' (e.g. {{'name': 'vp'}}), got {self.path!r}")
+        _time_sampler(self.time_sampler, get_path(**self.path))
         return self
+
+
+def _time_sampler(spec: Any, path: GaussianPath) -> Any:
+    """``None`` for ``"uniform"`` (GDSS's draw, kept bit-for-bit), else the :class:`flowdiff.losses.TimeSampler` of a
+    name (``"edm"``, ``"logit-normal"``) or a config dict (``{"name": "edm", "p_mean": -1.2, "p_std": 1.2}``)."""
+    from ..losses.time_samplers import make_time_sampler, time_sampler_from_config
+
+    if spec == "uniform" or spec is None:
+        return None
+    try:
+        if isinstance(spec, str):
+            return make_time_sampler(spec, path)
+        if isinstance(spec, dict):
+            return time_sampler_from_config(spec, path)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"bad time_sampler {spec!r}: {error}") from None
+    raise ValueError(f"time_sampler must be 'uniform', 'edm', 'logit-normal' or a config dict, got {spec!r}")
 
 
 def _load_data(cfg: GraphTrainConfig) -> tuple[list, str]:
@@ -349,6 +376,7 @@ def _fit(out: Path, cfg: Any, info: dict, network: GDSSNetwork, data: GraphBatch
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     ema = _EMA(network, cfg.ema)
+    sampler = _time_sampler(getattr(cfg, "time_sampler", "uniform"), path)
     step, cpu_used = 0, 0.0
     if resumed is not None:
         model_state, ema_state, state = resumed
@@ -382,7 +410,7 @@ def _fit(out: Path, cfg: Any, info: dict, network: GDSSNetwork, data: GraphBatch
             batch = data.index(idx)
             if cfg.augment:
                 batch = permute(batch, generator=gen)
-            loss, parts = gdss_loss(network, path, batch, generator=gen)
+            loss, parts = gdss_loss(network, path, batch, generator=gen, time_sampler=sampler)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(step + 1, "loss", float(loss), last_ckpt)
             opt.zero_grad(set_to_none=True)
