@@ -287,3 +287,38 @@ def test_rgnp_runs_on_multi_dimensional_problems(name):
     assert mean.shape == std.shape == shape and torch.isfinite(mean).all()
     zm, zsd = m.invert(x, mean, w)
     assert zm.shape == (2, 2)
+
+
+def test_data_term_marginal_likelihood_is_exact_and_fit_uses_it():
+    # the closed-form (Woodbury) marginal likelihood against a dense Gaussian, then a fit with data lowers its NLL
+    p = fd.pde.poisson()
+    m = fd.pde.RGNP(p, family="lowrank", rank=2, steps=1, batch=4, points=8, width=16, depth=1, degree=6,
+                    calibration=0, inverse=False).fit(seed=0)
+    z, w = p.sample_params(3, torch.Generator().manual_seed(2))
+    x = p.uniform_points(3, 7, torch.Generator().manual_seed(3))
+    y = torch.randn(3, 7, generator=torch.Generator().manual_seed(4)) * 0.1
+    with torch.no_grad():
+        ll = m.data_log_likelihood(z, w, x, y, 0.05)
+        mean, var, factor = m._outputs(z, w, x)
+        fac = p.factor(x)
+        cov = fac[..., None] * (torch.diag_embed(var[..., 0]) + factor[..., 0, :] @ factor[..., 0, :].transpose(1, 2)) \
+            * fac[:, None, :] + 0.05**2 * torch.eye(7)
+        dense = torch.distributions.MultivariateNormal(fac * mean[..., 0], covariance_matrix=cov.double()).log_prob(y.double())
+    torch.testing.assert_close(ll.double(), dense, rtol=1e-4, atol=1e-4)
+    # fit with data only from the reference (16 instances at 12 points) lowers the data NLL
+    zd, wd = p.sample_params(16, torch.Generator().manual_seed(5))
+    xd = p.uniform_points(16, 12, torch.Generator().manual_seed(6), margin=0.05)
+    yd = p.reference(zd, wd, xd).float()
+    fit = fd.pde.RGNP(p, steps=60, batch=8, points=8, width=16, depth=1, degree=6, lr=2e-2, calibration=0, inverse=False)
+    fit.fit(seed=0, data=(zd, wd, xd, yd), data_noise=0.003)
+    nll = fit.history["data_nll"]
+    plain = fd.pde.RGNP(p, steps=60, batch=8, points=8, width=16, depth=1, degree=6, lr=2e-2, calibration=0, inverse=False)
+    plain.fit(seed=0)
+    with torch.no_grad():
+        after = -fit.data_log_likelihood(zd, wd, xd, yd, 0.02).mean()
+        without = -plain.data_log_likelihood(zd, wd, xd, yd, 0.02).mean()
+    assert len(nll) == 60 and after < 0.7 * without
+    with pytest.raises(ValueError, match="data_noise"):
+        fd.pde.RGNP(p, steps=1, calibration=0).fit(data=(zd, wd, xd, yd), data_noise=0.0)
+    with pytest.raises(ValueError, match="data y"):
+        fd.pde.RGNP(p, steps=1, calibration=0).fit(data=(zd, wd, xd, yd[:, :5]), data_noise=0.1)
