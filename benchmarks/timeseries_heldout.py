@@ -44,6 +44,15 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
         return TS.synthetic_panel(1, 216, seed=seed)[0], 24
     if kind == "synth0":  # benchmarks/timeseries.py's synthetic_0
         return TS.synthetic_panel(4, 8 * 24 + 24, seed=0)[0], 24
+    if kind.startswith("sm:"):  # statsmodels series in no benchmark and no tuning run (held out 2026-12-06)
+        from statsmodels.datasets import interest_inflation, macrodata
+
+        name = kind[3:]
+        if name in ("unemp", "tbilrate"):
+            return macrodata.load_pandas().data[name].to_numpy(dtype=np.float64), (4 if name == "unemp" else 1)
+        if name == "dp":
+            return interest_inflation.load_pandas().data["Dp"].to_numpy(dtype=np.float64), 4
+        raise ValueError(f"unknown statsmodels series {name!r}")
     if kind.startswith("real:"):
         return TS.load_series(kind[5:])
     raise ValueError(f"unknown series kind {kind!r}")

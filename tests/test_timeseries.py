@@ -285,3 +285,41 @@ def test_cli_train_and_forecast(tmp_path, capsys):
                  "--steps", "2", "-o", str(tmp_path / "r3")]) == 1
     assert "missing" in capsys.readouterr().err
     assert _cli(["forecast", "-c", str(run), "--context", str(short), "-o", str(out)]) == 1
+
+
+@pytest.mark.parametrize("options", [{}, {"detrend": True}, {"profile": True}])
+def test_reflected_series_gives_the_negated_standardised_window(options):
+    """reflect=True trains on -w for each standardised window w; that is exactly the window of the mirrored
+    series 2·loc − y (same loc and scale), for plain, detrended and seasonal-profile standardisation."""
+    rng = np.random.default_rng(3)
+    model = TS.TSDiff(12, 4, 3, difference=0, dtype=torch.float64, **options)
+    y = torch.as_tensor(5 + np.cumsum(rng.standard_normal((6, 1, 16)), -1))
+    observed = torch.ones_like(y)
+    w, loc, scale = model._normalise(y, observed)
+    w2, loc2, scale2 = model._normalise(2 * loc - y, observed)
+    torch.testing.assert_close(w2, -w, atol=1e-10, rtol=0)
+    torch.testing.assert_close(loc2, loc, atol=1e-10, rtol=0)
+    torch.testing.assert_close(scale2, scale, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("reflect", [True, False])
+def test_reflect_feeds_mirrored_windows_to_the_loss(reflect, monkeypatch):
+    seen = []
+    model = TS.TSDiff(8, 2, 1, hidden=4, blocks=1, train_steps=6, batch_size=16, diffusion_steps=5,
+                      reflect=reflect, guidance_scale=1.0, spread=1.0, difference=0)
+    original = TS.TSDiff._loss
+
+    def record(self, x0, xt, t, noise, features):
+        seen.append(x0.detach().clone())
+        return original(self, x0, xt, t, noise, features)
+
+    monkeypatch.setattr(TS.TSDiff, "_loss", record)
+    series = 3 + np.arange(40) / 10 + 0.1 * np.sin(np.arange(40))  # every window rises: no mirrored one exists
+    model.fit(series)
+    batch = torch.cat(seen)
+    rising = batch[:, 0, -1] > batch[:, 0, 0]
+    assert model.reflect is reflect and model.config()["reflect"] is reflect
+    if reflect:
+        assert 0.3 < rising.double().mean() < 0.7
+    else:
+        assert bool(rising.all())

@@ -166,6 +166,9 @@ class TSDiff:
         profile: with ``difference=0`` on a seasonal series whose context holds two seasons, the level the
             window is standardised around is the context mean plus the context's mean seasonal profile
             (phase means), so the model learns deviations from it.
+        reflect: train on every standardised window and its mirror image ``y -> 2 loc - y`` (a random half
+            of each batch is negated; default on), so a model fit on one short series does not learn the
+            drift its few, overlapping training windows share and extrapolate it into every forecast.
         time_features: feed position-in-window and position-in-season channels to the network.
         seed: seeds the weights, the batches and (by default) the sampling noise.
         device, dtype: where the model lives (results follow the model's dtype).
@@ -177,7 +180,7 @@ class TSDiff:
                  batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.995, grad_clip: float = 0.5,
                  guidance: str = "quantile", guidance_scale: float | None = None, time_features: bool = True,
                  difference: int | str = "auto", detrend: bool = False, log: bool | str = False,
-                 spread: float | None = None, profile: bool = False,
+                 spread: float | None = None, profile: bool = False, reflect: bool = True,
                  max_seconds: float = 480.0, seed: int = 0, device: Any = "cpu", dtype: Any = torch.float32):
         self.context_length = _check_positive_int("context_length", context_length, 2)
         self.prediction_length = _check_positive_int("prediction_length", prediction_length, 1)
@@ -226,6 +229,11 @@ class TSDiff:
         self.log = bool(log)
         self.detrend = bool(detrend)
         self.profile = bool(profile)
+        # reflect: train on the standardised windows and their mirror images (y -> 2 loc - y); a model fit on
+        # one short series otherwise learns the drift its few training windows happen to share and extrapolates
+        # it (hourly synthetic series: the unconditional horizon mean rose to +0.8 sd, the forecast median
+        # was 45 % further from the truth than the seasonal naive)
+        self.reflect = bool(reflect)
         self.max_seconds = float(max_seconds)
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -357,7 +365,9 @@ class TSDiff:
         """Choose ``difference`` (0 or the season) by a rolling-origin backtest inside the training data.
 
         The last ``VALIDATION_ORIGINS`` horizons of every series are held out (fewer where the rest would
-        give fewer than ``horizon + 1`` training windows; none: seasonal differencing is kept); one model per
+        give fewer than ``horizon + 1`` training windows; none: seasonal differencing is kept) and forecast
+        from origins every half horizon inside them (5 overlapping origins for 3 horizons; at most 16 in
+        all, the last ones); one model per
         candidate is trained on the rest with half the step budget (and a third of ``max_seconds``) and
         forecasts the held-out origins (50 paths, the default guidance at ¼, ½, 1 and 2 times its default
         scale unless ``guidance_scale`` was given); each set of paths is also scored widened or narrowed by
@@ -380,7 +390,9 @@ class TSDiff:
             if origins >= 1:
                 cut = a.size - origins * horizon
                 train.append(a[:cut])
-                held += [(a[:cut + j * horizon], a[cut + j * horizon: cut + (j + 1) * horizon]) for j in range(origins)]
+                # origins every half horizon inside the held-out stretch (overlapping: more, cheaper evidence)
+                stride = max(1, horizon // 2)
+                held += [(a[:cut + j], a[cut + j: cut + j + horizon]) for j in range(0, origins * horizon - horizon + 1, stride)]
         if not held:  # too short to hold anything out: keep seasonal differencing, the default scale and spread
             if self.difference_mode == "auto":
                 self._set_difference(seasonal)
@@ -439,6 +451,9 @@ class TSDiff:
         for step in range(steps):
             rows = torch.randint(0, data.shape[0], (self.batch_size,), generator=generator).to(self.device)
             x0 = data[rows]
+            if self.reflect:  # y -> 2 loc - y: the standardised window changes sign (half of each batch)
+                flip = torch.randint(0, 2, (self.batch_size, 1, 1), generator=generator).to(self.device, self.dtype)
+                x0 = x0 * (1 - 2 * flip)
             k = torch.randint(0, self.diffusion_steps, (self.batch_size,), generator=generator).to(self.device)
             noise = torch.randn(x0.shape, generator=generator, dtype=self.dtype).to(self.device)
             ab = alpha_bar[k][:, None, None]
@@ -696,7 +711,7 @@ class TSDiff:
                 "train_steps": self.train_steps, "batch_size": self.batch_size, "lr": self.lr,
                 "ema_decay": self.ema_decay, "grad_clip": self.grad_clip, "guidance": self.guidance,
                 "guidance_scale": self.guidance_scale, "time_features": self.time_features,
-                "difference": self.difference, "detrend": self.detrend, "log": self.log, "profile": self.profile,
+                "difference": self.difference, "detrend": self.detrend, "log": self.log, "profile": self.profile, "reflect": self.reflect,
                 "spread": self.spread, "max_seconds": self.max_seconds, "seed": self.seed}
 
     def state_dict(self) -> dict:
