@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 import flowdiff as fd
-from flowdiff.timeseries.model import SPREADS, widen
+from flowdiff.timeseries.model import widen
+
+SPREADS = tuple(float(f"{0.5 * 2 ** (i / 4):.3f}") for i in range(13))  # 0.5 … 4, scored on the test (diagnostic)
 
 TS = fd.timeseries
 
@@ -84,6 +86,7 @@ def main() -> None:
            "crps": crps, "ratio_psnaive": crps["tsdiff"] / crps["psnaive"], "ratio_hw": crps["tsdiff"] / crps["holt_winters"],
            "mae_of_median": {k: float(np.abs(np.median(v, 1) - truth).mean()) for k, v in paths.items()},
            "mean_sd": {k: float(v.std(1).mean()) for k, v in paths.items()},
+           "selection": [[*k, v] for k, v in model.selection.items()],
            "spread_scores_on_test": {f: TS.mean_weighted_quantile_loss(widen(own, f), truth) for f in SPREADS}}
     print(json.dumps(row), flush=True)
     with open(args.out, "a") as handle:
