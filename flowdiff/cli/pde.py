@@ -64,7 +64,7 @@ def fit_cmd(
     prob = pde.get(problem)
     options = {} if problem == "poisson" else {"calibration": min(calibration, 16)}
     kwargs = dict(family=family, calibration=options.get("calibration", calibration), steps=steps or 6000)
-    if problem == "cavity":  # the 3-D residual costs ~1.5 CPU s per step at batch 64 (docs/pde.md)
+    if problem == "cavity":  # ~0.3 CPU s per step at batch 16 with 64 points (docs/pde.md)
         kwargs.update(batch=16)
     if grid == "fixed":
         model = pde.PDDLVM(prob, points=points or {1: 30, 2: 36}.get(prob.dim, 64), **kwargs)
