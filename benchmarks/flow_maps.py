@@ -111,10 +111,12 @@ def gmm_part(args: argparse.Namespace, save=lambda part: None) -> dict:
                                                              **common),
         "CT": lambda m: fd.flowmaps.consistency_training(m, data, bins=(10, 80), target_ema=0.95, **common),
         "FM-distill": lambda m: fd.flowmaps.flow_map_distillation(teacher, m, data, bins=16, solver="heun",
-                                                                  substeps=2, **common),
+                                                                  substeps=2, objective="self-consistency", **common),
         "FM-direct": lambda m: fd.flowmaps.flow_map_distillation(teacher, m, data, bins=16, solver="heun", substeps=2,
                                                                  objective="direct", **common),
         "FM-train": lambda m: fd.flowmaps.flow_map_distillation(None, m, data, bins=16, **common),
+        # the defaults (objective "direct", UniPC targets with substeps from the convergence check)
+        "FM-default": lambda m: fd.flowmaps.flow_map_distillation(teacher, m, data, **common),
     }
     students = {}
     for name, train in recipes.items():
@@ -166,7 +168,8 @@ def digits_part(args: argparse.Namespace, save=lambda part: None) -> dict:
     recipes = {
         "CD": (False, lambda m: fd.flowmaps.consistency_distillation(teacher, m, data, bins=16, solver="heun", **common)),
         "FM-distill": (True, lambda m: fd.flowmaps.flow_map_distillation(teacher, m, data, bins=16, solver="heun",
-                                                                        **common)),
+                                                                        objective="self-consistency", **common)),
+        "FM-default": (True, lambda m: fd.flowmaps.flow_map_distillation(teacher, m, data, **common)),
         "CT": (False, lambda m: fd.flowmaps.consistency_training(m, data, bins=(10, 40), target_ema=0.95, **common)),
     }
     students = {}

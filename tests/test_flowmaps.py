@@ -134,13 +134,43 @@ def test_flow_map_distillation_beats_its_initialisation_and_teacher_ddim():
     grid = fd.solvers.make_grid(PATH, "logsnr", 4)
     before = rms(fd.flowmaps.sample(student, x, steps=2, times=grid[::2]).x, ref)
     out = fd.flowmaps.flow_map_distillation(teacher, student, data, steps=200, batch_size=128, bins=4, lr=3e-3,
-                                            solver="heun", target_ema=0.9)
+                                            solver="heun", target_ema=0.9, objective="self-consistency")
     assert out.method == "flow-map-distillation" and len(out.losses) == 200 and out.teacher_nfe > 0
     assert torch.equal(out.grid, grid) and len(out.grid) == 5
     after = rms(fd.flowmaps.sample(student, x, steps=2).x, ref)
     ddim = rms(fd.sample(teacher, x.double(), solver="ddim", nfe=3).x, ref)  # the teacher's 2 steps + denoise
     assert after < 0.5 * before and after < 0.5 * ddim, (before, after, ddim)
     assert out.cpu_seconds > 0
+
+
+def test_direct_is_the_default_with_a_teacher_and_its_targets_converge():
+    """With a teacher, the default objective is ``direct``; its substeps come from a convergence check
+    whose chosen solve is, against the exact (fine dopri5) solution, within a few times the tolerance."""
+    gm, teacher = mixture(dim=2, seed=3)
+    data = gm.sample(2048, generator=torch.Generator().manual_seed(1)).float()
+    student = precond_student(2, float(data.std()))
+    out = fd.flowmaps.flow_map_distillation(teacher, student, data, steps=2, batch_size=64, bins=8)
+    assert out.method == "flow-map-direct-distillation" and out.options["solver"] == "unipc"
+    k, check = out.options["substeps"], out.options["target_check"]
+    assert k in fd.flowmaps.TARGET_SUBSTEPS and check["relative_difference"][k] <= check["tol"]
+    # the same check by hand, and the chosen solve against the exact solution of the ODE
+    x1 = data[:64].double()
+    grid = out.grid
+    tol = 1e-3
+    k2, info = fd.flowmaps.direct_target_substeps(teacher, student, x1, {}, grid, "unipc", {}, tol)
+    assert k2 == k or info["relative_difference"][k2] <= tol
+    eps = torch.randn(x1.shape, generator=torch.Generator().manual_seed(0), dtype=x1.dtype)
+    c = PATH.table(grid[:1])
+    x_s = c.alpha * x1 + c.sigma * eps
+    times = fd.solvers.make_grid(PATH, "logsnr", k2 * 8, float(grid[0]), float(grid[-1]))
+    chosen = fd.sample(teacher, x_s, solver="unipc", grid=times, denoise_final=False).state
+    exact = fd.sample(teacher, x_s, solver="dopri5", grid=times[[0, -1]], denoise_final=False, rtol=1e-10,
+                      atol=1e-10).state
+    err = float((chosen - exact).pow(2).mean().sqrt()) / float(x1.pow(2).mean().sqrt())
+    assert err <= 5 * tol, (err, info)
+    coarse = fd.sample(teacher, x_s, solver="heun", grid=fd.solvers.make_grid(PATH, "logsnr", 8, float(grid[0]),
+                                                                                float(grid[-1])), denoise_final=False).state
+    assert float((coarse - exact).pow(2).mean().sqrt()) / float(x1.pow(2).mean().sqrt()) > 5 * tol  # the old default
 
 
 def test_consistency_distillation_and_training_learn():
@@ -306,4 +336,7 @@ def test_direct_objective_arguments():
     with pytest.raises(ValueError, match="powers of two"):
         fd.flowmaps.flow_map_distillation(teacher, student, data, objective="direct", bins=4, jumps=(3,), steps=1)
     with pytest.raises(ValueError, match="self-consistency needs every halving"):
-        fd.flowmaps.flow_map_distillation(teacher, student, data, bins=4, jumps=(4,), steps=1)
+        fd.flowmaps.flow_map_distillation(teacher, student, data, bins=4, jumps=(4,), steps=1,
+                                          objective="self-consistency")
+    with pytest.raises(ValueError, match="target_tol"):
+        fd.flowmaps.flow_map_distillation(teacher, student, data, target_tol=0.0, steps=1)

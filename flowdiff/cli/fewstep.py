@@ -46,15 +46,15 @@ def distill_command(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="The same as the CHECKPOINT argument."),
     output: Path = typer.Option(Path("runs/distilled"), "--output", "-o", help="Folder for flowmap.pt, flowmap.json and samples.png."),
     method: str = typer.Option("flow-map", "--method", help="flow-map (two-time X_{s->t}, sampled deterministically), cd (consistency distillation) or ct (consistency training, no teacher)."),
-    objective: str = typer.Option("self-consistency", "--objective", help="flow-map only: self-consistency (halves composed) or direct (each jump regressed on the teacher's solve)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="flow-map only: direct (default: each jump regressed on the teacher's solve) or self-consistency (halves composed)."),
     student: Optional[Path] = typer.Option(None, "--student", help="Start the student from another run's network (same data shape and path) instead of a copy of the teacher."),
     data: Optional[str] = typer.Option(None, "--data", help="Training data (default: the teacher's dataset, its training split)."),
     steps: int = typer.Option(500, "--steps", help="Training updates."),
     batch_size: int = typer.Option(64, "--batch-size", help="Batch size."),
     lr: float = typer.Option(2e-4, "--lr", help="Adam learning rate (cosine decay)."),
     bins: int = typer.Option(16, "--bins", help="Intervals of the training grid (a power of two: 1-, 2-, 4-step sampling land on its nodes)."),
-    solver: str = typer.Option("heun", "--solver", help="The teacher's ODE solver for the distillation targets (`flowdiff solvers`)."),
-    substeps: int = typer.Option(1, "--substeps", help="Teacher solver steps per grid interval."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="The teacher's ODE solver for the distillation targets (`flowdiff solvers`; default unipc for --objective direct, heun otherwise)."),
+    substeps: Optional[int] = typer.Option(None, "--substeps", help="Teacher solver steps per grid interval (default: direct chooses them by a convergence check of the teacher's solve; 1 otherwise)."),
     count: int = typer.Option(64, "--count", "-n", help="Preview samples written to OUT/samples.png (2 network calls; 0: none)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the training draws and the preview."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
@@ -71,17 +71,24 @@ def distill_command(
         _fail("name the teacher: flowdiff distill CHECKPOINT (or -c CHECKPOINT)", 2)
     if method not in DISTILL_METHODS:
         _fail(f"unknown --method {method!r}; valid: {', '.join(DISTILL_METHODS)}", 2)
-    if objective not in flowmaps.OBJECTIVES:
+    if objective is not None and objective not in flowmaps.OBJECTIVES:
         _fail(f"unknown --objective {objective!r}; valid: {', '.join(flowmaps.OBJECTIVES)}", 2)
-    if objective != "self-consistency" and method != "flow-map":
+    if objective is not None and method != "flow-map":
         _fail(f"--objective {objective} is for --method flow-map, not {method}", 2)
-    if solver not in available():
+    if objective is None and method == "flow-map":
+        objective = "direct"
+    direct = method == "flow-map" and objective == "direct"
+    if solver is None and not direct:
+        solver = "heun"
+    if solver is not None and solver not in available():
         _fail(f"unknown solver {solver!r}; valid: {', '.join(available())}", 2)
     steps = check_int("--steps", steps, 1)
     batch_size = check_int("--batch-size", batch_size, 2)
     lr = check_float("--lr", lr, 0.0, low_open=True)
     bins = check_int("--bins", bins, 1)
-    substeps = check_int("--substeps", substeps, 1)
+    if substeps is None and not direct:
+        substeps = 1
+    substeps = None if substeps is None else check_int("--substeps", substeps, 1)
     count = check_int("--count", count, 0)
     teacher, cfg = _load_field_or_exit(ckpt, "cpu", None, unlabeled="null")
     _set_threads(threads, teacher.model, "cpu")
@@ -117,7 +124,8 @@ def distill_command(
         elapsed = time.perf_counter() - t0
         info = {"method": method, "objective": objective if two_time else None, "data": source,
                 "data_shape": list(shape), "num_classes": num_classes, "steps": steps, "batch_size": batch_size,
-                "lr": lr, "bins": bins, "solver": solver if method != "ct" else None, "substeps": substeps,
+                "lr": lr, "bins": bins, "solver": fit.options.get("solver", solver) if method != "ct" else None,
+                "substeps": fit.options.get("substeps", substeps),
                 "student_init": str(student) if student is not None else "teacher", "seed": seed,
                 "train_cpu_s": fit.cpu_seconds, "train_wall_s": elapsed, "teacher_nfe": fit.teacher_nfe,
                 "final_loss": sum(fit.losses[-20:]) / max(1, len(fit.losses[-20:]))}

@@ -26,11 +26,12 @@ from .io import FLOW_MAP_FILE, is_flow_map_folder, load_flow_map, save_flow_map
 from .model import FlowMap, TwoTimeNetwork, student_from_teacher
 from .sampling import RENOISE, ode_flow_map, sample, sample_times
 from .training import (
-    LOSSES, OBJECTIVES, FlowMapTraining, consistency_distillation, consistency_training, flow_map_distillation
+    LOSSES, OBJECTIVES, TARGET_SUBSTEPS, FlowMapTraining, consistency_distillation, consistency_training,
+    direct_target_substeps, flow_map_distillation
 )
 
 __all__ = [
     "FlowMap", "TwoTimeNetwork", "student_from_teacher", "sample", "sample_times", "ode_flow_map", "RENOISE",
     "FlowMapTraining", "LOSSES", "consistency_distillation", "consistency_training", "flow_map_distillation",
-    "OBJECTIVES", "FLOW_MAP_FILE", "is_flow_map_folder", "load_flow_map", "save_flow_map",
+    "OBJECTIVES", "TARGET_SUBSTEPS", "direct_target_substeps", "FLOW_MAP_FILE", "is_flow_map_folder", "load_flow_map", "save_flow_map",
 ]
