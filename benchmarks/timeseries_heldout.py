@@ -60,13 +60,41 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
     raise ValueError(f"unknown series kind {kind!r}")
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown table of benchmark rows (one per series and seed) with the means of CRPS and ratios."""
+    head = ("| series | seed | chosen (diff., scale, spread) | TSDiff | spread 1 | psnaive | Holt–Winters | TSDiff / psnaive "
+            "| TSDiff / HW | MAE of median TSDiff / psnaive / HW | fit CPU s |\n" + "|---" * 11 + "|")
+    lines = [head]
+    for r in rows:
+        c, m, ch = r["crps"], r["mae_of_median"], r["chosen"]
+        bad = r["ratio_psnaive"] > 0.95
+        lines.append(f"| {r['series']} | {r['seed']} | {ch['difference']}, {ch['scale']:g}, {ch['spread']:g} | {c['tsdiff']:.4f} "
+                     f"| {c['tsdiff_spread1']:.4f} | {c['psnaive']:.4f} | {c['holt_winters']:.4f} "
+                     f"| {'**' if bad else ''}{r['ratio_psnaive']:.2f}{'**' if bad else ''} | {r['ratio_hw']:.2f} "
+                     f"| {m['tsdiff']:.3g} / {m['psnaive']:.3g} / {m['holt_winters']:.3g} | {r['fit_cpu_s']} |")
+    mean = {k: float(np.mean([r["crps"][k] for r in rows])) for k in ("tsdiff", "tsdiff_spread1", "psnaive", "holt_winters")}
+    lines.append(f"| **mean** ({len(rows)}) | | | {mean['tsdiff']:.4f} | {mean['tsdiff_spread1']:.4f} | {mean['psnaive']:.4f} "
+                 f"| {mean['holt_winters']:.4f} | {np.mean([r['ratio_psnaive'] for r in rows]):.2f} "
+                 f"| {np.mean([r['ratio_hw'] for r in rows]):.2f} | | |")
+    passed = sum(r["ratio_psnaive"] <= 0.95 for r in rows)
+    lines.append(f"\n{passed} of {len(rows)} series >= 5 % below psnaive; mean CRPS TSDiff / Holt-Winters = "
+                 f"{mean['tsdiff'] / mean['holt_winters']:.3f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind")
-    parser.add_argument("seed", type=int)
+    parser.add_argument("kind", nargs="?")
+    parser.add_argument("seed", type=int, nargs="?", default=0)
+    parser.add_argument("--table", default=None, help="print a markdown table of the rows in this .jsonl file and exit")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "timeseries_heldout_rows.jsonl"))
     args = parser.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in open(args.table) if line.strip()]))
+        return
+    if args.kind is None:
+        parser.error("kind is required (or --table)")
     torch.set_num_threads(1)
     values, season = generate(args.kind, args.seed)
     context, horizon = ((3 * season if season < 24 else 2 * season), season) if season > 1 else (24, 8)
