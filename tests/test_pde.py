@@ -322,3 +322,18 @@ def test_data_term_marginal_likelihood_is_exact_and_fit_uses_it():
         fd.pde.RGNP(p, steps=1, calibration=0).fit(data=(zd, wd, xd, yd), data_noise=0.0)
     with pytest.raises(ValueError, match="data y"):
         fd.pde.RGNP(p, steps=1, calibration=0).fit(data=(zd, wd, xd, yd[:, :5]), data_noise=0.1)
+
+
+def test_learned_noise_fourier_net_and_progress_callback():
+    # the paper's Fourier-feature forward net with the learned virtual-observation noise (its Burgers setting), and
+    # the progress callback the CLI's bar uses
+    p = fd.pde.poisson()
+    calls = []
+    m = fd.pde.RGNP(p, net="fourier", noise="learned", steps=4, batch=2, points=8, width=8, depth=1, frequencies=2,
+                    calibration=0, inverse=False)
+    m.fit(seed=0, progress=lambda i, n, info: calls.append((i, n, info["residual_ms"])))
+    assert [c[:2] for c in calls] == [(i, 4) for i in range(1, 5)] and all(math.isfinite(c[2]) for c in calls)
+    assert float(m.log_noise.detach()) != 0.0  # the learned log ε_r moved from its initial value 0
+    fixed = fd.pde.RGNP(p, noise=0.05, steps=2, batch=2, points=8, width=8, depth=1, degree=4, calibration=0,
+                        inverse=False).fit(seed=0)
+    assert float(fixed.log_noise.detach()) == 0.0 and fixed.noise_value == 0.05
