@@ -37,7 +37,8 @@ def fit_cmd(
     points: Optional[int] = typer.Option(None, help="Collocation points per instance (default: 32 random, 64 for the "
                                          "cavity; fixed: 30 in 1-D, 6 x 6 in 2-D, 4^3 in 3-D)."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps (default: the model's, 6000)."),
-    calibration: int = typer.Option(64, help="Instances solved to calibrate the std (0: none)."),
+    calibration: int = typer.Option(64, help="Instances solved to calibrate the std (0: none; at most 16 for "
+                                    "burgers and cavity, whose reference solver runs here)."),
     seed: int = typer.Option(0, help="Random seed."),
     overwrite: bool = typer.Option(False, help="Replace a run already in the folder."),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
