@@ -68,7 +68,8 @@ def _one(run: str, weights: str, name: str, seed: int, num: int, solver: str, nf
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, help="a trained community_small GDSS run")
+    ap.add_argument("--run", type=Path, help="a trained GDSS run (of --data)")
+    ap.add_argument("--data", default="community_small", help="the generator the run was trained on (reference graphs)")
     ap.add_argument("--train", type=Path, help="train a default run into this folder first")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--num", type=int, default=100)
@@ -137,7 +138,7 @@ def main() -> None:
         cells = [(i, sd) for i in range(len(configs)) for sd in seeds]
         results: dict = {}
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {(i, sd): pool.submit(_one, str(run), weights, "community_small", sd, args.num,
+            futures = {(i, sd): pool.submit(_one, str(run), weights, args.data, sd, args.num,
                                             configs[i][1], configs[i][2], configs[i][3]) for i, sd in cells}
             add_baselines()  # in the main process while the workers sample
             for c, fut in futures.items():
@@ -149,11 +150,11 @@ def main() -> None:
             got = [results[(i, sd)] for sd in seeds]
             bad = [g for g in got if isinstance(g, Exception)]
             if bad:
-                rows.append(["community_small", label, f"failed: {type(bad[0]).__name__}", "", "", "", "", ""])
+                rows.append([args.data, label, f"failed: {type(bad[0]).__name__}", "", "", "", "", ""])
                 continue
             r = {k: sum((g[k] for g in got), []) for k in ("scores", "cpu_s", "wall_s")}
             payload[label] = r
-            rows.append(["community_small", label,
+            rows.append([args.data, label,
                          *(stats([s[m] for s in r["scores"]]) for m in ("degree", "clustering", "orbit", "average")),
                          f"{np.mean(r['cpu_s']) / args.num * 1000:.1f}", f"{np.mean(r['wall_s']) / args.num * 1000:.1f}"])
             print(rows[-1], flush=True)
