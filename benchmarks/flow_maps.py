@@ -12,7 +12,9 @@ starts as a denoiser):
 * ``FM-distill``: two-time flow map by self-consistency, single intervals from the teacher's Heun steps, N = 16;
 * ``FM-direct``: two-time flow map, every aligned jump (2N - 1 maps) regressed on the teacher's Heun solve over
   it (2 substeps per interval; ``objective="direct"``), N = 16;
-* ``FM-train``: the same without a teacher (the model's own diagonal denoiser, shortcut-style).
+* ``FM-train``: the same without a teacher (the model's own diagonal denoiser, shortcut-style);
+* ``FM-default``: ``flow_map_distillation(teacher, student, data)`` with its defaults (direct, every aligned jump of
+  N = 16 on the teacher's UniPC solve, steps per interval from the convergence check ``direct_target_substeps``).
 
 Consistency models sample with deterministic re-noising (so that the result is a function of the
 noise and comparable with the ODE solution). Teacher rows: every deterministic solver of the library
