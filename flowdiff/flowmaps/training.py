@@ -471,6 +471,7 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
     direct = objective == "direct"
     solver = solver if solver is not None else ("unipc" if direct else "heun")
     auto_substeps = direct and substeps is None
+    target_check = None
     substeps = 1 if substeps is None else substeps
     step_fn = _TeacherStep(teacher, solver, substeps, dict(solver_options or {})) if teacher is not None else None
     g = _grid(student, bins, grid)
@@ -489,12 +490,12 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
             raise ValueError(f"jumps must be powers of two from 1 to bins={bins}, got {list(jumps)}")
     if auto_substeps:
         pilot = min(64, x1.shape[0])
-        step_fn.substeps, loop.target_check = direct_target_substeps(
+        step_fn.substeps, target_check = direct_target_substeps(
             teacher, student, x1[:pilot], _select(cond, torch.arange(pilot, device=x1.device), x1.shape[0]), g, solver,
             step_fn.options, target_tol, loop)
     if objective == "direct":
         allowed = torch.tensor([int(math.log2(j)) for j in jumps] if jumps is not None else list(range(levels)))
-        return _direct_flow_map(loop, teacher, student, step_fn, g, bins, allowed, aligned, groups, solver)
+        return _direct_flow_map(loop, teacher, student, step_fn, g, bins, allowed, aligned, groups, solver, target_check)
     for step in range(loop.steps):
         x1, cond = loop.draw(loop.batch, loop.generator)
         eps = loop.randn(x1)
@@ -535,7 +536,8 @@ def flow_map_distillation(teacher: Field | None, student: FlowMap, data: Data, *
 
 
 def _direct_flow_map(loop: _Loop, teacher: Field, student: FlowMap, step_fn: _TeacherStep, g: Tensor, bins: int,
-                     levels: Tensor, aligned: bool, groups: int | None, solver: str) -> FlowMapTraining:
+                     levels: Tensor, aligned: bool, groups: int | None, solver: str,
+                     target_check: dict | None) -> FlowMapTraining:
     """``flow_map_distillation(objective="direct")``: each jump regressed on the teacher's solve over it."""
     n_groups = 4 if groups is None else int(groups)
     for step in range(loop.steps):
@@ -564,7 +566,7 @@ def _direct_flow_map(loop: _Loop, teacher: Field, student: FlowMap, step_fn: _Te
         loop.update(step, loop.distance(pred, target).mean())
     return loop.result("flow-map-direct-distillation", g, {"bins": bins, "solver": solver, "loss": loop.loss_kind,
                                                            "objective": "direct", "substeps": step_fn.substeps,
-                                                           "target_check": getattr(loop, "target_check", None)})
+                                                           "target_check": target_check})
 
 
 #: The substeps per grid interval that :func:`direct_target_substeps` tries, in order.

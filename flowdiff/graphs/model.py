@@ -576,6 +576,29 @@ def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | 
     return torch.Generator().manual_seed(generator)
 
 
+
+def sample_batch(fld: GraphField, b: int, gen: torch.Generator, solver: str, steps: int, final_denoise: bool,
+                 options: dict, what: str) -> tuple[Tensor, Tensor]:
+    """``b`` states of the joint X/A field from noise: node masks from the field's size law, the solver
+    (``"s4"``: :func:`s4_sample` with ``options``; else :func:`flowdiff.sample` with ``options``), the optional
+    final data prediction at ``t_max``, and a :class:`~flowdiff.solvers.NonFiniteStateError` naming ``what``."""
+    from .. import solvers as _solvers
+
+    param = next(fld.network.parameters())
+    dev, dtype = param.device, param.dtype
+    mask = fld.sample_masks(b, generator=gen, dtype=dtype, device=dev)
+    z = torch.randn(b, fld.layout.size, generator=gen, dtype=dtype).to(dev)
+    if solver == "s4":
+        z = s4_sample(fld, z, steps=steps, cond={"mask": mask}, generator=gen, **options)
+    else:
+        z = _solvers.sample(fld, z, solver=solver, nfe=steps, cond={"mask": mask}, generator=gen, **options).x
+    if final_denoise:
+        with torch.no_grad():
+            z = fld.denoise(z, torch.full((b,), fld.path.t_max, dtype=dtype, device=dev), mask=mask)
+    if not torch.isfinite(z).all():
+        raise _solvers.NonFiniteStateError(f"{what} are not finite ({solver}, {steps} steps)")
+    return z, mask
+
 def generate(model: str | Path | GraphField, num_graphs: int, generator: torch.Generator | int | None = None,
              solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS, snr: float = 0.15, scale_eps: float = 0.7,
              batch_size: int = 512, remove_isolated: bool = True, return_adjacency: bool = False,
@@ -617,28 +640,14 @@ def generate(model: str | Path | GraphField, num_graphs: int, generator: torch.G
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be a number in [0, 1), got {threshold!r}")
     gen = _as_generator(generator)
-    param = next(fld.network.parameters())
-    dev, dtype = param.device, param.dtype
+    dtype = next(fld.network.parameters()).dtype
+    options = {"snr": snr, "scale_eps": scale_eps, "grid": grid} if solver == "s4" else solver_options
     graphs, adjs, masks = [], [], []
     flush = torch.set_flush_denormal(True)  # denormal weights slow CPU inference too (see train_gdss)
     try:
         for start in range(0, num_graphs, batch_size):
             b = min(batch_size, num_graphs - start)
-            mask = fld.sample_masks(b, generator=gen, dtype=dtype, device=dev)
-            z = torch.randn(b, fld.layout.size, generator=gen, dtype=dtype).to(dev)
-            if solver == "s4":
-                z = s4_sample(fld, z, steps=steps, snr=snr, scale_eps=scale_eps, cond={"mask": mask}, generator=gen,
-                              grid=grid)
-            else:
-                z = _solvers.sample(fld, z, solver=solver, nfe=steps, cond={"mask": mask}, generator=gen,
-                                    **solver_options).x
-            if final_denoise:
-                with torch.no_grad():
-                    z = fld.denoise(z, torch.full((b,), fld.path.t_max, dtype=dtype, device=dev), mask=mask)
-            if not torch.isfinite(z).all():
-                from ..solvers import NonFiniteStateError
-
-                raise NonFiniteStateError(f"generate: the sampled graphs are not finite ({solver}, {steps} steps)")
+            z, mask = sample_batch(fld, b, gen, solver, steps, final_denoise, options, "generate: the sampled graphs")
             _, adj = fld.layout.unpack(z)
             adj = (mask_adjacency(adj, mask) > threshold).to(dtype)
             graphs.extend(to_networkx(adj, mask, remove_isolated=remove_isolated))

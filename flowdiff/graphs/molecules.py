@@ -827,7 +827,7 @@ def generate_molecules(model: Any, num_molecules: int, generator: torch.Generato
     switchable with ``correct``; ``valid_wo_correction`` is recorded either way)."""
     from .. import solvers as _solvers
     from .model import DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_WEIGHTS, GraphField, _as_generator, load_graph_field, \
-        s4_sample
+        sample_batch
 
     solver = solver or DEFAULT_SOLVER
     steps = steps or DEFAULT_STEPS
@@ -840,25 +840,11 @@ def generate_molecules(model: Any, num_molecules: int, generator: torch.Generato
     if solver != "s4" and solver not in _solvers.available():
         raise ValueError(f"unknown solver {solver!r}; valid: s4, {', '.join(_solvers.available())}")
     gen = _as_generator(generator)
-    param = next(fld.network.parameters())
-    dev, dtype = param.device, param.dtype
     result = MoleculeSamples([], [], [], correct)
     for start in range(0, num_molecules, batch_size):
         b = min(batch_size, num_molecules - start)
-        mask = fld.sample_masks(b, generator=gen, dtype=dtype, device=dev)
-        z = torch.randn(b, fld.layout.size, generator=gen, dtype=dtype).to(dev)
-        if solver == "s4":
-            z = s4_sample(fld, z, steps=steps, cond={"mask": mask}, generator=gen, **solver_options)
-        else:
-            z = _solvers.sample(fld, z, solver=solver, nfe=steps, cond={"mask": mask}, generator=gen,
-                                **solver_options).x
-        if final_denoise:
-            with torch.no_grad():
-                z = fld.denoise(z, torch.full((b,), fld.path.t_max, dtype=dtype, device=dev), mask=mask)
-        if not torch.isfinite(z).all():
-            from ..solvers import NonFiniteStateError
-
-            raise NonFiniteStateError(f"generate_molecules: the samples are not finite ({solver}, {steps} steps)")
+        z, mask = sample_batch(fld, b, gen, solver, steps, final_denoise, solver_options,
+                               "generate_molecules: the samples")
         x, adj = fld.layout.unpack(z)
         part = decode_molecules(x, adj, mask, mol_info["atoms"], correct=correct, charges=charges)
         result.smiles += part.smiles
