@@ -62,13 +62,14 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of benchmark rows (one per series and seed) with the means of CRPS and ratios."""
-    head = ("| series | seed | chosen (diff., scale, spread) | TSDiff | spread 1 | psnaive | Holt–Winters | TSDiff / psnaive "
+    head = ("| series | seed | chosen (diff., scale, spread[, mirrored]) | TSDiff | spread 1 | psnaive | Holt–Winters | TSDiff / psnaive "
             "| TSDiff / HW | MAE of median TSDiff / psnaive / HW | fit CPU s |\n" + "|---" * 11 + "|")
     lines = [head]
     for r in rows:
         c, m, ch = r["crps"], r["mae_of_median"], r["chosen"]
         bad = r["ratio_psnaive"] > 0.95
-        lines.append(f"| {r['series']} | {r['seed']} | {ch['difference']}, {ch['scale']:g}, {ch['spread']:g} | {c['tsdiff']:.4f} "
+        mirror = "" if "reflect" not in ch else (", yes" if ch["reflect"] else ", no")
+        lines.append(f"| {r['series']} | {r['seed']} | {ch['difference']}, {ch['scale']:g}, {ch['spread']:g}{mirror} | {c['tsdiff']:.4f} "
                      f"| {c['tsdiff_spread1']:.4f} | {c['psnaive']:.4f} | {c['holt_winters']:.4f} "
                      f"| {'**' if bad else ''}{r['ratio_psnaive']:.2f}{'**' if bad else ''} | {r['ratio_hw']:.2f} "
                      f"| {m['tsdiff']:.3g} / {m['psnaive']:.3g} / {m['holt_winters']:.3g} | {r['fit_cpu_s']} |")
@@ -96,6 +97,7 @@ def main() -> None:
     if args.kind is None:
         parser.error("kind is required (or --table)")
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
     values, season = generate(args.kind, args.seed)
     context, horizon = ((3 * season if season < 24 else 2 * season), season) if season > 1 else (24, 8)
     train, starts = TS.holdout_split(values, horizon, 3)
@@ -110,7 +112,8 @@ def main() -> None:
              "holt_winters": np.stack([TS.holt_winters(values[:o], horizon, season, 100) for o in starts])}
     crps = {k: TS.mean_weighted_quantile_loss(v, truth) for k, v in paths.items()}
     row = {"series": args.kind, "seed": args.seed, "steps": model.steps_done, "fit_cpu_s": round(fit_cpu),
-           "chosen": {"difference": model.difference, "scale": model.guidance_scale, "spread": model.spread},
+           "chosen": {"difference": model.difference, "scale": model.guidance_scale, "spread": model.spread,
+                      "reflect": model.reflect},
            "crps": crps, "ratio_psnaive": crps["tsdiff"] / crps["psnaive"], "ratio_hw": crps["tsdiff"] / crps["holt_winters"],
            "mae_of_median": {k: float(np.abs(np.median(v, 1) - truth).mean()) for k, v in paths.items()},
            "mean_sd": {k: float(v.std(1).mean()) for k, v in paths.items()},

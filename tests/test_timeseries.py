@@ -160,9 +160,14 @@ def test_forecast_shapes_and_refine(tiny_model):
     assert len(model.history) == 15 and np.isfinite(model.history).all()
     # difference, scale and spread: chosen by the in-sample rolling-origin backtest
     from flowdiff.timeseries.model import SPREADS, widen
-    assert set(model.selection) == {(d, s, f) for d in (0, 6) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
+    # stage 1: both differences with mirrored windows; stage 2: the better one without
+    stage1 = {k: v for k, v in model.selection.items() if k[1]}
+    best = min(stage1, key=stage1.get)[0]
+    expected = {(d, True, s, f) for d in (0, 6) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
+    assert set(model.selection) == expected | {(best, False, s, f) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
     assert all(np.isfinite(v) for v in model.selection.values())
-    assert (model.difference, model.guidance_scale, model.spread) == min(model.selection, key=model.selection.get)
+    assert (model.difference, model.reflect, model.guidance_scale, model.spread) == min(model.selection, key=model.selection.get)
+    assert model.config()["reflect"] is model.reflect
     assert model.config()["difference"] == model.difference and model.config()["spread"] == model.spread
     # the spread rescales each path's deviation from the per-step median, nothing else
     raw = model.forecast(series, 9, spread=1.0)
@@ -287,13 +292,14 @@ def test_cli_train_and_forecast(tmp_path, capsys):
     assert _cli(["forecast", "-c", str(run), "--context", str(short), "-o", str(out)]) == 1
 
 
-@pytest.mark.parametrize("options", [{}, {"detrend": True}, {"profile": True}])
+@pytest.mark.parametrize("options", [{}, {"detrend": True}, {"profile": True}, {"difference": 1}])
 def test_reflected_series_gives_the_negated_standardised_window(options):
     """reflect=True trains on -w for each standardised window w; that is exactly the window of the mirrored
-    series 2·loc − y (same loc and scale), for plain, detrended and seasonal-profile standardisation."""
+    series 2·loc − y (same loc and scale), for plain, detrended and seasonal-profile standardisation and for
+    uncentred first differences."""
     rng = np.random.default_rng(3)
-    model = TS.TSDiff(12, 4, 3, difference=0, dtype=torch.float64, **options)
-    y = torch.as_tensor(5 + np.cumsum(rng.standard_normal((6, 1, 16)), -1))
+    model = TS.TSDiff(12, 4, 3, dtype=torch.float64, **{"difference": 0, **options})
+    y = torch.as_tensor(5 + np.cumsum(rng.standard_normal((6, 1, model.length)), -1))
     observed = torch.ones_like(y)
     w, loc, scale = model._normalise(y, observed)
     w2, loc2, scale2 = model._normalise(2 * loc - y, observed)
@@ -323,3 +329,40 @@ def test_reflect_feeds_mirrored_windows_to_the_loss(reflect, monkeypatch):
         assert 0.3 < rising.double().mean() < 0.7
     else:
         assert bool(rising.all())
+
+
+def test_first_differences_are_scaled_not_centred():
+    """difference=1: loc is 0 and scale the RMS of the context increments (centring would carry the
+    context's mean increment over the horizon); other lags keep the context mean."""
+    rng = np.random.default_rng(4)
+    y = torch.as_tensor(rng.standard_normal((3, 1, 15)) + 2.0)
+    observed = torch.ones_like(y)
+    first = TS.TSDiff(12, 4, 1, difference=1, dtype=torch.float64)
+    w, loc, scale = first._normalise(y, observed)
+    ctx = y[:, 0, :11]
+    torch.testing.assert_close(loc, torch.zeros_like(loc))
+    torch.testing.assert_close(scale[:, 0, 0], ctx.pow(2).mean(1).sqrt())
+    torch.testing.assert_close(w, y / scale)
+    level = TS.TSDiff(12, 4, 1, difference=0, dtype=torch.float64)
+    y16 = torch.as_tensor(rng.standard_normal((3, 1, 16)) + 2.0)
+    _, loc0, _ = level._normalise(y16, torch.ones_like(y16))
+    torch.testing.assert_close(loc0[:, 0, 0], y16[:, 0, :12].mean(1))
+
+
+def test_backtest_candidates_without_a_season_are_levels_and_first_differences():
+    """Without a season the backtest compares no differencing and first differences (mirrored windows),
+    then the better one without mirrored windows; the fit keeps the best (difference, reflect, scale, spread)."""
+    from flowdiff.timeseries.model import SPREADS
+
+    rng = np.random.default_rng(5)
+    series = 50 + np.cumsum(rng.standard_normal(70))
+    model = TS.TSDiff(10, 3, 1, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5,
+                      guidance_scale=2.0).fit(series)
+    stage1 = {k: v for k, v in model.selection.items() if k[1]}
+    assert {k[0] for k in stage1} == {0, 1}
+    best = min(stage1, key=stage1.get)[0]
+    assert {k for k in model.selection if not k[1]} == {(best, False, 2.0, f) for f in SPREADS}
+    assert (model.difference, model.reflect, model.guidance_scale, model.spread) == min(model.selection, key=model.selection.get)
+    assert model.forecast(series, 4).shape == (4, 3)
+    with pytest.raises(ValueError, match="reflect"):
+        TS.TSDiff(10, 3, 1, reflect="yes")

@@ -162,7 +162,8 @@ class TSDiff:
         guidance_scale: the scale ``s`` (see the module docstring); ``None``: chosen by :meth:`fit` among
             a quarter, half, once and twice the default (4 quantile, 2 mean-square) by an in-sample backtest.
         difference: lag of the differencing inside the window (0: none); ``"auto"``: :meth:`fit` chooses
-            between 0 and the season by a rolling-origin backtest on the end of the training series
+            between 0 and the season (without a usable season: 0 and 1, first differences, which are
+            standardised without centring) by a rolling-origin backtest on the end of the training series
             (validation CRPS; ``selection`` holds the scores), see ``_select_difference``.
         spread: factor on each forecast path's deviation from the per-step median of the paths (a
             calibration of the model's spread); ``None``: chosen by the same backtest among ``SPREADS``.
@@ -170,8 +171,9 @@ class TSDiff:
             window is standardised around is the context mean plus the context's mean seasonal profile
             (phase means), so the model learns deviations from it.
         reflect: train on every standardised window and its mirror image ``y -> 2 loc - y`` (a random half
-            of each batch is negated; default on), so a model fit on one short series does not learn the
-            drift its few, overlapping training windows share and extrapolate it into every forecast.
+            of each batch is negated), so a model fit on one short series does not learn the drift its few,
+            overlapping training windows share and extrapolate it into every forecast; ``"auto"`` (default):
+            :meth:`fit`'s backtest chooses (mirroring also removes a real drift direction).
         time_features: feed position-in-window and position-in-season channels to the network.
         seed: seeds the weights, the batches and (by default) the sampling noise.
         device, dtype: where the model lives (results follow the model's dtype).
@@ -183,7 +185,7 @@ class TSDiff:
                  batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.995, grad_clip: float = 0.5,
                  guidance: str = "quantile", guidance_scale: float | None = None, time_features: bool = True,
                  difference: int | str = "auto", detrend: bool = False, log: bool | str = False,
-                 spread: float | None = None, profile: bool = False, reflect: bool = True,
+                 spread: float | None = None, profile: bool = False, reflect: bool | str = "auto",
                  max_seconds: float = 480.0, seed: int = 0, device: Any = "cpu", dtype: Any = torch.float32):
         self.context_length = _check_positive_int("context_length", context_length, 2)
         self.prediction_length = _check_positive_int("prediction_length", prediction_length, 1)
@@ -218,8 +220,9 @@ class TSDiff:
         if self.spread is not None and not (self.spread > 0 and math.isfinite(self.spread)):
             raise ValueError(f"spread must be finite and > 0, got {spread!r}")
         # difference="auto": chosen in fit() by a rolling-origin backtest inside the training data between
-        # none and seasonal differencing (where a season is known and the context holds two of them); a
-        # non-seasonal series is modelled as is (first differences made Nile's forecasts random walks)
+        # none and seasonal differencing (where a season is known and the context holds two of them), or none
+        # and first differences on a non-seasonal series (random-walk-like series need integrated increments:
+        # their forecast spread grows like sqrt(h); on Nile first differences hurt, the backtest sees that)
         self.difference_mode = "auto" if difference == "auto" else "fixed"
         self.selection: dict = {}
         if difference == "auto":
@@ -236,7 +239,12 @@ class TSDiff:
         # one short series otherwise learns the drift its few training windows happen to share and extrapolates
         # it (hourly synthetic series: the unconditional horizon mean rose to +0.8 sd, the forecast median
         # was 45 % further from the truth than the seasonal naive)
-        self.reflect = bool(reflect)
+        # reflect="auto": fit's backtest chooses (mirroring also removes a real drift direction, e.g. a price
+        # index's rise: macro_cpi went 0.89 -> 0.99 x psnaive when it became the default)
+        if reflect not in (True, False, "auto"):
+            raise ValueError(f"reflect must be True, False or 'auto', got {reflect!r}")
+        self.reflect_mode = "auto" if reflect == "auto" else "fixed"
+        self.reflect = True if reflect == "auto" else bool(reflect)
         self.max_seconds = float(max_seconds)
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -301,7 +309,7 @@ class TSDiff:
     def _normalise(self, windows: Tensor, observed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Standardise each window by its observed context values of the series channel.
 
-        ``loc`` ``(B, 1, length)``: the context mean (``detrend=False``) or the least-squares line through
+        ``loc`` ``(B, 1, length)``: the context mean (``detrend=False``; zero for first differences) or the least-squares line through
         the context, extended over the horizon (``detrend=True``); ``scale`` ``(B, 1, 1)``: the sd of the
         context around it (floored at 1e-3 of the mean absolute value)."""
         ctx = windows[:, 0, : self.inner_context]
@@ -309,6 +317,11 @@ class TSDiff:
         count = mask.sum(1).clamp(min=1)
         pos = torch.arange(self.length, device=windows.device, dtype=windows.dtype)
         mean = (ctx * mask).sum(1) / count
+        if self.difference == 1 and not self.detrend:
+            # first differences are not centred: centring would carry the context's mean increment (a noisy
+            # drift estimate: sd/sqrt(context) per step) over the whole horizon; uncentred, the model learns
+            # from the data whether increments persist
+            mean = torch.zeros_like(mean)
         loc = mean[:, None].expand(-1, self.length)
         if self.detrend:
             pc = pos[: self.inner_context]
@@ -355,7 +368,7 @@ class TSDiff:
                              f"{' + max(lags)' if self.max_lag else ''} = {need}")
         steps = self.train_steps if train_steps is None else _check_positive_int("train_steps", train_steps, 1)
         began = time.perf_counter()
-        if "auto" in (self.difference_mode, self.scale_mode, self.spread_mode) and type(self) is TSDiff:
+        if "auto" in (self.difference_mode, self.scale_mode, self.spread_mode, self.reflect_mode) and type(self) is TSDiff:
             self._select_difference(items, steps, verbose)
         # max_seconds bounds the whole fit, the backtest's trial models included (at least a quarter is left)
         budget = max(self.max_seconds - (time.perf_counter() - began), self.max_seconds / 4)
@@ -363,21 +376,34 @@ class TSDiff:
 
     #: validation origins (each one horizon long) held out at the end of each training series by fit's selection
     VALIDATION_ORIGINS = 3
+    #: ... or more: as many horizons as make up this fraction of the series (the choice between candidates
+    #: on 3 horizons flipped between runs: season7 chose seasonal differencing at 0.059 vs 0.064 in
+    #: validation, and no differencing was better on the test, 0.066 vs 0.088)
+    VALIDATION_FRACTION = 0.2
 
     def _select_difference(self, items: list[np.ndarray], steps: int, verbose: bool) -> None:
-        """Choose ``difference`` (0 or the season) by a rolling-origin backtest inside the training data.
+        """Choose ``difference``, ``reflect``, the guidance scale and the spread by a rolling-origin backtest.
 
-        The last ``VALIDATION_ORIGINS`` horizons of every series are held out (fewer where the rest would
-        give fewer than ``horizon + 1`` training windows; none: seasonal differencing is kept) and forecast
-        from origins every half horizon inside them (5 overlapping origins for 3 horizons; at most 16 in
-        all, the last ones); one model per
-        candidate is trained on the rest with half the step budget (and a third of ``max_seconds``) and
-        forecasts the held-out origins (50 paths, the default guidance at ¼, ½, 1 and 2 times its default
-        scale unless ``guidance_scale`` was given); each set of paths is also scored widened or narrowed by
-        the factors ``SPREADS`` (1/√2 … √2, see :func:`widen`; unless ``spread`` was given), and the
-        (difference, scale, spread) triple with the lowest pooled CRPS (mean weighted quantile loss) is kept.
-        A series without a usable season only gets its scale and spread chosen (one trial model). Results in
-        ``self.selection`` ({(difference, scale, spread): CRPS}).
+        The last ``VALIDATION_ORIGINS`` horizons of every series, or more where they make up less than
+        ``VALIDATION_FRACTION`` of it, are held out (fewer where the rest would
+        give fewer than ``horizon + 1`` training windows; none: seasonal differencing, mirrored windows, the
+        default scale and spread are kept) and forecast from origins every half horizon inside them (5
+        overlapping origins for 3 horizons; at most 16 in all, the last ones). Trial models are trained on the
+        rest with half the step budget each (and a share of ``max_seconds``) and forecast the held-out origins
+        (50 paths, the default guidance at ¼, ½, 1 and 2 times its default scale unless ``guidance_scale`` was
+        given); each set of paths is also scored widened or narrowed by the factors ``SPREADS`` (1/√2 … √2,
+        see :func:`widen`; unless ``spread`` was given). Two stages:
+
+        1. one trial per differencing candidate, with mirrored windows (``reflect=True``): no differencing and
+           seasonal differencing where the context holds two seasons; **first differences** on a series
+           without a usable season (a random walk's forecast spread grows like √h; integrated increments
+           give that growth, a standardised level window does not);
+        2. with ``reflect="auto"``, one more trial without mirrored windows at the best difference of stage 1
+           (mirroring removes any drift direction, also a real one such as a price index's); skipped (mirrored
+           windows kept) when stage 1 took more than half of ``max_seconds``.
+
+        The (difference, reflect, scale, spread) with the lowest pooled CRPS (mean weighted quantile loss) is
+        kept; ``self.selection`` holds every score ({(difference, reflect, scale, spread): CRPS}).
         Rolling-origin evaluation: Tashman (2000), "Out-of-sample tests of forecasting accuracy".
         """
         from .metrics import mean_weighted_quantile_loss
@@ -388,17 +414,21 @@ class TSDiff:
         need = self.context_length + self.prediction_length + self.max_lag
         train, held = [], []
         for a in items:
-            # as many origins (up to VALIDATION_ORIGINS) as leave at least horizon + 1 training windows
-            origins = min(self.VALIDATION_ORIGINS, (a.size - need - horizon) // horizon)
+            # VALIDATION_ORIGINS horizons or VALIDATION_FRACTION of the series, whichever is more, but no more
+            # than leave at least horizon + 1 training windows
+            wanted = max(self.VALIDATION_ORIGINS, int(self.VALIDATION_FRACTION * a.size) // horizon)
+            origins = min(wanted, (a.size - need - horizon) // horizon)
             if origins >= 1:
                 cut = a.size - origins * horizon
                 train.append(a[:cut])
                 # origins every half horizon inside the held-out stretch (overlapping: more, cheaper evidence)
                 stride = max(1, horizon // 2)
                 held += [(a[:cut + j], a[cut + j: cut + j + horizon]) for j in range(0, origins * horizon - horizon + 1, stride)]
-        if not held:  # too short to hold anything out: keep seasonal differencing, the default scale and spread
+        if not held:  # too short to hold anything out: seasonal differencing, mirroring, default scale and spread
             if self.difference_mode == "auto":
                 self._set_difference(seasonal)
+            if self.reflect_mode == "auto":
+                self.reflect = True
             return
         held = held[-16:]
         contexts = [h for h, _ in held]
@@ -409,26 +439,41 @@ class TSDiff:
             scales = [default]
         else:
             scales = [default / 4, default / 2, default, default * 2]
-        candidates = sorted({0, seasonal}) if self.difference_mode == "auto" else [self.difference]
+        if self.difference_mode == "auto":
+            candidates = [0, seasonal] if seasonal else [0, 1]
+        else:
+            candidates = [self.difference]
         spreads = SPREADS if self.spread_mode == "auto" else [self.spread]
-        if len(candidates) * len(scales) * len(spreads) == 1:
+        reflects = [True, False] if self.reflect_mode == "auto" else [self.reflect]
+        trials = len(candidates) + len(reflects) - 1
+        if trials == 1 and len(scales) * len(spreads) == 1:
             return
-        for candidate in candidates:
-            config = {**self.config(), "difference": candidate, "train_steps": max(1, steps // 2),
-                      "max_seconds": self.max_seconds / (2 * len(candidates) + 1)}
+
+        def score(candidate: int, reflect: bool) -> None:
+            config = {**self.config(), "difference": candidate, "reflect": reflect, "train_steps": max(1, steps // 2),
+                      "max_seconds": self.max_seconds / (2 * trials + 1)}
             trial = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(train, max(1, steps // 2), False)
             for scale in scales:
                 samples = trial.forecast(contexts, 50, guidance_scale=scale, spread=1.0)
                 # the spread is scored on the same paths (it only rescales them)
                 for spread in spreads:
-                    score = float(mean_weighted_quantile_loss(widen(samples, spread), targets))
-                    self.selection[(candidate, scale, spread)] = score
+                    self.selection[(candidate, reflect, scale, spread)] = float(mean_weighted_quantile_loss(widen(samples, spread), targets))
                 if verbose:
-                    best = min(spreads, key=lambda f: self.selection[(candidate, scale, f)])
-                    print(f"difference={candidate} scale={scale}: validation CRPS {self.selection[(candidate, scale, 1.0)]:.4f} "
-                          f"(spread {best}: {self.selection[(candidate, scale, best)]:.4f})")
-        difference, scale, spread = min(self.selection, key=self.selection.get)
+                    best = min(spreads, key=lambda f: self.selection[(candidate, reflect, scale, f)])
+                    print(f"difference={candidate} reflect={reflect} scale={scale}: validation CRPS "
+                          f"{self.selection[(candidate, reflect, scale, spreads[len(spreads) // 2])]:.4f} "
+                          f"(spread {best}: {self.selection[(candidate, reflect, scale, best)]:.4f})")
+
+        began = time.perf_counter()
+        for candidate in candidates:
+            score(candidate, reflects[0])
+        # stage 2: the best difference of stage 1 without mirrored windows, unless stage 1 already took half of
+        # max_seconds (its sampling is not capped; long windows, e.g. hourly with a 2-day context, cost most)
+        if len(reflects) > 1 and time.perf_counter() - began < self.max_seconds / 2:
+            score(min(self.selection, key=self.selection.get)[0], reflects[1])
+        difference, reflect, scale, spread = min(self.selection, key=self.selection.get)
         self._set_difference(difference)
+        self.reflect = bool(reflect)
         if len(scales) > 1:
             self.guidance_scale = float(scale)  # then used by forecast() for any guidance kind
         if self.spread_mode == "auto":
