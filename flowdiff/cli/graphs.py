@@ -154,6 +154,17 @@ def draw_grid(graphs: list, path: Path, columns: int = 5, limit: int = 25) -> No
     plt.close(fig)
 
 
+def _restart_option(items: list) -> str | None:
+    """``--solver-option restart=none|default`` (Restart sampling of :func:`flowdiff.graphs.generate`)."""
+    restart = "default"
+    for item in items:
+        key, _, value = str(item).partition("=")
+        if key != "restart" or value.lower() not in ("none", "off", "default"):
+            _fail(f"--solver-option {item!r} is not valid for graph runs; valid: restart=none, restart=default", 2)
+        restart = "default" if value.lower() == "default" else None
+    return restart
+
+
 def _run_sample(options: dict, explicit: set) -> None:
     from ..graphs import generate, load_graph_field, write_graphs
     from ..pipeline import write_json
@@ -176,6 +187,7 @@ def _run_sample(options: dict, explicit: set) -> None:
     if grid == "logsnr":
         grid = "log_snr"
     kwargs = {"grid": grid} if solver == "s4" else ({"grid": options["grid"]} if options.get("grid") else {})
+    kwargs["restart"] = _restart_option(options.get("solver_option") or [])
     graphs = generate(field, count, generator=int(options.get("seed", 0)), solver=solver, steps=nfe, **kwargs)
     cpu = time.process_time() - started
     write_graphs(graphs, out / "graphs.txt")

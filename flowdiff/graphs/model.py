@@ -40,7 +40,7 @@ from ..fields import Field
 from ..paths import GaussianPath, get_path, path_from_config
 from .data import GraphBatch, GraphDataError, check_graphs, make_graphs, node_count_distribution, permute, read_graphs, \
     to_dense, to_networkx, write_graphs
-from .nets import ScoreNetworkA, ScoreNetworkX, mask_adjacency, mask_nodes
+from .nets import GraphTransformer, ScoreNetworkA, ScoreNetworkX, mask_adjacency, mask_nodes
 
 __all__ = ["GraphLayout", "GDSSNetwork", "GraphField", "GraphTrainConfig", "train_gdss", "s4_sample", "generate",
            "load_graph_field", "gdss_loss", "GRAPH_RUN_KIND", "DEFAULT_NETWORK"]
@@ -52,6 +52,9 @@ DEFAULT_SOLVER, DEFAULT_STEPS = "dpm-solver++2m", 100
 #: the weights :func:`generate` and ``flowdiff sample`` load from a run folder by default: the raw last weights
 #: (measured better than the EMA with decay 0.999 on 2000/3000-step community_small runs, docs/graphs.md).
 DEFAULT_WEIGHTS = "model"
+#: Restart sampling (Xu et al. 2023) on top of the default ODE: 10 restarts from half log-SNR 2.5 back to 1.0, 10
+#: calls each (measured on community_small, docs/graphs.md).
+DEFAULT_RESTART: dict[str, Any] = {"log_snr": (1.0, 2.5), "repeats": 10, "restart_nfe": 10}
 
 #: GDSS's community_small network sizes (X: depth 3, nhid 32; A: 5 layers, adim 32, nhid 32, c 2/8/4, 4 heads),
 #: with our ``time_features``.
@@ -60,6 +63,10 @@ DEFAULT_NETWORK: dict[str, Any] = {
     "a": {"num_layers": 5, "attn_dim": 32, "hidden": 32, "c_init": 2, "c_hidden": 8, "c_final": 4, "num_heads": 4,
           "num_linears": 2, "time_features": 8},
 }
+
+#: the graph transformer's sizes (``network={"kind": "transformer", "transformer": {...}}``).
+DEFAULT_TRANSFORMER: dict[str, Any] = {"num_layers": 4, "node_dim": 64, "edge_dim": 32, "num_heads": 4, "ffn_mult": 2,
+                                       "time_features": 16, "powers": 3}
 
 
 class GraphLayout:
@@ -105,12 +112,28 @@ class GDSSNetwork(nn.Module):
             raise ValueError(f"unknown prediction {prediction!r}; valid: noise (GDSS), data")
         #: what the raw output is read as on present entries: ε̂ (GDSS) or the data prediction x̂
         self.prediction = prediction
-        cfg = {"x": {**DEFAULT_NETWORK["x"], **((network or {}).get("x", {}))},
-               "a": {**DEFAULT_NETWORK["a"], **((network or {}).get("a", {}))}}
-        unknown = set(network or {}) - {"x", "a"}
-        if unknown:
-            raise ValueError(f"unknown network section(s) {sorted(unknown)}; valid: x, a")
+        network = dict(network or {})
+        kind = network.pop("kind", "gdss")
+        if kind not in ("gdss", "transformer"):
+            raise ValueError(f"unknown network kind {kind!r}; valid: gdss (GDSS's GCN + GMH), transformer")
         self.layout = GraphLayout(max_nodes, num_features)
+        self.kind = kind
+        if kind == "transformer":
+            unknown = set(network) - {"transformer"}
+            if unknown:
+                raise ValueError(f"unknown network section(s) {sorted(unknown)} for kind 'transformer'; valid: transformer")
+            cfg = {"kind": kind, "transformer": {**DEFAULT_TRANSFORMER, **network.get("transformer", {})}}
+            self.network_config = cfg
+            try:
+                self.net = GraphTransformer(num_features, **cfg["transformer"])
+            except TypeError as error:
+                raise ValueError(f"bad network option: {error}") from None
+            return
+        cfg = {"x": {**DEFAULT_NETWORK["x"], **network.get("x", {})},
+               "a": {**DEFAULT_NETWORK["a"], **network.get("a", {})}}
+        unknown = set(network) - {"x", "a"}
+        if unknown:
+            raise ValueError(f"unknown network section(s) {sorted(unknown)}; valid: kind, x, a")
         self.network_config = cfg
         try:
             self.x_net = ScoreNetworkX(num_features, **cfg["x"])
@@ -122,6 +145,8 @@ class GDSSNetwork(nn.Module):
         x, adj = self.layout.unpack(z)
         m = mask.to(z.dtype)
         x, adj = mask_nodes(x, m), mask_adjacency(adj, m)
+        if self.kind == "transformer":
+            return self.layout.pack(*self.net(x, adj, m, t))
         return self.layout.pack(self.x_net(x, adj, m, t), self.a_net(x, adj, m, t))
 
 
@@ -578,10 +603,11 @@ def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | 
 
 
 def sample_batch(fld: GraphField, b: int, gen: torch.Generator, solver: str, steps: int, final_denoise: bool,
-                 options: dict, what: str) -> tuple[Tensor, Tensor]:
+                 options: dict, what: str, restart: dict | None = None) -> tuple[Tensor, Tensor]:
     """``b`` states of the joint X/A field from noise: node masks from the field's size law, the solver
-    (``"s4"``: :func:`s4_sample` with ``options``; else :func:`flowdiff.sample` with ``options``), the optional
-    final data prediction at ``t_max``, and a :class:`~flowdiff.solvers.NonFiniteStateError` naming ``what``."""
+    (``"s4"``: :func:`s4_sample` with ``options``; else :func:`flowdiff.sample` with ``options``, or
+    :func:`flowdiff.solvers.restart_sample` with the ``restart`` options), the optional final data prediction
+    at ``t_max``, and a :class:`~flowdiff.solvers.NonFiniteStateError` naming ``what``."""
     from .. import solvers as _solvers
 
     param = next(fld.network.parameters())
@@ -590,6 +616,9 @@ def sample_batch(fld: GraphField, b: int, gen: torch.Generator, solver: str, ste
     z = torch.randn(b, fld.layout.size, generator=gen, dtype=dtype).to(dev)
     if solver == "s4":
         z = s4_sample(fld, z, steps=steps, cond={"mask": mask}, generator=gen, **options)
+    elif restart:
+        z = _solvers.restart_sample(fld, z, solver=solver, nfe=steps, cond={"mask": mask}, generator=gen,
+                                    **restart, **options).x
     else:
         z = _solvers.sample(fld, z, solver=solver, nfe=steps, cond={"mask": mask}, generator=gen, **options).x
     if final_denoise:
@@ -599,11 +628,24 @@ def sample_batch(fld: GraphField, b: int, gen: torch.Generator, solver: str, ste
         raise _solvers.NonFiniteStateError(f"{what} are not finite ({solver}, {steps} steps)")
     return z, mask
 
+def _restart_options(restart: Any, solver: str) -> dict | None:
+    """The restart options :func:`generate` uses: ``None`` for S4 and stochastic solvers or when switched off."""
+    from .. import solvers as _solvers
+
+    if restart == "default":
+        restart = DEFAULT_RESTART
+    if restart is None or solver == "s4" or _solvers.get_solver(solver).stochastic:
+        return None
+    if not isinstance(restart, dict) or set(restart) - {"log_snr", "repeats", "restart_nfe"}:
+        raise ValueError(f"restart must be None, 'default' or a dict with keys log_snr, repeats, restart_nfe; got {restart!r}")
+    return dict(restart)
+
+
 def generate(model: str | Path | GraphField, num_graphs: int, generator: torch.Generator | int | None = None,
              solver: str = DEFAULT_SOLVER, steps: int = DEFAULT_STEPS, snr: float = 0.15, scale_eps: float = 0.7,
              batch_size: int = 512, remove_isolated: bool = True, return_adjacency: bool = False,
              device: Any = None, grid: str = "uniform", final_denoise: bool = True, threshold: float = 0.5,
-             weights: str = DEFAULT_WEIGHTS, **solver_options: Any) -> list:
+             weights: str = DEFAULT_WEIGHTS, restart: dict | None | str = "default", **solver_options: Any) -> list:
     """Generate graphs with a GDSS model.
 
     Arguments:
@@ -622,6 +664,9 @@ def generate(model: str | Path | GraphField, num_graphs: int, generator: torch.G
         threshold: an edge is kept where the (denoised) adjacency entry exceeds it (A is packed in {0, 1}).
         weights: which weights of a run folder to load, ``"ema"`` or ``"model"`` (the raw last weights;
             ignored for a :class:`GraphField`). See :data:`DEFAULT_WEIGHTS`.
+        restart: Restart sampling (:func:`flowdiff.solvers.restart_sample`, Xu et al. 2023) for the ODE
+            solvers: a dict of its options (``log_snr``, ``repeats``, ``restart_nfe``), ``None`` for the plain
+            solve, ``"default"`` for :data:`DEFAULT_RESTART`. Ignored for ``"s4"`` and stochastic solvers.
         remove_isolated: drop isolated nodes, as GDSS's evaluation does.
         return_adjacency: also return the quantised adjacency matrices and masks.
 
@@ -642,12 +687,14 @@ def generate(model: str | Path | GraphField, num_graphs: int, generator: torch.G
     gen = _as_generator(generator)
     dtype = next(fld.network.parameters()).dtype
     options = {"snr": snr, "scale_eps": scale_eps, "grid": grid} if solver == "s4" else solver_options
+    restart = _restart_options(restart, solver)
     graphs, adjs, masks = [], [], []
     flush = torch.set_flush_denormal(True)  # denormal weights slow CPU inference too (see train_gdss)
     try:
         for start in range(0, num_graphs, batch_size):
             b = min(batch_size, num_graphs - start)
-            z, mask = sample_batch(fld, b, gen, solver, steps, final_denoise, options, "generate: the sampled graphs")
+            z, mask = sample_batch(fld, b, gen, solver, steps, final_denoise, options, "generate: the sampled graphs",
+                                   restart)
             _, adj = fld.layout.unpack(z)
             adj = (mask_adjacency(adj, mask) > threshold).to(dtype)
             graphs.extend(to_networkx(adj, mask, remove_isolated=remove_isolated))

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DenseGCN", "AttentionLayer", "ScoreNetworkX", "ScoreNetworkA", "TimeFeatures",
+__all__ = ["DenseGCN", "AttentionLayer", "ScoreNetworkX", "ScoreNetworkA", "TimeFeatures", "GraphTransformer",
            "mask_nodes", "mask_adjacency"]
 
 
@@ -208,3 +208,116 @@ class ScoreNetworkA(nn.Module):
         out = adj.new_zeros(b, n, n)
         out[:, iu[0], iu[1]] = upper
         return mask_adjacency(out + out.transpose(-1, -2), mask)
+
+
+class _TransformerLayer(nn.Module):
+    r"""One graph-transformer layer with edge features (Dwivedi & Bresson 2021; DiGress, Vignac et al. ICLR 2023).
+
+    Per node pair the scaled products :math:`Q_i \odot K_j/\sqrt{d}` (one number per channel) are modulated by the
+    edge features (FiLM: ``S·(1 + E_mul) + E_add``); ``S`` is both the new edge state (a linear map of it) and,
+    soft-maxed over the present neighbours ``j`` per channel, the attention that averages ``V_j``. Time enters
+    by FiLM on the node and edge updates. Residual + LayerNorm + feed-forward on nodes and edges."""
+
+    def __init__(self, node_dim: int, edge_dim: int, num_heads: int, ffn_mult: int, time_dim: int):
+        super().__init__()
+        if node_dim % num_heads:
+            raise ValueError(f"node_dim={node_dim} must be divisible by num_heads={num_heads}")
+        self.node_dim, self.heads = node_dim, num_heads
+        self.qkv = nn.Linear(node_dim, 3 * node_dim)
+        self.e_film = nn.Linear(edge_dim, 2 * node_dim)
+        self.e_out = nn.Linear(node_dim, edge_dim)
+        self.x_out = nn.Linear(node_dim, node_dim)
+        self.t_film = nn.Linear(time_dim, 4 * node_dim) if time_dim else None
+        self.t_film_e = nn.Linear(time_dim, 2 * edge_dim) if time_dim else None
+        self.norm_x1, self.norm_x2 = nn.LayerNorm(node_dim), nn.LayerNorm(node_dim)
+        self.norm_e1, self.norm_e2 = nn.LayerNorm(edge_dim), nn.LayerNorm(edge_dim)
+        self.ffn_x = nn.Sequential(nn.Linear(node_dim, ffn_mult * node_dim), nn.SiLU(),
+                                   nn.Linear(ffn_mult * node_dim, node_dim))
+        self.ffn_e = nn.Sequential(nn.Linear(edge_dim, ffn_mult * edge_dim), nn.SiLU(),
+                                   nn.Linear(ffn_mult * edge_dim, edge_dim))
+
+    def forward(self, h: Tensor, e: Tensor, mask: Tensor, tfeat: Tensor) -> tuple[Tensor, Tensor]:
+        b, n, d = h.shape
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        s = q[:, :, None, :] * k[:, None, :, :] / math.sqrt(d // self.heads)  # (B, N, N, D)
+        e_mul, e_add = self.e_film(e).chunk(2, dim=-1)
+        s = s * (1 + e_mul) + e_add
+        pair = (mask[:, :, None] * mask[:, None, :])[..., None]
+        if self.t_film is not None:
+            tx = self.t_film(tfeat)[:, None, :]
+            tm, ta, tm2, ta2 = tx.chunk(4, dim=-1)
+            te_m, te_a = self.t_film_e(tfeat)[:, None, None, :].chunk(2, dim=-1)
+        new_e = self.e_out(s)
+        if self.t_film is not None:
+            new_e = new_e * (1 + te_m) + te_a
+        logits = s.masked_fill(mask[:, None, :, None] == 0, float("-inf"))
+        attn = torch.softmax(logits, dim=2)
+        attn = torch.nan_to_num(attn, nan=0.0)  # rows of absent nodes (all -inf)
+        msg = (attn * v[:, None, :, :]).sum(2)  # (B, N, D)
+        if self.t_film is not None:
+            msg = msg * (1 + tm) + ta
+        h = self.norm_x1(h + self.x_out(msg))
+        ff = self.ffn_x(h)
+        if self.t_film is not None:
+            ff = ff * (1 + tm2) + ta2
+        h = mask_nodes(self.norm_x2(h + ff), mask)
+        e = self.norm_e1(e + new_e)
+        e = self.norm_e2(e + self.ffn_e(e)) * pair
+        return h, e
+
+
+class GraphTransformer(nn.Module):
+    r"""A joint X/A denoiser: a graph transformer with edge features over the noisy graph (an alternative to
+    GDSS's two networks; DiGress's architecture, Vignac et al., "DiGress: Discrete Denoising diffusion for
+    graph generation", ICLR 2023, §4 and appendix, used here on the continuous GDSS system).
+
+    Inputs: the noisy node features, structural node features of the noisy (weighted) adjacency (row sums of
+    ``A``, ``A²`` and the diagonals of ``A²``, ``A³``, scaled by the node count), the time features; edge
+    features ``A``, ``A²/n``, ``A³/n²``. Each layer keeps a state per node pair, so the denoiser can compare
+    every pair with every other (what matching a noisy graph to a learnt template needs; GDSS's attention maps
+    are rebuilt from node features at every layer). Outputs ``(x_out (B, N, F), a_out (B, N, N))``: the
+    edge output is symmetrised, with a zero diagonal; absent nodes are masked. Exactly permutation equivariant
+    (every operation is per node, per pair, or a masked sum/soft-max over nodes)."""
+
+    def __init__(self, num_features: int, num_layers: int = 4, node_dim: int = 64, edge_dim: int = 32,
+                 num_heads: int = 4, ffn_mult: int = 2, time_features: int = 16, powers: int = 3):
+        super().__init__()
+        if num_layers < 1 or powers < 1:
+            raise ValueError(f"num_layers and powers must be >= 1, got {num_layers}, {powers}")
+        self.powers = powers
+        self.time = TimeFeatures(time_features)
+        struct = 2 * powers
+        self.node_in = nn.Sequential(nn.Linear(num_features + struct + time_features, node_dim), nn.SiLU(),
+                                     nn.Linear(node_dim, node_dim))
+        self.edge_in = nn.Sequential(nn.Linear(powers, edge_dim), nn.SiLU(), nn.Linear(edge_dim, edge_dim))
+        self.layers = nn.ModuleList([_TransformerLayer(node_dim, edge_dim, num_heads, ffn_mult, time_features)
+                                     for _ in range(num_layers)])
+        self.node_out = nn.Sequential(nn.Linear(node_dim, node_dim), nn.SiLU(), nn.Linear(node_dim, num_features))
+        self.edge_out = nn.Sequential(nn.Linear(edge_dim + 2 * node_dim, 2 * edge_dim), nn.SiLU(),
+                                      nn.Linear(2 * edge_dim, 1))
+
+    def forward(self, x: Tensor, adj: Tensor, mask: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        b, n = adj.shape[:2]
+        m = mask.to(adj.dtype)
+        count = m.sum(1).clamp(min=1)[:, None, None]
+        adj = mask_adjacency(adj, m)
+        mats, node_feats, cur = [], [], adj
+        for p in range(self.powers):
+            if p:
+                cur = cur @ adj / count
+            mats.append(cur)
+            node_feats += [cur.sum(-1) / count[..., 0], torch.diagonal(cur, dim1=-2, dim2=-1)]
+        tfeat = self.time(t)
+        h = torch.cat([x, torch.stack(node_feats, -1), tfeat[:, None, :].expand(-1, n, -1)], dim=-1)
+        h = mask_nodes(self.node_in(h), m)
+        pair = (m[:, :, None] * m[:, None, :])[..., None]
+        e = self.edge_in(torch.stack(mats, -1)) * pair
+        for layer in self.layers:
+            h, e = layer(h, e, m, tfeat)
+        x_out = mask_nodes(self.node_out(h), m)
+        hi = h[:, :, None, :].expand(-1, -1, n, -1)
+        hj = h[:, None, :, :].expand(-1, n, -1, -1)
+        a = self.edge_out(torch.cat([e, hi + hj, hi * hj], dim=-1)).squeeze(-1)
+        a = 0.5 * (a + a.transpose(-1, -2))
+        a = a * (1 - torch.eye(n, dtype=a.dtype, device=a.device))
+        return x_out, mask_adjacency(a, m)

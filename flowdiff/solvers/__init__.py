@@ -22,9 +22,10 @@ from . import ode, exponential, sde, dpm_v3  # noqa: E402, F401, I001  (they reg
 from .ems import EMS, estimate_ems  # noqa: E402
 from .tuning import TunedGrid, load_grid, save_grid, tune_grid, tune_solver  # noqa: E402
 from . import lml  # noqa: E402  (LML's Levenberg-Marquardt step correction, a step hook; issue 18)
+from .restart import renoise, restart_sample  # noqa: E402  (Restart sampling, Xu et al. 2023)
 
 __all__ = [
-    "lml", "EMS", "TunedGrid", "estimate_ems", "jump_grid", "load_grid", "save_grid", "tune_grid", "tune_solver", "DEFAULT_INTERPOLANT_SOLVER",
+    "lml", "renoise", "restart_sample", "EMS", "TunedGrid", "estimate_ems", "jump_grid", "load_grid", "save_grid", "tune_grid", "tune_solver", "DEFAULT_INTERPOLANT_SOLVER",
     "DEFAULT_SOLVER", "GRID_KINDS", "LOW_NFE", "LOW_NFE_SOLVER", "SOLVER_KINDS", "GaussianEvaluator", "Hooks",
     "LoopState", "NonFiniteStateError", "PathTable", "SampleResult", "Solver", "SolverSpec", "Transition",
     "available", "default_solver", "get_solver", "make_grid", "register_solver", "sample", "validate_grid"
