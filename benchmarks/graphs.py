@@ -121,8 +121,15 @@ def main() -> None:
             payload["train_log_last"] = (upto or log)[-1]
         weights = args.weights or fg.model.DEFAULT_WEIGHTS
         payload["weights"] = weights
-        configs = [(f"default: DPM-Solver++(2M) ODE, {fg.model.DEFAULT_STEPS} NFE, {weights} weights",
-                    fg.model.DEFAULT_SOLVER, fg.model.DEFAULT_STEPS, {})]
+        rs = fg.model.DEFAULT_RESTART
+        restart_nfe = rs["repeats"] * rs["restart_nfe"]
+        configs = [(f"default: DPM-Solver++(2M) ODE, {fg.model.DEFAULT_STEPS} NFE + Restart ({rs['repeats']} x "
+                    f"{rs['restart_nfe']} NFE, half log-SNR {rs['log_snr'][1]} -> {rs['log_snr'][0]}), {weights} weights",
+                    fg.model.DEFAULT_SOLVER, fg.model.DEFAULT_STEPS, {}),
+                   (f"DPM-Solver++(2M) ODE without restarts, {fg.model.DEFAULT_STEPS} NFE", fg.model.DEFAULT_SOLVER,
+                    fg.model.DEFAULT_STEPS, {"restart": None}),
+                   (f"DPM-Solver++(2M) ODE without restarts, {fg.model.DEFAULT_STEPS + restart_nfe} NFE (the default's "
+                    "total)", fg.model.DEFAULT_SOLVER, fg.model.DEFAULT_STEPS + restart_nfe, {"restart": None})]
         for nfe in args.nfe:
             for key, label, solver, kw in (
                     ("s4-uniform", f"S4 (uniform t, snr 0.15), {nfe} NFE", "s4", {"grid": "uniform"}),
