@@ -819,15 +819,17 @@ def _run_smiles(run: str | Path, name: str) -> list[str]:
 def generate_molecules(model: Any, num_molecules: int, generator: torch.Generator | int | None = None,
                        solver: str | None = None, steps: int | None = None, correct: bool = True,
                        charges: bool = True, batch_size: int = 512, final_denoise: bool = True,
-                       weights: str | None = None, **solver_options: Any) -> MoleculeSamples:
+                       weights: str | None = None, restart: dict | None = None,
+                       **solver_options: Any) -> MoleculeSamples:
     """Sample molecules from a GDSS molecule model (a run folder or a :class:`~flowdiff.graphs.model.GraphField`
     whose ``info`` has a ``"molecules"`` section): node counts from the training distribution, any library solver
     (default: :func:`flowdiff.graphs.model.generate`'s, the probability-flow ODE with DPM-Solver++(2M), 100 NFE)
     or ``solver="s4"``, the data prediction at the end, then :func:`decode_molecules` (valency correction
-    switchable with ``correct``; ``valid_wo_correction`` is recorded either way)."""
+    switchable with ``correct``; ``valid_wo_correction`` is recorded either way). ``restart``: Restart sampling
+    options as in :func:`flowdiff.graphs.generate` (off by default here; ``"default"`` for its settings)."""
     from .. import solvers as _solvers
-    from .model import DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_WEIGHTS, GraphField, _as_generator, load_graph_field, \
-        sample_batch
+    from .model import DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_WEIGHTS, GraphField, _as_generator, _restart_options, \
+        load_graph_field, sample_batch
 
     solver = solver or DEFAULT_SOLVER
     steps = steps or DEFAULT_STEPS
@@ -840,11 +842,12 @@ def generate_molecules(model: Any, num_molecules: int, generator: torch.Generato
     if solver != "s4" and solver not in _solvers.available():
         raise ValueError(f"unknown solver {solver!r}; valid: s4, {', '.join(_solvers.available())}")
     gen = _as_generator(generator)
+    restart = _restart_options(restart, solver)
     result = MoleculeSamples([], [], [], correct)
     for start in range(0, num_molecules, batch_size):
         b = min(batch_size, num_molecules - start)
         z, mask = sample_batch(fld, b, gen, solver, steps, final_denoise, solver_options,
-                               "generate_molecules: the samples")
+                               "generate_molecules: the samples", restart)
         x, adj = fld.layout.unpack(z)
         part = decode_molecules(x, adj, mask, mol_info["atoms"], correct=correct, charges=charges)
         result.smiles += part.smiles
