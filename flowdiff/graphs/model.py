@@ -628,16 +628,18 @@ def sample_batch(fld: GraphField, b: int, gen: torch.Generator, solver: str, ste
         raise _solvers.NonFiniteStateError(f"{what} are not finite ({solver}, {steps} steps)")
     return z, mask
 
+
 def _restart_options(restart: Any, solver: str) -> dict | None:
-    """The restart options :func:`generate` uses: ``None`` for S4 and stochastic solvers or when switched off."""
+    """The restart options :func:`generate` uses: ``None`` for S4 and stochastic solvers or when switched off
+    (a malformed value is refused whatever the solver)."""
     from .. import solvers as _solvers
 
     if restart == "default":
         restart = DEFAULT_RESTART
+    if restart is not None and (not isinstance(restart, dict) or set(restart) - {"log_snr", "repeats", "restart_nfe"}):
+        raise ValueError(f"restart must be None, 'default' or a dict with keys log_snr, repeats, restart_nfe; got {restart!r}")
     if restart is None or solver == "s4" or _solvers.get_solver(solver).stochastic:
         return None
-    if not isinstance(restart, dict) or set(restart) - {"log_snr", "repeats", "restart_nfe"}:
-        raise ValueError(f"restart must be None, 'default' or a dict with keys log_snr, repeats, restart_nfe; got {restart!r}")
     return dict(restart)
 
 
