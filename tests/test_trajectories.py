@@ -13,6 +13,8 @@ from flowdiff.trajectories import (EGTN, DeterministicEGTN, GeometricPrior, GeoT
                                    constant_velocity, last_frame, nbody_energy, pair_features, simulate_charged,
                                    simulate_springs)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D = torch.float64
 
 

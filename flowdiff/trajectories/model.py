@@ -52,6 +52,37 @@ from .egtn import EGTN, GeometricPrior, canonical_frame, pair_features
 __all__ = ["GeoTDM", "DeterministicEGTN", "TrajectoryDenoiser", "check_trajectories"]
 
 _PATHS = {"cosine": lambda: _paths.Cosine(), "vp": lambda: _paths.VP(), "linear": lambda: _paths.Linear()}
+_HELDOUT_SAMPLES = 5  # K of the held-out best-of-K score (the check's and the papers' K)
+_EXPECTED_EVALUATIONS = 4  # candidate temperatures the time plan reserves (a search usually needs 3-5)
+
+
+def _search_grid(grid: tuple[float, ...], evaluate: Callable[[float], float | None]) -> float | None:
+    """Local search on a sorted grid: start at the value nearest 0.4, move to the better neighbour while one
+    improves the score (lower is better), stop at a point no worse than both neighbours. ``evaluate``
+    returns None when there is no time left: the best value scored so far is returned (None if none)."""
+    scores: dict[int, float] = {}
+
+    def score(i: int) -> float | None:
+        if i not in scores:
+            value = evaluate(grid[i])
+            if value is None:
+                return None
+            scores[i] = value
+        return scores[i]
+
+    i = min(range(len(grid)), key=lambda j: abs(grid[j] - 0.4))
+    if score(i) is None:
+        return None
+    while True:
+        moved = False
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(grid) and score(j) is None:
+                return grid[min(scores, key=scores.get)]
+        best = min((j for j in (i, i - 1, i + 1) if j in scores), key=scores.get)  # ties: stay
+        if best != i:
+            i, moved = best, True
+        if not moved:
+            return grid[i]
 
 
 def check_trajectories(data: Any, name: str = "trajectories", min_frames: int = 1) -> Tensor:
@@ -170,10 +201,17 @@ class GeoTDM:
             constant-velocity prior, not learned).
         refine_layers: layers of the prior's refinement EGTN (0: the paper's affine prior alone).
         frame_scale: scale the residual per future frame instead of by one number.
-        temperature: default factor on the initial noise of :meth:`forecast` (0.4: at CPU training budgets
-            the denoiser spreads samples too widely; measured at 250 steps, best-of-5 ADE/FDE 0.375/0.578 at
-            1.0, 0.309/0.544 at 0.6, 0.274/0.541 at 0.3 against constant velocity's 0.470/0.998 —
-            docs/trajectories.md). 1.0 samples the model's distribution.
+        temperature: factor on the initial noise of :meth:`forecast` (1.0 samples the model's distribution;
+            below 1, samples nearer the probability-flow image of the prior mean). ``"auto"`` (default):
+            :meth:`fit` chooses it from ``temperature_grid`` by the best-of-5 ADE and FDE on training systems
+            held out from training (``holdout``; see :meth:`fit`). A number fixes it (no hold-out, all
+            systems train). Why: at CPU training budgets the denoiser spreads samples too widely (measured
+            at 250 steps, best-of-5 ADE/FDE 0.375/0.578 at 1.0, 0.274/0.541 at 0.3 against constant
+            velocity's 0.470/0.998), and the best factor depends on how far the fit got.
+        temperature_grid: candidate temperatures for ``"auto"`` (searched from the one nearest 0.4 towards
+            the better neighbour until neither neighbour improves).
+        holdout: training systems held out for ``"auto"`` (at most a tenth of them; with fewer than 8 that
+            way the choice is made on training systems instead, see :meth:`fit`).
         path: ``"cosine"`` (default), ``"vp"`` or ``"linear"``.
         prediction: ``"data"`` (default) or ``"noise"`` (GeoTDM's ε).
         steps, batch_size, lr: AdamW updates, batch, peak learning rate (linear warm-up, cosine decay).
@@ -193,13 +231,17 @@ class GeoTDM:
         verbose: print the loss every 200 steps.
 
     Attributes after :meth:`fit`: ``context_frames``, ``future_frames``, ``particles``, ``scale``,
-    ``history`` (loss per step), ``fit_seconds``, ``steps_done``.
+    ``history`` (loss per step), ``fit_seconds``, ``steps_done``, ``forecast_temperature`` (the factor
+    :meth:`forecast` uses), ``temperature_scores`` (``{temperature: (minADE, minFDE)}`` on the held-out
+    systems, None for a fixed temperature), ``temperature_source``, ``heldout_index`` (held-out systems).
     """
 
     deterministic = False
 
     def __init__(self, hidden: int = 32, layers: int = 4, heads: int = 4, prior_layers: int = 2, prior_rank: int = 4,
-                 refine_layers: int = 2, frame_scale: bool = False, temperature: float = 0.4, path: str = "cosine", prediction: str = "data", steps: int = 3000, batch_size: int = 32,
+                 refine_layers: int = 2, frame_scale: bool = False, temperature: float | str = "auto",
+                 temperature_grid: tuple = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0), holdout: int = 40,
+                 path: str = "cosine", prediction: str = "data", steps: int = 3000, batch_size: int = 32,
                  lr: float = 1e-3, ema_decay: float = 0.995, solver: str = "dpm-solver++", nfe: int = 20,
                  seed: int = 0, time_limit: float | None = 480.0, threads: int | str | None = "auto",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, verbose: bool = False):
@@ -211,7 +253,25 @@ class GeoTDM:
         self.prior_rank = check_int("prior_rank", prior_rank, 0)
         self.refine_layers = check_int("refine_layers", refine_layers, 0)
         self.frame_scale = bool(frame_scale)
-        self.temperature = check_float("temperature", temperature, 0.0)
+        if isinstance(temperature, str):
+            if temperature != "auto":
+                raise ValueError(f"temperature must be 'auto' or a number >= 0, got {temperature!r}")
+            self.temperature: float | str = "auto"
+        else:
+            self.temperature = check_float("temperature", temperature, 0.0)
+        try:
+            grid = sorted({float(v) for v in temperature_grid})
+        except (TypeError, ValueError):
+            raise ValueError(f"temperature_grid must be a sequence of numbers >= 0, got {temperature_grid!r}") from None
+        if not grid or not all(math.isfinite(v) and v >= 0 for v in grid):
+            raise ValueError(f"temperature_grid must be a non-empty sequence of finite numbers >= 0, "
+                             f"got {temperature_grid!r}")
+        self.temperature_grid = tuple(grid)
+        self.holdout = check_int("holdout", holdout, 1)
+        self.temperature_chosen: float | None = None
+        self.temperature_scores: dict[float, tuple[float, float]] | None = None
+        self.temperature_source: str | None = None
+        self.heldout_index: list[int] | None = None
         if path not in _PATHS:
             raise ValueError(f"path must be one of {', '.join(_PATHS)}, got {path!r}")
         if prediction not in ("data", "noise"):
@@ -240,7 +300,8 @@ class GeoTDM:
     def _config(self) -> dict:
         return dict(hidden=self.hidden, layers=self.layers, heads=self.heads, prior_layers=self.prior_layers,
                     prior_rank=self.prior_rank, refine_layers=self.refine_layers, frame_scale=self.frame_scale,
-                    temperature=self.temperature, path=self.path_name, prediction=self.prediction, steps=self.steps,
+                    temperature=self.temperature, temperature_grid=self.temperature_grid,
+                    holdout=self.holdout, path=self.path_name, prediction=self.prediction, steps=self.steps,
                     batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, solver=self.solver,
                     nfe=self.nfe, seed=self.seed, time_limit=self.time_limit, threads=self.threads)
 
@@ -283,6 +344,16 @@ class GeoTDM:
             future_frames: forecast horizon (default: all remaining frames).
             callback: ``callback(step, loss)`` after every update (monitoring; the EMA model is usable).
 
+        With ``temperature="auto"`` (conditional models), ``min(holdout, N // 10)`` systems (seeded random
+        choice) are held out of training when that is at least 8 (3000 systems: 40, 1.3 % of the data; the
+        default fit makes ~1000-2500 updates of batch 32, 10-25 passes over the data, and is limited by
+        updates, not by data), and after training the forecast temperature is searched on
+        ``temperature_grid`` by the best-of-5 ADE and FDE of one window of each (each relative to the
+        learned prior mean's, summed; the same noise for every candidate). Smaller data sets are not
+        split: the choice is scored on training systems. With a ``time_limit`` the plan reserves time for
+        4 candidates (timed on the held-out batch) and the search stops when no candidate fits in the
+        limit (no candidate scored: 0.4 is used; ``temperature_source`` says which happened).
+
         Returns:
             ``self``.
         """
@@ -297,6 +368,7 @@ class GeoTDM:
         data = data.to(self.device, self.dtype)
         # centre each trajectory (the model is translation-equivariant; this only helps float32)
         data = data - data.mean(dim=(1, 2), keepdim=True)
+        data, heldout = self._split_heldout(data, context_frames, window)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         torch.manual_seed(self.seed)
         scale = self._data_scale(data, context_frames, window)
@@ -315,10 +387,13 @@ class GeoTDM:
         if isinstance(self.threads, int):
             torch.set_num_threads(self.threads)
         self.threads_used = torch.get_num_threads() if self.threads is not None else None
-        marks: dict[int, float] = {}
+        marks: dict = {"reserve": 0.0, "heldout": heldout}
         try:
             self._train_loop(net, opt, params, data, window, gen, warmup, total, start, fit_start, probe, marks,
                              callback)
+            if heldout is not None:
+                self._choose_temperature(heldout, fit_start, marks.get("eval_seconds"))
+            self.fit_seconds = time.perf_counter() - fit_start
         finally:
             if self.threads is not None:
                 torch.set_num_threads(original_threads)
@@ -357,12 +432,13 @@ class GeoTDM:
                       f"{time.perf_counter() - start:.0f}s", flush=True)
             if self.time_limit is not None and "planned" in marks:
                 now = time.perf_counter()
-                if now - fit_start >= self.time_limit * 0.97:  # hard stop (the load rose after planning)
+                end = self.time_limit * 0.97 - marks["reserve"]  # time left for the held-out choice
+                if now - fit_start >= end:  # hard stop (the load rose after planning)
                     break
                 if step % 25 == 0:  # re-plan from the speed of the last 25 updates; only ever shorten
                     per_step = (now - marks["last"]) / 25
                     marks["last"] = now
-                    budget = step + int((self.time_limit * 0.97 - (now - fit_start)) / per_step)
+                    budget = step + int((end - (now - fit_start)) / per_step)
                     if budget < total:
                         total = max(budget, step + 1)
             if self.time_limit is not None and "planned" not in marks:
@@ -386,13 +462,115 @@ class GeoTDM:
                 elif not probe and step == 20:
                     per_step, plan = (now - marks[4]) / 16, True
                 if plan:  # plan the run from the measured speed
+                    if marks["heldout"] is not None:  # reserve the held-out temperature choice
+                        marks["eval_seconds"] = self._time_evaluation(marks["heldout"])
+                        marks["reserve"] = _EXPECTED_EVALUATIONS * marks["eval_seconds"]
+                        now = time.perf_counter()
                     marks["planned"], marks["last"] = True, now
-                    left = self.time_limit * 0.97 - (now - fit_start)
+                    left = self.time_limit * 0.97 - marks["reserve"] - (now - fit_start)
                     budget = step + int(max(left, 0.0) / per_step)
                     if budget < total:
                         total = max(budget, step + 1)
                         warmup = min(warmup, max(1, total // 10))  # the shortened schedule keeps its shape
         self.steps_done, self.fit_seconds = step, time.perf_counter() - fit_start
+
+    # ------------------------------------------------------------------ held-out temperature choice
+    def _split_heldout(self, data: Tensor, context_frames: int, window: int) -> tuple[Tensor, Tensor | None]:
+        """Training systems and the held-out windows ``(V, window, N, 3)`` for ``temperature="auto"``.
+
+        ``min(holdout, N // 10)`` systems (a seeded random choice) are removed from training when that is
+        at least 8; otherwise (small data sets, where every system counts) ``min(holdout, N)`` training
+        systems are scored instead. One window per system, at a seeded random start frame."""
+        self.temperature_chosen = self.temperature_scores = self.temperature_source = None
+        self.heldout_index = self.heldout_start = None
+        if self.temperature != "auto" or context_frames == 0 or self.deterministic:
+            return data, None
+        n = data.shape[0]
+        g = torch.Generator().manual_seed(self.seed + 7919)
+        perm = torch.randperm(n, generator=g)
+        k = min(self.holdout, n // 10)
+        if k >= 8:
+            index = perm[:k].sort().values
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[index] = False
+            train = data[keep.to(data.device)]
+            self.temperature_source = f"{k} held-out training systems"
+        else:
+            index = perm[:min(self.holdout, n)].sort().values
+            train = data
+            self.temperature_source = f"{len(index)} training systems (too few to hold out {self.holdout})"
+        start = torch.randint(data.shape[1] - window + 1, (len(index),), generator=g)
+        frames = (start[:, None] + torch.arange(window)[None]).to(data.device)
+        heldout = data[index.to(data.device)[:, None], frames]
+        self.heldout_index, self.heldout_start = index.tolist(), start.tolist()
+        return train, heldout
+
+    def _time_evaluation(self, heldout: Tensor) -> float:
+        """Seconds one candidate temperature is expected to cost (K = 5 samples of every held-out window):
+        one timed denoiser call on that batch times ``nfe``."""
+        net = self.ema
+        c, k = self.context_frames, _HELDOUT_SAMPLES
+        with torch.no_grad():
+            ctx = heldout[:, :c] - heldout[:, :c].mean(dim=(1, 2), keepdim=True)
+            ctx = ctx.repeat_interleave(k, 0)
+            prior = net.prior(ctx)
+            x = torch.zeros_like(prior)
+            t = torch.full((x.shape[0],), 0.5, dtype=x.dtype, device=x.device)
+            tic = time.perf_counter()
+            net.denoiser(x, t, context=ctx, prior=prior)
+            return (time.perf_counter() - tic) * self.nfe
+
+    def _heldout_score(self, heldout: Tensor, temperature: float) -> tuple[float, float]:
+        """Best-of-K (K = 5; 1 at temperature 0, where all samples coincide) ADE and FDE of the forecast
+        of the held-out windows, with the fit's seed (the same noise for every temperature)."""
+        c = self.context_frames
+        k = 1 if temperature == 0 else _HELDOUT_SAMPLES
+        samples = self.forecast(heldout[:, :c], k, seed=self.seed, temperature=temperature)
+        dist = (samples - heldout[:, None, c:].to(samples.dtype)).norm(dim=-1)  # (V, K, F, N)
+        ade = dist.mean(dim=(2, 3)).min(dim=1).values.mean()
+        fde = dist[:, :, -1].mean(dim=-1).min(dim=1).values.mean()
+        return float(ade), float(fde)
+
+    def _choose_temperature(self, heldout: Tensor, fit_start: float, eval_seconds: float | None) -> None:
+        """Set ``temperature_chosen``: a search over ``temperature_grid`` by the held-out score
+        ``minADE / ADE_prior + minFDE / FDE_prior`` (both metrics relative to the learned prior mean's on the
+        same windows, so they count equally), stopped when the time limit leaves no room for another
+        candidate."""
+        c = self.context_frames
+        prior = self.prior_mean(heldout[:, :c])
+        dist = (prior - heldout[:, c:].to(prior.dtype)).norm(dim=-1)  # (V, F, N)
+        ref = (float(dist.mean()), float(dist[:, -1].mean()))
+        self.temperature_reference = ref
+        per = {"sample": None if eval_seconds is None else eval_seconds / _HELDOUT_SAMPLES}
+
+        def evaluate(tau: float) -> float | None:
+            k = 1 if tau == 0 else _HELDOUT_SAMPLES
+            if self.time_limit is not None and per["sample"] is not None:
+                left = self.time_limit * 0.99 - (time.perf_counter() - fit_start)
+                if left < per["sample"] * k:
+                    return None
+            tic = time.perf_counter()
+            ade, fde = self._heldout_score(heldout, tau)
+            per["sample"] = max(per["sample"] or 0.0, (time.perf_counter() - tic) / k)
+            scores[tau] = (ade, fde)
+            return ade / ref[0] + fde / ref[1]
+
+        scores: dict[float, tuple[float, float]] = {}
+        best = _search_grid(self.temperature_grid, evaluate)
+        self.temperature_scores = scores
+        if best is None:
+            self.temperature_chosen = min(self.temperature_grid, key=lambda v: abs(v - 0.4))
+            self.temperature_source = f"fallback {self.temperature_chosen} (no time left for the held-out choice)"
+        else:
+            self.temperature_chosen = best
+
+    @property
+    def forecast_temperature(self) -> float:
+        """The factor on the initial noise that :meth:`forecast` uses by default: the constructor's number,
+        or the one :meth:`fit` chose (``temperature="auto"``; 0.4 before a fit)."""
+        if self.temperature != "auto":
+            return float(self.temperature)
+        return 0.4 if self.temperature_chosen is None else float(self.temperature_chosen)
 
     def _data_scale(self, data: Tensor, context_frames: int, window: int) -> list[float]:
         """The RMS of the constant-velocity residual (conditional; per future frame with ``frame_scale``:
@@ -491,8 +669,9 @@ class GeoTDM:
             seed / generator: the sampling noise (default: seed 0, so a call is reproducible).
             nfe, solver: override the sampler set at construction.
             batch_size: systems x samples per solver call.
-            temperature: factor on the initial noise (default the constructor's ``temperature``, 1: the
-                model's distribution; below 1: samples nearer the probability-flow image of the prior mean).
+            temperature: factor on the initial noise (default :attr:`forecast_temperature`: the constructor's
+                number or the one ``fit`` chose; 1: the model's distribution; below 1: samples nearer the
+                probability-flow image of the prior mean).
 
         Returns:
             ``(B, K, future_frames, particles, 3)``: numpy float64 for array input, else a tensor of the
@@ -510,7 +689,7 @@ class GeoTDM:
         prior = net.prior(ctx)
         frame = canonical_frame(ctx)  # (B, 3, 3)
         z = torch.randn((b, num_samples, f, n, 3), generator=gen, dtype=torch.float64).to(self.device, self.dtype)
-        temperature = self.temperature if temperature is None else check_float("temperature", temperature, 0.0)
+        temperature = self.forecast_temperature if temperature is None else check_float("temperature", temperature, 0.0)
         noise = temperature * torch.einsum("bij,bkfnj->bkfni", frame, z)
         if self.deterministic:
             noise = torch.zeros_like(noise)
@@ -587,6 +766,9 @@ class GeoTDM:
         return {"config": self._config(), "deterministic": self.deterministic, "dtype": str(self.dtype).split(".")[-1],
                 "shape": dict(context_frames=self.context_frames, future_frames=self.future_frames,
                               particles=self.particles, scale=self.scale),
+                "temperature": {"chosen": self.temperature_chosen, "source": self.temperature_source,
+                                "scores": None if self.temperature_scores is None else
+                                [[k, *v] for k, v in self.temperature_scores.items()]},
                 "weights": {k: v.detach().cpu() for k, v in self.ema.state_dict().items()}}
 
     def save(self, file: str | Path) -> Path:
@@ -605,6 +787,11 @@ class GeoTDM:
         shape = state["shape"]
         model._build(shape["context_frames"], shape["future_frames"], shape["particles"], shape["scale"])
         model.ema.load_state_dict(state["weights"])
+        chosen = state.get("temperature", {})
+        model.temperature_chosen = chosen.get("chosen")
+        model.temperature_source = chosen.get("source")
+        if chosen.get("scores") is not None:
+            model.temperature_scores = {float(k): (float(a), float(f)) for k, a, f in chosen["scores"]}
         model.net.load_state_dict(state["weights"])
         return model
 
