@@ -72,8 +72,14 @@ def test_dense_batch_pack_and_permutation():
 TINY_TRANSFORMER = {"kind": "transformer", "transformer": {"num_layers": 2, "node_dim": 16, "edge_dim": 8, "num_heads": 2,
                                                             "time_features": 4}}
 
+TINY_PPGN = {"kind": "ppgn", "ppgn": {"channels": 8, "num_layers": 2, "time_features": 4, "spectral": 3}}
 
-@pytest.mark.parametrize("network", [SMALL_NET, TINY_TRANSFORMER], ids=["gdss", "transformer"])
+
+SPECTRAL_NET = {"x": {**SMALL_NET["x"], "spectral": 3}, "a": {**SMALL_NET["a"], "spectral": 3}}
+
+
+@pytest.mark.parametrize("network", [SMALL_NET, SPECTRAL_NET, TINY_TRANSFORMER, TINY_PPGN],
+                         ids=["gdss", "gdss-spectral", "transformer", "ppgn"])
 def test_score_networks_are_exactly_permutation_equivariant(network):
     torch.manual_seed(0)
     net = GDSSNetwork(9, 5, network).double()
@@ -336,3 +342,33 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     assert _cli(["eval", "-s", str(out), "--data", "community_small", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "orbit" in text and "floor" in text and (out / "metrics.json").is_file()
+
+
+def test_spectral_features_match_a_hand_computed_spectrum():
+    """Two disjoint cliques K4 + K3 and a K4 with padding: the top eigenvalues are 3 and 2 (resp. 3); the top
+    eigenvectors are the clique indicators, so n·v vᵀ is n/|clique| on the clique's pairs; padding is zero."""
+    from flowdiff.graphs.nets import spectral_features
+
+    n = 9
+    adj = torch.zeros(2, n, n, dtype=torch.float64)
+    adj[0, :4, :4] = 1
+    adj[0, 4:7, 4:7] = 1
+    adj[1, :4, :4] = 1
+    adj = adj * (1 - torch.eye(n, dtype=torch.float64))
+    mask = torch.zeros(2, n, dtype=torch.float64)
+    mask[0, :7], mask[1, :4] = 1, 1
+    proj, node = spectral_features(adj, mask, 2)
+    # graph 0 (7 nodes): top eigenvalue 3 (the K4), second 2 (the K3)
+    torch.testing.assert_close(node[0, 0, 2:], torch.tensor([2 / 7, 3 / 7], dtype=torch.float64))
+    k4 = torch.zeros(n, n, dtype=torch.float64)
+    k4[:4, :4] = 7 / 4
+    k3 = torch.zeros(n, n, dtype=torch.float64)
+    k3[4:7, 4:7] = 7 / 3
+    torch.testing.assert_close(proj[0, 1], k4)
+    torch.testing.assert_close(proj[0, 0], k3)
+    torch.testing.assert_close(node[0, :, 1], torch.diagonal(k4))
+    # graph 1 (4 nodes): top eigenvalue 3; the second is -1 (three-fold), its projection is some unit vector's
+    assert abs(node[1, 0, 3].item() - 3 / 4) < 1e-12 and abs(node[1, 0, 2].item() + 1 / 4) < 1e-12
+    torch.testing.assert_close(proj[1, 1, :4, :4], torch.ones(4, 4, dtype=torch.float64))
+    assert proj[:, :, 7:].abs().max() == 0 and proj[1, :, 4:].abs().max() == 0 and node[1, 4:].abs().max() == 0
+    torch.testing.assert_close(torch.diagonal(proj[1, 0], dim1=-2, dim2=-1)[:4].sum(), torch.tensor(4.0, dtype=torch.float64))

@@ -40,7 +40,7 @@ from ..fields import Field
 from ..paths import GaussianPath, get_path, path_from_config
 from .data import GraphBatch, GraphDataError, check_graphs, make_graphs, node_count_distribution, permute, read_graphs, \
     to_dense, to_networkx, write_graphs
-from .nets import GraphTransformer, ScoreNetworkA, ScoreNetworkX, mask_adjacency, mask_nodes
+from .nets import PPGN, GraphTransformer, ScoreNetworkA, ScoreNetworkX, mask_adjacency, mask_nodes
 
 __all__ = ["GraphLayout", "GDSSNetwork", "GraphField", "GraphTrainConfig", "train_gdss", "s4_sample", "generate",
            "load_graph_field", "gdss_loss", "GRAPH_RUN_KIND", "DEFAULT_NETWORK"]
@@ -67,6 +67,9 @@ DEFAULT_NETWORK: dict[str, Any] = {
 #: the graph transformer's sizes (``network={"kind": "transformer", "transformer": {...}}``).
 DEFAULT_TRANSFORMER: dict[str, Any] = {"num_layers": 4, "node_dim": 64, "edge_dim": 32, "num_heads": 4, "ffn_mult": 2,
                                        "time_features": 16, "powers": 3}
+
+#: the PPGN's sizes (``network={"kind": "ppgn", "ppgn": {...}}``; Maron et al. 2019).
+DEFAULT_PPGN: dict[str, Any] = {"channels": 64, "num_layers": 4, "time_features": 16}
 
 
 class GraphLayout:
@@ -114,18 +117,19 @@ class GDSSNetwork(nn.Module):
         self.prediction = prediction
         network = dict(network or {})
         kind = network.pop("kind", "gdss")
-        if kind not in ("gdss", "transformer"):
-            raise ValueError(f"unknown network kind {kind!r}; valid: gdss (GDSS's GCN + GMH), transformer")
+        if kind not in ("gdss", "transformer", "ppgn"):
+            raise ValueError(f"unknown network kind {kind!r}; valid: gdss (GDSS's GCN + GMH), transformer, ppgn")
         self.layout = GraphLayout(max_nodes, num_features)
         self.kind = kind
-        if kind == "transformer":
-            unknown = set(network) - {"transformer"}
+        if kind in ("transformer", "ppgn"):
+            unknown = set(network) - {kind}
             if unknown:
-                raise ValueError(f"unknown network section(s) {sorted(unknown)} for kind 'transformer'; valid: transformer")
-            cfg = {"kind": kind, "transformer": {**DEFAULT_TRANSFORMER, **network.get("transformer", {})}}
+                raise ValueError(f"unknown network section(s) {sorted(unknown)} for kind {kind!r}; valid: {kind}")
+            defaults, cls = (DEFAULT_TRANSFORMER, GraphTransformer) if kind == "transformer" else (DEFAULT_PPGN, PPGN)
+            cfg = {"kind": kind, kind: {**defaults, **network.get(kind, {})}}
             self.network_config = cfg
             try:
-                self.net = GraphTransformer(num_features, **cfg["transformer"])
+                self.net = cls(num_features, **cfg[kind])
             except TypeError as error:
                 raise ValueError(f"bad network option: {error}") from None
             return
@@ -145,7 +149,7 @@ class GDSSNetwork(nn.Module):
         x, adj = self.layout.unpack(z)
         m = mask.to(z.dtype)
         x, adj = mask_nodes(x, m), mask_adjacency(adj, m)
-        if self.kind == "transformer":
+        if self.kind in ("transformer", "ppgn"):
             return self.layout.pack(*self.net(x, adj, m, t))
         return self.layout.pack(self.x_net(x, adj, m, t), self.a_net(x, adj, m, t))
 

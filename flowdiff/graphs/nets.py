@@ -25,8 +25,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DenseGCN", "AttentionLayer", "ScoreNetworkX", "ScoreNetworkA", "TimeFeatures", "GraphTransformer",
-           "mask_nodes", "mask_adjacency"]
+__all__ = ["DenseGCN", "AttentionLayer", "ScoreNetworkX", "ScoreNetworkA", "TimeFeatures", "GraphTransformer", "PPGN",
+           "spectral_features", "mask_nodes", "mask_adjacency"]
 
 
 def mask_nodes(x: Tensor, mask: Tensor) -> Tensor:
@@ -145,17 +145,23 @@ class AttentionLayer(nn.Module):
 class ScoreNetworkX(nn.Module):
     """GDSS's X-network: ``depth`` GCN layers (tanh), all layers' features concatenated, a 3-layer ELU MLP."""
 
-    def __init__(self, num_features: int, depth: int = 3, hidden: int = 32, time_features: int = 8):
+    def __init__(self, num_features: int, depth: int = 3, hidden: int = 32, time_features: int = 8, spectral: int = 0):
         super().__init__()
+        if spectral < 0:
+            raise ValueError(f"spectral must be >= 0, got {spectral}")
+        self.spectral = int(spectral)
         self.time = TimeFeatures(time_features)
-        in_dim = num_features + time_features
+        in_dim = num_features + time_features + 2 * self.spectral
         self.layers = nn.ModuleList([DenseGCN(in_dim if i == 0 else hidden, hidden) for i in range(depth)])
         cat = in_dim + depth * hidden
         self.final = _mlp(3, cat, 2 * cat, num_features)
 
     def forward(self, x: Tensor, adj: Tensor, mask: Tensor, t: Tensor) -> Tensor:
         tf = self.time(t)[:, None, :].expand(-1, x.shape[1], -1)
-        h = mask_nodes(torch.cat([x, tf], dim=-1), mask)
+        parts = [x, tf]
+        if self.spectral:
+            parts.append(spectral_features(adj, mask, self.spectral)[1])
+        h = mask_nodes(torch.cat(parts, dim=-1), mask)
         feats = [h]
         for layer in self.layers:
             h = mask_nodes(torch.tanh(layer(h, adj)), mask)
@@ -168,13 +174,15 @@ class ScoreNetworkA(nn.Module):
     edge-wise 3-layer MLP over every layer's adjacency channels; symmetric, zero diagonal, masked."""
 
     def __init__(self, num_features: int, num_layers: int = 5, attn_dim: int = 32, hidden: int = 32, c_init: int = 2,
-                 c_hidden: int = 8, c_final: int = 4, num_heads: int = 4, num_linears: int = 2, time_features: int = 8):
+                 c_hidden: int = 8, c_final: int = 4, num_heads: int = 4, num_linears: int = 2, time_features: int = 8,
+                 spectral: int = 0):
         super().__init__()
-        if num_layers < 2:
-            raise ValueError(f"num_layers must be >= 2, got {num_layers}")
-        self.c_init = c_init
+        if num_layers < 2 or spectral < 0:
+            raise ValueError(f"need num_layers >= 2 and spectral >= 0, got {num_layers}, {spectral}")
+        self.c_init, self.spectral = c_init, int(spectral)
         self.time = TimeFeatures(time_features)
-        in_dim = num_features + time_features
+        in_dim = num_features + time_features + 2 * self.spectral
+        c_init = c_init + self.spectral
         layers = []
         for i in range(num_layers):
             if i == 0:
@@ -190,11 +198,17 @@ class ScoreNetworkA(nn.Module):
     def forward(self, x: Tensor, adj: Tensor, mask: Tensor, t: Tensor) -> Tensor:
         b, n = adj.shape[:2]
         tfeat = self.time(t)
-        h = mask_nodes(torch.cat([x, tfeat[:, None, :].expand(-1, n, -1)], dim=-1), mask)
+        parts = [x, tfeat[:, None, :].expand(-1, n, -1)]
         powers = [adj]
         for _ in range(self.c_init - 1):
             powers.append(powers[-1] @ adj)
-        a = mask_adjacency(torch.stack(powers, dim=1), mask)
+        a = torch.stack(powers, dim=1)
+        if self.spectral:
+            proj, node = spectral_features(adj, mask, self.spectral)
+            parts.append(node)
+            a = torch.cat([a, proj], dim=1)
+        h = mask_nodes(torch.cat(parts, dim=-1), mask)
+        a = mask_adjacency(a, mask)
         chans = [a]
         for layer in self.layers:
             h, a = layer(h, a, mask)
@@ -321,3 +335,114 @@ class GraphTransformer(nn.Module):
         a = 0.5 * (a + a.transpose(-1, -2))
         a = a * (1 - torch.eye(n, dtype=a.dtype, device=a.device))
         return x_out, mask_adjacency(a, m)
+
+
+class _PPGNBlock(nn.Module):
+    r"""One PPGN block on pair states ``e`` (B, N, N, C): two channel MLPs ``m₁, m₂`` whose outputs are multiplied
+    as matrices per channel (``(m₁(e) m₂(e))_{ij} = Σ_k m₁(e)_{ik} m₂(e)_{kj}``, divided by the node count), and
+    an MLP of ``[e, product]`` added to ``e`` (residual). Pre-LayerNorm; the time enters by FiLM."""
+
+    def __init__(self, channels: int, time_dim: int):
+        super().__init__()
+        c = channels
+        self.m1 = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
+        self.m2 = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
+        self.m3 = nn.Sequential(nn.Linear(2 * c, c), nn.SiLU(), nn.Linear(c, c))
+        self.norm = nn.LayerNorm(c)
+        self.t_film = nn.Linear(time_dim, 2 * c) if time_dim else None
+
+    def forward(self, e: Tensor, pair: Tensor, count: Tensor, tfeat: Tensor) -> Tensor:
+        h = self.norm(e)
+        if self.t_film is not None:
+            scale, shift = self.t_film(tfeat)[:, None, None, :].chunk(2, dim=-1)
+            h = h * (1 + scale) + shift
+        left = (self.m1(h) * pair).permute(0, 3, 1, 2)
+        right = (self.m2(h) * pair).permute(0, 3, 1, 2)
+        prod = (left @ right / count[:, None, None, None]).permute(0, 2, 3, 1)
+        return (e + self.m3(torch.cat([h, prod], dim=-1))) * pair
+
+
+class PPGN(nn.Module):
+    r"""A joint X/A denoiser on pair states with matrix-multiplication blocks: Maron, Ben-Hamu, Serviansky & Lipman,
+    "Provably Powerful Graph Networks", NeurIPS 2019 (PPGN: as powerful as the 3-WL test), here as the denoiser of
+    the continuous GDSS system.
+
+    Why here: on community_small the denoiser must identify a noisy copy of a template graph up to node order
+    (docs/graphs.md); the per-channel products ``Σ_k e_ik e_kj`` compare every pair through every third node
+    (walk and triangle counts of the noisy graph at every layer), which message passing over node states
+    (GDSS's GCN/GMH) cannot. Cost per layer O(N³·C) for the products and O(N²·C²) for the channel MLPs.
+
+    Input pair state: ``[A_ij, δ_ij, δ_ij·X_i, (X_i + X_j)/2]`` (the node features on the diagonal and averaged on
+    the pairs); outputs ``(x_out (B, N, F), a_out (B, N, N))``: the edge head reads the final pair state
+    (symmetrised, zero diagonal), the node head the diagonal and the row mean. Exactly permutation equivariant:
+    every operation is per pair, a channel MLP, or a masked product/sum over nodes.
+    """
+
+    def __init__(self, num_features: int, channels: int = 64, num_layers: int = 4, time_features: int = 16,
+                 spectral: int = 0):
+        super().__init__()
+        if num_layers < 1 or channels < 1 or spectral < 0:
+            raise ValueError(f"num_layers and channels must be >= 1 and spectral >= 0, got {num_layers}, {channels}, "
+                             f"{spectral}")
+        self.spectral = int(spectral)
+        self.time = TimeFeatures(time_features)
+        self.inp = nn.Linear(2 + 2 * num_features + 2 * self.spectral, channels)
+        self.blocks = nn.ModuleList([_PPGNBlock(channels, time_features) for _ in range(num_layers)])
+        self.a_out = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, channels), nn.SiLU(),
+                                   nn.Linear(channels, 1))
+        self.x_out = nn.Sequential(nn.LayerNorm(2 * channels), nn.Linear(2 * channels, channels), nn.SiLU(),
+                                   nn.Linear(channels, num_features))
+
+    def forward(self, x: Tensor, adj: Tensor, mask: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        b, n = adj.shape[:2]
+        m = mask.to(adj.dtype)
+        pair = (m[:, :, None] * m[:, None, :])[..., None]
+        count = m.sum(1).clamp(min=1)
+        eye = torch.eye(n, dtype=adj.dtype, device=adj.device).expand(b, n, n)[..., None]
+        xi = x[:, :, None, :].expand(-1, -1, n, -1)
+        xj = x[:, None, :, :].expand(-1, n, -1, -1)
+        feats = [adj[..., None], eye, xi * eye, 0.5 * (xi + xj)]
+        if self.spectral:
+            proj, node = spectral_features(adj, m, self.spectral)
+            feats += [proj.permute(0, 2, 3, 1), node[:, :, None, self.spectral:] * eye]
+        e = self.inp(torch.cat(feats, dim=-1)) * pair
+        tfeat = self.time(t)
+        for block in self.blocks:
+            e = block(e, pair, count, tfeat)
+        a = self.a_out(e).squeeze(-1)
+        a = 0.5 * (a + a.transpose(-1, -2))
+        a = a * (1 - torch.eye(n, dtype=a.dtype, device=a.device))
+        diag = torch.diagonal(e, dim1=1, dim2=2).transpose(1, 2)
+        rows = e.sum(2) / count[:, None, None]
+        x_out = mask_nodes(self.x_out(torch.cat([diag, rows], dim=-1)), m)
+        return x_out, a * pair[..., 0]
+
+
+def spectral_features(adj: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    r"""Spectral features of the (noisy, weighted) adjacency for a denoiser: the eigenvectors ``v_1..v_k`` of the
+    ``k`` largest eigenvalues ``μ_1..μ_k`` of ``A`` restricted to the present nodes.
+
+    Returns ``proj`` (B, k, N, N): the projections ``n·v_j v_jᵀ`` (sign-free, so exactly permutation equivariant
+    whenever the eigenvalues are distinct; ``n`` the node count), and ``node`` (B, N, 2k): ``n·v_j(i)²`` and
+    ``μ_j/n`` per node. Why: at half log-SNR around 0 the split into communities is visible in the top
+    eigenvectors of the noisy graph (spectral clustering) long before a few message-passing layers can find it;
+    docs/graphs.md. Padded nodes get the eigenvalue −10³ so they sort below the rest; graphs with fewer than
+    ``k`` nodes get zero features for the missing ones. Computed without gradient: input features, not a path
+    for derivatives with respect to the state (a divergence-based likelihood of such a network ignores them).
+    """
+    b, n = adj.shape[:2]
+    with torch.no_grad():
+        m = mask.to(adj.dtype)
+        count = m.sum(1).clamp(min=1)
+        sym = mask_adjacency(0.5 * (adj + adj.transpose(-1, -2)), m) - 1e3 * torch.diag_embed(1 - m)
+        val, vec = torch.linalg.eigh(sym)
+        if k > n:
+            val = torch.cat([val.new_full((b, k - n), -1e3), val], -1)
+            vec = torch.cat([vec.new_zeros(b, n, k - n), vec], -1)
+        val, vec = val[:, -k:], vec[:, :, -k:]
+        present = (val > -500).to(adj.dtype)  # eigenpairs of present nodes only
+        vec = vec * present[:, None, :] * m[:, :, None]
+        proj = (vec.transpose(1, 2)[:, :, :, None] * vec.transpose(1, 2)[:, :, None, :]) * count[:, None, None, None]
+        node = torch.cat([vec ** 2 * count[:, None, None],
+                          (val * present / count[:, None])[:, None, :].expand(-1, n, -1) * m[:, :, None]], -1)
+    return proj, node
