@@ -127,3 +127,22 @@ def test_time_limit_covers_training_and_the_choice(systems):
     model = GeoTDM(**{**TINY, "steps": 100_000, "time_limit": 4.0}, holdout=12).fit(systems, context_frames=4)
     assert 20 < model.steps_done < 100_000 and model.temperature_scores  # planned, stopped, then chosen
     assert model.fit_seconds < 6.0  # the plan reserved the held-out search (loose: a shared machine)
+
+
+def test_time_plan_grows_again_after_a_slow_start(systems, monkeypatch):
+    """The plan is renewed every 25 updates in both directions (at most ``steps``): with a fake clock at 1 s
+    per update for the first 20 updates (the planning ones) and 0.1 s after, a 30-s limit plans 29 updates at
+    update 20 and then extends the run to ~100; the fit stops within the limit."""
+    import types
+
+    import flowdiff.trajectories.model as module
+    clock = [0.0]
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def tick(step, loss):
+        clock[0] += 1.0 if step <= 20 else 0.1
+
+    model = GeoTDM(**{**TINY, "steps": 2000, "time_limit": 30.0}, temperature=0.3).fit(
+        systems, context_frames=4, callback=tick)
+    assert 60 < model.steps_done < 2000  # without growing again: at most 29 updates
+    assert model.fit_seconds <= 30.0
