@@ -330,6 +330,12 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     assert _cli(["train", "--data", str(user), "--steps", "2", "-o", str(run), "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert _cli(["train", "--data", "community_small", "--prediction", "v", "-o", str(tmp_path / "r2")]) == 2
+    assert _cli(["train", "--data", "community_small", "--network", "unet", "-o", str(tmp_path / "r2")]) == 2
+    assert "ppgn" in capsys.readouterr().err
+    ppgn_run = tmp_path / "ppgn"
+    assert _cli(["train", "--data", str(user), "--network", "ppgn", "--steps", "2", "--batch", "4", "-o",
+                 str(ppgn_run), "--quiet"]) == 0
+    assert type(fd.graphs.load_graph_field(ppgn_run).network.net).__name__ == "PPGN"
     out = tmp_path / "samples"
     # (a 2-step model: its samples blow up under restarts, so the plain ODE; the option is checked too)
     assert _cli(["sample", "-c", str(run), "--nfe", "4", "--grid", "logsnr", "-n", "6", "-o", str(out), "--quiet",

@@ -369,7 +369,7 @@ def train(
     data: str = typer.Option("checkerboard", "--data", help="Built-in dataset name (checkerboard, eight_gaussians, moons, spirals, pinwheel, rings, gmm, digits) or a path to a folder of images, a .npy or a .pt file."),
     path: str = typer.Option("linear", "--path", help="Gaussian path: vp, subvp, ve, edm, linear (rectified flow), trig, cosine, ddpm."),
     prediction: str = typer.Option("velocity", "--prediction", help="What the network predicts: noise, data, velocity, score or v."),
-    network: str = typer.Option("auto", "--network", help="mlp (vectors), unet (images) or auto (chosen from the data's shape)."),
+    network: str = typer.Option("auto", "--network", help="mlp (vectors), unet (images), gdss / transformer / ppgn (graphs, molecules) or auto (chosen from the data)."),
     steps: int = typer.Option(4000, "--steps", help="Number of optimizer updates (>= 1)."),
     batch: int = typer.Option(512, "--batch", help="Batch size per update (>= 1)."),
     lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate of AdamW (> 0; linear warm-up, cosine decay)."),

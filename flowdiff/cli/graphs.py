@@ -53,6 +53,10 @@ def _really_explicit(command: str, options: dict, explicit: set) -> set:
     return {k for k in explicit if k not in defaults or options.get(k) != defaults[k]}
 
 
+#: ``--network`` values for graph and molecule data (``flowdiff.graphs.GDSSNetwork`` kinds; docs/graphs.md).
+GRAPH_NETWORKS = ("auto", "gdss", "transformer", "ppgn")
+
+
 def _run_train(options: dict, explicit: set) -> None:
     from ..graphs import GraphDataError, GraphTrainConfig, train_gdss
 
@@ -71,8 +75,13 @@ def _train_gdss_run(options: dict, explicit: set, cfg: Any, *, what: str, run_fi
         if options["prediction"] not in ("noise", "data"):
             _fail(f"--prediction {options['prediction']}: {what} models predict noise (GDSS) or data", 2)
         cfg.prediction = options["prediction"]
-    if "network" in explicit and options["network"] not in ("auto", "gdss"):
-        _fail(f"--network {options['network']}: {what} data use the GDSS networks (auto or gdss)", 2)
+    if "network" in explicit:
+        allowed = GRAPH_NETWORKS if what == "graph" else ("auto", "gdss")
+        if options["network"] not in allowed:
+            _fail(f"--network {options['network']}: {what} data take {', '.join(allowed)} (auto = gdss, "
+                  "GDSS's GCN + GMH)", 2)
+        if options["network"] not in ("auto", "gdss"):
+            cfg.network = {"kind": options["network"]}
     mapping = {"steps": "steps", "batch": "batch_size", "lr": "lr", "seed": "seed", "ema_decay": "ema",
                "checkpoint_every": "checkpoint_every", "grad_clip": "grad_clip", "weight_decay": "weight_decay"}
     for option, name in mapping.items():
