@@ -336,6 +336,9 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     assert _cli(["train", "--data", str(user), "--network", "ppgn", "--steps", "2", "--batch", "4", "-o",
                  str(ppgn_run), "--quiet"]) == 0
     assert type(fd.graphs.load_graph_field(ppgn_run).network.net).__name__ == "PPGN"
+    capsys.readouterr()
+    assert _cli(["train", "--data", "qm9-like", "--network", "ppgn", "-o", str(tmp_path / "r3")]) == 2
+    assert "gdss" in capsys.readouterr().err
     out = tmp_path / "samples"
     # (a 2-step model: its samples blow up under restarts, so the plain ODE; the option is checked too)
     assert _cli(["sample", "-c", str(run), "--nfe", "4", "--grid", "logsnr", "-n", "6", "-o", str(out), "--quiet",

@@ -151,6 +151,10 @@ def test_invalid_smiles_are_skipped_and_counted_or_one_error(tmp_path):
     assert field.info["skipped"]["invalid"] == 1
     out = fm.generate_molecules(tmp_path / "run", 5, generator=0, steps=4)
     assert len(out.smiles) == len(out.valid_wo_correction) == 5
+    # another network kind is refused (the molecule trainer builds GDSS's networks only)
+    with pytest.raises(ValueError, match="GDSS networks"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fm.train_molecules(tmp_path / "run_ppgn", fm.MoleculeTrainConfig(data=str(f), steps=1, network={"kind": "ppgn"}))
 
 
 def test_cli_rejects_an_all_invalid_smiles_file_with_one_line(tmp_path):
