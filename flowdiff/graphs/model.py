@@ -40,7 +40,7 @@ from ..fields import Field
 from ..paths import GaussianPath, get_path, path_from_config
 from .data import GraphBatch, GraphDataError, check_graphs, make_graphs, node_count_distribution, permute, read_graphs, \
     to_dense, to_networkx, write_graphs
-from .nets import PPGN, GraphTransformer, ScoreNetworkA, ScoreNetworkX, mask_adjacency, mask_nodes
+from .nets import PPGN, GraphTransformer, ScoreNetworkA, ScoreNetworkX, mask_adjacency, mask_nodes, spectral_features
 
 __all__ = ["GraphLayout", "GDSSNetwork", "GraphField", "GraphTrainConfig", "train_gdss", "s4_sample", "generate",
            "load_graph_field", "gdss_loss", "GRAPH_RUN_KIND", "DEFAULT_NETWORK"]
@@ -151,7 +151,10 @@ class GDSSNetwork(nn.Module):
         x, adj = mask_nodes(x, m), mask_adjacency(adj, m)
         if self.kind in ("transformer", "ppgn"):
             return self.layout.pack(*self.net(x, adj, m, t))
-        return self.layout.pack(self.x_net(x, adj, m, t), self.a_net(x, adj, m, t))
+        k = self.x_net.spectral
+        # one eigendecomposition per call when both networks use the same spectral features
+        spectral = spectral_features(adj, m, k) if k and k == self.a_net.spectral else None
+        return self.layout.pack(self.x_net(x, adj, m, t, spectral), self.a_net(x, adj, m, t, spectral))
 
 
 class _JointNoise:

@@ -784,7 +784,7 @@ def train_molecules(output_dir: str | Path, config: MoleculeTrainConfig | None =
         atomic_write_text(out / "train_smiles.txt", "\n".join(train) + "\n")
         atomic_write_text(out / "test_smiles.txt", "\n".join(test) + ("\n" if test else ""))
     torch.manual_seed(cfg.seed)
-    if set(cfg.network) - {"x", "a"} or cfg.network.get("kind", "gdss") != "gdss":
+    if set(cfg.network) - {"x", "a"}:
         raise ValueError(f"molecule models use the GDSS networks: network takes the sections x and a only, got "
                          f"{sorted(cfg.network)}")
     network_cfg = {"x": {**MOLECULE_NETWORK["x"], **cfg.network.get("x", {})},

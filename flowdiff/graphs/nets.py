@@ -156,11 +156,12 @@ class ScoreNetworkX(nn.Module):
         cat = in_dim + depth * hidden
         self.final = _mlp(3, cat, 2 * cat, num_features)
 
-    def forward(self, x: Tensor, adj: Tensor, mask: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adj: Tensor, mask: Tensor, t: Tensor, spectral: tuple | None = None) -> Tensor:
+        """``spectral``: :func:`spectral_features` of ``(adj, mask)`` if already computed (else computed here)."""
         tf = self.time(t)[:, None, :].expand(-1, x.shape[1], -1)
         parts = [x, tf]
         if self.spectral:
-            parts.append(spectral_features(adj, mask, self.spectral)[1])
+            parts.append((spectral or spectral_features(adj, mask, self.spectral))[1])
         h = mask_nodes(torch.cat(parts, dim=-1), mask)
         feats = [h]
         for layer in self.layers:
@@ -195,7 +196,8 @@ class ScoreNetworkA(nn.Module):
         cat = c_hidden * (num_layers - 1) + c_final + c_init + time_features
         self.final = _mlp(3, cat, 2 * cat, 1)
 
-    def forward(self, x: Tensor, adj: Tensor, mask: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adj: Tensor, mask: Tensor, t: Tensor, spectral: tuple | None = None) -> Tensor:
+        """``spectral``: :func:`spectral_features` of ``(adj, mask)`` if already computed (else computed here)."""
         b, n = adj.shape[:2]
         tfeat = self.time(t)
         parts = [x, tfeat[:, None, :].expand(-1, n, -1)]
@@ -204,7 +206,7 @@ class ScoreNetworkA(nn.Module):
             powers.append(powers[-1] @ adj)
         a = torch.stack(powers, dim=1)
         if self.spectral:
-            proj, node = spectral_features(adj, mask, self.spectral)
+            proj, node = spectral or spectral_features(adj, mask, self.spectral)
             parts.append(node)
             a = torch.cat([a, proj], dim=1)
         h = mask_nodes(torch.cat(parts, dim=-1), mask)

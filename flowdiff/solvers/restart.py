@@ -1,4 +1,4 @@
-r"""Restart sampling: ODE steps plus repeated forward re-noising over one interval.
+r"""Restart sampling: ODE steps plus repeated forward re-noising over one or more intervals.
 
 Xu, Deng, Chen, Tian, Liu, Tegmark & Jaakkola, "Restart Sampling for Improving Generative Processes"
 (NeurIPS 2023), Algorithm 1. The probability-flow ODE is integrated from noise to ``t_hi``; then, ``repeats``
@@ -72,7 +72,8 @@ def restart_sample(field: Any, x_init: Tensor, solver: str = "dpm-solver++2m", n
     path = field.path
     if not isinstance(path, GaussianPath):
         raise TypeError(f"restart sampling needs a field on a GaussianPath, got {type(path).__name__}")
-    intervals = _intervals(path, log_snr)
+    lam_min, lam_max = (float(path.log_snr(torch.tensor([t], dtype=torch.float64))[0]) for t in (path.t_min, path.t_max))
+    intervals = _intervals(log_snr, lam_min, lam_max)
     counts = [repeats] * len(intervals) if not isinstance(repeats, (list, tuple)) else list(repeats)
     if len(counts) != len(intervals):
         raise ValueError(f"repeats must be one integer or one per interval ({len(intervals)}), got {repeats!r}")
@@ -82,7 +83,6 @@ def restart_sample(field: Any, x_init: Tensor, solver: str = "dpm-solver++2m", n
     for name, v in (("nfe", nfe), ("restart_nfe", restart_nfe)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 2:
             raise ValueError(f"{name} must be an integer >= 2, got {v!r}")
-    lam_min, lam_max = (float(path.log_snr(torch.tensor([t], dtype=torch.float64))[0]) for t in (path.t_min, path.t_max))
     if nfe < 2 * (len(intervals) + 1):
         raise ValueError(f"nfe must be >= {2 * (len(intervals) + 1)} for {len(intervals)} restart interval(s), got {nfe}")
     # the main pass's calls per piece [λ_min, hi_1], [hi_1, hi_2], ..., [hi_m, λ_max]
@@ -111,8 +111,9 @@ def restart_sample(field: Any, x_init: Tensor, solver: str = "dpm-solver++2m", n
                    nfe_budget=nfe + sum(counts) * restart_nfe)
 
 
-def _intervals(path: GaussianPath, log_snr: Any) -> list[tuple[float, float]]:
-    """``log_snr`` as a list of ``(λ_lo, λ_hi)`` pairs inside the path's range, with increasing ``λ_hi``."""
+def _intervals(log_snr: Any, lam_min: float, lam_max: float) -> list[tuple[float, float]]:
+    """``log_snr`` as a list of ``(λ_lo, λ_hi)`` pairs inside the path's range ``(lam_min, lam_max)``, with
+    increasing ``λ_hi``."""
     pairs = log_snr
     if isinstance(log_snr, (list, tuple)) and len(log_snr) == 2 and all(isinstance(v, (int, float)) for v in log_snr):
         pairs = [log_snr]
@@ -122,7 +123,6 @@ def _intervals(path: GaussianPath, log_snr: Any) -> list[tuple[float, float]]:
         raise ValueError(f"log_snr must be a pair (lambda_lo, lambda_hi) or a sequence of pairs, got {log_snr!r}") from None
     if not out:
         raise ValueError(f"log_snr must name at least one interval, got {log_snr!r}")
-    lam_min, lam_max = (float(path.log_snr(torch.tensor([t], dtype=torch.float64))[0]) for t in (path.t_min, path.t_max))
     for lo, hi in out:
         if not (lam_min < lo < hi < lam_max):
             raise ValueError(f"log_snr must satisfy {lam_min:.3g} < lambda_lo < lambda_hi < {lam_max:.3g} (the path's "

@@ -74,15 +74,13 @@ def _search_grid(grid: tuple[float, ...], evaluate: Callable[[float], float | No
     if score(i) is None:
         return None
     while True:
-        moved = False
         for j in (i - 1, i + 1):
             if 0 <= j < len(grid) and score(j) is None:
                 return grid[min(scores, key=scores.get)]
         best = min((j for j in (i, i - 1, i + 1) if j in scores), key=scores.get)  # ties: stay
-        if best != i:
-            i, moved = best, True
-        if not moved:
+        if best == i:
             return grid[i]
+        i = best
 
 
 def check_trajectories(data: Any, name: str = "trajectories", min_frames: int = 1) -> Tensor:
