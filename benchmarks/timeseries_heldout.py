@@ -62,13 +62,15 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of benchmark rows (one per series and seed) with the means of CRPS and ratios."""
-    head = ("| series | seed | chosen (diff., scale, spread[, mirrored]) | TSDiff | spread 1 | psnaive | Holt–Winters | TSDiff / psnaive "
+    head = ("| series | seed | chosen (diff., scale, spread[, mirrored][, refined base]) | TSDiff | spread 1 | psnaive | Holt–Winters | TSDiff / psnaive "
             "| TSDiff / HW | MAE of median TSDiff / psnaive / HW | fit CPU s |\n" + "|---" * 11 + "|")
     lines = [head]
     for r in rows:
         c, m, ch = r["crps"], r["mae_of_median"], r["chosen"]
         bad = r["ratio_psnaive"] > 0.95
         mirror = "" if "reflect" not in ch else (", yes" if ch["reflect"] else ", no")
+        if ch.get("base"):  # refinement of a base forecaster chosen by the backtest (the scale is then unused)
+            mirror += f", refined {'snaive' if ch['base'] == 'seasonal_naive' else 'HW'}"
         lines.append(f"| {r['series']} | {r['seed']} | {ch['difference']}, {ch['scale']:g}, {ch['spread']:g}{mirror} | {c['tsdiff']:.4f} "
                      f"| {c['tsdiff_spread1']:.4f} | {c['psnaive']:.4f} | {c['holt_winters']:.4f} "
                      f"| {'**' if bad else ''}{r['ratio_psnaive']:.2f}{'**' if bad else ''} | {r['ratio_hw']:.2f} "
@@ -117,7 +119,7 @@ def main() -> None:
     crps = {k: TS.mean_weighted_quantile_loss(v, truth) for k, v in paths.items()}
     row = {"series": args.kind, "seed": args.seed, "steps": model.steps_done, "fit_cpu_s": round(fit_cpu), "fit_wall_s": round(fit_wall), "capped": bool(args.cap),
            "chosen": {"difference": model.difference, "scale": model.guidance_scale, "spread": model.spread,
-                      "reflect": model.reflect},
+                      "reflect": model.reflect, "base": model.base},
            "crps": crps, "ratio_psnaive": crps["tsdiff"] / crps["psnaive"], "ratio_hw": crps["tsdiff"] / crps["holt_winters"],
            "mae_of_median": {k: float(np.abs(np.median(v, 1) - truth).mean()) for k, v in paths.items()},
            "mean_sd": {k: float(v.std(1).mean()) for k, v in paths.items()},
@@ -125,6 +127,7 @@ def main() -> None:
            "coverage80": {k: [float(x) for x in ((np.quantile(v, 0.1, 1) <= truth) & (truth <= np.quantile(v, 0.9, 1))).mean(0)]
                           for k, v in paths.items()},
            "selection": [[*k, v] for k, v in model.selection.items()],
+           "refine_selection": [[*k, v] for k, v in model.refine_selection.items()],
            "spread_scores_on_test": {f: TS.mean_weighted_quantile_loss(widen(own, f), truth) for f in SPREADS}}
     print(json.dumps(row), flush=True)
     with open(args.out, "a") as handle:

@@ -166,7 +166,20 @@ def test_forecast_shapes_and_refine(tiny_model):
     expected = {(d, True, s, f) for d in (0, 6) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
     assert set(model.selection) == expected | {(best, False, s, f) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
     assert all(np.isfinite(v) for v in model.selection.values())
-    assert (model.difference, model.reflect, model.guidance_scale, model.spread) == min(model.selection, key=model.selection.get)
+    # refined bases: scored with every trial model; the fit keeps whichever of the two families scores lower
+    from flowdiff.timeseries.model import BASES, REFINE_ITERATIONS
+    trials = {k[:2] for k in model.selection}
+    assert set(model.refine_selection) == {(d, r, b, k, f) for d, r in trials for b in BASES
+                                           for k in REFINE_ITERATIONS for f in SPREADS}
+    guided = min(model.selection, key=model.selection.get)
+    refined = min(model.refine_selection, key=model.refine_selection.get)
+    if model.base is None:
+        assert model.selection[guided] <= model.refine_selection[refined]
+        assert (model.difference, model.reflect, model.guidance_scale, model.spread) == guided
+    else:
+        assert model.refine_selection[refined] < model.selection[guided]
+        assert (model.difference, model.reflect, model.base, model.refine_iterations, model.spread) == refined
+    assert model.config()["base"] == model.base
     assert model.config()["reflect"] is model.reflect
     assert model.config()["difference"] == model.difference and model.config()["spread"] == model.spread
     # the spread rescales each path's deviation from the per-step median, nothing else
@@ -362,7 +375,14 @@ def test_backtest_candidates_without_a_season_are_levels_and_first_differences()
     assert {k[0] for k in stage1} == {0, 1}
     best = min(stage1, key=stage1.get)[0]
     assert {k for k in model.selection if not k[1]} == {(best, False, 2.0, f) for f in SPREADS}
-    assert (model.difference, model.reflect, model.guidance_scale, model.spread) == min(model.selection, key=model.selection.get)
+    guided = min(model.selection, key=model.selection.get)
+    refined = min(model.refine_selection, key=model.refine_selection.get)
+    if model.base is None:
+        assert model.selection[guided] <= model.refine_selection[refined]
+        assert (model.difference, model.reflect, model.guidance_scale, model.spread) == guided
+    else:
+        assert model.refine_selection[refined] < model.selection[guided]
+        assert (model.difference, model.reflect, model.base, model.refine_iterations, model.spread) == refined
     assert model.forecast(series, 4).shape == (4, 3)
     with pytest.raises(ValueError, match="reflect"):
         TS.TSDiff(10, 3, 1, reflect="yes")

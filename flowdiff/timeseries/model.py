@@ -55,6 +55,12 @@ __all__ = ["TSDiff", "as_series_list", "check_context"]
 
 GUIDANCES = ("quantile", "mean-square", "none")
 REFINEMENTS = ("lmc", "ml")
+#: base forecasters whose samples fit's backtest may choose to refine (the paper's "Refine") instead of
+#: forecasting by self-guidance: the probabilistic seasonal naive and Holt–Winters ETS (statsmodels)
+BASES = ("seasonal_naive", "holt_winters")
+#: refinement strengths (Langevin iterations at the paper's step size 0.1) fit's backtest chooses from; on the
+#: validation stretches of sm:dp and local_level (seed 5) 1-5 iterations scored best, on sm:unemp 20
+REFINE_ITERATIONS = (1, 2, 5, 10, 20)
 
 
 def _check_positive_int(name: str, value: Any, low: int = 1) -> int:
@@ -131,6 +137,29 @@ def check_context(context: Any, need: int, name: str = "context", missing: str =
     return out
 
 
+def _have_statsmodels() -> bool:
+    try:
+        import statsmodels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _base_samples(name: str, history: np.ndarray, horizon: int, season_length: int, num_samples: int,
+                  seed: int) -> np.ndarray:
+    """``(num_samples, horizon)`` samples of the base forecaster ``name`` (see ``BASES``) fit on ``history``."""
+    from .baselines import holt_winters, probabilistic_seasonal_naive
+
+    if name == "seasonal_naive":
+        return probabilistic_seasonal_naive(history, horizon, season_length, num_samples, seed=seed)
+    if name == "holt_winters":
+        out = holt_winters(history, horizon, season_length, num_samples, seed=seed)
+        if not np.isfinite(out).all():
+            raise FloatingPointError("Holt-Winters produced non-finite samples")
+        return out
+    raise ValueError(f"base must be one of {', '.join(BASES)}, got {name!r}")
+
+
 def widen(samples: np.ndarray, factor: float) -> np.ndarray:
     """Scale every path's deviation from the per-step median over the paths (axis -2) by ``factor``."""
     median = np.median(samples, axis=-2, keepdims=True)
@@ -174,6 +203,13 @@ class TSDiff:
             of each batch is negated), so a model fit on one short series does not learn the drift its few,
             overlapping training windows share and extrapolate it into every forecast; ``"auto"`` (default):
             :meth:`fit`'s backtest chooses (mirroring also removes a real drift direction).
+        base: how :meth:`forecast` forecasts by default. ``None``: observation self-guidance; a name in
+            ``BASES``: samples of that base forecaster (fit on the context given to :meth:`forecast`) refined
+            by the model (:meth:`refine`, Langevin; the paper's "Refine"); ``"auto"`` (default): :meth:`fit`'s
+            backtest scores the refined bases with every trial model on the same validation origins as
+            self-guidance and keeps whichever of the two scores lower (``refine_selection`` holds the scores).
+        refine_iterations: Langevin iterations of that refinement; ``None``: chosen by the backtest among
+            ``REFINE_ITERATIONS``.
         time_features: feed position-in-window and position-in-season channels to the network.
         seed: seeds the weights, the batches and (by default) the sampling noise.
         device, dtype: where the model lives (results follow the model's dtype).
@@ -186,7 +222,7 @@ class TSDiff:
                  guidance: str = "quantile", guidance_scale: float | None = None, time_features: bool = True,
                  difference: int | str = "auto", detrend: bool = False, log: bool | str = False,
                  spread: float | None = None, profile: bool = False, reflect: bool | str = "auto",
-                 max_seconds: float = 480.0, seed: int = 0, device: Any = "cpu", dtype: Any = torch.float32):
+                 base: str | None = "auto", refine_iterations: int | None = None, max_seconds: float = 480.0, seed: int = 0, device: Any = "cpu", dtype: Any = torch.float32):
         self.context_length = _check_positive_int("context_length", context_length, 2)
         self.prediction_length = _check_positive_int("prediction_length", prediction_length, 1)
         self.season_length = _check_positive_int("season_length", season_length, 1)
@@ -245,6 +281,13 @@ class TSDiff:
             raise ValueError(f"reflect must be True, False or 'auto', got {reflect!r}")
         self.reflect_mode = "auto" if reflect == "auto" else "fixed"
         self.reflect = True if reflect == "auto" else bool(reflect)
+        if base is not None and base != "auto" and base not in BASES:
+            raise ValueError(f"base must be None, 'auto' or one of {', '.join(BASES)}, got {base!r}")
+        self.base_mode = "auto" if base == "auto" else "fixed"
+        self.base: str | None = None if base == "auto" else base
+        self.refine_selection: dict = {}
+        self.refine_iterations_mode = "auto" if refine_iterations is None else "fixed"
+        self.refine_iterations = 20 if refine_iterations is None else _check_positive_int("refine_iterations", refine_iterations, 1)
         self.max_seconds = float(max_seconds)
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -368,7 +411,7 @@ class TSDiff:
                              f"{' + max(lags)' if self.max_lag else ''} = {need}")
         steps = self.train_steps if train_steps is None else _check_positive_int("train_steps", train_steps, 1)
         began = time.perf_counter()
-        if "auto" in (self.difference_mode, self.scale_mode, self.spread_mode, self.reflect_mode) and type(self) is TSDiff:
+        if "auto" in (self.difference_mode, self.scale_mode, self.spread_mode, self.reflect_mode, self.base_mode) and type(self) is TSDiff:
             self._select_difference(items, steps, verbose)
         # max_seconds bounds the whole fit, the backtest's trial models included (at least a quarter is left)
         budget = max(self.max_seconds - (time.perf_counter() - began), self.max_seconds / 4)
@@ -404,8 +447,16 @@ class TSDiff:
            (mirroring removes any drift direction, also a real one such as a price index's); skipped (mirrored
            windows kept) when stage 1 took more than half of ``max_seconds``.
 
+        3. with ``base="auto"``, every trial model also **refines** the samples of each base forecaster in
+           ``BASES`` (probabilistic seasonal naive; Holt–Winters where statsmodels is installed), fit on each
+           validation context's whole history (:meth:`refine`, Langevin, the paper's "Refine"), scored with
+           the same spreads; no extra training (measured cost: a few seconds per fit).
+
         The (difference, reflect, scale, spread) with the lowest pooled CRPS (mean weighted quantile loss) is
-        kept; ``self.selection`` holds every score ({(difference, reflect, scale, spread): CRPS}).
+        kept; ``self.selection`` holds every score ({(difference, reflect, scale, spread): CRPS}). Where a
+        refined base scores lower still, ``self.base`` names it and :meth:`forecast` refines that base by
+        default with the chosen number of Langevin iterations (``REFINE_ITERATIONS``, scored from snapshots of one
+        run; ``self.refine_selection``: {(difference, reflect, base, iterations, spread): CRPS}).
         Rolling-origin evaluation: Tashman (2000), "Out-of-sample tests of forecasting accuracy".
         """
         from .metrics import mean_weighted_quantile_loss
@@ -448,13 +499,15 @@ class TSDiff:
         spreads = SPREADS if self.spread_mode == "auto" else [self.spread]
         reflects = [True, False] if self.reflect_mode == "auto" else [self.reflect]
         trials = len(candidates) + len(reflects) - 1
-        if trials == 1 and len(scales) * len(spreads) == 1:
+        if trials == 1 and len(scales) * len(spreads) == 1 and self.base_mode == "fixed" and self.base is None:
             return
+        kept: dict = {}  # the trial models by (difference, reflect), reused to score the refined bases
 
         def score(candidate: int, reflect: bool) -> None:
             config = {**self.config(), "difference": candidate, "reflect": reflect, "train_steps": max(1, steps // 2),
-                      "max_seconds": self.max_seconds / (2 * trials + 1)}
+                      "max_seconds": self.max_seconds / (2 * trials + 1), "base": None}
             trial = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(train, max(1, steps // 2), False)
+            kept[(candidate, reflect)] = trial
             for scale in scales:
                 # the backtest's sampling is bounded too: once it has used SELECTION_SHARE of max_seconds, the
                 # remaining scales are not scored (measured: elnino's 16 origins x 4 scales x 2 trials made a
@@ -478,7 +531,40 @@ class TSDiff:
         # max_seconds (its sampling is not capped; long windows, e.g. hourly with a 2-day context, cost most)
         if len(reflects) > 1 and time.perf_counter() - began < self.max_seconds / 2:
             score(min(self.selection, key=self.selection.get)[0], reflects[1])
-        difference, reflect, scale, spread = min(self.selection, key=self.selection.get)
+        # refinement of base forecasters (the paper's "Refine") with every trial model, on the same origins
+        self.refine_selection = {}
+        bases = [b for b in BASES if b != "holt_winters" or _have_statsmodels()] if self.base_mode == "auto" else (
+            [self.base] if self.base is not None else [])
+        strengths = REFINE_ITERATIONS if self.refine_iterations_mode == "auto" else [self.refine_iterations]
+        for name in bases:
+            try:
+                initial = [_base_samples(name, c, horizon, self.season_length, 50, seed=self.seed + i)
+                           for i, c in enumerate(contexts)]
+            except Exception:  # noqa: BLE001 - a base that cannot be fit on these contexts is no candidate
+                continue
+            for (candidate, reflect), trial in kept.items():
+                # the refinement strength (Langevin iterations) is scored from one run's snapshots
+                runs = [trial.refine(c, x, iterations=max(strengths), snapshots=strengths) for c, x in zip(contexts, initial)]
+                for j, iterations in enumerate(strengths):
+                    refined = np.stack([run[j] for run in runs])
+                    for spread in spreads:
+                        self.refine_selection[(candidate, reflect, name, iterations, spread)] = float(
+                            mean_weighted_quantile_loss(widen(refined, spread), targets))
+                if verbose:
+                    best = min((k for k in self.refine_selection if k[:3] == (candidate, reflect, name)), key=self.refine_selection.get)
+                    print(f"difference={candidate} reflect={reflect} refined {name}: best validation CRPS "
+                          f"{self.refine_selection[best]:.4f} ({best[3]} iterations, spread {best[4]})")
+        guided = min(self.selection, key=self.selection.get)
+        refined_best = min(self.refine_selection, key=self.refine_selection.get) if self.refine_selection else None
+        if refined_best is not None and (self.base is not None or self.refine_selection[refined_best] < self.selection[guided]):
+            difference, reflect, name, iterations, spread = refined_best
+            self.refine_iterations = int(iterations)
+            same = {k: v for k, v in self.selection.items() if k[:2] == (difference, reflect)}
+            scale = min(same, key=same.get)[2] if same else self._default_scale(self.guidance)
+            self.base = name
+        else:
+            difference, reflect, scale, spread = guided
+            self.base = None
         self._set_difference(difference)
         self.reflect = bool(reflect)
         if len(scales) > 1:
@@ -613,7 +699,8 @@ class TSDiff:
 
     def forecast(self, context: Any, num_samples: int = 100, *, guidance: str | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, missing: str = "raise",
-                 spread: float | None = None, profile: bool = False, return_windows: bool = False) -> np.ndarray:
+                 spread: float | None = None, profile: bool = False, return_windows: bool = False,
+                 base: str | None = "auto", iterations: int | None = None) -> np.ndarray:
         """Sample ``num_samples`` forecasts of the next ``prediction_length`` steps after ``context``.
 
         Arguments:
@@ -628,7 +715,12 @@ class TSDiff:
             spread: factor on each path's deviation from the per-step median of the paths (default: the
                 one :meth:`fit`'s backtest chose, else 1 — the model's own spread).
             return_windows: also return the sampled windows in the modelled representation (differenced
-                at lag ``difference``, de-standardised), ``(…, S, channels, length)``.
+                at lag ``difference``, de-standardised), ``(…, S, channels, length)`` (self-guidance only).
+            base: ``"auto"`` (default): the model's ``base`` (chosen by :meth:`fit`'s backtest) unless
+                ``guidance`` or ``guidance_scale`` is given (then self-guidance); ``None``: self-guidance; a
+                name in ``BASES``: that base forecaster's samples, fit on each context, refined by
+                :meth:`refine` (Langevin, ``iterations`` steps; default the model's ``refine_iterations``). Contexts with missing values are forecast by
+                self-guidance.
 
         Returns:
             ``(num_samples, prediction_length)`` for one context, ``(B, num_samples, prediction_length)``
@@ -643,7 +735,32 @@ class TSDiff:
         scale = self._default_scale(guidance) if guidance_scale is None else float(guidance_scale)
         if not (scale >= 0 and math.isfinite(scale)):
             raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale!r}")
+        if base == "auto":
+            base = self.base if guidance_scale is None and guidance == self.guidance else None
+        elif base is not None and base not in BASES:
+            raise ValueError(f"base must be 'auto', None or one of {', '.join(BASES)}, got {base!r}")
         values, observed, loc, scale_, raw = self._prepare(context, missing)
+        histories = None
+        if base is not None and not return_windows:
+            try:  # the base forecaster is fit on the whole history given (no missing values), as in fit's backtest
+                histories = as_series_list(context, "context")
+            except ValueError:
+                histories = None  # missing values: self-guidance
+        if histories is not None:
+            factor = (self.spread if self.spread is not None else 1.0) if spread is None else float(spread)
+            if not (factor > 0 and math.isfinite(factor)):
+                raise ValueError(f"spread must be finite and > 0, got {spread!r}")
+            contexts = histories
+            seed_ = self.seed if seed is None else int(seed)
+            iterations = self.refine_iterations if iterations is None else iterations
+            result = np.stack([self.refine(c, _base_samples(base, c, self.prediction_length, self.season_length,
+                                                            num_samples, seed=seed_ + i), iterations=iterations, seed=seed_)
+                               for i, c in enumerate(contexts)])
+            if factor != 1.0:
+                result = widen(result, factor)
+            if not np.isfinite(result).all():
+                raise FloatingPointError("TSDiff.forecast produced non-finite refined samples")
+            return result[0] if single else result
         batch = values.shape[0]
         target = values.repeat_interleave(num_samples, 0)
         mask = observed.repeat_interleave(num_samples, 0)
@@ -708,17 +825,22 @@ class TSDiff:
     # ------------------------------------------------------------------ refinement
     def refine(self, context: Any, initial: Any, *, method: str = "lmc", iterations: int = 20, step_size: float = 0.1,
                noise_scale: float = 0.1, regularization: float = 1.0, diffusion_step: int | None = None,
-               seed: int | None = None) -> np.ndarray:
+               seed: int | None = None, snapshots: Sequence[int] | None = None) -> np.ndarray:
         """Refine base forecasts ``initial`` ``(S, H)`` of one context with the model as an implicit density.
 
         ``method="ml"``: gradient descent on the energy; ``"lmc"``: Langevin dynamics with noise
         ``noise_scale`` (module docstring). ``diffusion_step`` is τ (default ``T/5``, the paper's 20 of 100).
-        Returns ``(S, H)``.
+        Returns ``(S, H)``; with ``snapshots`` (iteration counts, each <= ``iterations``) a list of the
+        ``(S, H)`` forecasts after each of them, from the one run (how :meth:`fit`'s backtest scores the
+        refinement strength).
         """
         self._check_fitted()
         if method not in REFINEMENTS:
             raise ValueError(f"method must be one of {', '.join(REFINEMENTS)}, got {method!r}")
         iterations = _check_positive_int("iterations", iterations, 1)
+        marks = [] if snapshots is None else [_check_positive_int("snapshots[]", k, 1) for k in snapshots]
+        if any(k > iterations for k in marks):
+            raise ValueError(f"snapshots must be <= iterations={iterations}, got {list(snapshots or [])}")
         init = np.asarray(initial, dtype=np.float64)
         if init.ndim != 2 or init.shape[1] != self.prediction_length:
             raise ValueError(f"initial must have shape (S, {self.prediction_length}), got {init.shape}")
@@ -744,7 +866,13 @@ class TSDiff:
         ab = self._alpha_bar[tau - 1].to(self.device, self.dtype)
         t = torch.full((count,), 1 - tau / self.diffusion_steps, dtype=self.dtype, device=self.device)
         features = self._features()
-        for _ in range(iterations):
+        taken: dict = {}
+
+        def back(y: Tensor) -> np.ndarray:
+            horizon = (y.detach()[:, 0, self.inner_context:] * scale[:, 0] + loc[:, 0, self.inner_context:]).double().cpu().numpy()
+            return self._integrate(raw, horizon[None])[0]
+
+        for i in range(iterations):
             y = y.detach().requires_grad_(True)
             eps = torch.randn(y.shape, generator=generator, dtype=self.dtype).to(self.device)
             pred = self.ema(ab.sqrt() * y + (1 - ab).sqrt() * eps, t, features)
@@ -754,8 +882,9 @@ class TSDiff:
                 y = y - step_size * grad
                 if method == "lmc":
                     y = y + math.sqrt(2 * step_size) * noise_scale * torch.randn(y.shape, generator=generator, dtype=self.dtype).to(self.device)
-        horizon = (y.detach()[:, 0, self.inner_context:] * scale[:, 0] + loc[:, 0, self.inner_context:]).double().cpu().numpy()
-        return self._integrate(raw, horizon[None])[0]
+            if i + 1 in marks:
+                taken[i + 1] = back(y)
+        return [taken[k] for k in marks] if snapshots is not None else back(y)
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
@@ -767,7 +896,7 @@ class TSDiff:
                 "ema_decay": self.ema_decay, "grad_clip": self.grad_clip, "guidance": self.guidance,
                 "guidance_scale": self.guidance_scale, "time_features": self.time_features,
                 "difference": self.difference, "detrend": self.detrend, "log": self.log, "profile": self.profile, "reflect": self.reflect,
-                "spread": self.spread, "max_seconds": self.max_seconds, "seed": self.seed}
+                "spread": self.spread, "base": self.base, "refine_iterations": self.refine_iterations, "max_seconds": self.max_seconds, "seed": self.seed}
 
     def state_dict(self) -> dict:
         self._check_fitted()
