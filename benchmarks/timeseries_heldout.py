@@ -40,6 +40,12 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
         t = np.arange(200)
         return (20 + 4 * np.sin(2 * np.pi * t / 7 + rng.uniform(0, 6)) + 2 * np.cos(4 * np.pi * t / 7)
                 + 2.0 * rng.standard_normal(200)), 7
+    if kind == "ar_season7":  # fresh check 2026-12-07 (never used to tune): AR(1) noise on a weekly cycle
+        t, e = np.arange(210), rng.standard_normal(210)
+        ar = np.zeros(210)
+        for i in range(1, 210):
+            ar[i] = 0.7 * ar[i - 1] + e[i]
+        return 50 + 5 * np.sin(2 * np.pi * t / 7 + rng.uniform(0, 6)) + 2 * ar, 7
     if kind == "local_level":
         return 1000 + np.cumsum(40 * rng.standard_normal(100)) + 120 * rng.standard_normal(100), 1
     if kind == "hourly":
@@ -50,7 +56,7 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
         from statsmodels.datasets import interest_inflation, macrodata
 
         name = kind[3:]
-        if name in ("unemp", "tbilrate"):
+        if name in ("unemp", "tbilrate", "infl"):  # infl: fresh check 2026-12-07 (never used to tune)
             return macrodata.load_pandas().data[name].to_numpy(dtype=np.float64), (4 if name == "unemp" else 1)
         if name == "dp":
             return interest_inflation.load_pandas().data["Dp"].to_numpy(dtype=np.float64), 4

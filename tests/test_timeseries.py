@@ -167,10 +167,10 @@ def test_forecast_shapes_and_refine(tiny_model):
     assert set(model.selection) == expected | {(best, False, s, f) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
     assert all(np.isfinite(v) for v in model.selection.values())
     # refined bases: scored with every trial model; the fit keeps whichever of the two families scores lower
-    from flowdiff.timeseries.model import BASES, REFINE_ITERATIONS
+    from flowdiff.timeseries.model import BASES, REFINE_ITERATIONS, REFINE_SPREADS
     trials = {k[:2] for k in model.selection}
     assert set(model.refine_selection) == {(d, r, b, k, f) for d, r in trials for b in BASES
-                                           for k in REFINE_ITERATIONS for f in SPREADS}
+                                           for k in REFINE_ITERATIONS for f in REFINE_SPREADS}
     guided = min(model.selection, key=model.selection.get)
     refined = min(model.refine_selection, key=model.refine_selection.get)
     if model.base is None:

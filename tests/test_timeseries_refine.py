@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flowdiff as fd
-from flowdiff.timeseries.model import BASES, REFINE_ITERATIONS, SPREADS, widen
+from flowdiff.timeseries.model import BASES, REFINE_ITERATIONS, REFINE_SPREADS, SPREADS, widen
 
 TS = fd.timeseries
 
@@ -80,7 +80,7 @@ def test_backtest_keeps_the_refined_base_when_it_validates_better():
                       guidance_scale=4.0).fit(series[:108])
     trials = {k[:2] for k in model.selection}
     assert set(model.refine_selection) == {(d, r, b, k, f) for d, r in trials for b in BASES
-                                           for k in REFINE_ITERATIONS for f in SPREADS}
+                                           for k in REFINE_ITERATIONS for f in REFINE_SPREADS}
     best = min(model.refine_selection, key=model.refine_selection.get)
     assert model.refine_selection[best] < min(model.selection.values())
     assert (model.difference, model.reflect, model.base, model.refine_iterations, model.spread) == best

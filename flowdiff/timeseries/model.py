@@ -171,6 +171,11 @@ def widen(samples: np.ndarray, factor: float) -> np.ndarray:
 #: over-widens: with 0.5 … 4, the hourly synthetic series (seed 2026) chose 2.83 while the final model's
 #: best factor on its test origins was 1.0 (CRPS 0.1025 vs 0.0756)
 SPREADS = tuple(float(f"{2 ** (i / 4):.3f}") for i in range(-2, 3))
+#: ... and for refined base forecasts, 1/2 … 2: their spread is mostly the base's own (fit on the same
+#: histories in validation and forecasting, not a trial model's), and a base can be far off (Holt–Winters'
+#: simulated paths on synth0 had twice the per-step sd of the probabilistic seasonal naive; the backtest chose
+#: the grid's edge, 1/√2)
+REFINE_SPREADS = tuple(float(f"{2 ** (i / 4):.3f}") for i in range(-4, 5))
 
 
 class TSDiff:
@@ -535,6 +540,7 @@ class TSDiff:
         self.refine_selection = {}
         bases = [b for b in BASES if b != "holt_winters" or _have_statsmodels()] if self.base_mode == "auto" else (
             [self.base] if self.base is not None else [])
+        refine_spreads = REFINE_SPREADS if self.spread_mode == "auto" else [self.spread]
         strengths = REFINE_ITERATIONS if self.refine_iterations_mode == "auto" else [self.refine_iterations]
         for name in bases:
             try:
@@ -543,11 +549,15 @@ class TSDiff:
             except Exception:  # noqa: BLE001 - a base that cannot be fit on these contexts is no candidate
                 continue
             for (candidate, reflect), trial in kept.items():
+                # bounded like the scales above: after 80 % of max_seconds no further trial refines (the
+                # final model still gets its quarter of max_seconds)
+                if self.refine_selection and time.perf_counter() - began > 0.8 * self.max_seconds:
+                    break
                 # the refinement strength (Langevin iterations) is scored from one run's snapshots
                 runs = [trial.refine(c, x, iterations=max(strengths), snapshots=strengths) for c, x in zip(contexts, initial)]
                 for j, iterations in enumerate(strengths):
                     refined = np.stack([run[j] for run in runs])
-                    for spread in spreads:
+                    for spread in refine_spreads:
                         self.refine_selection[(candidate, reflect, name, iterations, spread)] = float(
                             mean_weighted_quantile_loss(widen(refined, spread), targets))
                 if verbose:
