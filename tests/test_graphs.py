@@ -253,6 +253,11 @@ def test_train_resume_is_exact_and_generate(tmp_path):
     # restart sampling itself is checked against exact oracles in test_solvers_restart.py)
     lib = generate(field, 3, generator=1, solver="dpm-solver++2m", steps=5, final_denoise=False, restart=None)
     assert len(lib) == 3
+    # ... and with restarts the error says so and names the way out
+    from flowdiff.solvers import NonFiniteStateError
+
+    with pytest.raises(NonFiniteStateError, match=r"during Restart sampling.*restart=None"):
+        generate(field, 3, generator=1, steps=5)
     # the default sampler without restarts (DPM-Solver++(2M) ODE, data prediction quantised at the end)
     default = generate(field, 3, generator=1, steps=5, restart=None)
     assert len(default) == 3 and all(isinstance(g, nx.Graph) for g in default)

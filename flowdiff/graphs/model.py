@@ -703,8 +703,17 @@ def generate(model: str | Path | GraphField, num_graphs: int, generator: torch.G
     try:
         for start in range(0, num_graphs, batch_size):
             b = min(batch_size, num_graphs - start)
-            z, mask = sample_batch(fld, b, gen, solver, steps, final_denoise, options, "generate: the sampled graphs",
-                                   restart)
+            try:
+                z, mask = sample_batch(fld, b, gen, solver, steps, final_denoise, options,
+                                       "generate: the sampled graphs", restart)
+            except _solvers.NonFiniteStateError as error:
+                if not restart:
+                    raise
+                # Restart sampling re-noises and re-integrates a band several times; a barely trained network
+                # whose plain ODE solve is merely wild (|A| ~ 200 after 40 steps) overflows there.
+                raise _solvers.NonFiniteStateError(
+                    f"{error} — during Restart sampling; an under-trained model can blow up there: sample with "
+                    "restart=None (CLI: --solver-option restart=none) or train longer") from error
             _, adj = fld.layout.unpack(z)
             adj = (mask_adjacency(adj, mask) > threshold).to(dtype)
             graphs.extend(to_networkx(adj, mask, remove_isolated=remove_isolated))
