@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("seed", type=int, nargs="?", default=0)
     parser.add_argument("--table", default=None, help="print a markdown table of the rows in this .jsonl file and exit")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--base", default=None, choices=["auto", "none"],
+                        help="TSDiff's base (default: the model's default); none: self-guidance only")
     parser.add_argument("--cap", action="store_true", help="keep the default max_seconds (480 s wall for the whole fit); "
                         "without it the cap is lifted so machine load cannot cut training")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "timeseries_heldout_rows.jsonl"))
@@ -114,6 +116,8 @@ def main() -> None:
     kwargs = {} if args.cap else {"max_seconds": 1e5}
     if args.steps is not None:
         kwargs["train_steps"] = args.steps
+    if args.base is not None:
+        kwargs["base"] = None if args.base == "none" else "auto"
     cpu, wall = time.process_time(), time.perf_counter()
     model = TS.TSDiff(context, horizon, season, **kwargs).fit(train)
     fit_cpu, fit_wall = time.process_time() - cpu, time.perf_counter() - wall

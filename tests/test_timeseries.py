@@ -142,7 +142,7 @@ def test_self_guidance_moves_samples_to_the_exact_gaussian_process_conditional()
 def tiny_model():
     t = np.arange(90)
     series = 10 + np.sin(2 * np.pi * t / 6) + 0.1 * np.random.default_rng(0).standard_normal(90)
-    model = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=15, batch_size=8, diffusion_steps=10)
+    model = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=15, batch_size=8, diffusion_steps=10, base="auto")
     return model.fit(series), series
 
 
@@ -375,14 +375,9 @@ def test_backtest_candidates_without_a_season_are_levels_and_first_differences()
     assert {k[0] for k in stage1} == {0, 1}
     best = min(stage1, key=stage1.get)[0]
     assert {k for k in model.selection if not k[1]} == {(best, False, 2.0, f) for f in SPREADS}
-    guided = min(model.selection, key=model.selection.get)
-    refined = min(model.refine_selection, key=model.refine_selection.get)
-    if model.base is None:
-        assert model.selection[guided] <= model.refine_selection[refined]
-        assert (model.difference, model.reflect, model.guidance_scale, model.spread) == guided
-    else:
-        assert model.refine_selection[refined] < model.selection[guided]
-        assert (model.difference, model.reflect, model.base, model.refine_iterations, model.spread) == refined
+    # the default base=None: self-guidance only, no refined candidates scored
+    assert model.base is None and model.refine_selection == {}
+    assert (model.difference, model.reflect, model.guidance_scale, model.spread) == min(model.selection, key=model.selection.get)
     assert model.forecast(series, 4).shape == (4, 3)
     with pytest.raises(ValueError, match="reflect"):
         TS.TSDiff(10, 3, 1, reflect="yes")

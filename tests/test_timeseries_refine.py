@@ -77,7 +77,7 @@ def test_backtest_keeps_the_refined_base_when_it_validates_better():
     t = np.arange(120)
     series = 10 + 3 * np.sin(2 * np.pi * t / 6) + 0.01 * np.random.default_rng(1).standard_normal(120)
     model = TS.TSDiff(12, 6, 6, hidden=4, blocks=1, train_steps=5, batch_size=4, diffusion_steps=5,
-                      guidance_scale=4.0).fit(series[:108])
+                      guidance_scale=4.0, base="auto").fit(series[:108])
     trials = {k[:2] for k in model.selection}
     assert set(model.refine_selection) == {(d, r, b, k, f) for d, r in trials for b in BASES
                                            for k in REFINE_ITERATIONS for f in REFINE_SPREADS}
