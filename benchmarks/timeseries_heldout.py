@@ -129,7 +129,8 @@ def main() -> None:
     crps = {k: TS.mean_weighted_quantile_loss(v, truth) for k, v in paths.items()}
     row = {"series": args.kind, "seed": args.seed, "steps": model.steps_done, "fit_cpu_s": round(fit_cpu), "fit_wall_s": round(fit_wall), "capped": bool(args.cap),
            "chosen": {"difference": model.difference, "scale": model.guidance_scale, "spread": model.spread,
-                      "reflect": model.reflect, "base": model.base},
+                      "reflect": model.reflect, "base": model.base, "validated_spread": model.validated_spread,
+                      "spread_ratio": model.spread_ratio, "spread_widths": model.spread_widths},
            "crps": crps, "ratio_psnaive": crps["tsdiff"] / crps["psnaive"], "ratio_hw": crps["tsdiff"] / crps["holt_winters"],
            "mae_of_median": {k: float(np.abs(np.median(v, 1) - truth).mean()) for k, v in paths.items()},
            "mean_sd": {k: float(v.std(1).mean()) for k, v in paths.items()},

@@ -159,7 +159,7 @@ def test_forecast_shapes_and_refine(tiny_model):
         assert refined.shape == (5, 4) and np.isfinite(refined).all()
     assert len(model.history) == 15 and np.isfinite(model.history).all()
     # difference, scale and spread: chosen by the in-sample rolling-origin backtest
-    from flowdiff.timeseries.model import SPREADS, widen
+    from flowdiff.timeseries.model import SPREAD_LIMITS, SPREADS, widen
     # stage 1: both differences with mirrored windows; stage 2: the better one without
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
     best = min(stage1, key=stage1.get)[0]
@@ -175,7 +175,14 @@ def test_forecast_shapes_and_refine(tiny_model):
     refined = min(model.refine_selection, key=model.refine_selection.get)
     if model.base is None:
         assert model.selection[guided] <= model.refine_selection[refined]
-        assert (model.difference, model.reflect, model.guidance_scale, model.spread) == guided
+        assert (model.difference, model.reflect, model.guidance_scale, model.validated_spread) == guided
+        # the validated factor is rescaled by the trial/final width ratio at the forecast origin, so the final
+        # model's default paths there are exactly as wide as the validated trial paths
+        trial_width, final_width = model.spread_widths
+        assert model.spread == pytest.approx(np.clip(guided[3] * trial_width / final_width, *SPREAD_LIMITS), rel=1e-12)
+        own = model.forecast(series, 100, spread=1.0, seed=model.seed + 7919, base=None)
+        assert np.std(own, axis=0).mean() == pytest.approx(final_width, rel=1e-9)
+        assert np.std(widen(own, model.spread), axis=0).mean() == pytest.approx(model.spread * final_width, rel=1e-9)
     else:
         assert model.refine_selection[refined] < model.selection[guided]
         assert (model.difference, model.reflect, model.base, model.refine_iterations, model.spread) == refined
@@ -377,7 +384,13 @@ def test_backtest_candidates_without_a_season_are_levels_and_first_differences()
     assert {k for k in model.selection if not k[1]} == {(best, False, 2.0, f) for f in SPREADS}
     # the default base=None: self-guidance only, no refined candidates scored
     assert model.base is None and model.refine_selection == {}
-    assert (model.difference, model.reflect, model.guidance_scale, model.spread) == min(model.selection, key=model.selection.get)
+    assert (model.difference, model.reflect, model.guidance_scale, model.validated_spread) == min(model.selection, key=model.selection.get)
+    from flowdiff.timeseries.model import SPREAD_LIMITS
+    assert model.spread == pytest.approx(np.clip(model.validated_spread * model.spread_ratio, *SPREAD_LIMITS))
+    # the ratio is the trial's width over the final model's, measured at the forecast origin (end of the series)
+    own = model.forecast(series, 100, spread=1.0, seed=model.seed + 7919, base=None)
+    assert np.std(own, axis=0).mean() == pytest.approx(model.spread_widths[1], rel=1e-9)
+    assert model.spread_ratio == pytest.approx(model.spread_widths[0] / model.spread_widths[1], rel=1e-12)
     assert model.forecast(series, 4).shape == (4, 3)
     with pytest.raises(ValueError, match="reflect"):
         TS.TSDiff(10, 3, 1, reflect="yes")

@@ -176,6 +176,8 @@ SPREADS = tuple(float(f"{2 ** (i / 4):.3f}") for i in range(-2, 3))
 #: simulated paths on synth0 had twice the per-step sd of the probabilistic seasonal naive; the backtest chose
 #: the grid's edge, 1/√2)
 REFINE_SPREADS = tuple(float(f"{2 ** (i / 4):.3f}") for i in range(-4, 5))
+#: bounds of the final spread factor after fit rescales the validated one by the trial/final width ratio
+SPREAD_LIMITS = (0.25, 4.0)
 
 
 class TSDiff:
@@ -270,6 +272,12 @@ class TSDiff:
         # their forecast spread grows like sqrt(h); on Nile first differences hurt, the backtest sees that)
         self.difference_mode = "auto" if difference == "auto" else "fixed"
         self.selection: dict = {}
+        # fit's spread calibration: the factor the validation chose for the trial model, and the ratio of the
+        # trial's to the final model's path width at the forecast origin (spread = validated x ratio)
+        self.validated_spread: float | None = None
+        self.spread_ratio: float | None = None
+        self.spread_widths: tuple[float, float] | None = None  # (trial, final) mean per-step sd at the origin
+        self._spread_probe: tuple[float, float] | None = None
         if difference == "auto":
             difference = self.season_length if 1 < self.season_length <= self.context_length // 2 else 0
         self.difference = _check_positive_int("difference", difference, 0)
@@ -424,8 +432,34 @@ class TSDiff:
             self._select_difference(items, steps, verbose)
         # max_seconds bounds the whole fit, the backtest's trial models included (at least a quarter is left)
         budget = max(self.max_seconds - (time.perf_counter() - began), self.max_seconds / 4)
-        return self._fit_fixed(items, steps, verbose, budget)
+        self._fit_fixed(items, steps, verbose, budget)
+        if self._spread_probe is not None:
+            validated, trial_width = self._spread_probe
+            final_width = self._probe_width(self, items, self.guidance_scale)
+            self._spread_probe = None
+            self.spread_widths = (trial_width, final_width)
+            if trial_width > 0 and final_width > 0 and math.isfinite(trial_width / final_width):
+                self.spread_ratio = trial_width / final_width
+                self.spread = float(np.clip(validated * self.spread_ratio, SPREAD_LIMITS[0], SPREAD_LIMITS[1]))
+            if verbose:
+                print(f"spread: validated {validated} x trial/final width {self.spread_ratio} -> {self.spread}")
+        return self
 
+    def _probe_width(self, model: "TSDiff", items: list[np.ndarray], scale: float | None) -> float:
+        """Mean per-step sd of ``model``'s self-guided paths (spread 1) from the end of each training series.
+
+        The forecast origin right after the data is out of sample for both the backtest's trial model and the
+        final model, so the ratio of their widths there measures how much narrower or wider the final model
+        samples than the trial whose spread factor the validation chose (:meth:`fit`).
+        """
+        need = self.context_length + self.max_lag
+        ends = [a for a in items if a.size >= need][:self.PROBE_SERIES]
+        paths = model.forecast(ends, self.PROBE_PATHS, guidance_scale=scale, spread=1.0, base=None, seed=self.seed + 7919)
+        return float(np.std(paths, axis=-2).mean())
+
+    #: paths and series (their last context) on which fit compares the widths of the trial and final models
+    PROBE_PATHS = 100
+    PROBE_SERIES = 8
     #: the share of ``max_seconds`` after which fit's backtest stops scoring further guidance scales
     SELECTION_SHARE = 0.6
     #: validation origins (each one horizon long) held out at the end of each training series by fit's selection
@@ -579,12 +613,14 @@ class TSDiff:
         else:
             difference, reflect, scale, spread = guided
             self.base = None
+            if self.spread_mode == "auto":  # fit rescales the validated spread to the final model's own width
+                self._spread_probe = (float(spread), self._probe_width(kept[(difference, reflect)], items, scale))
         self._set_difference(difference)
         self.reflect = bool(reflect)
         if len(scales) > 1:
             self.guidance_scale = float(scale)  # then used by forecast() for any guidance kind
         if self.spread_mode == "auto":
-            self.spread = float(spread)
+            self.spread = self.validated_spread = float(spread)
 
     def _fit_fixed(self, items: list[np.ndarray], steps: int, verbose: bool, max_seconds: float | None = None) -> "TSDiff":
         need = self.context_length + self.prediction_length + self.max_lag
