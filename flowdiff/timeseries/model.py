@@ -272,12 +272,11 @@ class TSDiff:
         # their forecast spread grows like sqrt(h); on Nile first differences hurt, the backtest sees that)
         self.difference_mode = "auto" if difference == "auto" else "fixed"
         self.selection: dict = {}
-        # fit's spread calibration: the factor the validation chose for the trial model, and the ratio of the
-        # trial's to the final model's path width at the forecast origin (spread = validated x ratio)
+        # fit's spread calibration: the factor the validation chose for the trial model, and the (trial, final)
+        # models' mean per-step path sd at the forecast origin (spread = validated x spread_ratio)
         self.validated_spread: float | None = None
-        self.spread_ratio: float | None = None
-        self.spread_widths: tuple[float, float] | None = None  # (trial, final) mean per-step sd at the origin
-        self._spread_probe: tuple[float, float] | None = None
+        self.spread_widths: tuple[float, float] | None = None
+        self._trial_width: float | None = None
         if difference == "auto":
             difference = self.season_length if 1 < self.season_length <= self.context_length // 2 else 0
         self.difference = _check_positive_int("difference", difference, 0)
@@ -433,17 +432,22 @@ class TSDiff:
         # max_seconds bounds the whole fit, the backtest's trial models included (at least a quarter is left)
         budget = max(self.max_seconds - (time.perf_counter() - began), self.max_seconds / 4)
         self._fit_fixed(items, steps, verbose, budget)
-        if self._spread_probe is not None:
-            validated, trial_width = self._spread_probe
-            final_width = self._probe_width(self, items, self.guidance_scale)
-            self._spread_probe = None
-            self.spread_widths = (trial_width, final_width)
-            if trial_width > 0 and final_width > 0 and math.isfinite(trial_width / final_width):
-                self.spread_ratio = trial_width / final_width
-                self.spread = float(np.clip(validated * self.spread_ratio, SPREAD_LIMITS[0], SPREAD_LIMITS[1]))
+        if self._trial_width is not None:
+            self.spread_widths = (self._trial_width, self._probe_width(self, items, self.guidance_scale))
+            self._trial_width = None
+            ratio = self.spread_ratio
+            if ratio is not None and ratio > 0 and math.isfinite(ratio):
+                self.spread = float(np.clip(self.validated_spread * ratio, *SPREAD_LIMITS))
             if verbose:
-                print(f"spread: validated {validated} x trial/final width {self.spread_ratio} -> {self.spread}")
+                print(f"spread: validated {self.validated_spread} x trial/final width {ratio} -> {self.spread}")
         return self
+
+    @property
+    def spread_ratio(self) -> float | None:
+        """Trial model's over the final model's path width at the forecast origin (None before a calibration)."""
+        if self.spread_widths is None or self.spread_widths[1] == 0:
+            return None
+        return self.spread_widths[0] / self.spread_widths[1]
 
     def _probe_width(self, model: "TSDiff", items: list[np.ndarray], scale: float | None) -> float:
         """Mean per-step sd of ``model``'s self-guided paths (spread 1) from the end of each training series.
@@ -454,12 +458,13 @@ class TSDiff:
         """
         need = self.context_length + self.max_lag
         ends = [a for a in items if a.size >= need][:self.PROBE_SERIES]
-        paths = model.forecast(ends, self.PROBE_PATHS, guidance_scale=scale, spread=1.0, base=None, seed=self.seed + 7919)
+        paths = model.forecast(ends, self.PROBE_PATHS, guidance_scale=scale, spread=1.0, base=None, seed=self.seed + self.PROBE_SEED)
         return float(np.std(paths, axis=-2).mean())
 
     #: paths and series (their last context) on which fit compares the widths of the trial and final models
     PROBE_PATHS = 100
     PROBE_SERIES = 8
+    PROBE_SEED = 7919  # offset from the model's seed
     #: the share of ``max_seconds`` after which fit's backtest stops scoring further guidance scales
     SELECTION_SHARE = 0.6
     #: validation origins (each one horizon long) held out at the end of each training series by fit's selection
@@ -506,6 +511,7 @@ class TSDiff:
 
         seasonal = self.season_length if 1 < self.season_length <= self.context_length // 2 else 0
         self.selection = {}
+        self.validated_spread = self.spread_widths = self._trial_width = None  # a refit calibrates afresh
         horizon = self.prediction_length
         need = self.context_length + self.prediction_length + self.max_lag
         train, held = [], []
@@ -614,7 +620,7 @@ class TSDiff:
             difference, reflect, scale, spread = guided
             self.base = None
             if self.spread_mode == "auto":  # fit rescales the validated spread to the final model's own width
-                self._spread_probe = (float(spread), self._probe_width(kept[(difference, reflect)], items, scale))
+                self._trial_width = self._probe_width(kept[(difference, reflect)], items, scale)
         self._set_difference(difference)
         self.reflect = bool(reflect)
         if len(scales) > 1:
