@@ -163,7 +163,8 @@ def test_forecast_shapes_and_refine(tiny_model):
     # stage 1: both differences with mirrored windows; stage 2: the better one without
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
     best = min(stage1, key=stage1.get)[0]
-    expected = {(d, True, s, f) for d in (0, 6) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
+    # candidates: no differencing, seasonal differences and the history's seasonal profile (context = 2 seasons)
+    expected = {(d, True, s, f) for d in (0, 6, "profile") for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
     assert set(model.selection) == expected | {(best, False, s, f) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
     assert all(np.isfinite(v) for v in model.selection.values())
     # refined bases: scored with every trial model; the fit keeps whichever of the two families scores lower
@@ -175,7 +176,9 @@ def test_forecast_shapes_and_refine(tiny_model):
     refined = min(model.refine_selection, key=model.refine_selection.get)
     if model.base is None:
         assert model.selection[guided] <= model.refine_selection[refined]
-        assert (model.difference, model.reflect, model.guidance_scale, model.validated_spread) == guided
+        assert (model.difference, model.reflect, model.guidance_scale, model.validated_spread) == (
+            0 if guided[0] == "profile" else guided[0], *guided[1:])
+        assert (model.profile == "history") is (guided[0] == "profile")
         # the validated factor is rescaled by the trial/final width ratio at the forecast origin, so the final
         # model's default paths there are exactly as wide as the validated trial paths
         trial_width, final_width = model.spread_widths
@@ -185,7 +188,8 @@ def test_forecast_shapes_and_refine(tiny_model):
         assert np.std(widen(own, model.spread), axis=0).mean() == pytest.approx(model.spread * final_width, rel=1e-9)
     else:
         assert model.refine_selection[refined] < model.selection[guided]
-        assert (model.difference, model.reflect, model.base, model.refine_iterations, model.spread) == refined
+        assert (model.difference, model.reflect, model.base, model.refine_iterations, model.spread) == (
+            0 if refined[0] == "profile" else refined[0], *refined[1:])
     assert model.config()["base"] == model.base
     assert model.config()["reflect"] is model.reflect
     assert model.config()["difference"] == model.difference and model.config()["spread"] == model.spread
@@ -326,6 +330,73 @@ def test_reflected_series_gives_the_negated_standardised_window(options):
     torch.testing.assert_close(w2, -w, atol=1e-10, rtol=0)
     torch.testing.assert_close(loc2, loc, atol=1e-10, rtol=0)
     torch.testing.assert_close(scale2, scale, atol=1e-10, rtol=0)
+
+
+def test_history_profile_is_the_exact_season_aligned_to_the_origin():
+    """history_profile: on a level-shifted periodic series the phase means of the last seasons (each centred)
+    are the periodic pattern itself, indexed from the origin, for every phase of the origin; only the last
+    ``seasons`` whole seasons count; missing values are skipped."""
+    from flowdiff.timeseries.model import history_profile
+
+    rng = np.random.default_rng(11)
+    m = 5
+    pattern = rng.standard_normal(m)
+    pattern -= pattern.mean()
+    i = np.arange(80)
+    for origin in range(60, 65):
+        # a constant level for every block of m steps that ends at a multiple of m before the origin
+        level = 7.0 + 3.0 * rng.standard_normal(80)[(i - origin) // m + 20]
+        values = level + pattern[i % m]
+        values[: origin - 8 * m] = 1e3 * rng.standard_normal(origin - 8 * m)  # beyond the last 8 seasons
+        values[origin - 2] = np.nan
+        got = history_profile(values, origin, m, 8)
+        np.testing.assert_allclose(got, pattern[(origin + np.arange(m)) % m], atol=1e-12)
+    assert np.allclose(history_profile(values, 3, m, 8), 0)  # no whole season yet
+
+
+def test_history_profile_windows_are_exact_in_fit_and_forecast(monkeypatch):
+    """profile='history': on a noiseless periodic series with a level that steps every season, every
+    training window is standardised to exactly zero (so each window's profile is phase-aligned with its own
+    origin), and forecast's loc over the horizon is the true continuation, from the whole series given."""
+    m, context, horizon = 4, 8, 3
+    rng = np.random.default_rng(12)
+    pattern = np.array([2.0, -1.0, 0.5, -1.5])
+    i = np.arange(70)
+    series = 20 + pattern[i % m]
+    seen = []
+    original = TS.TSDiff._loss
+
+    def record(self, x0, xt, t, noise, features):
+        seen.append(x0.detach().clone())
+        return original(self, x0, xt, t, noise, features)
+
+    monkeypatch.setattr(TS.TSDiff, "_loss", record)
+    model = TS.TSDiff(context, horizon, m, difference=0, profile="history", hidden=4, blocks=1, train_steps=3,
+                      batch_size=16, diffusion_steps=5, guidance_scale=1.0, spread=1.0, reflect=False,
+                      dtype=torch.float64).fit(series)
+    assert model.profile == "history" and model.config()["profile"] == "history"
+    assert torch.cat(seen).abs().max() < 1e-9
+    for origin in range(40, 44):
+        values, observed, loc, scale, raw = model._prepare(series[:origin], "raise")
+        np.testing.assert_allclose(loc[0, 0, context:].numpy(), series[origin: origin + horizon], atol=1e-9)
+        assert values.abs().max() < 1e-9
+        # the last context_length values alone: a profile from two seasons, still exact here
+        _, _, short, _, _ = model._prepare(series[origin - context: origin], "raise")
+        np.testing.assert_allclose(short[0, 0, context:].numpy(), series[origin: origin + horizon], atol=1e-9)
+    # seasons before the context change the profile forecast uses: level (last season's deseasonalised mean)
+    # plus the whole history's profile
+    from flowdiff.timeseries.model import history_profile
+
+    noisy = series[:41] + np.where(i[:41] < 41 - context, rng.standard_normal(41), 0.0)
+    profile = history_profile(noisy, 41, m, model.PROFILE_SEASONS)
+    level = np.mean(noisy[41 - m: 41] - profile[(np.arange(-m, 0)) % m])
+    _, _, loc, _, _ = model._prepare(noisy, "raise")
+    np.testing.assert_allclose(loc[0, 0].numpy(), level + profile[(np.arange(context + horizon) - context) % m], atol=1e-12)
+    assert not np.allclose(profile, pattern[(41 + np.arange(m)) % m], atol=1e-3)
+    with pytest.raises(ValueError, match="profile"):
+        TS.TSDiff(8, 3, 4, profile="year")
+    with pytest.raises(ValueError, match="lag"):
+        TS.TSDiff(8, 3, 4, profile="history", lags=(4,))
 
 
 @pytest.mark.parametrize("reflect", [True, False])

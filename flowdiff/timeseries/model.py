@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,8 +107,10 @@ def as_series_list(series: Any, name: str = "series") -> list[np.ndarray]:
     return out
 
 
-def check_context(context: Any, need: int, name: str = "context", missing: str = "raise") -> list[np.ndarray]:
-    """Contexts as a list of 1-D float64 arrays of at least ``need`` values (the last ``need`` are used)."""
+def check_context(context: Any, need: int, name: str = "context", missing: str = "raise",
+                  whole: bool = False) -> list[np.ndarray]:
+    """Contexts as a list of 1-D float64 arrays of at least ``need`` values (the last ``need`` are used;
+    ``whole=True``: the whole arrays, checked the same way)."""
     if missing not in ("raise", "mask"):
         raise ValueError(f"missing must be 'raise' or 'mask', got {missing!r}")
     if missing == "raise":
@@ -130,11 +133,39 @@ def check_context(context: Any, need: int, name: str = "context", missing: str =
     for i, a in enumerate(items):
         if a.size < need:
             raise ValueError(f"{name}[{i}] has {a.size} values; forecasting needs at least {need} (context_length plus the largest lag)")
-        a = a[-need:]
-        if np.isnan(a).all():
+        if np.isnan(a[-need:]).all():
             raise ValueError(f"{name}[{i}]: every one of the last {need} values is missing")
-        out.append(a)
+        out.append(a if whole else a[-need:])
     return out
+
+
+def history_profile(values: np.ndarray, origin: int, season_length: int, seasons: int) -> np.ndarray:
+    """The seasonal profile of ``values[:origin]``: ``(season_length,)``, entry ``j`` for the positions ``i`` with
+    ``(i - origin) % season_length == j``.
+
+    The last ``min(seasons, origin // season_length)`` whole seasons before ``origin`` are each centred on
+    their own mean (which removes a level that moves from season to season) and averaged phase by phase
+    (NaN-aware: with missing values the season levels and the profile are backfitted in turn; a phase with
+    no observation gets 0); the profile is centred to sum to zero. This is the
+    classical "method of simple averages" for seasonal indices (e.g. Hyndman & Athanasopoulos, *Forecasting:
+    Principles and Practice*, 3rd ed., §3.4, with each season's mean in place of the moving-average trend,
+    so no value after ``origin`` is needed).
+    """
+    m = int(season_length)
+    k = min(int(seasons), int(origin) // m)
+    if k < 1:
+        return np.zeros(m)
+    block = np.asarray(values[origin - k * m: origin], dtype=np.float64).reshape(k, m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN seasons/phases (masked contexts)
+        dev = block - np.nanmean(block, axis=1, keepdims=True)
+        profile = np.nan_to_num(np.nanmean(dev, axis=0))
+        # with missing values a season's mean is biased by the phases it lacks: backfit the season levels
+        # (mean of the season minus the profile) and the profile in turn
+        for _ in range(50 if np.isnan(block).any() else 0):
+            level = np.nanmean(block - profile, axis=1, keepdims=True)
+            profile = np.nan_to_num(np.nanmean(block - level, axis=0))
+    return profile - profile.mean()
 
 
 def _have_statsmodels() -> bool:
@@ -203,9 +234,14 @@ class TSDiff:
             (validation CRPS; ``selection`` holds the scores), see ``_select_difference``.
         spread: factor on each forecast path's deviation from the per-step median of the paths (a
             calibration of the model's spread); ``None``: chosen by the same backtest among ``SPREADS``.
-        profile: with ``difference=0`` on a seasonal series whose context holds two seasons, the level the
-            window is standardised around is the context mean plus the context's mean seasonal profile
-            (phase means), so the model learns deviations from it.
+        profile: with ``difference=0`` on a seasonal series whose context holds two seasons, the window is
+            standardised around its context mean plus a seasonal profile, so the model learns deviations from
+            it. ``True`` / ``"context"``: the context's phase means; ``"history"``: the phase means of the last
+            ``PROFILE_SEASONS`` whole seasons of all the history before the forecast origin (each season
+            centred on its own mean), see :func:`history_profile` — :meth:`forecast` then uses the whole
+            series it is given, not only its last ``context_length`` values. ``"auto"`` (default): fit's
+            backtest scores ``"history"`` as a third candidate beside no and seasonal differencing (where the
+            context holds two seasons), otherwise no profile.
         reflect: train on every standardised window and its mirror image ``y -> 2 loc - y`` (a random half
             of each batch is negated), so a model fit on one short series does not learn the drift its few,
             overlapping training windows share and extrapolate it into every forecast; ``"auto"`` (default):
@@ -232,7 +268,7 @@ class TSDiff:
                  batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.995, grad_clip: float = 0.5,
                  guidance: str = "quantile", guidance_scale: float | None = None, time_features: bool = True,
                  difference: int | str = "auto", detrend: bool = False, log: bool | str = False,
-                 spread: float | None = None, profile: bool = False, reflect: bool | str = "auto",
+                 spread: float | None = None, profile: bool | str = "auto", reflect: bool | str = "auto",
                  base: str | None = None, refine_iterations: int | None = None, max_seconds: float = 480.0, seed: int = 0, device: Any = "cpu", dtype: Any = torch.float32):
         self.context_length = _check_positive_int("context_length", context_length, 2)
         self.prediction_length = _check_positive_int("prediction_length", prediction_length, 1)
@@ -286,7 +322,13 @@ class TSDiff:
             raise ValueError(f"log must be True or False, got {log!r}")
         self.log = bool(log)
         self.detrend = bool(detrend)
-        self.profile = bool(profile)
+        if profile not in (True, False, "context", "history", "auto"):
+            raise ValueError(f"profile must be True, False, 'context', 'history' or 'auto', got {profile!r}")
+        # profile="auto": fit's backtest scores the history profile as a candidate representation
+        self.profile_mode = "auto" if profile == "auto" else "fixed"
+        self.profile: bool | str = {True: "context", "auto": False}.get(profile, profile)
+        if self.profile == "history" and self.lags:
+            raise ValueError(f"profile='history' takes no lag channels, got lags={self.lags}")
         # reflect: train on the standardised windows and their mirror images (y -> 2 loc - y); a model fit on
         # one short series otherwise learns the drift its few training windows happen to share and extrapolates
         # it (hourly synthetic series: the unconditional horizon mean rose to +0.8 sd, the forecast median
@@ -365,17 +407,28 @@ class TSDiff:
         index = starts[:, None] + np.arange(full)[None]
         return np.stack([values[index]] + [values[index - lag] for lag in self.lags], axis=1)
 
-    def _normalise(self, windows: Tensor, observed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _normalise(self, windows: Tensor, observed: Tensor, offset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Standardise each window by its observed context values of the series channel.
 
         ``loc`` ``(B, 1, length)``: the context mean (``detrend=False``; zero for first differences) or the least-squares line through
-        the context, extended over the horizon (``detrend=True``); ``scale`` ``(B, 1, 1)``: the sd of the
-        context around it (floored at 1e-3 of the mean absolute value)."""
+        the context, extended over the horizon (``detrend=True``), plus ``offset`` ``(B, length)`` where given
+        (the history's seasonal profile, :meth:`_offsets`; the mean and line are then those of the context
+        minus it); ``scale`` ``(B, 1, 1)``: the sd of the context around ``loc`` (floored at 1e-3 of the
+        mean absolute value)."""
         ctx = windows[:, 0, : self.inner_context]
         mask = observed[:, 0, : self.inner_context]
+        if offset is not None:
+            ctx = ctx - offset[:, : self.inner_context]
         count = mask.sum(1).clamp(min=1)
         pos = torch.arange(self.length, device=windows.device, dtype=windows.dtype)
         mean = (ctx * mask).sum(1) / count
+        if offset is not None and not self.detrend:
+            # around the history's profile the level is the last season's mean of the deseasonalised context
+            # (the whole two-season context mean lags a moving level by a season)
+            recent = torch.zeros_like(mask)
+            recent[:, -self.season_length:] = 1
+            recent = recent * mask
+            mean = torch.where(recent.sum(1) > 0, (ctx * recent).sum(1) / recent.sum(1).clamp(min=1), mean)
         if self.difference == 1 and not self.detrend:
             # first differences are not centred: centring would carry the context's mean increment (a noisy
             # drift estimate: sd/sqrt(context) per step) over the whole horizon; uncentred, the model learns
@@ -389,7 +442,7 @@ class TSDiff:
             slope = (dp * (ctx - mean[:, None])).sum(1) / (dp**2).sum(1).clamp(min=1e-12)
             loc = mean[:, None] + slope[:, None] * (pos[None] - pmean[:, None])
         m = self.season_length
-        if self.profile and self.difference == 0 and 1 < m and 2 * m <= self.inner_context:
+        if self.profile == "context" and self.difference == 0 and 1 < m and 2 * m <= self.inner_context:
             # the context's mean seasonal profile (phase means of its residuals), repeated over the window
             phase = torch.nn.functional.one_hot(pos.long() % m, m).to(windows.dtype)  # (length, m)
             resid = (ctx - loc[:, : self.inner_context]) * mask
@@ -398,13 +451,32 @@ class TSDiff:
             loc = loc + shape @ phase.T
         resid = (ctx - loc[:, : self.inner_context]) * mask
         var = (resid**2).sum(1) / count
-        floor = 1e-3 * ((ctx.abs() * mask).sum(1) / count) + 1e-8
+        raw = windows[:, 0, : self.inner_context]  # the floor is relative to the series' own level
+        floor = 1e-3 * ((raw.abs() * mask).sum(1) / count) + 1e-8
         scale = torch.maximum(var.sqrt(), floor)
+        if offset is not None:
+            loc = loc + offset
         loc, scale = loc[:, None, :], scale[:, None, None]
         return (windows - loc) / scale, loc, scale
 
     def _network_features(self) -> int:
         return self.num_features
+
+    #: whole seasons of history (at most) behind ``profile="history"``
+    PROFILE_SEASONS = 8
+
+    @property
+    def _history_profiled(self) -> bool:
+        m = self.season_length
+        return self.profile == "history" and self.difference == 0 and 1 < m and 2 * m <= self.inner_context
+
+    def _offsets(self, origins: list[tuple[np.ndarray, Any]]) -> Tensor:
+        """``(B, length)``: for each (series, forecast origins) pair, the series' :func:`history_profile` at
+        each origin laid over the window that ends its context there (``B`` = all origins, in order)."""
+        m, c = self.season_length, self.context_length
+        phase = (np.arange(self.length) - c) % m
+        rows = [history_profile(a, int(o), m, self.PROFILE_SEASONS)[phase] for a, ends in origins for o in ends]
+        return torch.as_tensor(np.stack(rows), device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ fit
     def _build(self) -> None:
@@ -490,7 +562,10 @@ class TSDiff:
         1. one trial per differencing candidate, with mirrored windows (``reflect=True``): no differencing and
            seasonal differencing where the context holds two seasons; **first differences** on a series
            without a usable season (a random walk's forecast spread grows like √h; integrated increments
-           give that growth, a standardised level window does not);
+           give that growth, a standardised level window does not); on a seasonal series whose context holds
+           two seasons, also ``"profile"``: no differencing, each window standardised around the seasonal
+           profile of the whole history before its forecast origin (``profile="history"``; the last day
+           repeated, which seasonal differences extrapolate, carries that day's noise into every forecast);
         2. with ``reflect="auto"``, one more trial without mirrored windows at the best difference of stage 1
            (mirroring removes any drift direction, also a real one such as a price index's); skipped (mirrored
            windows kept) when stage 1 took more than half of ``max_seconds``.
@@ -511,6 +586,8 @@ class TSDiff:
 
         seasonal = self.season_length if 1 < self.season_length <= self.context_length // 2 else 0
         self.selection = {}
+        if self.profile_mode == "auto":
+            self.profile = False  # a refit chooses afresh
         self.validated_spread = self.spread_widths = self._trial_width = None  # a refit calibrates afresh
         horizon = self.prediction_length
         need = self.context_length + self.prediction_length + self.max_lag
@@ -543,6 +620,8 @@ class TSDiff:
             scales = [default / 4, default / 2, default, default * 2]
         if self.difference_mode == "auto":
             candidates = [0, seasonal] if seasonal else [0, 1]
+            if seasonal and self.profile_mode == "auto" and not self.lags and 2 * seasonal <= self.context_length:
+                candidates.append("profile")  # no differencing around the history's seasonal profile
         else:
             candidates = [self.difference]
         spreads = SPREADS if self.spread_mode == "auto" else [self.spread]
@@ -553,7 +632,9 @@ class TSDiff:
         kept: dict = {}  # the trial models by (difference, reflect), reused to score the refined bases
 
         def score(candidate: int, reflect: bool) -> None:
-            config = {**self.config(), "difference": candidate, "reflect": reflect, "train_steps": max(1, steps // 2),
+            profile = "history" if candidate == "profile" else self.profile
+            config = {**self.config(), "difference": 0 if candidate == "profile" else candidate, "profile": profile,
+                      "reflect": reflect, "train_steps": max(1, steps // 2),
                       "max_seconds": self.max_seconds / (2 * trials + 1), "base": None}
             trial = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(train, max(1, steps // 2), False)
             kept[(candidate, reflect)] = trial
@@ -621,6 +702,8 @@ class TSDiff:
             self.base = None
             if self.spread_mode == "auto":  # fit rescales the validated spread to the final model's own width
                 self._trial_width = self._probe_width(kept[(difference, reflect)], items, scale)
+        if difference == "profile":
+            difference, self.profile = 0, "history"
         self._set_difference(difference)
         self.reflect = bool(reflect)
         if len(scales) > 1:
@@ -630,10 +713,14 @@ class TSDiff:
 
     def _fit_fixed(self, items: list[np.ndarray], steps: int, verbose: bool, max_seconds: float | None = None) -> "TSDiff":
         need = self.context_length + self.prediction_length + self.max_lag
-        windows = np.concatenate([self._represent(self._raw_windows(self._forward_transform(a, "series")))
-                                  for a in items if a.size >= need])
+        series = [self._forward_transform(a, "series") for a in items if a.size >= need]
+        windows = np.concatenate([self._represent(self._raw_windows(a)) for a in series])
         data = torch.as_tensor(windows, device=self.device, dtype=self.dtype)
-        data, _, _ = self._normalise(data, torch.ones_like(data))
+        offset = None
+        if self._history_profiled:  # each window's profile from the history before its own forecast origin
+            full = self.context_length + self.prediction_length
+            offset = self._offsets([(a, np.arange(self.max_lag, a.size - full + 1) + self.context_length) for a in series])
+        data, _, _ = self._normalise(data, torch.ones_like(data), offset)
         self._build()
         assert self.net is not None and self.ema is not None
         features = self._features()
@@ -703,7 +790,8 @@ class TSDiff:
         """Represented windows with the horizon unknown: (values, observed mask) normalised, loc, scale,
         and the raw (transformed) series channel ``(B, context + horizon)`` with NaN in the horizon."""
         need = self.context_length + self.max_lag
-        contexts = [self._forward_transform(c, "context") for c in check_context(context, need, missing=missing)]
+        histories = [self._forward_transform(c, "context") for c in check_context(context, need, missing=missing, whole=True)]
+        contexts = [h[-need:] for h in histories]
         full = np.full((len(contexts), need + self.prediction_length), np.nan)
         full[:, :need] = np.stack(contexts)
         width = self.context_length + self.prediction_length
@@ -715,7 +803,8 @@ class TSDiff:
         if (observed[:, 0, : self.inner_context].sum(1) < 1).any():
             raise ValueError("every context needs observed values in its last context_length steps "
                              f"(at least one pair {self.difference} steps apart when differencing)")
-        values, loc, scale = self._normalise(values, observed)
+        offset = self._offsets([(h, [h.size]) for h in histories]) if self._history_profiled else None
+        values, loc, scale = self._normalise(values, observed, offset)
         return values * observed, observed, loc, scale, raw[:, 0]
 
     def _integrate(self, raw: np.ndarray, horizon: np.ndarray) -> np.ndarray:
@@ -755,7 +844,7 @@ class TSDiff:
 
     def forecast(self, context: Any, num_samples: int = 100, *, guidance: str | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, missing: str = "raise",
-                 spread: float | None = None, profile: bool = False, return_windows: bool = False,
+                 spread: float | None = None, return_windows: bool = False,
                  base: str | None = "auto", iterations: int | None = None) -> np.ndarray:
         """Sample ``num_samples`` forecasts of the next ``prediction_length`` steps after ``context``.
 
