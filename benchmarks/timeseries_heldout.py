@@ -50,6 +50,8 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
         return 1000 + np.cumsum(40 * rng.standard_normal(100)) + 120 * rng.standard_normal(100), 1
     if kind == "hourly":
         return TS.synthetic_panel(1, 216, seed=seed)[0], 24
+    if kind == "hourly_long":  # the notes' panel length (8 weeks + 1 day), added 2026-12-07 (session 34)
+        return TS.synthetic_panel(1, seed=seed)[0], 24
     if kind == "synth0":  # benchmarks/timeseries.py's synthetic_0
         return TS.synthetic_panel(4, 8 * 24 + 24, seed=0)[0], 24
     if kind.startswith("sm:"):  # statsmodels series in no benchmark and no tuning run (held out 2026-12-06)
@@ -77,7 +79,11 @@ def table(rows: list[dict]) -> str:
         mirror = "" if "reflect" not in ch else (", yes" if ch["reflect"] else ", no")
         if ch.get("base"):  # refinement of a base forecaster chosen by the backtest (the scale is then unused)
             mirror += f", refined {'snaive' if ch['base'] == 'seasonal_naive' else 'HW'}"
-        lines.append(f"| {r['series']} | {r['seed']} | {ch['difference']}, {ch['scale']:g}, {ch['spread']:g}{mirror} | {c['tsdiff']:.4f} "
+        # the history's seasonal profile (no differencing) shows as "profile"; rows before it: the difference
+        rep = "profile" if ch.get("profile") == "history" or (
+            "profile" not in ch and r.get("selection") and min(r["selection"], key=lambda k: k[-1])[0] == "profile"
+            and not ch.get("base")) else ch["difference"]
+        lines.append(f"| {r['series']} | {r['seed']} | {rep}, {ch['scale']:g}, {ch['spread']:g}{mirror} | {c['tsdiff']:.4f} "
                      f"| {c['tsdiff_spread1']:.4f} | {c['psnaive']:.4f} | {c['holt_winters']:.4f} "
                      f"| {'**' if bad else ''}{r['ratio_psnaive']:.2f}{'**' if bad else ''} | {r['ratio_hw']:.2f} "
                      f"| {m['tsdiff']:.3g} / {m['psnaive']:.3g} / {m['holt_winters']:.3g} | {r['fit_cpu_s']} |")
@@ -99,6 +105,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--base", default=None, choices=["auto", "none"],
                         help="TSDiff's base (default: the model's default); none: self-guidance only")
+    parser.add_argument("--profile", default=None, choices=["auto", "none"],
+                        help="TSDiff's profile (default: the model's default, 'auto'); none: no history-profile candidate "
+                        "(the default before session 34)")
     parser.add_argument("--cap", action="store_true", help="keep the default max_seconds (480 s wall for the whole fit); "
                         "without it the cap is lifted so machine load cannot cut training")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "timeseries_heldout_rows.jsonl"))
@@ -118,6 +127,8 @@ def main() -> None:
         kwargs["train_steps"] = args.steps
     if args.base is not None:
         kwargs["base"] = None if args.base == "none" else "auto"
+    if args.profile is not None:
+        kwargs["profile"] = False if args.profile == "none" else "auto"
     cpu, wall = time.process_time(), time.perf_counter()
     model = TS.TSDiff(context, horizon, season, **kwargs).fit(train)
     fit_cpu, fit_wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -127,8 +138,8 @@ def main() -> None:
              "psnaive": np.stack([TS.probabilistic_seasonal_naive(values[:o], horizon, season, 100) for o in starts]),
              "holt_winters": np.stack([TS.holt_winters(values[:o], horizon, season, 100) for o in starts])}
     crps = {k: TS.mean_weighted_quantile_loss(v, truth) for k, v in paths.items()}
-    row = {"series": args.kind, "seed": args.seed, "steps": model.steps_done, "fit_cpu_s": round(fit_cpu), "fit_wall_s": round(fit_wall), "capped": bool(args.cap),
-           "chosen": {"difference": model.difference, "scale": model.guidance_scale, "spread": model.spread,
+    row = {"series": args.kind, "seed": args.seed, "profile_option": args.profile or "auto", "steps": model.steps_done, "fit_cpu_s": round(fit_cpu), "fit_wall_s": round(fit_wall), "capped": bool(args.cap),
+           "chosen": {"difference": model.difference, "profile": model.profile, "scale": model.guidance_scale, "spread": model.spread,
                       "reflect": model.reflect, "base": model.base, "validated_spread": model.validated_spread,
                       "spread_ratio": model.spread_ratio, "spread_widths": model.spread_widths},
            "crps": crps, "ratio_psnaive": crps["tsdiff"] / crps["psnaive"], "ratio_hw": crps["tsdiff"] / crps["holt_winters"],

@@ -110,10 +110,14 @@ def _run_train(options: dict, explicit: set) -> None:
     model.save(output / CHECKPOINT)
     info = {"data": str(options["data"]), "context_length": context, "prediction_length": horizon,
             "season_length": season, "train_steps_done": model.steps_done, "fit_seconds": model.fit_seconds,
-            "cpu_seconds": time.process_time() - started, "final_loss": float(np.mean(model.history[-100:]))}
+            "cpu_seconds": time.process_time() - started, "final_loss": float(np.mean(model.history[-100:])),
+            # what fit's backtest chose (docs/timeseries.md)
+            "chosen": {"difference": model.difference, "profile": model.profile, "reflect": model.reflect,
+                       "guidance_scale": model.guidance_scale, "spread": model.spread, "base": model.base}}
     (output / "run.json").write_text(json.dumps(info, indent=2))
+    chosen = ", ".join(f"{k} {v}" for k, v in info["chosen"].items() if v not in (None, False) or k == "difference")
     typer.echo(f"trained TSDiff (context {context}, horizon {horizon}, season {season}) for {model.steps_done} steps "
-               f"in {model.fit_seconds:.0f} s; run in {output}")
+               f"in {model.fit_seconds:.0f} s ({chosen}); run in {output}")
 
 
 def _claims_forecast(checkpoint: Path) -> bool:
