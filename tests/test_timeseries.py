@@ -399,6 +399,21 @@ def test_history_profile_windows_are_exact_in_fit_and_forecast(monkeypatch):
         TS.TSDiff(8, 3, 4, profile="history", lags=(4,))
 
 
+def test_backtest_scores_every_candidate_before_a_time_cut(monkeypatch):
+    """With the backtest's sampling time used up at once (SELECTION_SHARE = 0), every trained trial is still
+    scored at the first scale (breadth first over candidates), and no further scale is."""
+    from flowdiff.timeseries.model import SPREADS
+
+    monkeypatch.setattr(TS.TSDiff, "SELECTION_SHARE", 0.0)
+    t = np.arange(90)
+    series = 10 + np.sin(2 * np.pi * t / 6) + 0.1 * np.random.default_rng(0).standard_normal(90)
+    model = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5).fit(series)
+    stage1 = {k: v for k, v in model.selection.items() if k[1]}
+    assert set(stage1) == {(c, True, 1.0, f) for c in (0, 6, "profile") for f in SPREADS}
+    best = min(stage1, key=stage1.get)[0]
+    assert {k for k in model.selection if not k[1]} == {(best, False, 1.0, f) for f in SPREADS}
+
+
 @pytest.mark.parametrize("reflect", [True, False])
 def test_reflect_feeds_mirrored_windows_to_the_loss(reflect, monkeypatch):
     seen = []

@@ -557,7 +557,9 @@ class TSDiff:
         rest with half the step budget each (and a share of ``max_seconds``) and forecast the held-out origins
         (50 paths, the default guidance at ¼, ½, 1 and 2 times its default scale unless ``guidance_scale`` was
         given); each set of paths is also scored widened or narrowed by the factors ``SPREADS`` (1/√2 … √2,
-        see :func:`widen`; unless ``spread`` was given). Two stages:
+        see :func:`widen`; unless ``spread`` was given). Scales are scored breadth first (every candidate at ¼,
+        then every candidate at ½, ...); after ``SELECTION_SHARE`` of ``max_seconds`` no further scale is
+        scored except each trial's first. Two stages:
 
         1. one trial per differencing candidate, with mirrored windows (``reflect=True``): no differencing and
            seasonal differencing where the context holds two seasons; **first differences** on a series
@@ -631,36 +633,48 @@ class TSDiff:
             return
         kept: dict = {}  # the trial models by (difference, reflect), reused to score the refined bases
 
-        def score(candidate: int, reflect: bool) -> None:
+        def train_trial(candidate: Any, reflect: bool) -> "TSDiff":
             profile = "history" if candidate == "profile" else self.profile
             config = {**self.config(), "difference": 0 if candidate == "profile" else candidate, "profile": profile,
                       "reflect": reflect, "train_steps": max(1, steps // 2),
                       "max_seconds": self.max_seconds / (2 * trials + 1), "base": None}
             trial = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(train, max(1, steps // 2), False)
             kept[(candidate, reflect)] = trial
-            for scale in scales:
-                # the backtest's sampling is bounded too: once it has used SELECTION_SHARE of max_seconds, the
-                # remaining scales are not scored (measured: elnino's 16 origins x 4 scales x 2 trials made a
-                # default fit take 618 s wall on one idle core, past the 10-minute budget)
-                if self.selection and time.perf_counter() - began > self.SELECTION_SHARE * self.max_seconds:
-                    break
-                samples = trial.forecast(contexts, 50, guidance_scale=scale, spread=1.0)
-                # the spread is scored on the same paths (it only rescales them)
-                for spread in spreads:
-                    self.selection[(candidate, reflect, scale, spread)] = float(mean_weighted_quantile_loss(widen(samples, spread), targets))
-                if verbose:
-                    best = min(spreads, key=lambda f: self.selection[(candidate, reflect, scale, f)])
-                    print(f"difference={candidate} reflect={reflect} scale={scale}: validation CRPS "
-                          f"{self.selection[(candidate, reflect, scale, spreads[len(spreads) // 2])]:.4f} "
-                          f"(spread {best}: {self.selection[(candidate, reflect, scale, best)]:.4f})")
+            return trial
+
+        def score(candidate: Any, reflect: bool, scale: float, first: bool) -> None:
+            # the backtest's sampling is bounded too: once it has used SELECTION_SHARE of max_seconds, no further
+            # scale is scored, except each trial's first (else its training was wasted; measured: elnino's 16
+            # origins x 4 scales x 2 trials made a default fit take 618 s wall on one idle core, past the
+            # 10-minute budget; hourly windows with 3 candidates left the third unscored when scales went
+            # trial by trial)
+            if not first and time.perf_counter() - began > self.SELECTION_SHARE * self.max_seconds:
+                return
+            samples = kept[(candidate, reflect)].forecast(contexts, 50, guidance_scale=scale, spread=1.0)
+            # the spread is scored on the same paths (it only rescales them)
+            for spread in spreads:
+                self.selection[(candidate, reflect, scale, spread)] = float(mean_weighted_quantile_loss(widen(samples, spread), targets))
+            if verbose:
+                best = min(spreads, key=lambda f: self.selection[(candidate, reflect, scale, f)])
+                print(f"difference={candidate} reflect={reflect} scale={scale}: validation CRPS "
+                      f"{self.selection[(candidate, reflect, scale, spreads[len(spreads) // 2])]:.4f} "
+                      f"(spread {best}: {self.selection[(candidate, reflect, scale, best)]:.4f})")
 
         began = time.perf_counter()
         for candidate in candidates:
-            score(candidate, reflects[0])
+            train_trial(candidate, reflects[0])
+        # breadth first: every candidate at the first scale, then every candidate at the next, ... so a time cut
+        # leaves scales unscored, never a trained candidate
+        for i, scale in enumerate(scales):
+            for candidate in candidates:
+                score(candidate, reflects[0], scale, i == 0)
         # stage 2: the best difference of stage 1 without mirrored windows, unless stage 1 already took half of
         # max_seconds (its sampling is not capped; long windows, e.g. hourly with a 2-day context, cost most)
         if len(reflects) > 1 and time.perf_counter() - began < self.max_seconds / 2:
-            score(min(self.selection, key=self.selection.get)[0], reflects[1])
+            best = min(self.selection, key=self.selection.get)[0]
+            train_trial(best, reflects[1])
+            for i, scale in enumerate(scales):
+                score(best, reflects[1], scale, i == 0)
         # refinement of base forecasters (the paper's "Refine") with every trial model, on the same origins
         self.refine_selection = {}
         bases = [b for b in BASES if b != "holt_winters" or _have_statsmodels()] if self.base_mode == "auto" else (
