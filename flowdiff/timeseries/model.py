@@ -539,6 +539,8 @@ class TSDiff:
     PROBE_SEED = 7919  # offset from the model's seed
     #: the share of ``max_seconds`` after which fit's backtest stops scoring further guidance scales
     SELECTION_SHARE = 0.6
+    #: sample paths per guidance scale that fit's backtest scores, over all its validation origins
+    BACKTEST_PATHS = 400
     #: validation origins (each one horizon long) held out at the end of each training series by fit's selection
     VALIDATION_ORIGINS = 3
     #: ... or more: as many horizons as make up this fraction of the series (the choice between candidates
@@ -555,7 +557,8 @@ class TSDiff:
         default scale and spread are kept) and forecast from origins every half horizon inside them (5
         overlapping origins for 3 horizons; at most 16 in all, the last ones). Trial models are trained on the
         rest with half the step budget each (and a share of ``max_seconds``) and forecast the held-out origins
-        (50 paths, the default guidance at ¼, ½, 1 and 2 times its default scale unless ``guidance_scale`` was
+        (50 paths each, fewer — at least 25 — where more than 8 origins would exceed ``BACKTEST_PATHS`` in
+        all; the default guidance at ¼, ½, 1 and 2 times its default scale unless ``guidance_scale`` was
         given); each set of paths is also scored widened or narrowed by the factors ``SPREADS`` (1/√2 … √2,
         see :func:`widen`; unless ``spread`` was given). Scales are scored breadth first (every candidate at ¼,
         then every candidate at ½, ...); after ``SELECTION_SHARE`` of ``max_seconds`` no further scale is
@@ -612,6 +615,10 @@ class TSDiff:
                 self.reflect = True
             return
         held = held[-16:]
+        # paths per origin: BACKTEST_PATHS in all per scored set (at most 50 per origin, at least 25), so the
+        # sampling cost does not grow with the number of origins (measured: hourly series of 8 weeks, 16
+        # origins x 50 paths, 3 candidates: the fit took 622 s wall with max_seconds=480)
+        paths = int(min(50, max(25, self.BACKTEST_PATHS // len(held))))
         contexts = [h for h, _ in held]
         targets = np.stack([y for _, y in held])
         default = 4.0 if self.guidance == "quantile" else 2.0
@@ -650,7 +657,7 @@ class TSDiff:
             # trial by trial)
             if not first and time.perf_counter() - began > self.SELECTION_SHARE * self.max_seconds:
                 return
-            samples = kept[(candidate, reflect)].forecast(contexts, 50, guidance_scale=scale, spread=1.0)
+            samples = kept[(candidate, reflect)].forecast(contexts, paths, guidance_scale=scale, spread=1.0)
             # the spread is scored on the same paths (it only rescales them)
             for spread in spreads:
                 self.selection[(candidate, reflect, scale, spread)] = float(mean_weighted_quantile_loss(widen(samples, spread), targets))
@@ -683,7 +690,7 @@ class TSDiff:
         strengths = REFINE_ITERATIONS if self.refine_iterations_mode == "auto" else [self.refine_iterations]
         for name in bases:
             try:
-                initial = [_base_samples(name, c, horizon, self.season_length, 50, seed=self.seed + i)
+                initial = [_base_samples(name, c, horizon, self.season_length, paths, seed=self.seed + i)
                            for i, c in enumerate(contexts)]
             except Exception:  # noqa: BLE001 - a base that cannot be fit on these contexts is no candidate
                 continue
