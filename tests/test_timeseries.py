@@ -142,7 +142,8 @@ def test_self_guidance_moves_samples_to_the_exact_gaussian_process_conditional()
 def tiny_model():
     t = np.arange(90)
     series = 10 + np.sin(2 * np.pi * t / 6) + 0.1 * np.random.default_rng(0).standard_normal(90)
-    model = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=15, batch_size=8, diffusion_steps=10, base="auto")
+    model = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=15, batch_size=8, diffusion_steps=10, base="auto",
+                      profile="auto")
     return model.fit(series), series
 
 
@@ -163,7 +164,7 @@ def test_forecast_shapes_and_refine(tiny_model):
     # stage 1: both differences with mirrored windows; stage 2: the better one without
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
     best = min(stage1, key=stage1.get)[0]
-    # candidates: no differencing, seasonal differences and the history's seasonal profile (context = 2 seasons)
+    # candidates (profile="auto"): no differencing, seasonal differences and the history's seasonal profile
     expected = {(d, True, s, f) for d in (0, 6, "profile") for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
     assert set(model.selection) == expected | {(best, False, s, f) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
     assert all(np.isfinite(v) for v in model.selection.values())
@@ -407,11 +408,15 @@ def test_backtest_scores_every_candidate_before_a_time_cut(monkeypatch):
     monkeypatch.setattr(TS.TSDiff, "SELECTION_SHARE", 0.0)
     t = np.arange(90)
     series = 10 + np.sin(2 * np.pi * t / 6) + 0.1 * np.random.default_rng(0).standard_normal(90)
-    model = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5).fit(series)
+    model = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5,
+                      profile="auto").fit(series)
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
     assert set(stage1) == {(c, True, 1.0, f) for c in (0, 6, "profile") for f in SPREADS}
     best = min(stage1, key=stage1.get)[0]
     assert {k for k in model.selection if not k[1]} == {(best, False, 1.0, f) for f in SPREADS}
+    # the default (profile=False): no history-profile candidate
+    default = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5).fit(series)
+    assert {k[0] for k in default.selection if k[1]} == {0, 6} and default.profile is False
 
 
 @pytest.mark.parametrize("reflect", [True, False])
