@@ -444,7 +444,7 @@ class TSDiff:
             slope = (dp * (ctx - mean[:, None])).sum(1) / (dp**2).sum(1).clamp(min=1e-12)
             loc = mean[:, None] + slope[:, None] * (pos[None] - pmean[:, None])
         m = self.season_length
-        if self.profile == "context" and self.difference == 0 and 1 < m and 2 * m <= self.inner_context:
+        if self.profile == "context" and self._profile_fits:
             # the context's mean seasonal profile (phase means of its residuals), repeated over the window
             phase = torch.nn.functional.one_hot(pos.long() % m, m).to(windows.dtype)  # (length, m)
             resid = (ctx - loc[:, : self.inner_context]) * mask
@@ -468,9 +468,14 @@ class TSDiff:
     PROFILE_SEASONS = 8
 
     @property
-    def _history_profiled(self) -> bool:
+    def _profile_fits(self) -> bool:
+        """A seasonal profile applies: no differencing, a season, and two of them in the context."""
         m = self.season_length
-        return self.profile == "history" and self.difference == 0 and 1 < m and 2 * m <= self.inner_context
+        return self.difference == 0 and 1 < m and 2 * m <= self.inner_context
+
+    @property
+    def _history_profiled(self) -> bool:
+        return self.profile == "history" and self._profile_fits
 
     def _offsets(self, origins: list[tuple[np.ndarray, Any]]) -> Tensor:
         """``(B, length)``: for each (series, forecast origins) pair, the series' :func:`history_profile` at
@@ -569,8 +574,8 @@ class TSDiff:
         1. one trial per differencing candidate, with mirrored windows (``reflect=True``): no differencing and
            seasonal differencing where the context holds two seasons; **first differences** on a series
            without a usable season (a random walk's forecast spread grows like √h; integrated increments
-           give that growth, a standardised level window does not); on a seasonal series whose context holds
-           two seasons, also ``"profile"``: no differencing, each window standardised around the seasonal
+           give that growth, a standardised level window does not); with ``profile="auto"``, on a seasonal
+           series whose context holds two seasons, also ``"profile"``: no differencing, each window standardised around the seasonal
            profile of the whole history before its forecast origin (``profile="history"``; the last day
            repeated, which seasonal differences extrapolate, carries that day's noise into every forecast);
         2. with ``reflect="auto"``, one more trial without mirrored windows at the best difference of stage 1
@@ -631,7 +636,7 @@ class TSDiff:
             scales = [default / 4, default / 2, default, default * 2]
         if self.difference_mode == "auto":
             candidates = [0, seasonal] if seasonal else [0, 1]
-            if seasonal and self.profile_mode == "auto" and not self.lags and 2 * seasonal <= self.context_length:
+            if seasonal and self.profile_mode == "auto" and not self.lags:
                 candidates.append("profile")  # no differencing around the history's seasonal profile
         else:
             candidates = [self.difference]
@@ -642,14 +647,13 @@ class TSDiff:
             return
         kept: dict = {}  # the trial models by (difference, reflect), reused to score the refined bases
 
-        def train_trial(candidate: Any, reflect: bool) -> "TSDiff":
+        def train_trial(candidate: Any, reflect: bool) -> None:
             profile = "history" if candidate == "profile" else self.profile
             config = {**self.config(), "difference": 0 if candidate == "profile" else candidate, "profile": profile,
                       "reflect": reflect, "train_steps": max(1, steps // 2),
                       "max_seconds": self.max_seconds / (2 * trials + 1), "base": None}
             trial = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(train, max(1, steps // 2), False)
             kept[(candidate, reflect)] = trial
-            return trial
 
         def score(candidate: Any, reflect: bool, scale: float, first: bool) -> None:
             # the backtest's sampling is bounded too: once it has used SELECTION_SHARE of max_seconds, no further
