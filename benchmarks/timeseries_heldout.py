@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None, choices=["auto", "none"],
                         help="TSDiff's profile (default: the model's default, 'auto'); none: no history-profile candidate "
                         "(the default before session 34)")
+    parser.add_argument("--context", type=int, default=None, help="context length (default: 3 seasons, hourly 2; no season 24)")
     parser.add_argument("--cap", action="store_true", help="keep the default max_seconds (480 s wall for the whole fit); "
                         "without it the cap is lifted so machine load cannot cut training")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "timeseries_heldout_rows.jsonl"))
@@ -121,6 +122,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     values, season = generate(args.kind, args.seed)
     context, horizon = ((3 * season if season < 24 else 2 * season), season) if season > 1 else (24, 8)
+    if args.context is not None:
+        context = args.context
     train, starts = TS.holdout_split(values, horizon, 3)
     kwargs = {} if args.cap else {"max_seconds": 1e5}
     if args.steps is not None:
@@ -138,7 +141,7 @@ def main() -> None:
              "psnaive": np.stack([TS.probabilistic_seasonal_naive(values[:o], horizon, season, 100) for o in starts]),
              "holt_winters": np.stack([TS.holt_winters(values[:o], horizon, season, 100) for o in starts])}
     crps = {k: TS.mean_weighted_quantile_loss(v, truth) for k, v in paths.items()}
-    row = {"series": args.kind, "seed": args.seed, "profile_option": args.profile or "auto", "steps": model.steps_done, "fit_cpu_s": round(fit_cpu), "fit_wall_s": round(fit_wall), "capped": bool(args.cap),
+    row = {"series": args.kind, "seed": args.seed, "context": context, "profile_option": args.profile or "auto", "steps": model.steps_done, "fit_cpu_s": round(fit_cpu), "fit_wall_s": round(fit_wall), "capped": bool(args.cap),
            "chosen": {"difference": model.difference, "profile": model.profile, "scale": model.guidance_scale, "spread": model.spread,
                       "reflect": model.reflect, "base": model.base, "validated_spread": model.validated_spread,
                       "spread_ratio": model.spread_ratio, "spread_widths": model.spread_widths},

@@ -485,3 +485,25 @@ def test_backtest_candidates_without_a_season_are_levels_and_first_differences()
     assert model.forecast(series, 4).shape == (4, 3)
     with pytest.raises(ValueError, match="reflect"):
         TS.TSDiff(10, 3, 1, reflect="yes")
+
+
+def test_backtest_validation_origins_cover_every_series_of_a_panel():
+    """A panel is validated on all its series (the latest origins of each in turn), a single series on its last
+    MAX_ORIGINS origins; every held-out target is the series' continuation of its history."""
+    model = fd.timeseries.TSDiff(8, 4, 1)
+    rng = np.random.default_rng(0)
+    one = rng.standard_normal(200)
+    train, held = model._validation_split([one])
+    # 20 % of 200 values = 10 horizons held out; origins every 2 values: 19, of which the last 16 are kept
+    assert len(train) == 1 and train[0].size == 160
+    assert [h.size for h, _ in held] == [160 + 2 * j for j in range(3, 19)]
+    panel = [rng.standard_normal(n) for n in (200, 60, 120)]
+    train, held = model._validation_split(panel)
+    sources = [next(i for i, a in enumerate(panel) if a.size >= h.size + 4 and np.array_equal(a[:h.size], h)) for h, _ in held]
+    assert len(held) == 16 and set(sources) == {0, 1, 2}
+    for (h, y), i in zip(held, sources):
+        np.testing.assert_array_equal(y, panel[i][h.size:h.size + 4])
+    many = [rng.standard_normal(60) for _ in range(40)]
+    train, held = model._validation_split(many)
+    sources = {next(i for i, a in enumerate(many) if np.array_equal(a[:h.size], h)) for h, _ in held}
+    assert len(held) == 16 and len(sources) == 16 and min(sources) == 0 and max(sources) == 39

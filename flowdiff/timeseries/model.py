@@ -555,6 +555,42 @@ class TSDiff:
     #: validation, and no differencing was better on the test, 0.066 vs 0.088)
     VALIDATION_FRACTION = 0.2
 
+    #: validation origins that fit's backtest forecasts, over all series of a panel
+    MAX_ORIGINS = 16
+
+    def _validation_split(self, items: list[np.ndarray]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+        """The backtest's training series and held-out ``(history, horizon values)`` origins.
+
+        Each series long enough keeps ``horizon + 1`` training windows at least and holds out the last
+        ``VALIDATION_ORIGINS`` horizons, or ``VALIDATION_FRACTION`` of it where that is more; origins lie every half
+        horizon inside the held-out stretch. At most ``MAX_ORIGINS`` are kept: the latest origin of every
+        series in turn, then the one before, ..., so a panel is validated on all its series (where it has more
+        series than ``MAX_ORIGINS``, on that many spread evenly over the panel), not only on its last one.
+        """
+        horizon = self.prediction_length
+        need = self.context_length + self.prediction_length + self.max_lag
+        train, per_series = [], []
+        for a in items:
+            # VALIDATION_ORIGINS horizons or VALIDATION_FRACTION of the series, whichever is more, but no more
+            # than leave at least horizon + 1 training windows
+            wanted = max(self.VALIDATION_ORIGINS, int(self.VALIDATION_FRACTION * a.size) // horizon)
+            origins = min(wanted, (a.size - need - horizon) // horizon)
+            if origins >= 1:
+                cut = a.size - origins * horizon
+                train.append(a[:cut])
+                # origins every half horizon inside the held-out stretch (overlapping: more, cheaper evidence)
+                stride = max(1, horizon // 2)
+                per_series.append([(a[:cut + j], a[cut + j: cut + j + horizon])
+                                   for j in range(0, origins * horizon - horizon + 1, stride)])
+        if len(per_series) > self.MAX_ORIGINS:
+            keep = np.unique(np.linspace(0, len(per_series) - 1, self.MAX_ORIGINS).round().astype(int))
+            per_series = [per_series[i] for i in keep]
+        chosen: list[tuple[int, int]] = []  # (series, origin) pairs, latest first, series in turn
+        for back in range(max((len(o) for o in per_series), default=0)):
+            chosen += [(s, len(o) - 1 - back) for s, o in enumerate(per_series) if back < len(o)]
+        chosen = sorted(chosen[:self.MAX_ORIGINS])
+        return train, [per_series[s][j] for s, j in chosen]
+
     def _select_difference(self, items: list[np.ndarray], steps: int, verbose: bool) -> None:
         """Choose ``difference``, ``reflect``, the guidance scale and the spread by a rolling-origin backtest.
 
@@ -562,7 +598,8 @@ class TSDiff:
         ``VALIDATION_FRACTION`` of it, are held out (fewer where the rest would
         give fewer than ``horizon + 1`` training windows; none: seasonal differencing, mirrored windows, the
         default scale and spread are kept) and forecast from origins every half horizon inside them (5
-        overlapping origins for 3 horizons; at most 16 in all, the last ones). Trial models are trained on the
+        overlapping origins for 3 horizons; at most ``MAX_ORIGINS`` in all, the latest of each series in turn,
+        see :meth:`_validation_split`). Trial models are trained on the
         rest with half the step budget each (and a share of ``max_seconds``) and forecast the held-out origins
         (50 paths each, fewer — at least 25 — where more than 8 origins would exceed ``BACKTEST_PATHS`` in
         all; the default guidance at ¼, ½, 1 and 2 times its default scale unless ``guidance_scale`` was
@@ -603,25 +640,13 @@ class TSDiff:
         self.validated_spread = self.spread_widths = self._trial_width = None  # a refit calibrates afresh
         horizon = self.prediction_length
         need = self.context_length + self.prediction_length + self.max_lag
-        train, held = [], []
-        for a in items:
-            # VALIDATION_ORIGINS horizons or VALIDATION_FRACTION of the series, whichever is more, but no more
-            # than leave at least horizon + 1 training windows
-            wanted = max(self.VALIDATION_ORIGINS, int(self.VALIDATION_FRACTION * a.size) // horizon)
-            origins = min(wanted, (a.size - need - horizon) // horizon)
-            if origins >= 1:
-                cut = a.size - origins * horizon
-                train.append(a[:cut])
-                # origins every half horizon inside the held-out stretch (overlapping: more, cheaper evidence)
-                stride = max(1, horizon // 2)
-                held += [(a[:cut + j], a[cut + j: cut + j + horizon]) for j in range(0, origins * horizon - horizon + 1, stride)]
+        train, held = self._validation_split(items)
         if not held:  # too short to hold anything out: seasonal differencing, mirroring, default scale and spread
             if self.difference_mode == "auto":
                 self._set_difference(seasonal)
             if self.reflect_mode == "auto":
                 self.reflect = True
             return
-        held = held[-16:]
         # paths per origin: BACKTEST_PATHS in all per scored set (at most 50 per origin, at least 25), so the
         # sampling cost does not grow with the number of origins (measured: hourly series of 8 weeks, 16
         # origins x 50 paths, 3 candidates: the fit took 622 s wall with max_seconds=480)
