@@ -402,7 +402,8 @@ def test_history_profile_windows_are_exact_in_fit_and_forecast(monkeypatch):
 
 def test_backtest_scores_every_candidate_before_a_time_cut(monkeypatch):
     """With the backtest's sampling time used up at once (SELECTION_SHARE = 0), every trained trial is still
-    scored at the first scale (breadth first over candidates), and no further scale is."""
+    scored at the first scale (breadth first over candidates), no further scale is, and the unmirrored stage-2
+    trial is not trained (mirrored windows are kept)."""
     from flowdiff.timeseries.model import SPREADS
 
     monkeypatch.setattr(TS.TSDiff, "SELECTION_SHARE", 0.0)
@@ -412,8 +413,7 @@ def test_backtest_scores_every_candidate_before_a_time_cut(monkeypatch):
                       profile="auto").fit(series)
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
     assert set(stage1) == {(c, True, 1.0, f) for c in (0, 6, "profile") for f in SPREADS}
-    best = min(stage1, key=stage1.get)[0]
-    assert {k for k in model.selection if not k[1]} == {(best, False, 1.0, f) for f in SPREADS}
+    assert not {k for k in model.selection if not k[1]} and model.reflect is True
     # the default (profile=False): no history-profile candidate
     default = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5).fit(series)
     assert {k[0] for k in default.selection if k[1]} == {0, 6} and default.profile is False
@@ -507,3 +507,31 @@ def test_backtest_validation_origins_cover_every_series_of_a_panel():
     train, held = model._validation_split(many)
     sources = {next(i for i, a in enumerate(many) if np.array_equal(a[:h.size], h)) for h, _ in held}
     assert len(held) == 16 and len(sources) == 16 and min(sources) == 0 and max(sources) == 39
+
+
+@pytest.mark.parametrize("seconds_per_path", [1e-9, 50.0])
+def test_backtest_sampling_is_planned_to_the_time_left(seconds_per_path, monkeypatch):
+    """fit's backtest measures the seconds per sampled path and plans its sampling to fit SELECTION_SHARE of
+    max_seconds: where paths are cheap nothing changes (16 origins x 25 paths, every scale, the unmirrored
+    stage-2 trial); where they are dear (long windows) it scores MIN_ORIGINS origins x MIN_PATHS paths at the
+    first scale only, and skips the unmirrored trial."""
+    from flowdiff.timeseries.model import SPREADS
+
+    monkeypatch.setattr(TS.TSDiff, "_path_seconds", lambda self, trial, context: seconds_per_path)
+    scored = []
+    forecast = TS.TSDiff.forecast
+
+    def spy(self, context, num_samples=100, **kwargs):
+        if isinstance(context, list) and kwargs.get("guidance_scale") is not None and kwargs.get("base", 1) == 1:
+            scored.append((len(context), num_samples))
+        return forecast(self, context, num_samples, **kwargs)
+
+    monkeypatch.setattr(TS.TSDiff, "forecast", spy)
+    series = np.random.default_rng(1).standard_normal(300).cumsum()
+    model = TS.TSDiff(8, 4, 1, hidden=8, blocks=2, train_steps=6, batch_size=8, diffusion_steps=3, max_seconds=1000).fit(series)
+    if seconds_per_path < 1:
+        assert set(scored) == {(16, 25)} and len(scored) == 12  # 2 candidates x 4 scales + 4 scales unmirrored
+        assert {k[1] for k in model.selection} == {True, False}
+    else:
+        assert set(scored) == {(TS.TSDiff.MIN_ORIGINS, TS.TSDiff.MIN_PATHS)} and len(scored) == 2
+        assert set(model.selection) == {(c, True, 1.0, f) for c in (0, 1) for f in SPREADS} and model.reflect is True

@@ -315,6 +315,7 @@ class TSDiff:
         self.validated_spread: float | None = None
         self.spread_widths: tuple[float, float] | None = None
         self._trial_width: float | None = None
+        self._path_cost: float | None = None  # wall seconds per sampled path, measured by fit's backtest
         if difference == "auto":
             difference = self.season_length if 1 < self.season_length <= self.context_length // 2 else 0
         self.difference = _check_positive_int("difference", difference, 0)
@@ -509,7 +510,9 @@ class TSDiff:
         if "auto" in (self.difference_mode, self.scale_mode, self.spread_mode, self.reflect_mode, self.base_mode) and type(self) is TSDiff:
             self._select_difference(items, steps, verbose)
         # max_seconds bounds the whole fit, the backtest's trial models included (at least a quarter is left)
-        budget = max(self.max_seconds - (time.perf_counter() - began), self.max_seconds / 4)
+        # (less the final width probe, whose cost per path the backtest measured)
+        probe = self.PROBE_PATHS * self._path_cost if self._trial_width is not None and self._path_cost else 0.0
+        budget = max(self.max_seconds - (time.perf_counter() - began) - probe, self.max_seconds / 4)
         self._fit_fixed(items, steps, verbose, budget)
         if self._trial_width is not None:
             self.spread_widths = (self._trial_width, self._probe_width(self, items, self.guidance_scale))
@@ -537,10 +540,12 @@ class TSDiff:
         """
         need = self.context_length + self.max_lag
         ends = [a for a in items if a.size >= need][:self.PROBE_SERIES]
-        paths = model.forecast(ends, self.PROBE_PATHS, guidance_scale=scale, spread=1.0, base=None, seed=self.seed + self.PROBE_SEED)
+        per = max(self.MIN_PATHS, self.PROBE_PATHS // len(ends))  # PROBE_PATHS in all: its cost is planned
+        paths = model.forecast(ends, per, guidance_scale=scale, spread=1.0, base=None, seed=self.seed + self.PROBE_SEED)
         return float(np.std(paths, axis=-2).mean())
 
-    #: paths and series (their last context) on which fit compares the widths of the trial and final models
+    #: paths (in all, at least MIN_PATHS per series) and series (their last context) on which fit compares the
+    #: widths of the trial and final models
     PROBE_PATHS = 100
     PROBE_SERIES = 8
     PROBE_SEED = 7919  # offset from the model's seed
@@ -554,6 +559,33 @@ class TSDiff:
     #: on 3 horizons flipped between runs: season7 chose seasonal differencing at 0.059 vs 0.064 in
     #: validation, and no differencing was better on the test, 0.066 vs 0.088)
     VALIDATION_FRACTION = 0.2
+
+    #: paths of the timing forecast that measures the cost of one sampled path (fit's backtest plan)
+    TIMING_PATHS = 8
+    #: the fewest validation origins and paths per origin a time-planned backtest scores
+    MIN_ORIGINS = 4
+    MIN_PATHS = 10
+
+    def _path_seconds(self, trial: "TSDiff", context: np.ndarray) -> float:
+        """Wall seconds per self-guided path of ``trial`` (one timed forecast of ``TIMING_PATHS`` paths)."""
+        start = time.perf_counter()
+        trial.forecast(context, self.TIMING_PATHS, spread=1.0, base=None)
+        return (time.perf_counter() - start) / self.TIMING_PATHS
+
+    def _plan_origins(self, held: list, paths: int, affordable: float) -> tuple[list, int]:
+        """Validation origins and paths per origin such that one scored set holds about ``affordable`` paths.
+
+        Unchanged where ``len(held) · paths`` fits; else at least ``MIN_PATHS`` (25 where possible) paths per
+        origin on fewer origins (at least ``MIN_ORIGINS``), kept evenly spaced over the held-out stretches (and
+        over the series of a panel).
+        """
+        if len(held) * paths <= affordable:
+            return held, paths
+        per = 25 if affordable >= 25 * self.MIN_ORIGINS else self.MIN_PATHS
+        origins = int(np.clip(affordable // per, self.MIN_ORIGINS, len(held)))
+        keep = np.unique(np.linspace(0, len(held) - 1, origins).round().astype(int))
+        held = [held[i] for i in keep]
+        return held, int(np.clip(affordable // len(held), self.MIN_PATHS, paths))
 
     #: validation origins that fit's backtest forecasts, over all series of a panel
     MAX_ORIGINS = 16
@@ -638,6 +670,7 @@ class TSDiff:
         if self.profile_mode == "auto":
             self.profile = False  # a refit chooses afresh
         self.validated_spread = self.spread_widths = self._trial_width = None  # a refit calibrates afresh
+        self._path_cost = None
         horizon = self.prediction_length
         need = self.context_length + self.prediction_length + self.max_lag
         train, held = self._validation_split(items)
@@ -651,8 +684,6 @@ class TSDiff:
         # sampling cost does not grow with the number of origins (measured: hourly series of 8 weeks, 16
         # origins x 50 paths, 3 candidates: the fit took 622 s wall with max_seconds=480)
         paths = int(min(50, max(25, self.BACKTEST_PATHS // len(held))))
-        contexts = [h for h, _ in held]
-        targets = np.stack([y for _, y in held])
         default = 4.0 if self.guidance == "quantile" else 2.0
         if self.scale_mode == "fixed" or self.guidance == "none":
             default = self._default_scale(self.guidance)
@@ -686,7 +717,8 @@ class TSDiff:
             # origins x 4 scales x 2 trials made a default fit take 618 s wall on one idle core, past the
             # 10-minute budget; hourly windows with 3 candidates left the third unscored when scales went
             # trial by trial)
-            if not first and time.perf_counter() - began > self.SELECTION_SHARE * self.max_seconds:
+            # (predicted: a scale is skipped where its sampling would end past that share)
+            if not first and time.perf_counter() - began + cost * paths * len(contexts) > self.SELECTION_SHARE * self.max_seconds - probe:
                 return
             samples = kept[(candidate, reflect)].forecast(contexts, paths, guidance_scale=scale, spread=1.0)
             # the spread is scored on the same paths (it only rescales them)
@@ -701,14 +733,30 @@ class TSDiff:
         began = time.perf_counter()
         for candidate in candidates:
             train_trial(candidate, reflects[0])
+        # the sampling is planned to fit the time left (long windows: a scored path of a 2-week hourly context
+        # costs ~7x one of a 2-day context; measured before this plan: context 168 on an 8-week hourly series
+        # took 705 s wall at max_seconds=480, two scored sets of 400 paths ~175 s each)
+        cost = self._path_cost = self._path_seconds(kept[(candidates[0], reflects[0])], held[-1][0])
+        probe = self.PROBE_PATHS * cost  # the trial's width probe (fit keeps time for the final model's)
+        trial_seconds = (time.perf_counter() - began - self.TIMING_PATHS * cost) / len(candidates)
+        if len(reflects) > 1:
+            spare = self.SELECTION_SHARE * self.max_seconds - (time.perf_counter() - began) - probe - trial_seconds
+            if spare < (len(candidates) + 1) * self.MIN_ORIGINS * self.MIN_PATHS * cost:
+                reflects = reflects[:1]  # no time for the unmirrored trial: mirrored windows are kept
+        budget = self.SELECTION_SHARE * self.max_seconds - (time.perf_counter() - began) - probe - (
+            trial_seconds if len(reflects) > 1 else 0.0)
+        held, paths = self._plan_origins(held, paths, budget / ((len(candidates) + len(reflects) - 1) * cost))
+        contexts = [h for h, _ in held]
+        targets = np.stack([y for _, y in held])
         # breadth first: every candidate at the first scale, then every candidate at the next, ... so a time cut
         # leaves scales unscored, never a trained candidate
         for i, scale in enumerate(scales):
             for candidate in candidates:
                 score(candidate, reflects[0], scale, i == 0)
-        # stage 2: the best difference of stage 1 without mirrored windows, unless stage 1 already took half of
-        # max_seconds (its sampling is not capped; long windows, e.g. hourly with a 2-day context, cost most)
-        if len(reflects) > 1 and time.perf_counter() - began < self.max_seconds / 2:
+        # stage 2: the best difference of stage 1 without mirrored windows, where its training and first scored set
+        # still end within SELECTION_SHARE of max_seconds
+        if len(reflects) > 1 and time.perf_counter() - began + trial_seconds + cost * paths * len(contexts) < (
+                self.SELECTION_SHARE * self.max_seconds - probe):
             best = min(self.selection, key=self.selection.get)[0]
             train_trial(best, reflects[1])
             for i, scale in enumerate(scales):
