@@ -412,7 +412,7 @@ def test_backtest_scores_every_candidate_before_a_time_cut(monkeypatch):
     model = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5,
                       profile="auto").fit(series)
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
-    assert set(stage1) == {(c, True, 1.0, f) for c in (0, 6, "profile") for f in SPREADS}
+    assert set(stage1) == {(c, True, 4.0, f) for c in (0, 6, "profile") for f in SPREADS}  # the default scale first
     assert not {k for k in model.selection if not k[1]} and model.reflect is True
     # the default (profile=False): no history-profile candidate
     default = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5).fit(series)
@@ -534,4 +534,4 @@ def test_backtest_sampling_is_planned_to_the_time_left(seconds_per_path, monkeyp
         assert {k[1] for k in model.selection} == {True, False}
     else:
         assert set(scored) == {(TS.TSDiff.MIN_ORIGINS, TS.TSDiff.MIN_PATHS)} and len(scored) == 2
-        assert set(model.selection) == {(c, True, 1.0, f) for c in (0, 1) for f in SPREADS} and model.reflect is True
+        assert set(model.selection) == {(c, True, 4.0, f) for c in (0, 1) for f in SPREADS} and model.reflect is True
