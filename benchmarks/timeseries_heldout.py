@@ -60,6 +60,8 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
         name = kind[3:]
         if name in ("unemp", "tbilrate", "infl"):  # infl: fresh check 2026-12-07 (never used to tune)
             return macrodata.load_pandas().data[name].to_numpy(dtype=np.float64), (4 if name == "unemp" else 1)
+        if name in ("realgdp", "realinv", "m1"):  # fresh checks 2026-12-07, session 35 (never used to tune)
+            return macrodata.load_pandas().data[name].to_numpy(dtype=np.float64), 4
         if name == "dp":
             return interest_inflation.load_pandas().data["Dp"].to_numpy(dtype=np.float64), 4
         raise ValueError(f"unknown statsmodels series {name!r}")

@@ -570,7 +570,7 @@ class TSDiff:
         """Wall seconds per self-guided path of ``trial`` (one timed forecast of ``TIMING_PATHS`` paths)."""
         start = time.perf_counter()
         trial.forecast(context, self.TIMING_PATHS, spread=1.0, base=None)
-        return (time.perf_counter() - start) / self.TIMING_PATHS
+        return max((time.perf_counter() - start) / self.TIMING_PATHS, 1e-9)
 
     def _plan_origins(self, held: list, paths: int, affordable: float) -> tuple[list, int]:
         """Validation origins and paths per origin such that one scored set holds about ``affordable`` paths.
