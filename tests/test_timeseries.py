@@ -514,7 +514,7 @@ def test_backtest_sampling_is_planned_to_the_time_left(seconds_per_path, monkeyp
     """fit's backtest measures the seconds per sampled path and plans its sampling to fit SELECTION_SHARE of
     max_seconds: where paths are cheap nothing changes (16 origins x 25 paths, every scale, the unmirrored
     stage-2 trial); where they are dear (long windows) it scores MIN_ORIGINS origins x MIN_PATHS paths at the
-    first scale only, and skips the unmirrored trial."""
+    first scale only, skips the unmirrored trial and the width probes."""
     from flowdiff.timeseries.model import SPREADS
 
     monkeypatch.setattr(TS.TSDiff, "_path_seconds", lambda self, trial, context: seconds_per_path)
@@ -532,9 +532,12 @@ def test_backtest_sampling_is_planned_to_the_time_left(seconds_per_path, monkeyp
     if seconds_per_path < 1:
         assert set(scored) == {(16, 25)} and len(scored) == 12  # 2 candidates x 4 scales + 4 scales unmirrored
         assert {k[1] for k in model.selection} == {True, False}
+        assert model.spread_widths is not None  # the width probes ran (spread calibrated to the final model)
     else:
         assert set(scored) == {(TS.TSDiff.MIN_ORIGINS, TS.TSDiff.MIN_PATHS)} and len(scored) == 2
         assert set(model.selection) == {(c, True, 4.0, f) for c in (0, 1) for f in SPREADS} and model.reflect is True
+        # the width probes (100 paths = 5000 s here) are skipped: the validated spread is kept
+        assert model.spread_widths is None and model.spread == model.validated_spread
 
 
 def test_season_estimate_finds_the_generators_period_not_a_neighbour():

@@ -549,6 +549,8 @@ class TSDiff:
     PROBE_PATHS = 100
     PROBE_SERIES = 8
     PROBE_SEED = 7919  # offset from the model's seed
+    #: the most of max_seconds that one width probe may take; dearer probes are skipped (the validated spread is kept)
+    PROBE_SHARE = 0.1
     #: the share of ``max_seconds`` after which fit's backtest stops scoring further guidance scales
     SELECTION_SHARE = 0.6
     #: sample paths per guidance scale that fit's backtest scores, over all its validation origins
@@ -741,6 +743,8 @@ class TSDiff:
         # took 705 s wall at max_seconds=480, two scored sets of 400 paths ~175 s each)
         cost = self._path_cost = self._path_seconds(kept[(candidates[0], reflects[0])], held[-1][0])
         probe = self.PROBE_PATHS * cost  # the trial's width probe (fit keeps time for the final model's)
+        calibrate = probe <= self.PROBE_SHARE * self.max_seconds
+        probe = probe if calibrate else 0.0  # too dear: no width probes (below)
         trial_seconds = (time.perf_counter() - began - self.TIMING_PATHS * cost) / len(candidates)
         if len(reflects) > 1:
             spare = self.SELECTION_SHARE * self.max_seconds - (time.perf_counter() - began) - probe - trial_seconds
@@ -803,7 +807,10 @@ class TSDiff:
         else:
             difference, reflect, scale, spread = guided
             self.base = None
-            if self.spread_mode == "auto":  # fit rescales the validated spread to the final model's own width
+            # fit rescales the validated spread to the final model's own width, unless the two width probes would
+            # take more than PROBE_SHARE of max_seconds (long windows or a small max_seconds: the time goes to
+            # training; the validated spread is kept)
+            if self.spread_mode == "auto" and calibrate:
                 self._trial_width = self._probe_width(kept[(difference, reflect)], items, scale)
         if difference == "profile":
             difference, self.profile = 0, "history"
