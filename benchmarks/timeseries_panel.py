@@ -27,16 +27,9 @@ TS = fd.timeseries
 
 
 def oracle_paths(series: int, length: int, seed: int, noise: float, starts: list[int], horizon: int, paths: int) -> np.ndarray:
-    """Samples of the generator's predictive distribution ``(series, origins, paths, horizon)``: the same
-    parameter draws as :func:`flowdiff.timeseries.synthetic_panel` (same seed, same order)."""
-    rng = np.random.default_rng(seed)
-    level = rng.lognormal(3.0, 1.0, (series, 1))
-    a = rng.uniform(0.2, 0.6, (series, 1))
-    b = rng.uniform(0.0, 0.3, (series, 1))
-    phi = rng.uniform(0, 2 * np.pi, (series, 1))
-    psi = rng.uniform(0, 2 * np.pi, (series, 1))
-    t = np.arange(length)
-    mean = level * (1 + a * np.sin(2 * np.pi * t / 24 + phi) + b * np.sin(2 * np.pi * t / 168 + psi))
+    """Samples of the generator's predictive distribution ``(series, origins, paths, horizon)``
+    (:func:`flowdiff.timeseries.data.synthetic_panel_mean`: the same parameter draws as the panel)."""
+    mean, level = TS.data.synthetic_panel_mean(series, length, seed)
     draw = np.random.default_rng(seed + 1)
     out = np.empty((series, len(starts), paths, horizon))
     for k, o in enumerate(starts):

@@ -552,3 +552,12 @@ def test_season_estimate_finds_the_generators_period_not_a_neighbour():
         values, season = TS.load_series(name)
         assert est(values, 18) == season == 12
     assert est(np.random.default_rng(0).standard_normal(300)) == 1
+
+
+def test_synthetic_panel_mean_is_the_generators_noiseless_cycle():
+    """synthetic_panel = clip(mean + 0.1 · level · N(0, 1), 0) with synthetic_panel_mean's (mean, level): the
+    standardised residuals of the unclipped values have mean 0 and sd 0.1 (87 k draws: se 3e-4)."""
+    y = TS.synthetic_panel(64, seed=3)
+    mean, level = TS.data.synthetic_panel_mean(64, seed=3)
+    r = ((y - mean) / level)[y > 0]
+    assert abs(r.mean()) < 2e-3 and abs(r.std() - 0.1) < 2e-3

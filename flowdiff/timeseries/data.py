@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["REAL_SERIES", "estimate_season_length", "load_series", "synthetic_panel", "read_series_csv", "holdout_split"]
+__all__ = ["REAL_SERIES", "estimate_season_length", "load_series", "synthetic_panel", "synthetic_panel_mean", "read_series_csv", "holdout_split"]
 
 #: name -> season length
 REAL_SERIES = {"air_passengers": 12, "co2": 12, "elnino": 12, "sunspots": 11, "nile": 1, "elec_equip": 12,
@@ -74,15 +74,25 @@ def load_series(name: str) -> tuple[np.ndarray, int]:
 def synthetic_panel(num_series: int = 64, length: int = 8 * 168 + 24, seed: int = 0, noise: float = 0.1) -> np.ndarray:
     """The notes' hourly synthetic panel ``(num_series, length)`` (module docstring)."""
     rng = np.random.default_rng(seed)
+    mean, level = _panel_cycles(rng, num_series, length)
+    y = mean + noise * level * rng.standard_normal((num_series, length))
+    return np.clip(y, 0, None)
+
+
+def synthetic_panel_mean(num_series: int = 64, length: int = 8 * 168 + 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The noiseless cycles ``(num_series, length)`` and levels ``(num_series, 1)`` of :func:`synthetic_panel`
+    with the same seed: its values are ``clip(mean + noise · level · N(0, 1), 0)`` (the exact predictive)."""
+    return _panel_cycles(np.random.default_rng(seed), num_series, length)
+
+
+def _panel_cycles(rng: np.random.Generator, num_series: int, length: int) -> tuple[np.ndarray, np.ndarray]:
     t = np.arange(length)
     level = rng.lognormal(3.0, 1.0, (num_series, 1))
     a = rng.uniform(0.2, 0.6, (num_series, 1))
     b = rng.uniform(0.0, 0.3, (num_series, 1))
     phi = rng.uniform(0, 2 * np.pi, (num_series, 1))
     psi = rng.uniform(0, 2 * np.pi, (num_series, 1))
-    y = level * (1 + a * np.sin(2 * np.pi * t / 24 + phi) + b * np.sin(2 * np.pi * t / 168 + psi))
-    y = y + noise * level * rng.standard_normal((num_series, length))
-    return np.clip(y, 0, None)
+    return level * (1 + a * np.sin(2 * np.pi * t / 24 + phi) + b * np.sin(2 * np.pi * t / 168 + psi)), level
 
 
 def read_series_csv(path: str | Path, column: str | int | None = None) -> np.ndarray:

@@ -636,11 +636,13 @@ class TSDiff:
         see :meth:`_validation_split`). Trial models are trained on the
         rest with half the step budget each (and a share of ``max_seconds``) and forecast the held-out origins
         (50 paths each, fewer — at least 25 — where more than 8 origins would exceed ``BACKTEST_PATHS`` in
-        all; the default guidance at ¼, ½, 1 and 2 times its default scale unless ``guidance_scale`` was
+        all; where paths are dear — long windows — fewer origins and paths, planned from a timed forecast so
+        every trial's first scale fits ``SELECTION_SHARE`` of ``max_seconds``, see :meth:`_plan_origins`;
+        the default guidance at ¼, ½, 1 and 2 times its default scale unless ``guidance_scale`` was
         given); each set of paths is also scored widened or narrowed by the factors ``SPREADS`` (1/√2 … √2,
         see :func:`widen`; unless ``spread`` was given). Scales are scored breadth first (every candidate at the
-        default scale, then every candidate at ½, 2 and ¼ times it); after ``SELECTION_SHARE`` of ``max_seconds`` no further scale is
-        scored except each trial's first. Two stages:
+        default scale, then every candidate at ½, 2 and ¼ times it); a scale whose sampling would end past
+        ``SELECTION_SHARE`` of ``max_seconds`` is not scored, except each trial's first. Two stages:
 
         1. one trial per differencing candidate, with mirrored windows (``reflect=True``): no differencing and
            seasonal differencing where the context holds two seasons; **first differences** on a series
@@ -651,7 +653,8 @@ class TSDiff:
            repeated, which seasonal differences extrapolate, carries that day's noise into every forecast);
         2. with ``reflect="auto"``, one more trial without mirrored windows at the best difference of stage 1
            (mirroring removes any drift direction, also a real one such as a price index's); skipped (mirrored
-           windows kept) when stage 1 took more than half of ``max_seconds``.
+           windows kept) where its training and first scored set would not end within ``SELECTION_SHARE`` of
+           ``max_seconds``.
 
         3. with ``base="auto"``, every trial model also **refines** the samples of each base forecaster in
            ``BASES`` (probabilistic seasonal naive; Holt–Winters where statsmodels is installed), fit on each
@@ -674,7 +677,6 @@ class TSDiff:
         self.validated_spread = self.spread_widths = self._trial_width = None  # a refit calibrates afresh
         self._path_cost = None
         horizon = self.prediction_length
-        need = self.context_length + self.prediction_length + self.max_lag
         train, held = self._validation_split(items)
         if not held:  # too short to hold anything out: seasonal differencing, mirroring, default scale and spread
             if self.difference_mode == "auto":
@@ -717,13 +719,12 @@ class TSDiff:
             kept[(candidate, reflect)] = trial
 
         def score(candidate: Any, reflect: bool, scale: float, first: bool) -> None:
-            # the backtest's sampling is bounded too: once it has used SELECTION_SHARE of max_seconds, no further
-            # scale is scored, except each trial's first (else its training was wasted; measured: elnino's 16
-            # origins x 4 scales x 2 trials made a default fit take 618 s wall on one idle core, past the
-            # 10-minute budget; hourly windows with 3 candidates left the third unscored when scales went
+            # the backtest's sampling is bounded too: a scale whose sampling would end past SELECTION_SHARE of
+            # max_seconds is not scored, except each trial's first (else its training was wasted; measured:
+            # elnino's 16 origins x 4 scales x 2 trials made a default fit take 618 s wall on one idle core, past
+            # the 10-minute budget; hourly windows with 3 candidates left the third unscored when scales went
             # trial by trial)
-            # (predicted: a scale is skipped where its sampling would end past that share)
-            if not first and time.perf_counter() - began + cost * paths * len(contexts) > self.SELECTION_SHARE * self.max_seconds - probe:
+            if not first and cost * paths * len(contexts) > left():
                 return
             samples = kept[(candidate, reflect)].forecast(contexts, paths, guidance_scale=scale, spread=1.0)
             # the spread is scored on the same paths (it only rescales them)
@@ -745,13 +746,14 @@ class TSDiff:
         probe = self.PROBE_PATHS * cost  # the trial's width probe (fit keeps time for the final model's)
         calibrate = probe <= self.PROBE_SHARE * self.max_seconds
         probe = probe if calibrate else 0.0  # too dear: no width probes (below)
+
+        def left() -> float:  # seconds of the backtest's share still free, the trial's width probe kept back
+            return self.SELECTION_SHARE * self.max_seconds - probe - (time.perf_counter() - began)
+
         trial_seconds = (time.perf_counter() - began - self.TIMING_PATHS * cost) / len(candidates)
-        if len(reflects) > 1:
-            spare = self.SELECTION_SHARE * self.max_seconds - (time.perf_counter() - began) - probe - trial_seconds
-            if spare < (len(candidates) + 1) * self.MIN_ORIGINS * self.MIN_PATHS * cost:
-                reflects = reflects[:1]  # no time for the unmirrored trial: mirrored windows are kept
-        budget = self.SELECTION_SHARE * self.max_seconds - (time.perf_counter() - began) - probe - (
-            trial_seconds if len(reflects) > 1 else 0.0)
+        if len(reflects) > 1 and left() - trial_seconds < (len(candidates) + 1) * self.MIN_ORIGINS * self.MIN_PATHS * cost:
+            reflects = reflects[:1]  # no time for the unmirrored trial: mirrored windows are kept
+        budget = left() - (trial_seconds if len(reflects) > 1 else 0.0)
         held, paths = self._plan_origins(held, paths, budget / ((len(candidates) + len(reflects) - 1) * cost))
         contexts = [h for h, _ in held]
         targets = np.stack([y for _, y in held])
@@ -762,8 +764,7 @@ class TSDiff:
                 score(candidate, reflects[0], scale, i == 0)
         # stage 2: the best difference of stage 1 without mirrored windows, where its training and first scored set
         # still end within SELECTION_SHARE of max_seconds
-        if len(reflects) > 1 and time.perf_counter() - began + trial_seconds + cost * paths * len(contexts) < (
-                self.SELECTION_SHARE * self.max_seconds - probe):
+        if len(reflects) > 1 and trial_seconds + cost * paths * len(contexts) < left():
             best = min(self.selection, key=self.selection.get)[0]
             train_trial(best, reflects[1])
             for i, scale in enumerate(scales):
