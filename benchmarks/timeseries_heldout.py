@@ -65,6 +65,21 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
         if name == "dp":
             return interest_inflation.load_pandas().data["Dp"].to_numpy(dtype=np.float64), 4
         raise ValueError(f"unknown statsmodels series {name!r}")
+    if kind.startswith("sk:"):  # CSVs bundled with sktime (fresh checks, session 36; needs sktime installed)
+        import importlib.util
+
+        import pandas as pd
+
+        files = {"seatbelts": ("seatbelts/seatbelts.csv", "KSI", 12),
+                 "lynx": ("Lynx/Lynx.csv", "0", 1), "uschange": ("Uschange/Uschange.csv", "Consumption", 1)}
+        if kind[3:] not in files:
+            raise ValueError(f"unknown sktime series {kind[3:]!r}; one of {', '.join(files)}")
+        spec = importlib.util.find_spec("sktime")
+        if spec is None:
+            raise ImportError(f"{kind} needs sktime installed (its bundled CSVs are read, sktime is not imported)")
+        path, column, season = files[kind[3:]]
+        data = pd.read_csv(Path(spec.submodule_search_locations[0]) / "datasets" / "data" / path)
+        return data[column].to_numpy(dtype=np.float64), season
     if kind.startswith("real:"):
         return TS.load_series(kind[5:])
     raise ValueError(f"unknown series kind {kind!r}")
