@@ -30,28 +30,45 @@ SPREADS = tuple(float(f"{0.5 * 2 ** (i / 4):.3f}") for i in range(13))  # 0.5 â€
 TS = fd.timeseries
 
 
-def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
-    """(values, season) of a named synthetic generator or ``real:<name>`` (fd.timeseries.load_series)."""
+def simulate(kind: str, seed: int) -> tuple[np.ndarray, int, dict]:
+    """(values, season, latent) of a named synthetic generator whose predictive law is known in closed form;
+    ``latent`` holds what that law needs (``benchmarks/timeseries_bar.py`` samples it): ``mean`` (the noiseless
+    signal) and ``sd`` of iid Gaussian noise; for ``ar_season7`` the ``signal``, the AR(1) state ``ar``, its
+    coefficient ``phi`` and ``scale``; for ``local_level`` the start ``level0`` and the level and observation sds
+    ``q``, ``r``; for the hourly panels ``mean`` and ``level`` (noise ``0.1 Â· level``, clipped at 0)."""
     rng = np.random.default_rng(seed)
     if kind == "trend_season12":
         t = np.arange(240)
-        return 50 + 0.2 * t + 10 * np.sin(2 * np.pi * t / 12 + rng.uniform(0, 6)) + 3 * rng.standard_normal(240), 12
+        mean = 50 + 0.2 * t + 10 * np.sin(2 * np.pi * t / 12 + rng.uniform(0, 6))
+        return mean + 3 * rng.standard_normal(240), 12, {"mean": mean, "sd": 3.0}
     if kind == "season7":
         t = np.arange(200)
-        return (20 + 4 * np.sin(2 * np.pi * t / 7 + rng.uniform(0, 6)) + 2 * np.cos(4 * np.pi * t / 7)
-                + 2.0 * rng.standard_normal(200)), 7
+        mean = 20 + 4 * np.sin(2 * np.pi * t / 7 + rng.uniform(0, 6)) + 2 * np.cos(4 * np.pi * t / 7)
+        return mean + 2.0 * rng.standard_normal(200), 7, {"mean": mean, "sd": 2.0}
     if kind == "ar_season7":  # fresh check 2026-12-07 (never used to tune): AR(1) noise on a weekly cycle
         t, e = np.arange(210), rng.standard_normal(210)
         ar = np.zeros(210)
         for i in range(1, 210):
             ar[i] = 0.7 * ar[i - 1] + e[i]
-        return 50 + 5 * np.sin(2 * np.pi * t / 7 + rng.uniform(0, 6)) + 2 * ar, 7
+        signal = 50 + 5 * np.sin(2 * np.pi * t / 7 + rng.uniform(0, 6))
+        return signal + 2 * ar, 7, {"signal": signal, "ar": ar, "phi": 0.7, "scale": 2.0}
     if kind == "local_level":
-        return 1000 + np.cumsum(40 * rng.standard_normal(100)) + 120 * rng.standard_normal(100), 1
-    if kind == "hourly":
-        return TS.synthetic_panel(1, 216, seed=seed)[0], 24
-    if kind == "hourly_long":  # the notes' panel length (8 weeks + 1 day), added 2026-12-07 (session 34)
-        return TS.synthetic_panel(1, seed=seed)[0], 24
+        q, r = 40.0, 120.0
+        return 1000 + np.cumsum(q * rng.standard_normal(100)) + r * rng.standard_normal(100), 1, {"level0": 1000.0, "q": q, "r": r}
+    if kind in ("hourly", "hourly_long"):  # hourly_long: the notes' panel length (8 weeks + 1 day), session 34
+        length = 216 if kind == "hourly" else 8 * 168 + 24
+        mean, level = TS.data.synthetic_panel_mean(1, length, seed=seed)
+        return TS.synthetic_panel(1, length, seed=seed)[0], 24, {"mean": mean[0], "level": float(level[0, 0])}
+    raise ValueError(f"no closed-form generator {kind!r}")
+
+
+SIMULATED = ("trend_season12", "season7", "ar_season7", "local_level", "hourly", "hourly_long")
+
+
+def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
+    """(values, season) of a named synthetic generator or ``real:<name>`` (fd.timeseries.load_series)."""
+    if kind in SIMULATED:
+        return simulate(kind, seed)[:2]
     if kind == "synth0":  # benchmarks/timeseries.py's synthetic_0
         return TS.synthetic_panel(4, 8 * 24 + 24, seed=0)[0], 24
     if kind.startswith("sm:"):  # statsmodels series in no benchmark and no tuning run (held out 2026-12-06)
