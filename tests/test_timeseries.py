@@ -165,8 +165,9 @@ def test_forecast_shapes_and_refine(tiny_model):
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
     best = min(stage1, key=stage1.get)[0]
     # candidates (profile="auto"): no differencing, seasonal differences and the history's seasonal profile
-    expected = {(d, True, s, f) for d in (0, 6, "profile") for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
-    assert set(model.selection) == expected | {(best, False, s, f) for s in (1.0, 2.0, 4.0, 8.0) for f in SPREADS}
+    # quantile guidance: the default scale (1) only
+    expected = {(d, True, 1.0, f) for d in (0, 6, "profile") for f in SPREADS}
+    assert set(model.selection) == expected | {(best, False, 1.0, f) for f in SPREADS}
     assert all(np.isfinite(v) for v in model.selection.values())
     # refined bases: scored with every trial model; the fit keeps whichever of the two families scores lower
     from flowdiff.timeseries.model import BASES, REFINE_ITERATIONS, REFINE_SPREADS
@@ -403,16 +404,17 @@ def test_history_profile_windows_are_exact_in_fit_and_forecast(monkeypatch):
 def test_backtest_scores_every_candidate_before_a_time_cut(monkeypatch):
     """With the backtest's sampling time used up at once (SELECTION_SHARE = 0), every trained trial is still
     scored at the first scale (breadth first over candidates), no further scale is, and the unmirrored stage-2
-    trial is not trained (mirrored windows are kept)."""
+    trial is not trained (mirrored windows are kept). Mean-square guidance: its backtest scores four scales,
+    its default (2) first."""
     from flowdiff.timeseries.model import SPREADS
 
     monkeypatch.setattr(TS.TSDiff, "SELECTION_SHARE", 0.0)
     t = np.arange(90)
     series = 10 + np.sin(2 * np.pi * t / 6) + 0.1 * np.random.default_rng(0).standard_normal(90)
     model = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5,
-                      profile="auto").fit(series)
+                      profile="auto", guidance="mean-square").fit(series)
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
-    assert set(stage1) == {(c, True, 4.0, f) for c in (0, 6, "profile") for f in SPREADS}  # the default scale first
+    assert set(stage1) == {(c, True, 2.0, f) for c in (0, 6, "profile") for f in SPREADS}  # the default scale first
     assert not {k for k in model.selection if not k[1]} and model.reflect is True
     # the default (profile=False): no history-profile candidate
     default = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5).fit(series)
@@ -528,14 +530,15 @@ def test_backtest_sampling_is_planned_to_the_time_left(seconds_per_path, monkeyp
 
     monkeypatch.setattr(TS.TSDiff, "forecast", spy)
     series = np.random.default_rng(1).standard_normal(300).cumsum()
-    model = TS.TSDiff(8, 4, 1, hidden=8, blocks=2, train_steps=6, batch_size=8, diffusion_steps=3, max_seconds=1000).fit(series)
+    model = TS.TSDiff(8, 4, 1, hidden=8, blocks=2, train_steps=6, batch_size=8, diffusion_steps=3, max_seconds=1000,
+                      guidance="mean-square").fit(series)
     if seconds_per_path < 1:
         assert set(scored) == {(16, 25)} and len(scored) == 12  # 2 candidates x 4 scales + 4 scales unmirrored
         assert {k[1] for k in model.selection} == {True, False}
         assert model.spread_widths is not None  # the width probes ran (spread calibrated to the final model)
     else:
         assert set(scored) == {(TS.TSDiff.MIN_ORIGINS, TS.TSDiff.MIN_PATHS)} and len(scored) == 2
-        assert set(model.selection) == {(c, True, 4.0, f) for c in (0, 1) for f in SPREADS} and model.reflect is True
+        assert set(model.selection) == {(c, True, 2.0, f) for c in (0, 1) for f in SPREADS} and model.reflect is True
         # the width probes (100 paths = 5000 s here) are skipped: the validated spread is kept
         assert model.spread_widths is None and model.spread == model.validated_spread
 

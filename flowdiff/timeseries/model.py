@@ -207,6 +207,16 @@ SPREADS = tuple(float(f"{2 ** (i / 4):.3f}") for i in range(-2, 3))
 #: simulated paths on synth0 had twice the per-step sd of the probabilistic seasonal naive; the backtest chose
 #: the grid's edge, 1/√2)
 REFINE_SPREADS = tuple(float(f"{2 ** (i / 4):.3f}") for i in range(-4, 5))
+#: the default guidance scale per guidance kind (``guidance_scale=None``). Quantile guidance: 1 (was 4 with a
+#: backtest over 1, 2, 4 and 8 until session 37). On held-out series the backtest chose 2-8 and every one of
+#: them forecast its test origins worse than scale 1 (lynx 1.10 -> 0.68 x psnaive, infl 0.93 -> 0.58,
+#: AR(1)+season seed 0 1.50 -> 1.12); the validation favoured strong guidance even where every candidate's
+#: test CRPS rose with the scale (docs/timeseries.md, "Guidance scale", session 37)
+DEFAULT_SCALES = {"quantile": 1.0, "mean-square": 2.0}
+#: guidance scales fit's backtest scores, as factors on the default (the first is scored first; where time
+#: allows one scale only, it is the one): quantile guidance scores its default only (see DEFAULT_SCALES);
+#: mean-square guidance (opt-in, not re-measured) keeps the search over ¼ … 2 × its default
+BACKTEST_SCALE_FACTORS = {"quantile": (1.0,), "mean-square": (1.0, 0.5, 2.0, 0.25)}
 #: bounds of the final spread factor after fit rescales the validated one by the trial/final width ratio
 SPREAD_LIMITS = (0.25, 4.0)
 
@@ -226,8 +236,9 @@ class TSDiff:
         train_steps: optimiser updates of :meth:`fit`; ``max_seconds`` stops it earlier.
         batch_size, lr, ema_decay, grad_clip: training (Adam; sampling uses the EMA weights).
         guidance: ``"quantile"`` (TSDiff-Q, default), ``"mean-square"`` or ``"none"``.
-        guidance_scale: the scale ``s`` (see the module docstring); ``None``: chosen by :meth:`fit` among
-            a quarter, half, once and twice the default (4 quantile, 2 mean-square) by an in-sample backtest.
+        guidance_scale: the scale ``s`` (see the module docstring); ``None``: the default, 1 for quantile
+            guidance; for mean-square guidance chosen by :meth:`fit`'s in-sample backtest among a quarter,
+            half, once and twice 2 (see ``DEFAULT_SCALES`` and ``BACKTEST_SCALE_FACTORS``).
         difference: lag of the differencing inside the window (0: none); ``"auto"``: :meth:`fit` chooses
             between 0 and the season (without a usable season: 0 and 1, first differences, which are
             standardised without centring) by a rolling-origin backtest on the end of the training series
@@ -688,15 +699,11 @@ class TSDiff:
         # sampling cost does not grow with the number of origins (measured: hourly series of 8 weeks, 16
         # origins x 50 paths, 3 candidates: the fit took 622 s wall with max_seconds=480)
         paths = int(min(50, max(25, self.BACKTEST_PATHS // len(held))))
-        default = 4.0 if self.guidance == "quantile" else 2.0
         if self.scale_mode == "fixed" or self.guidance == "none":
-            default = self._default_scale(self.guidance)
-            scales = [default]
+            scales = [self._default_scale(self.guidance)]
         else:
-            # the default first: where time allows one scale only (long windows) it is the one scored (measured,
-            # 8-week hourly, context 168: validation CRPS 0.085 at scale 4 vs 0.087 at 1 with seasonal differences,
-            # 0.105 vs 0.124 without)
-            scales = [default, default / 2, default * 2, default / 4]
+            # the default first: where time allows one scale only (long windows) it is the one scored
+            scales = [DEFAULT_SCALES[self.guidance] * f for f in BACKTEST_SCALE_FACTORS[self.guidance]]
         if self.difference_mode == "auto":
             candidates = [0, seasonal] if seasonal else [0, 1]
             if seasonal and self.profile_mode == "auto" and not self.lags:
@@ -817,7 +824,7 @@ class TSDiff:
             difference, self.profile = 0, "history"
         self._set_difference(difference)
         self.reflect = bool(reflect)
-        if len(scales) > 1:
+        if self.scale_mode == "auto":
             self.guidance_scale = float(scale)  # then used by forecast() for any guidance kind
         if self.spread_mode == "auto":
             self.spread = self.validated_spread = float(spread)
@@ -943,7 +950,7 @@ class TSDiff:
     def _default_scale(self, guidance: str) -> float:
         if self.guidance_scale is not None:
             return self.guidance_scale
-        return 4.0 if guidance == "quantile" else 2.0
+        return DEFAULT_SCALES.get(guidance, 1.0)
 
     def _energy(self, guidance: str, xhat: Tensor, target: Tensor, mask: Tensor, levels: Tensor) -> Tensor:
         err = (xhat - target) * mask
@@ -964,7 +971,7 @@ class TSDiff:
                 2-D array / list of series.
             num_samples: sample paths per context.
             guidance: ``"quantile"``, ``"mean-square"`` or ``"none"`` (default: the model's).
-            guidance_scale: the scale ``s`` (default: the model's, else 4 for quantile, 2 for MS).
+            guidance_scale: the scale ``s`` (default: the model's, else 1 for quantile, 2 for MS).
             seed: seed of the sampling noise (default: the model's seed).
             missing: ``"raise"`` (NaN in the context is an error) or ``"mask"`` (NaN marks a missing
                 observation, left out of the guidance energy as in the paper's missing-value scenarios).
