@@ -649,9 +649,10 @@ class TSDiff:
         (50 paths each, fewer — at least 25 — where more than 8 origins would exceed ``BACKTEST_PATHS`` in
         all; where paths are dear — long windows — fewer origins and paths, planned from a timed forecast so
         every trial's first scale fits ``SELECTION_SHARE`` of ``max_seconds``, see :meth:`_plan_origins`;
-        the default guidance at ¼, ½, 1 and 2 times its default scale unless ``guidance_scale`` was
-        given); each set of paths is also scored widened or narrowed by the factors ``SPREADS`` (1/√2 … √2,
-        see :func:`widen`; unless ``spread`` was given). Scales are scored breadth first (every candidate at the
+        the scales ``BACKTEST_SCALE_FACTORS`` times the default unless ``guidance_scale`` was given: quantile
+        guidance its default 1 only, mean-square ¼, ½, 1 and 2 times its default); each set of paths is also
+        scored widened or narrowed by the factors ``SPREADS`` (1/√2 … √2, see :func:`widen`; unless ``spread``
+        was given). Scales are scored breadth first (every candidate at the
         default scale, then every candidate at ½, 2 and ¼ times it); a scale whose sampling would end past
         ``SELECTION_SHARE`` of ``max_seconds`` is not scored, except each trial's first. Two stages:
 
