@@ -65,6 +65,11 @@ def simulate(kind: str, seed: int) -> tuple[np.ndarray, int, dict]:
 SIMULATED = ("trend_season12", "season7", "ar_season7", "local_level", "hourly", "hourly_long")
 
 
+def window(season: int) -> tuple[int, int]:
+    """(context, horizon) of the held-out runs: 3 seasons (hourly: 2) and one season; no season: 24 and 8."""
+    return ((3 * season if season < 24 else 2 * season), season) if season > 1 else (24, 8)
+
+
 def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
     """(values, season) of a named synthetic generator or ``real:<name>`` (fd.timeseries.load_series)."""
     if kind in SIMULATED:
@@ -155,7 +160,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     values, season = generate(args.kind, args.seed)
-    context, horizon = ((3 * season if season < 24 else 2 * season), season) if season > 1 else (24, 8)
+    context, horizon = window(season)
     if args.context is not None:
         context = args.context
     train, starts = TS.holdout_split(values, horizon, 3)

@@ -54,12 +54,12 @@ WIDE_SPREADS = tuple(float(f"{2 ** (i / 4):.3f}") for i in range(-2, 7))  # 1/âˆ
 
 
 def run(kind: str, seed: int, out: str) -> None:
-    from timeseries_heldout import generate
+    from timeseries_heldout import generate, window
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     values, season = generate(kind, seed)
-    context, horizon = ((3 * season if season < 24 else 2 * season), season) if season > 1 else (24, 8)
+    context, horizon = window(season)
     train, starts = TS.holdout_split(values, horizon, 3)
     # record what the backtest trains and samples (trial models, their validation paths, the targets)
     trained, calls, targets = [], [], {}

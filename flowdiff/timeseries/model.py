@@ -208,10 +208,10 @@ SPREADS = tuple(float(f"{2 ** (i / 4):.3f}") for i in range(-2, 3))
 #: the grid's edge, 1/√2)
 REFINE_SPREADS = tuple(float(f"{2 ** (i / 4):.3f}") for i in range(-4, 5))
 #: the default guidance scale per guidance kind (``guidance_scale=None``). Quantile guidance: 1 (was 4 with a
-#: backtest over 1, 2, 4 and 8 until session 37). On held-out series the backtest chose 2-8 and every one of
-#: them forecast its test origins worse than scale 1 (lynx 1.10 -> 0.68 x psnaive, infl 0.93 -> 0.58,
-#: AR(1)+season seed 0 1.50 -> 1.12); the validation favoured strong guidance even where every candidate's
-#: test CRPS rose with the scale (docs/timeseries.md, "Guidance scale", session 37)
+#: backtest over 1, 2, 4 and 8 until session 37). On 12 held-out series the backtest's choice gave a mean test
+#: CRPS of 1.00 x psnaive, scale 1 0.89 (best on 8 of them; persistent macro series such as unemp want 4-8, but
+#: the validation did not find them: it favoured 4-8 also where every candidate's test CRPS rose with the
+#: scale). benchmarks/timeseries_selection_study.py; docs/timeseries.md, "Guidance scale", session 37
 DEFAULT_SCALES = {"quantile": 1.0, "mean-square": 2.0}
 #: guidance scales fit's backtest scores, as factors on the default (the first is scored first; where time
 #: allows one scale only, it is the one): quantile guidance scores its default only (see DEFAULT_SCALES);
@@ -652,8 +652,8 @@ class TSDiff:
         the scales ``BACKTEST_SCALE_FACTORS`` times the default unless ``guidance_scale`` was given: quantile
         guidance its default 1 only, mean-square ¼, ½, 1 and 2 times its default); each set of paths is also
         scored widened or narrowed by the factors ``SPREADS`` (1/√2 … √2, see :func:`widen`; unless ``spread``
-        was given). Scales are scored breadth first (every candidate at the
-        default scale, then every candidate at ½, 2 and ¼ times it); a scale whose sampling would end past
+        was given). Scales are scored breadth first (every candidate at the first, then every candidate at
+        the next, ...); a scale whose sampling would end past
         ``SELECTION_SHARE`` of ``max_seconds`` is not scored, except each trial's first. Two stages:
 
         1. one trial per differencing candidate, with mirrored windows (``reflect=True``): no differencing and
