@@ -74,6 +74,11 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
     """(values, season) of a named synthetic generator or ``real:<name>`` (fd.timeseries.load_series)."""
     if kind in SIMULATED:
         return simulate(kind, seed)[:2]
+    if kind == "walk_season7":  # session 38 (never used to tune): a random-walk level under a weekly cycle
+        rng = np.random.default_rng(seed)
+        t = np.arange(210)
+        level = 30 + np.cumsum(rng.standard_normal(210))
+        return level + 4 * np.sin(2 * np.pi * t / 7 + rng.uniform(0, 6)) + rng.standard_normal(210), 7
     if kind == "synth0":  # benchmarks/timeseries.py's synthetic_0
         return TS.synthetic_panel(4, 8 * 24 + 24, seed=0)[0], 24
     if kind.startswith("sm:"):  # statsmodels series in no benchmark and no tuning run (held out 2026-12-06)
@@ -82,7 +87,7 @@ def generate(kind: str, seed: int) -> tuple[np.ndarray, int]:
         name = kind[3:]
         if name in ("unemp", "tbilrate", "infl"):  # infl: fresh check 2026-12-07 (never used to tune)
             return macrodata.load_pandas().data[name].to_numpy(dtype=np.float64), (4 if name == "unemp" else 1)
-        if name in ("realgdp", "realinv", "m1"):  # fresh checks 2026-12-07, session 35 (never used to tune)
+        if name in ("realgdp", "realinv", "m1", "realcons", "realdpi", "realgovt"):  # fresh checks: sessions 35 and 38 (the last three)
             return macrodata.load_pandas().data[name].to_numpy(dtype=np.float64), 4
         if name == "dp":
             return interest_inflation.load_pandas().data["Dp"].to_numpy(dtype=np.float64), 4
