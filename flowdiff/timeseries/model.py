@@ -176,6 +176,11 @@ def _have_statsmodels() -> bool:
     return True
 
 
+def _evenly_spaced(n: int, k: int) -> np.ndarray:
+    """Indices of at most ``k`` of ``n`` items, evenly spaced from the first to the last (all where ``k >= n``)."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(int))
+
+
 #: significance level of the KPSS test in :func:`level_nonstationary` (Hyndman & Khandakar 2008 use 5 %)
 TREND_LEVEL = 0.05
 
@@ -195,13 +200,11 @@ def level_nonstationary(values: np.ndarray, season_length: int, level: float = T
     x = x[np.isfinite(x)]
     if x.size < 12 or not _have_statsmodels() or np.ptp(x) == 0:
         return None
-    import warnings as _warnings
-
     from statsmodels.tsa.seasonal import STL
     from statsmodels.tsa.stattools import kpss
 
-    with _warnings.catch_warnings():
-        _warnings.simplefilter("ignore")  # KPSS's "p-value outside the table" InterpolationWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # KPSS's "p-value outside the table" InterpolationWarning
         if season_length > 1 and x.size >= 2 * season_length + 1:
             x = x - STL(x, period=season_length, robust=True).fit().seasonal
         return bool(kpss(x, regression="c", nlags="auto")[1] < level)
@@ -271,10 +274,11 @@ class TSDiff:
             guidance; for mean-square guidance chosen by :meth:`fit`'s in-sample backtest among a quarter,
             half, once and twice 2 (see ``DEFAULT_SCALES`` and ``BACKTEST_SCALE_FACTORS``).
         difference: lag of the differencing inside the window (0: none); ``"auto"``: :meth:`fit` chooses
-            between 0 and the season, and 1 (first differences) where the deseasonalised level is not
-            stationary by the KPSS test (:func:`level_nonstationary`; without a usable season: 0 and 1 always;
-            first differences are standardised without centring) by a rolling-origin backtest on the end of the training series
-            (validation CRPS; ``selection`` holds the scores), see ``_select_difference``.
+            by a rolling-origin backtest on the end of the training series (validation CRPS; ``selection``
+            holds the scores, see ``_select_difference``) between 0 and the season, and also 1 (first
+            differences) where the deseasonalised level is not stationary by the KPSS test
+            (:func:`level_nonstationary`); without a usable season between 0 and 1. First differences are
+            standardised without centring.
         spread: factor on each forecast path's deviation from the per-step median of the paths (a
             calibration of the model's spread); ``None``: chosen by the same backtest among ``SPREADS``.
         profile: with ``difference=0`` on a seasonal series whose context holds two seasons, the window is
@@ -628,7 +632,7 @@ class TSDiff:
             return held, paths
         per = 25 if affordable >= 25 * self.MIN_ORIGINS else self.MIN_PATHS
         origins = int(np.clip(affordable // per, self.MIN_ORIGINS, len(held)))
-        keep = np.unique(np.linspace(0, len(held) - 1, origins).round().astype(int))
+        keep = _evenly_spaced(len(held), origins)
         held = [held[i] for i in keep]
         return held, int(np.clip(affordable // len(held), self.MIN_PATHS, paths))
 
@@ -660,7 +664,7 @@ class TSDiff:
                 per_series.append([(a[:cut + j], a[cut + j: cut + j + horizon])
                                    for j in range(0, origins * horizon - horizon + 1, stride)])
         if len(per_series) > self.MAX_ORIGINS:
-            keep = np.unique(np.linspace(0, len(per_series) - 1, self.MAX_ORIGINS).round().astype(int))
+            keep = _evenly_spaced(len(per_series), self.MAX_ORIGINS)
             per_series = [per_series[i] for i in keep]
         chosen: list[tuple[int, int]] = []  # (series, origin) pairs, latest first, series in turn
         for back in range(max((len(o) for o in per_series), default=0)):
@@ -678,8 +682,8 @@ class TSDiff:
         backtest's few overlapping origins can prefer it by chance (session 37: an AR(1)-plus-season series went
         from 0.86 to 1.34 x the probabilistic seasonal naive when first differences were always offered), while on
         the trending macro series it helped (M1 0.70 -> 0.45, real GDP 0.86 -> 0.74); docs/timeseries.md."""
-        pick = np.unique(np.linspace(0, len(items) - 1, min(len(items), self.TREND_SERIES)).round().astype(int))
-        verdicts = [level_nonstationary(self._forward_transform(items[i], "series"), self.season_length) for i in pick]
+        verdicts = [level_nonstationary(self._forward_transform(items[i], "series"), self.season_length)
+                    for i in _evenly_spaced(len(items), self.TREND_SERIES)]
         tested = [v for v in verdicts if v is not None]
         return bool(tested) and 2 * sum(tested) >= len(tested)
 
