@@ -164,8 +164,8 @@ def test_forecast_shapes_and_refine(tiny_model):
     # stage 1: both differences with mirrored windows; stage 2: the better one without
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
     best = min(stage1, key=stage1.get)[0]
-    # candidates (profile="auto"): no differencing, seasonal differences and the history's seasonal profile
-    # quantile guidance: the default scale (1) only
+    # candidates (profile="auto"): no differencing, seasonal differences and the history's seasonal profile (not
+    # Holt-Winters' path: the series is stationary); quantile guidance: the default scale (1) only
     expected = {(d, True, 1.0, f) for d in (0, 6, "profile") for f in SPREADS}
     assert set(model.selection) == expected | {(best, False, 1.0, f) for f in SPREADS}
     assert all(np.isfinite(v) for v in model.selection.values())
@@ -179,8 +179,9 @@ def test_forecast_shapes_and_refine(tiny_model):
     if model.base is None:
         assert model.selection[guided] <= model.refine_selection[refined]
         assert (model.difference, model.reflect, model.guidance_scale, model.validated_spread) == (
-            0 if guided[0] == "profile" else guided[0], *guided[1:])
+            0 if guided[0] in ("profile", "ets") else guided[0], *guided[1:])
         assert (model.profile == "history") is (guided[0] == "profile")
+        assert (model.profile == "ets") is (guided[0] == "ets")
         # the validated factor is rescaled by the trial/final width ratio at the forecast origin, so the final
         # model's default paths there are exactly as wide as the validated trial paths
         trial_width, final_width = model.spread_widths
@@ -414,6 +415,7 @@ def test_backtest_scores_every_candidate_before_a_time_cut(monkeypatch):
     model = TS.TSDiff(12, 4, 6, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5,
                       profile="auto", guidance="mean-square").fit(series)
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
+    # (a stationary series: the Dickey-Fuller test rejects a unit root, so no Holt-Winters candidate)
     assert set(stage1) == {(c, True, 2.0, f) for c in (0, 6, "profile") for f in SPREADS}  # the default scale first
     assert not {k for k in model.selection if not k[1]} and model.reflect is True
     # the default (profile=False): no history-profile candidate
@@ -463,8 +465,9 @@ def test_first_differences_are_scaled_not_centred():
 
 
 def test_backtest_candidates_without_a_season_are_levels_and_first_differences():
-    """Without a season the backtest compares no differencing and first differences (mirrored windows),
-    then the better one without mirrored windows; the fit keeps the best (difference, reflect, scale, spread)."""
+    """Without a season the backtest compares no differencing, first differences and Holt's linear-trend path
+    (mirrored windows), then the best one without mirrored windows; the fit keeps the best (difference,
+    reflect, scale, spread)."""
     from flowdiff.timeseries.model import SPREADS
 
     rng = np.random.default_rng(5)
@@ -472,7 +475,7 @@ def test_backtest_candidates_without_a_season_are_levels_and_first_differences()
     model = TS.TSDiff(10, 3, 1, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5,
                       guidance_scale=2.0).fit(series)
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
-    assert {k[0] for k in stage1} == {0, 1}
+    assert {k[0] for k in stage1} == {0, 1, "ets"}
     best = min(stage1, key=stage1.get)[0]
     assert {k for k in model.selection if not k[1]} == {(best, False, 2.0, f) for f in SPREADS}
     # the default base=None: self-guidance only, no refined candidates scored
@@ -533,12 +536,12 @@ def test_backtest_sampling_is_planned_to_the_time_left(seconds_per_path, monkeyp
     model = TS.TSDiff(8, 4, 1, hidden=8, blocks=2, train_steps=6, batch_size=8, diffusion_steps=3, max_seconds=1000,
                       guidance="mean-square").fit(series)
     if seconds_per_path < 1:
-        assert set(scored) == {(16, 25)} and len(scored) == 12  # 2 candidates x 4 scales + 4 scales unmirrored
+        assert set(scored) == {(16, 25)} and len(scored) == 16  # 3 candidates x 4 scales + 4 scales unmirrored
         assert {k[1] for k in model.selection} == {True, False}
         assert model.spread_widths is not None  # the width probes ran (spread calibrated to the final model)
     else:
-        assert set(scored) == {(TS.TSDiff.MIN_ORIGINS, TS.TSDiff.MIN_PATHS)} and len(scored) == 2
-        assert set(model.selection) == {(c, True, 2.0, f) for c in (0, 1) for f in SPREADS} and model.reflect is True
+        assert set(scored) == {(TS.TSDiff.MIN_ORIGINS, TS.TSDiff.MIN_PATHS)} and len(scored) == 3
+        assert set(model.selection) == {(c, True, 2.0, f) for c in (0, 1, "ets") for f in SPREADS} and model.reflect is True
         # the width probes (100 paths = 5000 s here) are skipped: the validated spread is kept
         assert model.spread_widths is None and model.spread == model.validated_spread
 
@@ -588,6 +591,27 @@ def test_level_nonstationary_is_the_kpss_test_on_the_deseasonalised_series():
     assert level_nonstationary(np.arange(8.0), 1) is None and level_nonstationary(np.ones(50), 1) is None
 
 
+def test_level_mean_reverting_is_the_dickey_fuller_test_on_the_deseasonalised_series():
+    """ADF (statsmodels) after STL's season is removed: an AR(1) (phi 0.5) or white noise under a weekly cycle
+    (160 values) rejects a unit root on most draws (measured: 38 of 40), a random walk under the cycle on few (1
+    of 20; the test's level is 5 %); too short or constant series give None."""
+    from flowdiff.timeseries.model import level_mean_reverting
+
+    t = np.arange(160)
+    season = 4 * np.sin(2 * np.pi * t / 7)
+    walks = stationary = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        e = rng.standard_normal(160)
+        walks += level_mean_reverting(50 + season + np.cumsum(e), 7)
+        ar = np.zeros(160)
+        for i in range(1, 160):
+            ar[i] = 0.5 * ar[i - 1] + e[i]
+        stationary += level_mean_reverting(50 + season + ar, 7) + level_mean_reverting(50 + season + e, 7)
+    assert walks <= 4 and stationary >= 36, (walks, stationary)
+    assert level_mean_reverting(np.arange(8.0), 1) is None and level_mean_reverting(np.ones(50), 1) is None
+
+
 def test_backtest_offers_first_differences_only_where_the_level_wanders():
     """On a seasonal series the backtest's candidates are no and seasonal differencing, plus first differences
     where the KPSS test rejects level stationarity (a random walk under the season), not on a stationary one."""
@@ -596,7 +620,7 @@ def test_backtest_offers_first_differences_only_where_the_level_wanders():
     cycle = 3 * np.sin(2 * np.pi * t / 6)
     kw = dict(hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5, reflect=True)
     walk = TS.TSDiff(12, 4, 6, **kw).fit(40 + cycle + 2 * np.cumsum(rng.standard_normal(96)))
-    assert {k[0] for k in walk.selection} == {0, 6, 1}
+    assert {k[0] for k in walk.selection} == {0, 6, 1, "ets"}
     assert walk.forecast(40 + cycle[:30], 3).shape == (3, 4)
     flat = TS.TSDiff(12, 4, 6, **kw).fit(40 + cycle + 0.5 * rng.standard_normal(96))
     assert {k[0] for k in flat.selection} == {0, 6}

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from ..fields import Field
 from ..paths import Discrete
+from .ets import fit_holt_winters, holt_winters_paths
 from .network import TSDiffNet
 
 __all__ = ["TSDiff", "as_series_list", "check_context"]
@@ -196,18 +197,50 @@ def level_nonstationary(values: np.ndarray, season_length: int, level: float = T
     time series forecasting: the forecast package for R" (auto.arima chooses first differences where KPSS
     rejects). ``None`` where statsmodels is not installed or the series is too short (< 12 finite values).
     """
+    x = _deseasonalised(values, season_length)
+    if x is None:
+        return None
+    from statsmodels.tsa.stattools import kpss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # KPSS's "p-value outside the table" InterpolationWarning
+        return bool(kpss(x, regression="c", nlags="auto")[1] < level)
+
+
+def _deseasonalised(values: np.ndarray, season_length: int) -> np.ndarray | None:
+    """The finite values with robust STL's seasonal component removed (where a season is given and the series
+    holds two of them plus one value); ``None`` where statsmodels is missing or the series is too short (< 12
+    finite values) or constant."""
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)]
     if x.size < 12 or not _have_statsmodels() or np.ptp(x) == 0:
         return None
     from statsmodels.tsa.seasonal import STL
-    from statsmodels.tsa.stattools import kpss
+
+    if season_length > 1 and x.size >= 2 * season_length + 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = x - STL(x, period=season_length, robust=True).fit().seasonal
+    return x
+
+
+def level_mean_reverting(values: np.ndarray, season_length: int, level: float = TREND_LEVEL) -> bool | None:
+    """Whether the augmented Dickey–Fuller test rejects a unit root in ``values`` with its seasonal component
+    removed (as in :func:`level_nonstationary`): the level reverts to a mean, so where a window's context sits
+    relative to it says where the horizon goes.
+
+    Said and Dickey (1984), statsmodels' ``adfuller(regression="c", autolag="AIC")``. TSDiff's ``profile="ets"``
+    representation (windows around Holt–Winters' path) hides that position from the model, so fit's backtest
+    offers it only where this test does not reject. ``None`` where statsmodels is not installed or the series is
+    too short (< 12 finite values) or constant."""
+    x = _deseasonalised(values, season_length)
+    if x is None:
+        return None
+    from statsmodels.tsa.stattools import adfuller
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # KPSS's "p-value outside the table" InterpolationWarning
-        if season_length > 1 and x.size >= 2 * season_length + 1:
-            x = x - STL(x, period=season_length, robust=True).fit().seasonal
-        return bool(kpss(x, regression="c", nlags="auto")[1] < level)
+        warnings.simplefilter("ignore")
+        return bool(adfuller(x, regression="c", autolag="AIC")[1] < level)
 
 
 def _base_samples(name: str, history: np.ndarray, horizon: int, season_length: int, num_samples: int,
@@ -290,7 +323,12 @@ class TSDiff:
             ``"history"`` as a third candidate beside no and seasonal differencing (where the context holds two
             seasons), otherwise no profile. Default ``False``: measured in docs/timeseries.md, the candidate
             traded wins (elec_equip 0.74 -> 0.54 x psnaive) for losses (elnino 0.86 -> 1.00) and gave nothing on
-            fresh hourly series, for one more trial model's time.
+            fresh hourly series, for one more trial model's time. ``"ets"``: with ``difference=0``, each
+            window is standardised around the **Holt–Winters path of its forecast origin** (one-step predictions
+            over the context, the multi-step forecast over the horizon; additive trend and season fit by
+            statsmodels on the whole series given, :mod:`flowdiff.timeseries.ets`), so the model learns
+            Holt–Winters' errors; :meth:`forecast` refits Holt–Winters on the whole history it is given. Since
+            session 39 a candidate of fit's backtest where ``difference="auto"`` (``ETS_CANDIDATE``).
         reflect: train on every standardised window and its mirror image ``y -> 2 loc - y`` (a random half
             of each batch is negated), so a model fit on one short series does not learn the drift its few,
             overlapping training windows share and extrapolate it into every forecast; ``"auto"`` (default):
@@ -372,13 +410,16 @@ class TSDiff:
             raise ValueError(f"log must be True or False, got {log!r}")
         self.log = bool(log)
         self.detrend = bool(detrend)
-        if profile not in (True, False, "context", "history", "auto"):
-            raise ValueError(f"profile must be True, False, 'context', 'history' or 'auto', got {profile!r}")
+        if profile not in (True, False, "context", "history", "ets", "auto"):
+            raise ValueError(f"profile must be True, False, 'context', 'history', 'ets' or 'auto', got {profile!r}")
         # profile="auto": fit's backtest scores the history profile as a candidate representation
         self.profile_mode = "auto" if profile == "auto" else "fixed"
         self.profile: bool | str = {True: "context", "auto": False}.get(profile, profile)
-        if self.profile == "history" and self.lags:
-            raise ValueError(f"profile='history' takes no lag channels, got lags={self.lags}")
+        self._profile_given = self.profile  # what a refit's backtest starts from
+        if self.profile in ("history", "ets") and self.lags:
+            raise ValueError(f"profile={self.profile!r} takes no lag channels, got lags={self.lags}")
+        if self.profile == "ets" and not _have_statsmodels():
+            raise ImportError("profile='ets' fits Holt-Winters with statsmodels: pip install statsmodels")
         # reflect: train on the standardised windows and their mirror images (y -> 2 loc - y); a model fit on
         # one short series otherwise learns the drift its few training windows happen to share and extrapolates
         # it (hourly synthetic series: the unconditional horizon mean rose to +0.8 sd, the forecast median
@@ -472,7 +513,9 @@ class TSDiff:
         count = mask.sum(1).clamp(min=1)
         pos = torch.arange(self.length, device=windows.device, dtype=windows.dtype)
         mean = (ctx * mask).sum(1) / count
-        if offset is not None and not self.detrend:
+        if offset is not None and self.profile == "ets":
+            mean = torch.zeros_like(mean)  # around Holt-Winters' path: the model learns its errors' level too
+        elif offset is not None and not self.detrend:
             # around the history's profile the level is the last season's mean of the deseasonalised context
             # (the whole two-season context mean lags a moving level by a season)
             recent = torch.zeros_like(mask)
@@ -525,10 +568,27 @@ class TSDiff:
     def _history_profiled(self) -> bool:
         return self.profile == "history" and self._profile_fits
 
+    @property
+    def _offset_kind(self) -> str | None:
+        """What each window is standardised around besides its context mean: ``"history"`` (the history's seasonal
+        profile), ``"ets"`` (the Holt–Winters path of its forecast origin, undifferenced windows only) or None."""
+        if self._history_profiled:
+            return "history"
+        return "ets" if self.profile == "ets" and self.difference == 0 else None
+
     def _offsets(self, origins: list[tuple[np.ndarray, Any]]) -> Tensor:
         """``(B, length)``: for each (series, forecast origins) pair, the series' :func:`history_profile` at
-        each origin laid over the window that ends its context there (``B`` = all origins, in order)."""
+        each origin laid over the window that ends its context there (``B`` = all origins, in order); with
+        ``profile="ets"`` the Holt–Winters path of each origin (:func:`~flowdiff.timeseries.ets.holt_winters_paths`,
+        fit on the whole series given)."""
         m, c = self.season_length, self.context_length
+        if self._offset_kind == "ets":  # Holt-Winters fit on each series (history) given, its path at each origin
+            short = [a.size for a, _ in origins if a.size < 4]
+            if short:
+                raise ValueError(f"profile='ets' fits Holt-Winters on the whole history given; it needs at least 4 "
+                                 f"values, got a series of {short[0]}")
+            rows = [holt_winters_paths(a, fit_holt_winters(a, m), ends, c, self.prediction_length) for a, ends in origins]
+            return torch.as_tensor(np.concatenate(rows), device=self.device, dtype=self.dtype)
         phase = (np.arange(self.length) - c) % m
         rows = [history_profile(a, int(o), m, self.PROFILE_SEASONS)[phase] for a, ends in origins for o in ends]
         return torch.as_tensor(np.stack(rows), device=self.device, dtype=self.dtype)
@@ -672,6 +732,12 @@ class TSDiff:
         chosen = sorted(chosen[:self.MAX_ORIGINS])
         return train, [per_series[s][j] for s, j in chosen]
 
+    #: fit's backtest also scores undifferenced windows around Holt-Winters' path (``profile="ets"``) ...
+    ETS_CANDIDATE = True
+    #: ... on at most this many series (statsmodels fits Holt-Winters on each training series and on each
+    #: history forecast from, 0.5-2 s per hourly series: a 64-series panel would spend minutes on it)
+    ETS_MAX_SERIES = 8
+
     #: series tested by :meth:`_trending` at most (evenly spread over a panel)
     TREND_SERIES = 32
 
@@ -682,7 +748,12 @@ class TSDiff:
         backtest's few overlapping origins can prefer it by chance (session 37: an AR(1)-plus-season series went
         from 0.86 to 1.34 x the probabilistic seasonal naive when first differences were always offered), while on
         the trending macro series it helped (M1 0.70 -> 0.45, real GDP 0.86 -> 0.74); docs/timeseries.md."""
-        verdicts = [level_nonstationary(self._forward_transform(items[i], "series"), self.season_length)
+        return self._vote(level_nonstationary, items)
+
+    def _vote(self, test, items: list[np.ndarray]) -> bool:
+        """Whether ``test(series, season_length)`` says yes on at least half of the (at most ``TREND_SERIES``,
+        evenly spread) series it can decide on; False where it decides on none."""
+        verdicts = [test(self._forward_transform(items[i], "series"), self.season_length)
                     for i in _evenly_spaced(len(items), self.TREND_SERIES)]
         tested = [v for v in verdicts if v is not None]
         return bool(tested) and 2 * sum(tested) >= len(tested)
@@ -715,6 +786,10 @@ class TSDiff:
            series whose context holds two seasons, also ``"profile"``: no differencing, each window standardised around the seasonal
            profile of the whole history before its forecast origin (``profile="history"``; the last day
            repeated, which seasonal differences extrapolate, carries that day's noise into every forecast);
+           and, where statsmodels is installed and no lags are modelled, ``"ets"``: no differencing, each
+           window around the Holt–Winters path of its forecast origin (``profile="ets"``; trend-heavy series,
+           whose level and slope a few overlapping windows cannot teach the network, are extrapolated by
+           exponential smoothing and the model learns its errors);
         2. with ``reflect="auto"``, one more trial without mirrored windows at the best difference of stage 1
            (mirroring removes any drift direction, also a real one such as a price index's); skipped (mirrored
            windows kept) where its training and first scored set would not end within ``SELECTION_SHARE`` of
@@ -736,8 +811,8 @@ class TSDiff:
 
         seasonal = self.season_length if 1 < self.season_length <= self.context_length // 2 else 0
         self.selection = {}
-        if self.profile_mode == "auto":
-            self.profile = False  # a refit chooses afresh
+        if self.difference_mode == "auto":
+            self.profile = self._profile_given  # a refit chooses afresh
         self.validated_spread = self.spread_widths = self._trial_width = None  # a refit calibrates afresh
         self._path_cost = None
         horizon = self.prediction_length
@@ -763,6 +838,9 @@ class TSDiff:
                 candidates.append(1)  # first differences where the level wanders (KPSS rejects), see _trending
             if seasonal and self.profile_mode == "auto" and not self.lags:
                 candidates.append("profile")  # no differencing around the history's seasonal profile
+            if (self.ETS_CANDIDATE and not self.lags and self.profile != "ets" and len(items) <= self.ETS_MAX_SERIES
+                    and _have_statsmodels() and not self._vote(level_mean_reverting, items)):
+                candidates.append("ets")  # no differencing around Holt-Winters' path, unless the level mean-reverts
         else:
             candidates = [self.difference]
         spreads = SPREADS if self.spread_mode == "auto" else [self.spread]
@@ -773,8 +851,8 @@ class TSDiff:
         kept: dict = {}  # the trial models by (difference, reflect), reused to score the refined bases
 
         def train_trial(candidate: Any, reflect: bool) -> None:
-            profile = "history" if candidate == "profile" else self.profile
-            config = {**self.config(), "difference": 0 if candidate == "profile" else candidate, "profile": profile,
+            profile = {"profile": "history", "ets": "ets"}.get(candidate, self.profile)
+            config = {**self.config(), "difference": 0 if candidate in ("profile", "ets") else candidate, "profile": profile,
                       "reflect": reflect, "train_steps": max(1, steps // 2),
                       "max_seconds": self.max_seconds / (2 * trials + 1), "base": None}
             trial = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(train, max(1, steps // 2), False)
@@ -875,8 +953,8 @@ class TSDiff:
             # training; the validated spread is kept)
             if self.spread_mode == "auto" and calibrate:
                 self._trial_width = self._probe_width(kept[(difference, reflect)], items, scale)
-        if difference == "profile":
-            difference, self.profile = 0, "history"
+        if difference in ("profile", "ets"):
+            difference, self.profile = 0, {"profile": "history", "ets": "ets"}[difference]
         self._set_difference(difference)
         self.reflect = bool(reflect)
         if self.scale_mode == "auto":
@@ -890,7 +968,7 @@ class TSDiff:
         windows = np.concatenate([self._represent(self._raw_windows(a)) for a in series])
         data = torch.as_tensor(windows, device=self.device, dtype=self.dtype)
         offset = None
-        if self._history_profiled:  # each window's profile from the history before its own forecast origin
+        if self._offset_kind:  # each window's profile (or Holt-Winters path) from the history before its own forecast origin
             full = self.context_length + self.prediction_length
             offset = self._offsets([(a, np.arange(self.max_lag, a.size - full + 1) + self.context_length) for a in series])
         data, _, _ = self._normalise(data, torch.ones_like(data), offset)
@@ -976,7 +1054,7 @@ class TSDiff:
         if (observed[:, 0, : self.inner_context].sum(1) < 1).any():
             raise ValueError("every context needs observed values in its last context_length steps "
                              f"(at least one pair {self.difference} steps apart when differencing)")
-        offset = self._offsets([(h, [h.size]) for h in histories]) if self._history_profiled else None
+        offset = self._offsets([(h, [h.size]) for h in histories]) if self._offset_kind else None
         values, loc, scale = self._normalise(values, observed, offset)
         return values * observed, observed, loc, scale, raw[:, 0]
 
