@@ -16,3 +16,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def tsdiff_training_windows(monkeypatch):
+    """The clean windows ``x0`` that :class:`flowdiff.timeseries.TSDiff` feeds its loss, one tensor per step
+    (a list that fills as the test trains)."""
+    from flowdiff.timeseries import TSDiff
+
+    seen = []
+    original = TSDiff._loss
+
+    def record(self, x0, xt, t, noise, features):
+        seen.append(x0.detach().clone())
+        return original(self, x0, xt, t, noise, features)
+
+    monkeypatch.setattr(TSDiff, "_loss", record)
+    return seen

@@ -357,7 +357,7 @@ def test_history_profile_is_the_exact_season_aligned_to_the_origin():
     assert np.allclose(history_profile(values, 3, m, 8), 0)  # no whole season yet
 
 
-def test_history_profile_windows_are_exact_in_fit_and_forecast(monkeypatch):
+def test_history_profile_windows_are_exact_in_fit_and_forecast(tsdiff_training_windows):
     """profile='history': on a noiseless periodic series with a level that steps every season, every
     training window is standardised to exactly zero (so each window's profile is phase-aligned with its own
     origin), and forecast's loc over the horizon is the true continuation, from the whole series given."""
@@ -366,14 +366,7 @@ def test_history_profile_windows_are_exact_in_fit_and_forecast(monkeypatch):
     pattern = np.array([2.0, -1.0, 0.5, -1.5])
     i = np.arange(70)
     series = 20 + pattern[i % m]
-    seen = []
-    original = TS.TSDiff._loss
-
-    def record(self, x0, xt, t, noise, features):
-        seen.append(x0.detach().clone())
-        return original(self, x0, xt, t, noise, features)
-
-    monkeypatch.setattr(TS.TSDiff, "_loss", record)
+    seen = tsdiff_training_windows
     model = TS.TSDiff(context, horizon, m, difference=0, profile="history", hidden=4, blocks=1, train_steps=3,
                       batch_size=16, diffusion_steps=5, guidance_scale=1.0, spread=1.0, reflect=False,
                       dtype=torch.float64).fit(series)
@@ -424,17 +417,10 @@ def test_backtest_scores_every_candidate_before_a_time_cut(monkeypatch):
 
 
 @pytest.mark.parametrize("reflect", [True, False])
-def test_reflect_feeds_mirrored_windows_to_the_loss(reflect, monkeypatch):
-    seen = []
+def test_reflect_feeds_mirrored_windows_to_the_loss(reflect, tsdiff_training_windows):
+    seen = tsdiff_training_windows
     model = TS.TSDiff(8, 2, 1, hidden=4, blocks=1, train_steps=6, batch_size=16, diffusion_steps=5,
                       reflect=reflect, guidance_scale=1.0, spread=1.0, difference=0)
-    original = TS.TSDiff._loss
-
-    def record(self, x0, xt, t, noise, features):
-        seen.append(x0.detach().clone())
-        return original(self, x0, xt, t, noise, features)
-
-    monkeypatch.setattr(TS.TSDiff, "_loss", record)
     series = 3 + np.arange(40) / 10 + 0.1 * np.sin(np.arange(40))  # every window rises: no mirrored one exists
     model.fit(series)
     batch = torch.cat(seen)
@@ -569,6 +555,23 @@ def test_synthetic_panel_mean_is_the_generators_noiseless_cycle():
     assert abs(r.mean()) < 2e-3 and abs(r.std() - 0.1) < 2e-3
 
 
+def _rejections(test) -> tuple[int, int]:
+    """How often ``test(series, 7)`` says yes on 20 random walks and on 40 stationary series (20 AR(1) with phi
+    0.5, 20 white noise), each of 160 values under a weekly cycle."""
+    t = np.arange(160)
+    season = 4 * np.sin(2 * np.pi * t / 7)
+    walks = stationary = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        e = rng.standard_normal(160)
+        walks += test(50 + season + np.cumsum(e), 7)
+        ar = np.zeros(160)
+        for i in range(1, 160):
+            ar[i] = 0.5 * ar[i - 1] + e[i]
+        stationary += test(50 + season + ar, 7) + test(50 + season + e, 7)
+    return walks, stationary
+
+
 def test_level_nonstationary_is_the_kpss_test_on_the_deseasonalised_series():
     """KPSS (statsmodels) after STL's season is removed: a random walk under a weekly cycle (160 values) is
     rejected as level-stationary on most draws (measured: 14 of 20; the auto bandwidth costs power), an AR(1)
@@ -576,17 +579,7 @@ def test_level_nonstationary_is_the_kpss_test_on_the_deseasonalised_series():
     constant series give None."""
     from flowdiff.timeseries.model import level_nonstationary
 
-    t = np.arange(160)
-    season = 4 * np.sin(2 * np.pi * t / 7)
-    walks = stationary = 0
-    for seed in range(20):
-        rng = np.random.default_rng(seed)
-        e = rng.standard_normal(160)
-        walks += level_nonstationary(50 + season + np.cumsum(e), 7)
-        ar = np.zeros(160)
-        for i in range(1, 160):
-            ar[i] = 0.5 * ar[i - 1] + e[i]
-        stationary += level_nonstationary(50 + season + ar, 7) + level_nonstationary(50 + season + e, 7)
+    walks, stationary = _rejections(level_nonstationary)
     assert walks >= 12 and stationary <= 6, (walks, stationary)
     assert level_nonstationary(np.arange(8.0), 1) is None and level_nonstationary(np.ones(50), 1) is None
 
@@ -597,17 +590,7 @@ def test_level_mean_reverting_is_the_dickey_fuller_test_on_the_deseasonalised_se
     of 20; the test's level is 5 %); too short or constant series give None."""
     from flowdiff.timeseries.model import level_mean_reverting
 
-    t = np.arange(160)
-    season = 4 * np.sin(2 * np.pi * t / 7)
-    walks = stationary = 0
-    for seed in range(20):
-        rng = np.random.default_rng(seed)
-        e = rng.standard_normal(160)
-        walks += level_mean_reverting(50 + season + np.cumsum(e), 7)
-        ar = np.zeros(160)
-        for i in range(1, 160):
-            ar[i] = 0.5 * ar[i - 1] + e[i]
-        stationary += level_mean_reverting(50 + season + ar, 7) + level_mean_reverting(50 + season + e, 7)
+    walks, stationary = _rejections(level_mean_reverting)
     assert walks <= 4 and stationary >= 36, (walks, stationary)
     assert level_mean_reverting(np.arange(8.0), 1) is None and level_mean_reverting(np.ones(50), 1) is None
 

@@ -102,7 +102,7 @@ def test_paths_are_exact_on_noiseless_trend_and_season():
         holt_winters_paths(x, params, [5], 12, 8)
 
 
-def test_tsdiff_ets_windows_are_the_holt_winters_errors(monkeypatch):
+def test_tsdiff_ets_windows_are_the_holt_winters_errors(tsdiff_training_windows):
     """profile='ets': every training window is the series minus its origin's Holt–Winters path (one-step
     predictions over the context, the forecast over the horizon), over the sd of the context's errors; on
     noiseless trend + season the path is the truth, so forecast's loc over the horizon is the continuation.
@@ -111,14 +111,7 @@ def test_tsdiff_ets_windows_are_the_holt_winters_errors(monkeypatch):
     t = np.arange(90)
     rng = np.random.default_rng(3)
     series = 20 + 0.2 * t + np.array([1.0, -2.0, 0.5, 1.5, -0.5, -0.5])[t % m] + 0.3 * rng.standard_normal(90)
-    seen = []
-    original = TS.TSDiff._loss
-
-    def record(self, x0, xt, t_, noise, features):
-        seen.append(x0.detach().clone())
-        return original(self, x0, xt, t_, noise, features)
-
-    monkeypatch.setattr(TS.TSDiff, "_loss", record)
+    seen = tsdiff_training_windows
     model = TS.TSDiff(context, horizon, m, difference=0, profile="ets", hidden=4, blocks=1, train_steps=1,
                       batch_size=500, diffusion_steps=5, spread=1.0, reflect=False, dtype=torch.float64)
     generator = torch.Generator().manual_seed(model.seed)  # the batch rows fit draws first
