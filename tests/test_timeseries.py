@@ -451,9 +451,8 @@ def test_first_differences_are_scaled_not_centred():
 
 
 def test_backtest_candidates_without_a_season_are_levels_and_first_differences():
-    """Without a season the backtest compares no differencing, first differences and Holt's linear-trend path
-    (mirrored windows), then the best one without mirrored windows; the fit keeps the best (difference,
-    reflect, scale, spread)."""
+    """Without a season the backtest compares no differencing and first differences (mirrored windows),
+    then the better one without mirrored windows; the fit keeps the best (difference, reflect, scale, spread)."""
     from flowdiff.timeseries.model import SPREADS
 
     rng = np.random.default_rng(5)
@@ -461,7 +460,7 @@ def test_backtest_candidates_without_a_season_are_levels_and_first_differences()
     model = TS.TSDiff(10, 3, 1, hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5,
                       guidance_scale=2.0).fit(series)
     stage1 = {k: v for k, v in model.selection.items() if k[1]}
-    assert {k[0] for k in stage1} == {0, 1, "ets"}
+    assert {k[0] for k in stage1} == {0, 1}
     best = min(stage1, key=stage1.get)[0]
     assert {k for k in model.selection if not k[1]} == {(best, False, 2.0, f) for f in SPREADS}
     # the default base=None: self-guidance only, no refined candidates scored
@@ -522,12 +521,12 @@ def test_backtest_sampling_is_planned_to_the_time_left(seconds_per_path, monkeyp
     model = TS.TSDiff(8, 4, 1, hidden=8, blocks=2, train_steps=6, batch_size=8, diffusion_steps=3, max_seconds=1000,
                       guidance="mean-square").fit(series)
     if seconds_per_path < 1:
-        assert set(scored) == {(16, 25)} and len(scored) == 16  # 3 candidates x 4 scales + 4 scales unmirrored
+        assert set(scored) == {(16, 25)} and len(scored) == 12  # 2 candidates x 4 scales + 4 scales unmirrored
         assert {k[1] for k in model.selection} == {True, False}
         assert model.spread_widths is not None  # the width probes ran (spread calibrated to the final model)
     else:
-        assert set(scored) == {(TS.TSDiff.MIN_ORIGINS, TS.TSDiff.MIN_PATHS)} and len(scored) == 3
-        assert set(model.selection) == {(c, True, 2.0, f) for c in (0, 1, "ets") for f in SPREADS} and model.reflect is True
+        assert set(scored) == {(TS.TSDiff.MIN_ORIGINS, TS.TSDiff.MIN_PATHS)} and len(scored) == 2
+        assert set(model.selection) == {(c, True, 2.0, f) for c in (0, 1) for f in SPREADS} and model.reflect is True
         # the width probes (100 paths = 5000 s here) are skipped: the validated spread is kept
         assert model.spread_widths is None and model.spread == model.validated_spread
 
@@ -603,7 +602,7 @@ def test_backtest_offers_first_differences_only_where_the_level_wanders():
     cycle = 3 * np.sin(2 * np.pi * t / 6)
     kw = dict(hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5, reflect=True)
     walk = TS.TSDiff(12, 4, 6, **kw).fit(40 + cycle + 2 * np.cumsum(rng.standard_normal(96)))
-    assert {k[0] for k in walk.selection} == {0, 6, 1, "ets"}
+    assert {k[0] for k in walk.selection} == {0, 6, 1}
     assert walk.forecast(40 + cycle[:30], 3).shape == (3, 4)
     flat = TS.TSDiff(12, 4, 6, **kw).fit(40 + cycle + 0.5 * rng.standard_normal(96))
     assert {k[0] for k in flat.selection} == {0, 6}

@@ -147,18 +147,19 @@ def test_tsdiff_ets_save_load_round_trip(tmp_path):
 
 
 def test_backtest_offers_holt_winters_paths_on_few_series(monkeypatch):
-    """fit's backtest scores profile='ets' as a candidate (key "ets") and, where it wins, forecasts around
-    Holt-Winters' path; not on a panel of more than ETS_MAX_SERIES series, nor where the class turns it off."""
+    """With profile='auto' fit's backtest scores profile='ets' as a candidate (key "ets") where the level does not
+    mean-revert and, where it wins, forecasts around Holt-Winters' path; not on a panel of more than
+    ETS_MAX_SERIES series, not on a stationary series, not by default (profile=False)."""
     t = np.arange(90)
     rng = np.random.default_rng(5)
     series = [30 + 0.3 * t + 3 * np.sin(2 * np.pi * t / 6) + rng.standard_normal(90) for _ in range(2)]
     kw = dict(hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5, reflect=True)
-    model = TS.TSDiff(12, 4, 6, **kw).fit(series)
+    model = TS.TSDiff(12, 4, 6, profile="auto", **kw).fit(series)
     assert "ets" in {k[0] for k in model.selection}
     best = min(model.selection, key=model.selection.get)
     assert (model.profile == "ets") is (best[0] == "ets") and model.forecast(series[0], 3).shape == (3, 4)
-    monkeypatch.setattr(TS.TSDiff, "ETS_MAX_SERIES", 1)
-    assert "ets" not in {k[0] for k in TS.TSDiff(12, 4, 6, **kw).fit(series).selection}
-    monkeypatch.setattr(TS.TSDiff, "ETS_MAX_SERIES", 8)
-    monkeypatch.setattr(TS.TSDiff, "ETS_CANDIDATE", False)
+    stationary = 30 + 3 * np.sin(2 * np.pi * t / 6) + rng.standard_normal(90)
+    assert "ets" not in {k[0] for k in TS.TSDiff(12, 4, 6, profile="auto", **kw).fit(stationary).selection}
     assert "ets" not in {k[0] for k in TS.TSDiff(12, 4, 6, **kw).fit(series[0]).selection}
+    monkeypatch.setattr(TS.TSDiff, "ETS_MAX_SERIES", 1)
+    assert "ets" not in {k[0] for k in TS.TSDiff(12, 4, 6, profile="auto", **kw).fit(series).selection}

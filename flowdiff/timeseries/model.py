@@ -231,7 +231,7 @@ def level_mean_reverting(values: np.ndarray, season_length: int, level: float = 
 
     Said and Dickey (1984), statsmodels' ``adfuller(regression="c", autolag="AIC")``. TSDiff's ``profile="ets"``
     representation (windows around Holt–Winters' path) hides that position from the model, so fit's backtest
-    offers it only where this test does not reject. ``None`` where statsmodels is not installed or the series is
+    (with ``profile="auto"``) offers it only where this test does not reject. ``None`` where statsmodels is not installed or the series is
     too short (< 12 finite values) or constant."""
     x = _deseasonalised(values, season_length)
     if x is None:
@@ -327,11 +327,12 @@ class TSDiff:
             window is standardised around the **Holt–Winters path of its forecast origin** (one-step predictions
             over the context, the multi-step forecast over the horizon; additive trend and season fit by
             statsmodels on the whole series given, :mod:`flowdiff.timeseries.ets`), so the model learns
-            Holt–Winters' errors; :meth:`forecast` refits Holt–Winters on the whole history it is given. Since
-            session 39 a candidate of fit's backtest where ``difference="auto"`` (``ETS_CANDIDATE``), unless the
-            Dickey–Fuller test finds the level mean-reverting (:func:`level_mean_reverting`): on 25 held-out
-            series the mean CRPS went from 1.04 to 1.01 x Holt–Winters' (unemp 2.41 -> 0.96 x), the per-series
-            bar (5 % below the probabilistic seasonal naive) from 16 to 15 met; docs/timeseries.md.
+            Holt–Winters' errors; :meth:`forecast` refits Holt–Winters on the whole history it is given. With
+            ``"auto"`` fit's backtest also scores ``"ets"`` as a candidate, unless the Dickey–Fuller test finds
+            the level mean-reverting (:func:`level_mean_reverting`). Not offered by default (session 39,
+            docs/timeseries.md): on the 25 held-out series it was designed on, the mean CRPS went from 1.04 to
+            1.01 x Holt–Winters' (unemp 2.41 -> 0.96 x), but on 6 fresh series it lost (mean 0.79 -> 0.86 x the
+            probabilistic seasonal naive, mean CRPS 0.86 -> 1.00 x Holt–Winters'; seatbelts 0.96 -> 1.31).
         reflect: train on every standardised window and its mirror image ``y -> 2 loc - y`` (a random half
             of each batch is negated), so a model fit on one short series does not learn the drift its few,
             overlapping training windows share and extrapolate it into every forecast; ``"auto"`` (default):
@@ -735,9 +736,8 @@ class TSDiff:
         chosen = sorted(chosen[:self.MAX_ORIGINS])
         return train, [per_series[s][j] for s, j in chosen]
 
-    #: fit's backtest also scores undifferenced windows around Holt-Winters' path (``profile="ets"``) ...
-    ETS_CANDIDATE = True
-    #: ... on at most this many series (statsmodels fits Holt-Winters on each training series and on each
+    #: with ``profile="auto"`` fit's backtest scores windows around Holt-Winters' path (``profile="ets"``) on at
+    #: most this many series (statsmodels fits Holt-Winters on each training series and on each
     #: history forecast from, 0.5-2 s per hourly series: a 64-series panel would spend minutes on it)
     ETS_MAX_SERIES = 8
 
@@ -789,7 +789,8 @@ class TSDiff:
            series whose context holds two seasons, also ``"profile"``: no differencing, each window standardised around the seasonal
            profile of the whole history before its forecast origin (``profile="history"``; the last day
            repeated, which seasonal differences extrapolate, carries that day's noise into every forecast);
-           and, where statsmodels is installed and no lags are modelled, ``"ets"``: no differencing, each
+           and with ``profile="auto"``, where statsmodels is installed, no lags are modelled and the level does not
+           mean-revert (:func:`level_mean_reverting`), ``"ets"``: no differencing, each
            window around the Holt–Winters path of its forecast origin (``profile="ets"``; trend-heavy series,
            whose level and slope a few overlapping windows cannot teach the network, are extrapolated by
            exponential smoothing and the model learns its errors);
@@ -841,7 +842,7 @@ class TSDiff:
                 candidates.append(1)  # first differences where the level wanders (KPSS rejects), see _trending
             if seasonal and self.profile_mode == "auto" and not self.lags:
                 candidates.append("profile")  # no differencing around the history's seasonal profile
-            if (self.ETS_CANDIDATE and not self.lags and self.profile != "ets" and len(items) <= self.ETS_MAX_SERIES
+            if (self.profile_mode == "auto" and not self.lags and len(items) <= self.ETS_MAX_SERIES
                     and _have_statsmodels() and not self._vote(level_mean_reverting, items)):
                 candidates.append("ets")  # no differencing around Holt-Winters' path, unless the level mean-reverts
         else:
