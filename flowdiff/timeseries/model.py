@@ -331,8 +331,8 @@ class TSDiff:
             ``"auto"`` fit's backtest also scores ``"ets"`` as a candidate, unless the Dickey–Fuller test finds
             the level mean-reverting (:func:`level_mean_reverting`). Not offered by default (session 39,
             docs/timeseries.md): on the 25 held-out series it was designed on, the mean CRPS went from 1.04 to
-            1.01 x Holt–Winters' (unemp 2.41 -> 0.96 x), but on 6 fresh series it lost (mean 0.79 -> 0.86 x the
-            probabilistic seasonal naive, mean CRPS 0.86 -> 1.00 x Holt–Winters'; seatbelts 0.96 -> 1.31).
+            1.01 x Holt–Winters' (unemp 2.41 -> 0.96 x), but on 8 fresh series it lost (mean 0.80 -> 0.86 x the
+            probabilistic seasonal naive, mean CRPS 0.77 -> 0.83 x Holt–Winters'; seatbelts 0.96 -> 1.31).
         reflect: train on every standardised window and its mirror image ``y -> 2 loc - y`` (a random half
             of each batch is negated), so a model fit on one short series does not learn the drift its few,
             overlapping training windows share and extrapolate it into every forecast; ``"auto"`` (default):
