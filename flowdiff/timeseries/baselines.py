@@ -48,18 +48,26 @@ def holt_winters(history, horizon: int, season_length: int = 1, num_samples: int
                  damped: bool = False) -> np.ndarray:
     """Holt–Winters ETS (additive trend, additive season where ``season_length > 1`` and the history covers
     two seasons) fitted by statsmodels; samples by simulating the fitted model with additive errors."""
-    from statsmodels.tsa.holtwinters import ExponentialSmoothing
-
-    x = _history(history)
-    seasonal = "add" if season_length > 1 and x.size >= 2 * season_length + 2 else None
+    fit = fit_statsmodels_holt_winters(_history(history), season_length, damped)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = ExponentialSmoothing(x, trend="add", damped_trend=damped, seasonal=seasonal,
-                                   seasonal_periods=season_length if seasonal else None,
-                                   initialization_method="estimated").fit()
         sims = fit.simulate(horizon, repetitions=num_samples, error="add", anchor="end",
                             random_state=np.random.RandomState(seed))
     return np.asarray(sims, dtype=np.float64).reshape(horizon, num_samples).T
+
+
+def fit_statsmodels_holt_winters(x: np.ndarray, season_length: int = 1, damped: bool = False):
+    """statsmodels' ``ExponentialSmoothing`` fit to ``x``: additive trend (damped if asked), additive season of
+    ``season_length`` where that exceeds 1 and ``x`` holds two seasons and two values, initial states estimated
+    with the smoothing parameters. Shared by :func:`holt_winters` and :mod:`flowdiff.timeseries.ets`."""
+    from statsmodels.tsa.holtwinters import ExponentialSmoothing
+
+    seasonal = "add" if season_length > 1 and x.size >= 2 * season_length + 2 else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence and "no frequency" warnings
+        return ExponentialSmoothing(x, trend="add", damped_trend=damped, seasonal=seasonal,
+                                    seasonal_periods=season_length if seasonal else None,
+                                    initialization_method="estimated").fit()
 
 
 def statsforecast_model(name: str, history, horizon: int, season_length: int = 1, num_samples: int = 100,

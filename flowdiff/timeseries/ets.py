@@ -24,7 +24,6 @@ forecasts). A missing value (NaN) skips its update: the states move on by their 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,18 +62,14 @@ def fit_holt_winters(values: np.ndarray, season_length: int = 1, damped: bool = 
     """Fit additive Holt–Winters to ``values`` with statsmodels (additive trend; additive season where
     ``season_length > 1`` and the series holds two seasons and two values, as
     :func:`flowdiff.timeseries.holt_winters`). Missing values are interpolated for the fit."""
-    from statsmodels.tsa.holtwinters import ExponentialSmoothing
+    from .baselines import fit_statsmodels_holt_winters
 
     x = _fill(values)
     if x.size < 4:
         raise ValueError(f"fit_holt_winters needs at least 4 values, got {x.size}")
     m = int(season_length)
-    seasonal = m > 1 and x.size >= 2 * m + 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence and "no frequency" warnings
-        res = ExponentialSmoothing(x, trend="add", damped_trend=damped, seasonal="add" if seasonal else None,
-                                   seasonal_periods=m if seasonal else None,
-                                   initialization_method="estimated").fit()
+    res = fit_statsmodels_holt_winters(x, m, damped)
+    seasonal = res.model.has_seasonal
     p = res.params
     phi = float(p["damping_trend"]) if damped else 1.0
     seasons = np.asarray(p["initial_seasons"], dtype=np.float64) if seasonal else np.zeros(1)
@@ -102,7 +97,7 @@ def holt_winters_filter(values: np.ndarray, params: HoltWintersParams) -> tuple[
         pred[t] = lv + phi * tr + s_old
         if np.isfinite(y[t]):
             new = a * (y[t] - s_old) + (1 - a) * (lv + phi * tr)
-            season[m + t] = g * (y[t] - lv - phi * tr) + (1 - g) * s_old if m > 1 else 0.0
+            season[m + t] = g * (y[t] - lv - phi * tr) + (1 - g) * s_old  # m = 1: gamma = s = 0, stays 0
             tr = b_ * (new - lv) + (1 - b_) * phi * tr
             lv = new
         else:  # missing: the states move on by their own prediction
@@ -129,5 +124,5 @@ def holt_winters_paths(values: np.ndarray, params: HoltWintersParams, origins, c
         last = o - 1
         # the latest seasonal state of the phase of time last + h: time last + h - m * ceil(h / m)
         phase = m + last + h - m * np.ceil(h / m).astype(np.int64)
-        out[i, context:] = level[last] + damp * trend[last] + (season[phase] if m > 1 else 0.0)
+        out[i, context:] = level[last] + damp * trend[last] + season[phase]
     return out

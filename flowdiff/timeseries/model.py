@@ -419,7 +419,6 @@ class TSDiff:
         # profile="auto": fit's backtest scores the history profile as a candidate representation
         self.profile_mode = "auto" if profile == "auto" else "fixed"
         self.profile: bool | str = {True: "context", "auto": False}.get(profile, profile)
-        self._profile_given = self.profile  # what a refit's backtest starts from
         if self.profile in ("history", "ets") and self.lags:
             raise ValueError(f"profile={self.profile!r} takes no lag channels, got lags={self.lags}")
         if self.profile == "ets" and not _have_statsmodels():
@@ -815,8 +814,8 @@ class TSDiff:
 
         seasonal = self.season_length if 1 < self.season_length <= self.context_length // 2 else 0
         self.selection = {}
-        if self.difference_mode == "auto":
-            self.profile = self._profile_given  # a refit chooses afresh
+        if self.profile_mode == "auto":
+            self.profile = False  # a refit chooses afresh
         self.validated_spread = self.spread_widths = self._trial_width = None  # a refit calibrates afresh
         self._path_cost = None
         horizon = self.prediction_length
