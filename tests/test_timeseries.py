@@ -643,3 +643,28 @@ def test_combine_pools_the_backtests_runners_up(tmp_path):
     assert TS.TSDiff(10, 3, 1, combine=1, **kw).fit(series).partners == []
     with pytest.raises(ValueError, match="combine"):
         TS.TSDiff(10, 3, 1, combine=0)
+
+
+def test_conditional_model_sees_the_context_only_through_its_condition_channels():
+    """ConditionalTSDiff (the task-specific baseline): the noisy input's context positions are zero both in
+    training and in sampling, so sampling never feeds the network's (untrained) context outputs back in; the
+    condition channels carry the observed context; the returned windows hold the observed context exactly."""
+    series = np.cos(np.arange(40) / 3.0) + 2
+    cond = TS.ConditionalTSDiff(8, 3, 1, difference=0, hidden=4, blocks=1, train_steps=3, batch_size=4,
+                                diffusion_steps=5, dtype=torch.float64)
+    inputs = []
+
+    def record(module, args):
+        inputs.append(args[0].detach().clone())
+
+    cond.fit(series)
+    for net in (cond.net, cond.ema):
+        net.register_forward_pre_hook(record)
+    x0 = torch.randn(6, 1, 11, dtype=torch.float64)
+    cond._loss(x0, torch.randn_like(x0), torch.full((6,), 0.5, dtype=torch.float64), torch.randn_like(x0), None)
+    samples, windows = cond.forecast(series, 4, return_windows=True)
+    assert len(inputs) == 1 + cond.diffusion_steps
+    for x in inputs:
+        assert torch.all(x[:, :, :8] == 0) and torch.all(x[:, :, 8:] != 0)
+    np.testing.assert_allclose(windows[:, 0, :8], np.repeat(series[None, -8:], 4, 0), rtol=1e-12)
+    assert samples.shape == (4, 3) and np.isfinite(samples).all()
