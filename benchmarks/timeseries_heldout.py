@@ -153,8 +153,6 @@ def main() -> None:
                         help="TSDiff's profile (default: the model's default, 'auto'); none: no history-profile candidate "
                         "(the default before session 34)")
     parser.add_argument("--context", type=int, default=None, help="context length (default: 3 seasons, hourly 2; no season 24)")
-    parser.add_argument("--combine", type=int, default=None, help="TSDiff's combine (default: the model's default): "
-                        "how many of the backtest's best candidates are refit and pooled")
     parser.add_argument("--cap", action="store_true", help="keep the default max_seconds (480 s wall for the whole fit); "
                         "without it the cap is lifted so machine load cannot cut training")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "timeseries_heldout_rows.jsonl"))
@@ -178,18 +176,12 @@ def main() -> None:
         kwargs["base"] = None if args.base == "none" else "auto"
     if args.profile is not None:
         kwargs["profile"] = False if args.profile == "none" else "auto"
-    if args.combine is not None:
-        kwargs["combine"] = args.combine
     cpu, wall = time.process_time(), time.perf_counter()
     model = TS.TSDiff(context, horizon, season, **kwargs).fit(train)
     fit_cpu, fit_wall = time.process_time() - cpu, time.perf_counter() - wall
     truth = np.stack([values[o:o + horizon] for o in starts])
     own = np.stack([model.forecast(values[:o], 100, spread=1.0) for o in starts])
-    # the pooled forecast (combine > 1: each model with its own spread) and each pooled model alone
-    pooled = np.stack([model.forecast(values[:o], 100) for o in starts]) if model.partners else widen(own, model.spread or 1.0)
-    alone = {f"model{i}": np.stack([m._forecast(values[:o], 100, seed=model.seed + i * model.PARTNER_SEED) for o in starts])
-             for i, m in enumerate([model, *model.partners])} if model.partners else {}
-    paths = {"tsdiff": pooled, "tsdiff_spread1": own, **alone,
+    paths = {"tsdiff": widen(own, model.spread or 1.0), "tsdiff_spread1": own,
              "psnaive": np.stack([TS.probabilistic_seasonal_naive(values[:o], horizon, season, 100) for o in starts]),
              "holt_winters": np.stack([TS.holt_winters(values[:o], horizon, season, 100) for o in starts])}
     crps = {k: TS.mean_weighted_quantile_loss(v, truth) for k, v in paths.items()}
@@ -203,8 +195,6 @@ def main() -> None:
            # share of outcomes inside the central 80 % interval of the paths, per horizon step (pooled over origins)
            "coverage80": {k: [float(x) for x in ((np.quantile(v, 0.1, 1) <= truth) & (truth <= np.quantile(v, 0.9, 1))).mean(0)]
                           for k, v in paths.items()},
-           "partners": [{"difference": m.difference, "profile": m.profile, "reflect": m.reflect, "scale": m.guidance_scale,
-                         "spread": m.spread} for m in model.partners],
            "selection": [[*k, v] for k, v in model.selection.items()],
            "refine_selection": [[*k, v] for k, v in model.refine_selection.items()],
            "spread_scores_on_test": {f: TS.mean_weighted_quantile_loss(widen(own, f), truth) for f in SPREADS}}

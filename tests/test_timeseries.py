@@ -608,43 +608,6 @@ def test_backtest_offers_first_differences_only_where_the_level_wanders():
     assert {k[0] for k in flat.selection} == {0, 6}
 
 
-def test_combine_pools_the_backtests_runners_up(tmp_path):
-    """combine=2: the second-best (difference, reflect) pair of the backtest is refit on the whole series with
-    its own validated scale and its spread rescaled to its own width; forecast interleaves an equal share of
-    each model's paths (exactly each model's own forecast); save/load keeps the partner."""
-    from flowdiff.timeseries.model import SPREAD_LIMITS
-
-    rng = np.random.default_rng(5)
-    series = 50 + np.cumsum(rng.standard_normal(70))
-    kw = dict(hidden=8, blocks=2, train_steps=10, batch_size=8, diffusion_steps=5)
-    model = TS.TSDiff(10, 3, 1, combine=2, **kw).fit(series)
-    assert len(model.partners) == 1
-    partner = model.partners[0]
-    best_of = {}
-    for key, value in sorted(model.selection.items(), key=lambda kv: kv[1]):
-        best_of.setdefault(key[:2], (key, value))
-    ranked = sorted(best_of.values(), key=lambda kv: kv[1])
-    assert ranked[0][0] == (model.difference, model.reflect, model.guidance_scale, model.validated_spread)
-    second = ranked[1][0]
-    assert (partner.difference, partner.reflect, partner.guidance_scale, partner.validated_spread) == second
-    assert partner.partners == [] and partner.steps_done == model.steps_done
-    assert partner.spread == pytest.approx(np.clip(second[3] * partner.spread_ratio, *SPREAD_LIMITS))
-    pooled = model.forecast(series, 7)
-    own = model._forecast(series, 4)
-    other = partner._forecast(series, 3, seed=model.seed + model.PARTNER_SEED)
-    np.testing.assert_array_equal(pooled, np.stack([own[0], other[0], own[1], other[1], own[2], other[2], own[3]]))
-    assert model.forecast([series, series[:-5]], 5).shape == (2, 5, 3)
-    assert model.forecast(series, 1).shape == (1, 3)
-    model.save(tmp_path / "m.pt")
-    loaded = TS.TSDiff.load(tmp_path / "m.pt")
-    assert len(loaded.partners) == 1 and loaded.config()["combine"] == 2
-    np.testing.assert_array_equal(loaded.forecast(series, 7), pooled)
-    # combine=1 (the best candidate only) and a refit reset the partners
-    assert TS.TSDiff(10, 3, 1, combine=1, **kw).fit(series).partners == []
-    with pytest.raises(ValueError, match="combine"):
-        TS.TSDiff(10, 3, 1, combine=0)
-
-
 def test_conditional_model_sees_the_context_only_through_its_condition_channels():
     """ConditionalTSDiff (the task-specific baseline): the noisy input's context positions are zero both in
     training and in sampling, so sampling never feeds the network's (untrained) context outputs back in; the

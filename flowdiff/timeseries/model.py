@@ -348,13 +348,6 @@ class TSDiff:
             0.1330 vs 0.1280 (Holt–Winters 0.1281).
         refine_iterations: Langevin iterations of that refinement; ``None``: chosen by the backtest among
             ``REFINE_ITERATIONS``.
-        combine: forecast with a **pooled mixture** of the ``combine`` best candidates of :meth:`fit`'s
-            backtest (distinct (representation, mirroring) pairs, each with its own validated scale and spread)
-            instead of the best one only: the runners-up are refit on the whole series too (the training budget is
-            split between them) and :meth:`forecast` draws an equal share of the paths from each
-            (``partners``). 1: the best candidate only. CRPS is convex in the forecast distribution, so the
-            mixture's CRPS is at most the mean of its components'; pooling hedges the backtest's noisy choice
-            (forecast combination: Bates & Granger 1969; Hall & Mitchell 2007 for density forecasts).
         time_features: feed position-in-window and position-in-season channels to the network.
         seed: seeds the weights, the batches and (by default) the sampling noise.
         device, dtype: where the model lives (results follow the model's dtype).
@@ -367,8 +360,7 @@ class TSDiff:
                  guidance: str = "quantile", guidance_scale: float | None = None, time_features: bool = True,
                  difference: int | str = "auto", detrend: bool = False, log: bool | str = False,
                  spread: float | None = None, profile: bool | str = False, reflect: bool | str = "auto",
-                 base: str | None = None, refine_iterations: int | None = None, combine: int = 1,
-                 max_seconds: float = 480.0, seed: int = 0, device: Any = "cpu", dtype: Any = torch.float32):
+                 base: str | None = None, refine_iterations: int | None = None, max_seconds: float = 480.0, seed: int = 0, device: Any = "cpu", dtype: Any = torch.float32):
         self.context_length = _check_positive_int("context_length", context_length, 2)
         self.prediction_length = _check_positive_int("prediction_length", prediction_length, 1)
         self.season_length = _check_positive_int("season_length", season_length, 1)
@@ -448,10 +440,6 @@ class TSDiff:
         self.refine_selection: dict = {}
         self.refine_iterations_mode = "auto" if refine_iterations is None else "fixed"
         self.refine_iterations = 20 if refine_iterations is None else _check_positive_int("refine_iterations", refine_iterations, 1)
-        # combine: how many of the backtest's best (representation, mirroring) candidates are refit and pooled
-        self.combine = _check_positive_int("combine", combine, 1)
-        self.partners: list[TSDiff] = []  # the refit runners-up whose paths forecast() pools with this model's
-        self._partner_plan: list[tuple] = []
         self.max_seconds = float(max_seconds)
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -634,10 +622,7 @@ class TSDiff:
         # max_seconds bounds the whole fit, the backtest's trial models included (at least a quarter is left)
         # (less the final width probe, whose cost per path the backtest measured)
         probe = self.PROBE_PATHS * self._path_cost if self._trial_width is not None and self._path_cost else 0.0
-        models = 1 + len(self._partner_plan)
-        budget = max(self.max_seconds - (time.perf_counter() - began) - models * probe, self.max_seconds / 4) / models
-        self.partners = [self._fit_partner(plan, items, steps, budget) for plan in self._partner_plan]
-        self._partner_plan = []
+        budget = max(self.max_seconds - (time.perf_counter() - began) - probe, self.max_seconds / 4)
         self._fit_fixed(items, steps, verbose, budget)
         if self._trial_width is not None:
             self.spread_widths = (self._trial_width, self._probe_width(self, items, self.guidance_scale))
@@ -648,22 +633,6 @@ class TSDiff:
             if verbose:
                 print(f"spread: validated {self.validated_spread} x trial/final width {ratio} -> {self.spread}")
         return self
-
-    def _fit_partner(self, plan: tuple, items: list[np.ndarray], steps: int, budget: float) -> "TSDiff":
-        """Refit one runner-up of the backtest, ``plan`` = (candidate, reflect, scale, spread, trial width), on the
-        whole series, its spread rescaled to its own width as fit does for the chosen model."""
-        candidate, reflect, scale, spread, width = plan
-        profile = {"profile": "history", "ets": "ets"}.get(candidate, False if self.profile_mode == "auto" else self.profile)
-        config = {**self.config(), "difference": 0 if candidate in ("profile", "ets") else candidate, "profile": profile,
-                  "reflect": reflect, "guidance_scale": scale, "spread": spread, "base": None, "combine": 1}
-        partner = TSDiff(**config, device=self.device, dtype=self.dtype)._fit_fixed(items, steps, False, budget)
-        partner.validated_spread = float(spread)
-        if width is not None:
-            partner.spread_widths = (width, partner._probe_width(partner, items, scale))
-            ratio = partner.spread_ratio
-            if ratio is not None and ratio > 0 and math.isfinite(ratio):
-                partner.spread = float(np.clip(spread * ratio, *SPREAD_LIMITS))
-        return partner
 
     @property
     def spread_ratio(self) -> float | None:
@@ -682,7 +651,7 @@ class TSDiff:
         need = self.context_length + self.max_lag
         ends = [a for a in items if a.size >= need][:self.PROBE_SERIES]
         per = max(self.MIN_PATHS, self.PROBE_PATHS // len(ends))  # PROBE_PATHS in all: its cost is planned
-        paths = model._forecast(ends, per, guidance_scale=scale, spread=1.0, base=None, seed=self.seed + self.PROBE_SEED)
+        paths = model.forecast(ends, per, guidance_scale=scale, spread=1.0, base=None, seed=self.seed + self.PROBE_SEED)
         return float(np.std(paths, axis=-2).mean())
 
     #: paths (in all, at least MIN_PATHS per series) and series (their last context) on which fit compares the
@@ -712,7 +681,7 @@ class TSDiff:
     def _path_seconds(self, trial: "TSDiff", context: np.ndarray) -> float:
         """Wall seconds per self-guided path of ``trial`` (one timed forecast of ``TIMING_PATHS`` paths)."""
         start = time.perf_counter()
-        trial._forecast(context, self.TIMING_PATHS, spread=1.0, base=None)
+        trial.forecast(context, self.TIMING_PATHS, spread=1.0, base=None)
         return max((time.perf_counter() - start) / self.TIMING_PATHS, 1e-9)
 
     def _plan_origins(self, held: list, paths: int, affordable: float) -> tuple[list, int]:
@@ -849,7 +818,6 @@ class TSDiff:
             self.profile = False  # a refit chooses afresh
         self.validated_spread = self.spread_widths = self._trial_width = None  # a refit calibrates afresh
         self._path_cost = None
-        self._partner_plan, self.partners = [], []
         horizon = self.prediction_length
         train, held = self._validation_split(items)
         if not held:  # too short to hold anything out: seasonal differencing, mirroring, default scale and spread
@@ -901,7 +869,7 @@ class TSDiff:
             # trial by trial)
             if not first and cost * paths * len(contexts) > left():
                 return
-            samples = kept[(candidate, reflect)]._forecast(contexts, paths, guidance_scale=scale, spread=1.0)
+            samples = kept[(candidate, reflect)].forecast(contexts, paths, guidance_scale=scale, spread=1.0)
             # the spread is scored on the same paths (it only rescales them)
             for spread in spreads:
                 self.selection[(candidate, reflect, scale, spread)] = float(mean_weighted_quantile_loss(widen(samples, spread), targets))
@@ -988,15 +956,6 @@ class TSDiff:
             # training; the validated spread is kept)
             if self.spread_mode == "auto" and calibrate:
                 self._trial_width = self._probe_width(kept[(difference, reflect)], items, scale)
-            # combine > 1: the runners-up (best scale and spread of each other (representation, mirroring) pair,
-            # in validation order) are refit by fit() and pooled by forecast()
-            best_of: dict = {}
-            for key, value in sorted(self.selection.items(), key=lambda kv: kv[1]):
-                best_of.setdefault(key[:2], key)
-            for key in list(best_of.values())[1:self.combine]:
-                width = (self._probe_width(kept[key[:2]], items, key[2])
-                         if self.spread_mode == "auto" and calibrate else None)
-                self._partner_plan.append((*key, width))
         if difference in ("profile", "ets"):
             difference, self.profile = 0, {"profile": "history", "ets": "ets"}[difference]
         self._set_difference(difference)
@@ -1162,42 +1121,10 @@ class TSDiff:
                 :meth:`refine` (Langevin, ``iterations`` steps; default the model's ``refine_iterations``). Contexts with missing values are forecast by
                 self-guidance.
 
-        With ``partners`` (``combine`` > 1) self-guided forecasts pool an equal share of the paths (interleaved)
-        from this model and each partner, each with its own scale and spread unless ``guidance_scale`` or
-        ``spread`` is given (``return_windows`` and refined bases use this model only).
-
         Returns:
             ``(num_samples, prediction_length)`` for one context, ``(B, num_samples, prediction_length)``
             for several; float64 numpy.
         """
-        self._check_fitted()
-        pooled = self.partners and not return_windows and (
-            base is None or (base == "auto" and (self.base is None or guidance_scale is not None
-                                                 or (guidance is not None and guidance != self.guidance))))
-        if not pooled:
-            return self._forecast(context, num_samples, guidance=guidance, guidance_scale=guidance_scale, seed=seed,
-                                  missing=missing, spread=spread, return_windows=return_windows, base=base,
-                                  iterations=iterations)
-        num_samples = _check_positive_int("num_samples", num_samples, 1)
-        models = [self, *self.partners]
-        counts = [num_samples // len(models) + (i < num_samples % len(models)) for i in range(len(models))]
-        first = self.seed if seed is None else int(seed)
-        parts = [m._forecast(context, n, guidance=guidance, guidance_scale=guidance_scale, missing=missing,
-                             seed=first + i * self.PARTNER_SEED, spread=spread, base=None)
-                 for i, (m, n) in enumerate(zip(models, counts)) if n > 0]
-        # interleaved (model 0's first path, model 1's first, ...) so any leading subset mixes the models
-        rank = np.concatenate([np.arange(p.shape[-2]) / p.shape[-2] for p in parts])
-        order = np.argsort(rank, kind="stable")
-        return np.concatenate(parts, axis=-2)[..., order, :]
-
-    #: seed offset of each partner's sampling noise in a pooled forecast
-    PARTNER_SEED = 104729
-
-    def _forecast(self, context: Any, num_samples: int = 100, *, guidance: str | None = None,
-                  guidance_scale: float | None = None, seed: int | None = None, missing: str = "raise",
-                  spread: float | None = None, return_windows: bool = False,
-                  base: str | None = "auto", iterations: int | None = None) -> np.ndarray:
-        """One model's forecast (:meth:`forecast` without pooling the partners)."""
         self._check_fitted()
         single = np.ndim(context) == 1 if not isinstance(context, (list, tuple)) else np.ndim(context[0]) == 0
         num_samples = _check_positive_int("num_samples", num_samples, 1)
@@ -1368,8 +1295,7 @@ class TSDiff:
                 "ema_decay": self.ema_decay, "grad_clip": self.grad_clip, "guidance": self.guidance,
                 "guidance_scale": self.guidance_scale, "time_features": self.time_features,
                 "difference": self.difference, "detrend": self.detrend, "log": self.log, "profile": self.profile, "reflect": self.reflect,
-                "spread": self.spread, "base": self.base, "refine_iterations": self.refine_iterations,
-                "combine": self.combine, "max_seconds": self.max_seconds, "seed": self.seed}
+                "spread": self.spread, "base": self.base, "refine_iterations": self.refine_iterations, "max_seconds": self.max_seconds, "seed": self.seed}
 
     def state_dict(self) -> dict:
         self._check_fitted()
@@ -1380,8 +1306,7 @@ class TSDiff:
         """Write config and EMA weights to ``path`` (a ``.pt`` file) atomically; returns the path."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"kind": f"flowdiff.timeseries.{type(self).__name__}", "config": self.config(), "state": self.state_dict(),
-                    "partners": [{"config": p.config(), "state": p.state_dict()} for p in self.partners]}, tmp)
+        torch.save({"kind": f"flowdiff.timeseries.{type(self).__name__}", "config": self.config(), "state": self.state_dict()}, tmp)
         tmp.replace(path)
         return path
 
@@ -1398,11 +1323,4 @@ class TSDiff:
         assert model.ema is not None and model.net is not None
         model.ema.load_state_dict(blob["state"])
         model.net.load_state_dict(blob["state"])
-        for part in blob.get("partners", []):  # combine > 1: the pooled runners-up
-            partner = TSDiff(**part["config"], device=device)
-            partner._build()
-            assert partner.ema is not None and partner.net is not None
-            partner.ema.load_state_dict(part["state"])
-            partner.net.load_state_dict(part["state"])
-            model.partners.append(partner)
         return model
